@@ -1,0 +1,130 @@
+"""The `deepseekmoe` command: a table of subcommands, each a plain typed function whose docstring is its --help.
+
+Argument rules (read from the function's signature):
+  * positional parameters become positional arguments (`list[str]` ones take several values; a default makes them
+    optional); keyword-only parameters become `--options` (underscores -> dashes);
+  * `bool` options are flags (`--x/--no-x`); `X | None` options default to None;
+  * the docstring's first paragraph is the description; lines `name: text` under "Args:" are per-argument help.
+Errors a user can fix (bad paths, bad values) raise `CliError` or ValueError/FileNotFoundError/KeyError and are
+printed as one line `deepseekmoe: error: ...` with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import re
+import sys
+import types
+import typing
+from typing import Any, Callable
+
+# name -> "module:function"; modules are imported only when their subcommand runs.
+COMMANDS: dict[str, str] = {
+    "info": "deepseekmoe.accounting:info_command",
+    "prepare": "deepseekmoe.data.prepare:prepare_command",
+    "train": "deepseekmoe.train.trainer:train_command",
+    "eval": "deepseekmoe.eval.perplexity:eval_command",
+    "generate": "deepseekmoe.inference.generate:generate_command",
+}
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _resolve(target: str) -> Callable[..., Any]:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _summary(fn: Callable[..., Any]) -> str:
+    doc = inspect.getdoc(fn) or ""
+    return doc.split("\n\n")[0].replace("\n", " ")
+
+
+def _arg_help(fn: Callable[..., Any]) -> dict[str, str]:
+    doc = inspect.getdoc(fn) or ""
+    if "Args:" not in doc:
+        return {}
+    helps: dict[str, str] = {}
+    last = None
+    for line in doc.split("Args:", 1)[1].splitlines():
+        m = re.match(r"\s{0,4}(\w+):\s*(.*)", line)
+        if m:
+            last = m.group(1)
+            helps[last] = m.group(2)
+        elif last and line.strip():
+            helps[last] += " " + line.strip()
+    return helps
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _add_params(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None:
+    hints = typing.get_type_hints(fn)
+    helps = _arg_help(fn)
+    for name, p in inspect.signature(fn).parameters.items():
+        tp = _unwrap_optional(hints.get(name, str))
+        is_list = typing.get_origin(tp) is list
+        elem = typing.get_args(tp)[0] if is_list else tp
+        kw: dict[str, Any] = {"help": helps.get(name)}
+        has_default = p.default is not inspect.Parameter.empty
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            if is_list:
+                kw["nargs"] = "*" if has_default else "+"
+            elif has_default:
+                kw["nargs"] = "?"
+            if has_default:
+                kw["default"] = list(p.default) if is_list else p.default
+            parser.add_argument(name, type=elem, metavar=name.upper(), **kw)
+            continue
+        flag = "--" + name.replace("_", "-")
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=p.default, **kw)
+        else:
+            if is_list:
+                kw["nargs"] = "+"
+            parser.add_argument(flag, type=elem, default=p.default, dest=name,
+                                required=not has_default, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepseekmoe", description="DeepSeekMoE: fine-grained + shared-expert Mixture-of-Experts LMs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, target in COMMANDS.items():
+        fn = _resolve(target)
+        p = sub.add_parser(name, help=_summary(fn), description=inspect.getdoc(fn).split("Args:")[0]
+                           if fn.__doc__ else None, formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_params(p, fn)
+        p.set_defaults(_fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    fn = args.pop("_fn")
+    args.pop("command")
+    try:
+        result = fn(**args)
+    except (CliError, ValueError, FileNotFoundError, KeyError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"deepseekmoe: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deepseekmoe: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

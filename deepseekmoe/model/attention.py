@@ -1,0 +1,66 @@
+"""Causal multi-head attention (GQA through num_key_value_heads) on PyTorch SDPA, with a static KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RotaryEmbedding, apply_rotary
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values for one layer: (B, H_kv, max_len, hd). Positions are written in place."""
+
+    def __init__(self, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H_kv, S, hd) at positions [start, start+S); return all keys/values up to start+S."""
+        end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; asked to write up to {end}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, h, hkv, hd = config.hidden_size, config.num_attention_heads, config.num_kv_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, hd
+        self.q_proj = nn.Linear(d, h * hd, bias=False)
+        self.k_proj = nn.Linear(d, hkv * hd, bias=False)
+        self.v_proj = nn.Linear(d, hkv * hd, bias=False)
+        self.o_proj = nn.Linear(h * hd, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
+                cache: KVCache | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)
+        out = _causal_sdpa(q, k, v, start_pos)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """Query i sits at absolute position start_pos + i and sees keys at positions <= its own."""
+    s_q, s_k = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if s_q == s_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if s_q == 1:  # one decode step: every cached key is visible
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    q_pos = torch.arange(start_pos, start_pos + s_q, device=q.device)[:, None]
+    mask = q_pos >= torch.arange(s_k, device=q.device)[None, :]  # (S_q, S_k), True = attend
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -1,0 +1,107 @@
+"""Decoder-only Transformer: embeddings, pre-norm blocks (attention + dense FFN or MoE), final norm, LM head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import Attention, KVCache
+from .experts import RoutedExperts
+from .layers import FeedForward, RMSNorm, RotaryEmbedding
+from .moe import MoE
+from .router import HashRouter, RouterOutput, TopKRouter
+
+
+@dataclass
+class TransformerOutput:
+    logits: torch.Tensor
+    """(B, S, V) next-token logits."""
+    router_outputs: list[RouterOutput] = field(default_factory=list)
+    """One per MoE layer, in layer order."""
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.is_moe_layer = config.is_moe_layer(layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp: nn.Module = (
+            MoE(config) if self.is_moe_layer else FeedForward(config.hidden_size, config.intermediate_size)
+        )
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
+                cache: KVCache | None, input_ids: torch.Tensor) -> tuple[torch.Tensor, RouterOutput | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe_layer:
+            y, routing = self.mlp(h, input_ids=input_ids)
+            return x + y, routing
+        return x + self.mlp(h), None
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        if self.embed_tokens.weight.device.type != "meta":
+            self.init_weights()
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Every weight matrix ~ N(0, initializer_range) (paper: 0.006); norms = 1; rebuild fixed tables."""
+        std = self.config.initializer_range
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    module.weight.normal_(0.0, std, generator=generator)
+                elif isinstance(module, RoutedExperts):
+                    module.gate_up_proj.normal_(0.0, std, generator=generator)
+                    module.down_proj.normal_(0.0, std, generator=generator)
+                elif isinstance(module, TopKRouter):
+                    module.weight.normal_(0.0, std, generator=generator)
+                elif isinstance(module, RMSNorm):
+                    module.weight.fill_(1.0)
+                elif isinstance(module, HashRouter):
+                    module.reset()
+            self.rotary.reset()
+
+    def new_kv_caches(self, batch_size: int, max_len: int | None = None,
+                      dtype: torch.dtype | None = None) -> list[KVCache]:
+        """One static KV cache per layer, for incremental decoding."""
+        c = self.config
+        w = self.embed_tokens.weight
+        return [KVCache(batch_size, c.num_kv_heads, max_len or c.max_position_embeddings, c.head_dim,
+                        dtype or w.dtype, w.device) for _ in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0,
+                kv_caches: list[KVCache] | None = None) -> TransformerOutput:
+        """input_ids (B, S) at absolute positions [start_pos, start_pos + S) -> logits and routing."""
+        b, s = input_ids.shape
+        if start_pos + s > self.config.max_position_embeddings:
+            raise ValueError(f"sequence reaches position {start_pos + s}, beyond "
+                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        positions = torch.arange(start_pos, start_pos + s, device=input_ids.device)
+        cos, sin = self.rotary(positions)
+        x = self.embed_tokens(input_ids)
+        router_outputs = []
+        for i, layer in enumerate(self.layers):
+            cache = kv_caches[i] if kv_caches is not None else None
+            x, routing = layer(x, cos, sin, start_pos, cache, input_ids)
+            if routing is not None:
+                router_outputs.append(routing)
+        return TransformerOutput(self.lm_head(self.norm(x)), router_outputs)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
