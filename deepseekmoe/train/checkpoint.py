@@ -1,0 +1,120 @@
+"""Checkpoints on disk. A checkpoint is a directory:
+
+    model.safetensors   Transformer.state_dict() (a tied LM head is stored once, as embed_tokens.weight)
+    config.json         ModelConfig.to_dict()
+    tokenizer.json      the run's tokenizer, when it has one
+
+A run directory keeps checkpoints under RUN_DIR/checkpoints/step_XXXXXXXX/; `resolve_checkpoint` accepts either.
+Directories are written aside (name.tmp-*) and renamed into place, so a crash never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import ModelConfig
+from ..model import Transformer
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+STEP_PREFIX = "step_"
+
+
+def model_state(model: Transformer) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def write_model_files(model: Transformer, directory: Path, tokenizer_path: str | Path | None = None) -> None:
+    """Write model.safetensors, config.json (and tokenizer.json) into an existing directory."""
+    save_file(model_state(model), str(directory / MODEL_FILE))
+    (directory / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, directory / TOKENIZER_FILE)
+
+
+def atomic_directory(final: Path) -> Path:
+    """A fresh temporary sibling of `final`; pass it to `commit_directory` once fully written."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+
+
+def commit_directory(tmp: Path, final: Path) -> None:
+    """Move a fully written temporary directory into place, replacing any old one."""
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def save_model(model: Transformer, directory: str | Path, tokenizer_path: str | Path | None = None) -> Path:
+    """Atomically write a loadable checkpoint directory."""
+    final = Path(directory)
+    tmp = atomic_directory(final)
+    try:
+        write_model_files(model, tmp, tokenizer_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_directory(tmp, final)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir()
+             if p.is_dir() and p.name.startswith(STEP_PREFIX) and ".tmp-" not in p.name
+             and not p.name.endswith(".old") and (p / MODEL_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the latest checkpoint of a run directory."""
+    p = Path(path)
+    if (p / MODEL_FILE).is_file():
+        return p
+    ckpts = list_checkpoints(p)
+    if ckpts:
+        return ckpts[-1]
+    if not p.exists():
+        raise FileNotFoundError(f"no such checkpoint or run directory: {p}")
+    raise FileNotFoundError(f"{p} holds no checkpoint ({MODEL_FILE} or checkpoints/{STEP_PREFIX}*)")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> tuple[Transformer, Path]:
+    """Load a checkpoint (or a run's latest) -> (model in eval mode, checkpoint directory)."""
+    ckpt = resolve_checkpoint(path)
+    config = ModelConfig.from_dict(json.loads((ckpt / CONFIG_FILE).read_text()))
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device=device)
+    model.init_weights()  # rebuilds non-persistent tables (rotary, hash); weights are overwritten below
+    state = load_file(str(ckpt / MODEL_FILE), device=str(device))
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{ckpt / MODEL_FILE}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval(), ckpt
