@@ -1,0 +1,86 @@
+import json
+
+import pytest
+import torch
+
+from deepseekmoe import ModelConfig, Transformer
+from deepseekmoe.eval.multiple_choice import (Example, evaluate_multiple_choice, load_task, loglikelihoods,
+                                              parse_example)
+
+
+def encode(text: str) -> list[int]:
+    return [ord(c) % 97 + 2 for c in text]
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
+                      num_experts_per_tok=2, max_position_embeddings=64, initializer_range=0.2)
+    return Transformer(cfg).eval()
+
+
+def reference_score(model: Transformer, context: str, continuation: str, bos: int) -> float:
+    ids = [bos] + encode(context + continuation)
+    n = len(encode(continuation))
+    logp = model(torch.tensor([ids[:-1]])).logits[0].log_softmax(-1)
+    return sum(logp[i, ids[i + 1]].item() for i in range(len(ids) - 1 - n, len(ids) - 1))
+
+
+def test_loglikelihood_matches_single_sequence_reference(model):
+    reqs = [("The cat", " sat"), ("A much longer context here", " x"), ("Hi", " there friend")]
+    got = loglikelihoods(model, encode, reqs, bos_token_id=1, batch_size=2)
+    for (ctx, cont), (score, _) in zip(reqs, got):
+        assert score == pytest.approx(reference_score(model, ctx, cont, 1), abs=1e-4)
+
+
+def test_greedy_flag(model):
+    ctx = "abc"
+    ids = [1] + encode(ctx)
+    greedy = []
+    for _ in range(3):
+        nxt = model(torch.tensor([ids])).logits[0, -1].argmax().item()
+        ids.append(nxt)
+        greedy.append(nxt)
+    # a continuation made of exactly the greedy tokens is flagged greedy; change one token and it is not
+    decode = {v: chr(v) for v in range(100)}
+    cont_enc = lambda s: [ord(c) for c in s]  # noqa: E731 - identity-like encoder for this case
+    cont = "".join(decode[t] for t in greedy)
+    ctx_text = "".join(decode[t] for t in [1] + encode(ctx))[1:]
+    (score, is_greedy), = loglikelihoods(model, cont_enc, [(ctx_text, cont)], bos_token_id=1)
+    assert is_greedy
+    other = cont[:-1] + decode[(greedy[-1] + 1) % 100 or 2]
+    (_, is_greedy2), = loglikelihoods(model, cont_enc, [(ctx_text, other)], bos_token_id=1)
+    assert not is_greedy2
+
+
+def test_acc_and_acc_norm_by_hand(model, monkeypatch):
+    examples = [Example([("q", " a"), ("q", " bbbb")], 1), Example([("r", " cc"), ("r", " d")], 0)]
+    table = {" a": -2.0, " bbbb": -4.0, " cc": -3.0, " d": -1.0}
+
+    def fake(model_, encode_, reqs, bos, bs):
+        return [(table[c], False) for _, c in reqs]
+
+    monkeypatch.setattr("deepseekmoe.eval.multiple_choice.loglikelihoods", fake)
+    res = evaluate_multiple_choice(model, encode, examples)
+    # raw: ex1 picks " a" (wrong), ex2 picks " d" (wrong) -> 0; per byte: ex1 -2/2=-1 vs -4/5=-0.8 -> right;
+    # ex2 -3/3=-1 vs -1/2=-0.5 -> wrong
+    assert res["acc"] == 0.0 and res["acc_norm"] == 0.5 and res["examples"] == 2
+
+
+def test_formats(tmp_path):
+    items = [
+        {"context": "c", "choices": ["x", "y"], "label": 1},
+        {"ctx": "c", "endings": ["x", "y", "z"], "label": "2"},
+        {"goal": "g", "sol1": "s1", "sol2": "s2", "label": 0},
+        {"question": "q", "choices": {"text": ["t1", "t2"], "label": ["A", "B"]}, "answerKey": "B"},
+        {"sentence": "Tom gave _ the ball.", "option1": "Ann", "option2": "Bob", "answer": "2"},
+    ]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(i) for i in items) + "\n")
+    exs = load_task(path)
+    assert [e.label for e in exs] == [1, 2, 0, 1, 1]
+    assert exs[4].requests == [("Tom gave Ann", " the ball."), ("Tom gave Bob", " the ball.")]
+    with pytest.raises(ValueError, match="unrecognised"):
+        parse_example({"foo": 1})
