@@ -41,7 +41,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * hd, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """key_mask (B, S_k) bool, True for real tokens: padding keys are hidden from every query."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
@@ -49,7 +50,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
-        out = _causal_sdpa(q, k, v, start_pos)
+        out = _causal_sdpa(q, k, v, start_pos) if key_mask is None else _masked_sdpa(q, k, v, start_pos, key_mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -64,3 +65,15 @@ def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: i
     q_pos = torch.arange(start_pos, start_pos + s_q, device=q.device)[:, None]
     mask = q_pos >= torch.arange(s_k, device=q.device)[None, :]  # (S_q, S_k), True = attend
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
+                 key_mask: torch.Tensor) -> torch.Tensor:
+    """Causal attention that also hides padding keys. Each query always sees itself, so a padding query never has
+    an empty row (which would give NaN); real queries never see padding, so their outputs are unaffected."""
+    s_q, s_k = q.shape[2], k.shape[2]
+    q_pos = torch.arange(start_pos, start_pos + s_q, device=q.device)[:, None]
+    k_pos = torch.arange(s_k, device=q.device)[None, :]
+    mask = (q_pos >= k_pos) & key_mask[:, None, :s_k]  # (B, S_q, S_k)
+    mask = mask | (q_pos == k_pos)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=q.shape[1] != k.shape[1])

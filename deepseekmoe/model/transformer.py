@@ -36,8 +36,9 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
-                cache: KVCache | None, input_ids: torch.Tensor) -> tuple[torch.Tensor, RouterOutput | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache)
+                cache: KVCache | None, input_ids: torch.Tensor,
+                key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache, key_mask)
         h = self.post_attention_layernorm(x)
         if self.is_moe_layer:
             y, routing = self.mlp(h, input_ids=input_ids)
@@ -85,9 +86,15 @@ class Transformer(nn.Module):
         return [KVCache(batch_size, c.num_kv_heads, max_len or c.max_position_embeddings, c.head_dim,
                         dtype or w.dtype, w.device) for _ in self.layers]
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int = 0,
-                kv_caches: list[KVCache] | None = None) -> TransformerOutput:
-        """input_ids (B, S) at absolute positions [start_pos, start_pos + S) -> logits and routing."""
+    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, kv_caches: list[KVCache] | None = None,
+                attention_mask: torch.Tensor | None = None) -> TransformerOutput:
+        """input_ids (B, S) at absolute positions [start_pos, start_pos + S) -> logits and routing.
+
+        attention_mask (B, start_pos + S) bool marks real tokens (True) among left padding, for batching prompts of
+        different lengths: rotary attention depends only on relative positions, so a left-padded row gives the
+        same logits for its real tokens as the unpadded sequence. Padding tokens still pass through the MoE
+        layers (dropless routing treats tokens independently) but are routed and counted in RouterOutput.
+        """
         b, s = input_ids.shape
         if start_pos + s > self.config.max_position_embeddings:
             raise ValueError(f"sequence reaches position {start_pos + s}, beyond "
@@ -98,7 +105,7 @@ class Transformer(nn.Module):
         router_outputs = []
         for i, layer in enumerate(self.layers):
             cache = kv_caches[i] if kv_caches is not None else None
-            x, routing = layer(x, cos, sin, start_pos, cache, input_ids)
+            x, routing = layer(x, cos, sin, start_pos, cache, input_ids, attention_mask)
             if routing is not None:
                 router_outputs.append(routing)
         return TransformerOutput(self.lm_head(self.norm(x)), router_outputs)
