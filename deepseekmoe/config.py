@@ -34,6 +34,18 @@ _HF_FIXED = {
     "pretraining_tp": 1,
     "rope_scaling": None,
 }
+# Keys of the released deepseek-moe-16b config.json that describe how HF loads it (remote code), not the model.
+_HF_RELEASED = {
+    "attention_dropout": 0.0,
+    "auto_map": {
+        "AutoConfig": "configuration_deepseek.DeepseekConfig",
+        "AutoModel": "modeling_deepseek.DeepseekModel",
+        "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
+    },
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.36.0",  # the version the remote modelling code targets
+    "use_cache": True,
+}
 _HF_IGNORED = {
     "architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
     "use_cache", "attention_dropout", "_name_or_path", "output_attentions", "output_hidden_states",
@@ -212,14 +224,13 @@ class ModelConfig:
         return cls(**d)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """An HF `config.json` (model_type 'deepseek'); this project's extra fields ride along by name."""
-        d = {"architectures": ["DeepseekForCausalLM"], "model_type": "deepseek", **_HF_FIXED}
+        """An HF `config.json` (model_type 'deepseek') in the released checkpoints' form: their keys, sorted, with
+        the remote-code `auto_map`; this project's extra fields ride along by name."""
+        d = {"architectures": ["DeepseekForCausalLM"], "model_type": "deepseek", **_HF_FIXED, **_HF_RELEASED}
         d.update(self.to_dict())
-        d["attention_dropout"] = 0.0
-        d["torch_dtype"] = "bfloat16"
         if d["num_key_value_heads"] is None:
             d["num_key_value_heads"] = self.num_attention_heads
-        return d
+        return dict(sorted(d.items()))
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":

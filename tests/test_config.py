@@ -1,0 +1,189 @@
+"""ModelConfig: exact round trips (YAML, JSON, HF config.json), the released 16B config, the paper's notation and
+the one-line ValueErrors for invalid values."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from deepseekmoe import ModelConfig, load_preset, preset_names
+
+# deepseek-moe-16b-base config.json, field for field, in the file's order (SPEC.md section 7).
+RELEASED_16B_CONFIG = {
+    "architectures": ["DeepseekForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "auto_map": {
+        "AutoConfig": "configuration_deepseek.DeepseekConfig",
+        "AutoModel": "modeling_deepseek.DeepseekModel",
+        "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
+    },
+    "bos_token_id": 100000,
+    "eos_token_id": 100001,
+    "first_k_dense_replace": 1,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "initializer_range": 0.02,
+    "intermediate_size": 10944,
+    "max_position_embeddings": 4096,
+    "model_type": "deepseek",
+    "moe_intermediate_size": 1408,
+    "moe_layer_freq": 1,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "norm_topk_prob": False,
+    "num_attention_heads": 16,
+    "num_experts_per_tok": 6,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 16,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 10000,
+    "scoring_func": "softmax",
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.36.0",
+    "use_cache": True,
+    "vocab_size": 102400,
+}
+
+
+@pytest.mark.parametrize("name", preset_names())
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_file_round_trip_is_exact_for_every_preset(tmp_path, name, suffix):
+    cfg = load_preset(name)
+    path = tmp_path / f"model{suffix}"
+    cfg.save(path)
+    loaded = ModelConfig.load(path)
+    assert loaded == cfg
+    assert loaded.to_dict() == cfg.to_dict()
+    assert all(type(loaded.to_dict()[k]) is type(v) for k, v in cfg.to_dict().items())
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_hf_dict_round_trip_is_exact_for_every_preset(name):
+    cfg = load_preset(name)
+    hf = cfg.to_hf_dict()
+    assert hf["model_type"] == "deepseek"
+    # through JSON text, as a config.json file would go
+    assert ModelConfig.from_hf_dict(json.loads(json.dumps(hf))) == cfg
+
+
+def test_hf_round_trip_keeps_gqa_and_extras():
+    cfg = load_preset("tiny-gshard").replace(num_key_value_heads=2, capacity_factor=1.25, z_loss_alpha=1e-3,
+                                            tie_word_embeddings=True)
+    hf = cfg.to_hf_dict()
+    assert hf["num_key_value_heads"] == 2 and hf["router"] == "gshard" and hf["capacity_factor"] == 1.25
+    assert ModelConfig.from_hf_dict(hf) == cfg
+
+
+def test_hf_config_file_is_recognised_by_load(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(RELEASED_16B_CONFIG, indent=2))
+    assert ModelConfig.load(path) == load_preset("deepseekmoe-16b")
+
+
+def test_released_16b_config_parses_to_the_preset():
+    cfg = ModelConfig.from_hf_dict(RELEASED_16B_CONFIG)
+    assert cfg == load_preset("deepseekmoe-16b")
+    # remote-code defaults for keys absent from config.json
+    assert cfg.aux_loss_alpha == 0.001 and cfg.seq_aux is True
+    assert cfg.router == "softmax_topk" and cfg.num_kv_heads == 16
+    assert [cfg.is_moe_layer(i) for i in range(3)] == [False, True, True] and cfg.num_moe_layers == 27
+
+
+def test_preset_to_hf_dict_reproduces_every_released_field():
+    hf = load_preset("deepseekmoe-16b").to_hf_dict()
+    for key, value in RELEASED_16B_CONFIG.items():
+        assert key in hf, key
+        assert hf[key] == value, key
+        if not isinstance(value, (int, float)) or isinstance(value, bool):  # 10000 == 10000.0 is fine
+            assert type(hf[key]) is type(value), key
+    # the remaining keys are this project's extras, readable back by name
+    extra = set(hf) - set(RELEASED_16B_CONFIG)
+    assert extra <= {"aux_loss_alpha", "seq_aux", "router", "device_aux_loss_alpha", "n_device_groups",
+                     "z_loss_alpha", "capacity_factor", "hash_seed", "experts_impl"}
+
+
+def test_from_paper_derives_routed_active_and_width():
+    cfg = ModelConfig.from_paper(num_experts=16, granularity=4, top_k=2, num_shared=1, ffn_size=344)
+    assert cfg.n_routed_experts == 63
+    assert cfg.num_experts_per_tok == 7
+    assert cfg.n_shared_experts == 1
+    assert cfg.moe_intermediate_size == 86
+    # the paper's own 2B model is this recipe
+    two_b = load_preset("deepseekmoe-2b")
+    assert ModelConfig.from_paper(num_experts=16, granularity=4, top_k=2, num_shared=1, ffn_size=3416,
+                                  **{k: v for k, v in two_b.to_dict().items()
+                                     if k not in ("n_routed_experts", "num_experts_per_tok", "n_shared_experts",
+                                                  "moe_intermediate_size")}) == two_b
+
+
+def test_from_paper_rejects_indivisible_width():
+    with pytest.raises(ValueError, match=r"^ffn_size=343 is invalid: expected a multiple of granularity=4$"):
+        ModelConfig.from_paper(num_experts=16, granularity=4, top_k=2, num_shared=1, ffn_size=343)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(n_routed_experts=8, num_experts_per_tok=9), "num_experts_per_tok=9 exceeds n_routed_experts=8"),
+    (dict(router="topk"),
+     "router='topk' is invalid: expected one of 'softmax_topk', 'switch', 'gshard', 'hash', 'none'"),
+    (dict(router="switch", num_experts_per_tok=2),
+     "num_experts_per_tok=2 is invalid: expected 1 for router='switch'"),
+    (dict(router="gshard", num_experts_per_tok=1),
+     "num_experts_per_tok=1 is invalid: expected 2 for router='gshard'"),
+    (dict(hidden_size=130, num_attention_heads=4),
+     "hidden_size=130 is invalid: expected a multiple of num_attention_heads=4"),
+    (dict(num_key_value_heads=3), "num_key_value_heads=3 is invalid: expected a divisor of num_attention_heads=4"),
+    (dict(n_device_groups=3), "n_device_groups=3 is invalid: expected a divisor of n_routed_experts=8"),
+    (dict(capacity_factor=0.0), "capacity_factor=0.0 is invalid: expected a number > 0, or None for dropless"),
+    (dict(router="none"), "n_routed_experts=8 is invalid: expected None when router='none'"),
+    (dict(experts_impl="fast"), "experts_impl='fast' is invalid: expected one of 'loop', 'grouped'"),
+    (dict(aux_loss_alpha=-0.1), "aux_loss_alpha=-0.1 is invalid: expected a number >= 0"),
+    (dict(vocab_size=0), "vocab_size=0 is invalid: expected an integer >= 1"),
+])
+def test_invalid_values_name_field_value_and_allowed(make_config, overrides, message):
+    with pytest.raises(ValueError) as info:
+        make_config(**overrides)
+    text = str(info.value)
+    assert text.startswith(message), text
+    assert "\n" not in text
+
+
+def test_replace_revalidates(make_config):
+    with pytest.raises(ValueError, match="num_experts_per_tok=9 exceeds n_routed_experts=8"):
+        make_config().replace(num_experts_per_tok=9)
+
+
+def test_unknown_fields_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown ModelConfig field\(s\): hiden_size"):
+        ModelConfig.from_dict({"hiden_size": 64})
+    with pytest.raises(ValueError, match=r"hidden_act='gelu' is not supported \(expected 'silu'\)"):
+        ModelConfig.from_hf_dict({**RELEASED_16B_CONFIG, "hidden_act": "gelu"})
+    with pytest.raises(ValueError, match="model_type='llama' is not supported"):
+        ModelConfig.from_hf_dict({**RELEASED_16B_CONFIG, "model_type": "llama"})
+    with pytest.raises(ValueError, match="unsupported key"):
+        ModelConfig.from_hf_dict({**RELEASED_16B_CONFIG, "q_lora_rank": 1536})
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "missing.yaml"))):
+        ModelConfig.load(tmp_path / "missing.yaml")
+
+
+def test_yaml_with_model_section_is_read(tmp_path):
+    cfg = load_preset("tiny-switch")
+    import yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"model": cfg.to_dict()}))
+    assert ModelConfig.load(path) == cfg
+
+
+def test_derived_properties(make_config):
+    cfg = make_config(num_key_value_heads=2, num_hidden_layers=7, first_k_dense_replace=1, moe_layer_freq=2)
+    assert cfg.head_dim == 8 and cfg.num_kv_heads == 2
+    assert [i for i in range(7) if cfg.is_moe_layer(i)] == [2, 4, 6]
+    assert cfg.num_moe_layers == 3
+    dense = make_config(router="none", n_routed_experts=None)
+    assert not dense.is_moe and dense.num_moe_layers == 0
