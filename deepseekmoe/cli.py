@@ -27,6 +27,8 @@ COMMANDS: dict[str, str] = {
     "train": "deepseekmoe.train.trainer:train_command",
     "eval": "deepseekmoe.eval.perplexity:eval_command",
     "generate": "deepseekmoe.inference.generate:generate_command",
+    "serve": "deepseekmoe.inference.server:serve_command",
+    "analyze": "deepseekmoe.analysis.analyze:analyze_command",
 }
 
 
