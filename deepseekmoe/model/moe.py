@@ -28,6 +28,14 @@ class MoE(nn.Module):
             FeedForward(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
             if config.n_shared_experts > 0 else None
         )
+        if self.experts.gate_up_proj.device.type != "meta":
+            self.init_weights(config.initializer_range)  # a standalone MoE(config) is usable at once
+
+    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
+        """Every weight matrix (router, routed and shared experts) ~ N(0, std), as in Transformer.init_weights."""
+        with torch.no_grad():
+            for p in self.parameters():
+                p.normal_(0.0, std, generator=generator)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput]:
         """x (B, S, D) -> (y (B, S, D), RouterOutput). input_ids (B, S) is needed by the hash router only."""
