@@ -1,0 +1,20 @@
+"""Scale-out on torch.distributed, applied from outside the single-device model.
+
+    mesh.py             (dp, ep) DeviceMesh from torchrun's environment; gloo on CPU, nccl on GPU
+    expert_parallel.py  routed experts split over the EP group; all-to-all dispatch and combine
+    data_parallel.py    DDP for the replicated part, expert gradients reduced over their DP replicas,
+                        global gradient clipping, batch sharding, full-state checkpoints
+    planner.py          `deepseekmoe plan`: per-GPU memory, all-to-all bytes and step time on paper
+"""
+
+from .data_parallel import (
+    apply_data_parallel, clip_grad_norm_, local_batch, parallelize, save_full_checkpoint,
+)
+from .expert_parallel import ExpertParallelExperts, all_to_all, apply_expert_parallel, gather_full_state
+from .mesh import Parallel, check_sizes, init_parallel, shutdown
+
+__all__ = [
+    "ExpertParallelExperts", "Parallel", "all_to_all", "apply_data_parallel", "apply_expert_parallel",
+    "check_sizes", "clip_grad_norm_", "gather_full_state", "init_parallel", "local_batch", "parallelize",
+    "save_full_checkpoint", "shutdown",
+]

@@ -1,0 +1,112 @@
+"""Data parallelism around expert parallelism, and the pieces a training loop needs under torchrun.
+
+Gradient bookkeeping. Rank r computes L_r, the mean loss of its own slice of the global batch; the global loss
+is L = (1/W) sum_r L_r over the W = dp * ep ranks (exact when every slice has as many sequences and tokens).
+  * Replicated parameters: DistributedDataParallel averages dL_r/dtheta over all W ranks.
+  * Expert parameters (DDP ignores them): the backward all-to-all already sums the contributions of the EP
+    group's losses into the rank holding the expert, so a hook all-reduces (sums) them over the expert's dp
+    replicas and divides by W.
+DDP, not FSDP2: both run on gloo, but on the tiny CPU models DDP's step was faster (benchmarks/all_to_all.py
+`--compare-wrappers`), it keeps plain tensors so the optimizer, clipping and state_dict code stays single-device,
+and the paper's largest model (145B, EP over 4 devices) fits per GPU with replicated dense weights (see
+`deepseekmoe plan`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..model import Transformer
+from ..train.checkpoint import save_model
+from .expert_parallel import apply_expert_parallel, expert_parameters, gather_full_state
+from .mesh import Parallel
+
+
+def _expert_grad_hook(dp_group: dist.ProcessGroup | None, dp: int, world: int):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        if dp > 1:
+            dist.all_reduce(grad, group=dp_group)
+        return grad.div_(world)
+    return hook
+
+
+def apply_data_parallel(model: Transformer, parallel: Parallel) -> nn.Module:
+    """Wrap for data parallelism; returns the module to call (DDP, or the model itself for one process)."""
+    if not parallel.is_distributed:
+        return model
+    experts = {id(p) for p in expert_parameters(model)}
+    ignored = [name for name, p in model.named_parameters() if id(p) in experts]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    for p in expert_parameters(model):
+        p.register_hook(_expert_grad_hook(parallel.dp_group, parallel.dp, parallel.world_size))
+    device_ids = [parallel.device.index] if parallel.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def parallelize(model: Transformer, parallel: Parallel) -> nn.Module:
+    """Expert parallel (when ep > 1), then data parallel. The model is changed in place; the returned module
+    is the one to call for training. With ep > 1 and n_device_groups left at 1, the device-level balance loss
+    uses the EP ranks as its devices (n_device_groups = ep), as the paper does for 145B."""
+    if parallel.ep > 1:
+        if model.config.n_device_groups == 1:
+            model.config = model.config.replace(n_device_groups=parallel.ep)
+        apply_expert_parallel(model, parallel.ep_group)
+    return apply_data_parallel(model, parallel)
+
+
+def local_batch(batch: torch.Tensor, parallel: Parallel) -> torch.Tensor:
+    """This rank's contiguous slice (dim 0) of a global batch; the slices of all ranks tile it in rank order."""
+    b, w = batch.shape[0], parallel.world_size
+    if b % w:
+        raise ValueError(f"batch size {b} is not divisible by the world size {w}")
+    return batch[parallel.rank * (b // w):(parallel.rank + 1) * (b // w)]
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, parallel: Parallel) -> torch.Tensor:
+    """Clip by the global gradient norm, the same on every rank: replicated gradients count once, expert
+    gradients are summed over the EP group. Call after backward; returns the total norm (before clipping)."""
+    experts = {id(p) for p in expert_parameters(model)}
+    with_grad = [p for p in model.parameters() if p.grad is not None]
+    dense_sq = _sum_sq([p.grad for p in with_grad if id(p) not in experts], parallel.device)
+    expert_sq = _sum_sq([p.grad for p in with_grad if id(p) in experts], parallel.device)
+    if parallel.is_distributed and parallel.ep > 1:
+        dist.all_reduce(expert_sq, group=parallel.ep_group)
+    total = (dense_sq + expert_sq).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in with_grad:
+        p.grad.mul_(coef.to(p.grad.dtype))
+    return total
+
+
+def _sum_sq(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=device))
+
+
+def all_reduce_mean(value: torch.Tensor, parallel: Parallel) -> torch.Tensor:
+    """Mean of a tensor over all ranks (a copy; for logging)."""
+    value = value.detach().clone()
+    if parallel.is_distributed:
+        dist.all_reduce(value)
+        value /= parallel.world_size
+    return value
+
+
+def save_full_checkpoint(model: Transformer, parallel: Parallel, directory: str | Path,
+                         tokenizer_path: str | Path | None = None) -> Path:
+    """Gather the full single-device state to rank 0 and write it with train.checkpoint.save_model, so the
+    checkpoint loads at any world size (the loader slices each rank's experts again). Collective."""
+    state = gather_full_state(model)
+    if parallel.is_main:
+        with torch.device("meta"):
+            full = Transformer(model.config)
+        full.load_state_dict(state, assign=True)
+        save_model(full, directory, tokenizer_path)
+    if parallel.is_distributed:
+        dist.barrier()
+    return Path(directory)

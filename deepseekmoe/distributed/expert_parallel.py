@@ -1,0 +1,137 @@
+"""Expert parallelism: each rank of an EP group holds a contiguous block of E/ep routed experts per MoE layer.
+
+Shape legend: T local tokens, D hidden, E routed experts (global), K experts per token, F expert hidden,
+R = T*K (token, slot) rows sent, Q rows received, P = ep ranks in the group, L = E/P local experts.
+
+Dropless dispatch (`ExpertParallelExperts.forward`), the grouped single-device path stretched over the group:
+  1. flatten the (token, slot) pairs and stable-sort them by expert id: rows bound for rank j are contiguous;
+  2. exchange per-expert counts (all_to_all of an (E,) tensor) so every rank knows how many rows it receives;
+  3. all_to_all the rows with variable split sizes;
+  4. regroup the received rows (ordered by source rank, then expert) by local expert and run each expert's
+     SwiGLU on its contiguous block;
+  5. undo the regrouping, all_to_all the results back (the mirror exchange), scale by the gates, scatter-add.
+Both exchanges are an autograd.Function whose backward is the mirror all_to_all, so gradients flow to the
+inputs on the sending rank and to the expert weights on the receiving rank. Every local expert runs (on zero rows
+if need be), so every expert weight gets a gradient on every rank and the data-parallel reduction never waits
+on a rank that skipped one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..model import Transformer
+from ..model.experts import RoutedExperts, _swiglu
+from ..model.moe import MoE
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int],
+                group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        out = x.new_empty((sum(output_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        output_splits, input_splits = ctx.splits
+        grad_in = grad_out.new_empty((sum(input_splits), *grad_out.shape[1:]))
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), input_splits, output_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int],
+               group: dist.ProcessGroup) -> torch.Tensor:
+    """Differentiable all_to_all_single along dim 0: send input_splits[j] rows to rank j, receive
+    output_splits[j] rows from rank j. Backward sends the gradients back the same way."""
+    return _AllToAll.apply(x, output_splits, input_splits, group)
+
+
+class ExpertParallelExperts(nn.Module):
+    """The routed experts [first, first + L) of one MoE layer; same interface as RoutedExperts."""
+
+    def __init__(self, experts: RoutedExperts, group: dist.ProcessGroup) -> None:
+        super().__init__()
+        self.group = group
+        self.ep_size, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
+        e = experts.num_experts
+        if e % self.ep_size:
+            raise ValueError(f"ep={self.ep_size} does not divide n_routed_experts={e}")
+        self.num_experts, self.num_local = e, e // self.ep_size
+        self.first = self.ep_rank * self.num_local
+        block = slice(self.first, self.first + self.num_local)
+        self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[block].clone())  # (L, 2F, D)
+        self.down_proj = nn.Parameter(experts.down_proj.detach()[block].clone())  # (L, D, F)
+
+    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
+        p, n_local = self.ep_size, self.num_local
+        k = topk_idx_TK.shape[1]
+        flat_idx_R = topk_idx_TK.reshape(-1)
+        order_R = torch.argsort(flat_idx_R, stable=True)
+        token_of_row_R = order_R // k
+        counts_E = torch.bincount(flat_idx_R, minlength=self.num_experts)
+        # 2. counts_PL[j, l]: rows rank j sends to my local expert l
+        counts_PL = torch.empty_like(counts_E)
+        dist.all_to_all_single(counts_PL, counts_E, group=self.group)
+        counts_PL = counts_PL.view(p, n_local)
+        send = counts_E.view(p, n_local).sum(1).tolist()
+        recv = counts_PL.sum(1).tolist()
+        # 3. dispatch
+        x_QD = all_to_all(x_TD[token_of_row_R], recv, send, self.group)
+        # 4. regroup by local expert, run the experts, undo the regrouping
+        local_id_Q = torch.arange(n_local, device=x_QD.device).repeat(p).repeat_interleave(counts_PL.reshape(-1))
+        regroup_Q = torch.argsort(local_id_Q, stable=True)
+        y_grouped = self._run_local(x_QD[regroup_Q], counts_PL.sum(0).tolist())
+        y_QD = y_grouped[torch.argsort(regroup_Q)]
+        # 5. combine
+        y_RD = all_to_all(y_QD, send, recv, self.group)
+        y_RD = y_RD * topk_weight_TK.reshape(-1)[order_R].unsqueeze(-1).to(y_RD.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, token_of_row_R, y_RD)
+
+    def _run_local(self, x_QD: torch.Tensor, counts_L: list[int]) -> torch.Tensor:
+        """SwiGLU of local expert l on its block of counts_L[l] rows; empty blocks still join the graph."""
+        blocks = torch.split(x_QD, counts_L)
+        return torch.cat([_swiglu(blk, self.gate_up_proj[l], self.down_proj[l]) for l, blk in enumerate(blocks)])
+
+    def extra_repr(self) -> str:
+        return f"experts [{self.first}, {self.first + self.num_local}) of {self.num_experts}, ep={self.ep_size}"
+
+
+def moe_layers(model: Transformer) -> list[MoE]:
+    return [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
+
+
+def apply_expert_parallel(model: Transformer, group: dist.ProcessGroup) -> Transformer:
+    """Replace every MoE layer's `mlp.experts` by this rank's block of E/ep experts (weights copied from the full
+    ones, so load or initialise the full model first). State-dict keys keep their names; shapes become local."""
+    for moe in moe_layers(model):
+        if not isinstance(moe.experts, RoutedExperts):
+            raise ValueError("apply_expert_parallel: the model's experts are already distributed")
+        moe.experts = ExpertParallelExperts(moe.experts, group)
+    return model
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters held by ExpertParallelExperts modules (sharded over the EP group)."""
+    return [p for m in model.modules() if isinstance(m, ExpertParallelExperts) for p in m.parameters()]
+
+
+def gather_full_state(model: Transformer) -> dict[str, torch.Tensor]:
+    """The single-device state dict, with every expert-parallel weight all-gathered over its EP group.
+
+    Collective: every rank must call it. Tensors are detached and on the model's device.
+    """
+    state = {}
+    for name, tensor in model.state_dict().items():
+        state[name] = tensor.detach()
+    for mname, module in model.named_modules():
+        if isinstance(module, ExpertParallelExperts):
+            for pname, param in module.named_parameters():
+                parts = [torch.empty_like(param) for _ in range(module.ep_size)]
+                dist.all_gather(parts, param.detach().contiguous(), group=module.group)
+                state[f"{mname}.{pname}"] = torch.cat(parts)
+    return state

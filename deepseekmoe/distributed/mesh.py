@@ -1,0 +1,93 @@
+"""Process groups for expert x data parallelism: a (dp, ep) DeviceMesh and where this process sits in it.
+
+Layout: rank = dp_index * ep + ep_index, so the ranks of one expert-parallel group are consecutive (on GPUs, one
+node's NVLink domain carries the all-to-all). Every rank reads its own slice of the global batch: the EP ranks of
+one group share the routed experts of each layer (each holds E/ep of them) but not their tokens. The dense part of
+the model (embeddings, attention, dense FFNs, shared experts, routers, norms, LM head) is replicated on all
+dp * ep ranks; each routed expert is replicated on the dp ranks that hold the same expert block.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass
+class Parallel:
+    """This process's place in the (dp, ep) mesh; `mesh` is None for a single process."""
+
+    mesh: DeviceMesh | None
+    dp: int
+    ep: int
+    rank: int
+    device: torch.device
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.ep
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.mesh is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ep_group(self) -> dist.ProcessGroup | None:
+        return self.mesh["ep"].get_group() if self.mesh is not None else None
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        return self.mesh["dp"].get_group() if self.mesh is not None else None
+
+
+def check_sizes(world_size: int, ep: int, n_routed_experts: int | None) -> None:
+    """Raise ValueError unless `ep` divides both the world size and the routed experts."""
+    if ep < 1:
+        raise ValueError(f"ep={ep} is invalid: expected an integer >= 1")
+    if world_size % ep:
+        raise ValueError(f"ep={ep} does not divide the world size {world_size}")
+    if ep > 1 and n_routed_experts is None:
+        raise ValueError(f"ep={ep} needs a model with routed experts (this one is dense)")
+    if n_routed_experts is not None and n_routed_experts % ep:
+        raise ValueError(f"ep={ep} does not divide n_routed_experts={n_routed_experts}")
+
+
+def default_device() -> torch.device:
+    """cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_parallel(ep: int = 1, n_routed_experts: int | None = None,
+                  device: torch.device | None = None) -> Parallel:
+    """Join the process group torchrun describes (WORLD_SIZE/RANK/MASTER_ADDR...) and build the (dp, ep) mesh.
+
+    One process (no WORLD_SIZE, or WORLD_SIZE=1) gives a Parallel with mesh None and needs ep == 1.
+    Backend: nccl on CUDA, gloo on CPU.
+    """
+    device = device or default_device()
+    world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
+    check_sizes(world, ep, n_routed_experts)
+    if world == 1:
+        return Parallel(None, 1, 1, 0, device)
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
+    return Parallel(mesh, world // ep, ep, dist.get_rank(), device)
+
+
+def shutdown(parallel: Parallel) -> None:
+    """Leave the process group (a no-op for one process)."""
+    if parallel.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,253 @@
+"""Expert + data parallelism on 2 CPU processes (gloo) against the single-process model.
+
+All 2-process scenarios run in ONE spawn (module fixture `two_ranks`; process start-up dominates the cost); each
+test then compares what the ranks recorded with a single-process computation done here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import tiny_config
+from deepseekmoe import MoE, Transformer
+from deepseekmoe.distributed import (
+    Parallel, all_to_all, clip_grad_norm_, init_parallel, local_batch, parallelize, save_full_checkpoint,
+)
+from deepseekmoe.distributed.data_parallel import all_reduce_mean
+from deepseekmoe.distributed.expert_parallel import ExpertParallelExperts
+from deepseekmoe.losses import device_balance_loss, total_loss
+from deepseekmoe.model.experts import experts_loop
+from deepseekmoe.train.checkpoint import load_model, save_model
+
+pytestmark = pytest.mark.slow  # one 2-process spawn for the module: ~10-20 s on 2 busy cores
+
+STEPS, BATCH, SEQ = 5, 4, 8
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def model_config():
+    return tiny_config(device_aux_loss_alpha=0.05, n_device_groups=2, aux_loss_alpha=0.01)
+
+
+def batches(config, n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, config.vocab_size, (BATCH, SEQ + 1), generator=g) for _ in range(n)]
+
+
+def train(model: Transformer, parallel: Parallel, data: list[torch.Tensor]) -> list[float]:
+    """AdamW steps on the global batches; returns the global (rank-averaged) loss of each step."""
+    module = parallelize(model, parallel)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    losses = []
+    for batch in data:
+        batch = local_batch(batch, parallel)
+        out = module(batch[:, :-1])
+        loss = total_loss(out.logits, batch[:, 1:], out.router_outputs, model.config).total
+        loss.backward()
+        clip_grad_norm_(model, 0.05, parallel)  # small, so clipping is active
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(all_reduce_mean(loss, parallel).item())
+    return losses
+
+
+def next_loss(model: Transformer, parallel: Parallel, batch: torch.Tensor) -> float:
+    batch = local_batch(batch, parallel)
+    with torch.no_grad():
+        out = model(batch[:, :-1])
+        loss = total_loss(out.logits, batch[:, 1:], out.router_outputs, model.config).total
+    return all_reduce_mean(loss, parallel).item()
+
+
+# ------------------------------------------------------------------ what each rank does
+def _moe_layer(parallel: Parallel) -> dict:
+    """One MoE layer, EP=2: each rank feeds 2 of the 4 sequences."""
+    torch.manual_seed(0)
+    moe = MoE(model_config())
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.2)
+    moe.experts = ExpertParallelExperts(moe.experts, parallel.ep_group)
+    x = local_batch(torch.randn(4, 3, 32, generator=torch.Generator().manual_seed(2)), parallel)
+    x.requires_grad_(True)
+    w = local_batch(torch.randn(4, 3, 32, generator=torch.Generator().manual_seed(3)), parallel)
+    y, routing = moe(x)
+    (y * w).sum().backward()
+    return {"y": y.detach(), "x_grad": x.grad, "grads": {n: p.grad for n, p in moe.named_parameters()},
+            "dev_loss": device_balance_loss(routing, 1.0, 2).detach()}
+
+
+def _skewed(parallel: Parallel, target: int) -> dict:
+    """Every (token, slot) goes to the experts of EP rank `target`; the other rank receives nothing."""
+    torch.manual_seed(0)
+    moe = MoE(model_config())
+    with torch.no_grad():
+        moe.experts.gate_up_proj.normal_(0, 0.2)
+        moe.experts.down_proj.normal_(0, 0.2)
+    ep = ExpertParallelExperts(moe.experts, parallel.ep_group)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 32, generator=g)[parallel.rank * 3:(parallel.rank + 1) * 3].requires_grad_(True)
+    idx = torch.tensor([[0, 1], [3, 2], [1, 3]]) + 4 * target
+    gates = torch.rand(3, 2, generator=g)
+    y = ep(x, idx, gates)
+    y.pow(2).sum().backward()
+    return {"y": y.detach(), "x_grad": x.grad, "gate_up_grad": ep.gate_up_proj.grad, "down_grad": ep.down_proj.grad}
+
+
+def _a2a_empty(parallel: Parallel) -> torch.Tensor:
+    """A rank that sends nothing at all (0 rows) still takes part, forward and backward."""
+    rows = [0, 0] if parallel.rank == 1 else [2, 1]
+    x = torch.full((sum(rows), 2), float(parallel.rank + 1), requires_grad=True)
+    recv = [2, 0] if parallel.rank == 0 else [1, 0]
+    y = all_to_all(x, recv, rows, parallel.ep_group)
+    (y * 10).sum().backward()
+    return x.grad if x.grad is not None else torch.zeros(0, 2)
+
+
+def _training(parallel: Parallel, ckpt_in: Path, ckpt_out: Path) -> dict:
+    data = batches(model_config(), STEPS + 1)
+    model, _ = load_model(ckpt_in)  # saved by one process: 1 -> 2 processes
+    model.train()
+    losses = train(model, parallel, data[:STEPS])
+    save_full_checkpoint(model, parallel, ckpt_out)
+    return {"losses": losses, "next": next_loss(model, parallel, data[STEPS])}
+
+
+def _default_device_groups(parallel: Parallel) -> int:
+    model = Transformer(tiny_config())
+    parallelize(model, parallel)
+    return model.config.n_device_groups
+
+
+def _worker(rank: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    tmp_path = Path(tmp)
+    ep2 = init_parallel(ep=2, n_routed_experts=8)
+    dp2 = init_parallel(ep=1)
+    out = {
+        "moe": _moe_layer(ep2),
+        "skew0": _skewed(ep2, 0), "skew1": _skewed(ep2, 1),
+        "a2a_empty": _a2a_empty(ep2),
+        "default_groups": _default_device_groups(ep2),
+        "ep_train": _training(ep2, tmp_path / "init", tmp_path / "ep_ckpt"),
+        "dp_train": _training(dp2, tmp_path / "init", tmp_path / "dp_ckpt"),
+    }
+    torch.save(out, tmp_path / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[list[dict], Path]:
+    tmp = tmp_path_factory.mktemp("dist")
+    torch.manual_seed(0)
+    save_model(Transformer(model_config()), tmp / "init")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(port, str(tmp)), nprocs=2)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)], tmp
+
+
+def _single_moe():
+    torch.manual_seed(0)
+    moe = MoE(model_config())
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(4, 3, 32, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    w = torch.randn(4, 3, 32, generator=torch.Generator().manual_seed(3))
+    y, routing = moe(x)
+    (y * w).sum().backward()
+    return moe, x, y, routing
+
+
+# ------------------------------------------------------------------ tests
+def test_moe_layer_ep2_matches_single_process(two_ranks):
+    ranks, _ = two_ranks
+    moe, x, y, _ = _single_moe()
+    torch.testing.assert_close(torch.cat([r["moe"]["y"] for r in ranks]), y.detach(), **TOL)
+    torch.testing.assert_close(torch.cat([r["moe"]["x_grad"] for r in ranks]), x.grad, **TOL)
+    for name, p in moe.named_parameters():
+        parts = [r["moe"]["grads"][name] for r in ranks]
+        # expert weights: each rank holds its block, with gradients from both ranks' tokens;
+        # replicated weights (router, shared experts): each rank has its own tokens' share
+        full = torch.cat(parts) if name.startswith("experts.") else parts[0] + parts[1]
+        torch.testing.assert_close(full, p.grad, **TOL, msg=name)
+
+
+def test_device_balance_loss_ep2_equals_two_groups(two_ranks):
+    ranks, _ = two_ranks
+    _, _, _, routing = _single_moe()
+    expected = device_balance_loss(routing, 1.0, 2)
+    got = (ranks[0]["moe"]["dev_loss"] + ranks[1]["moe"]["dev_loss"]) / 2  # mean over sequences
+    torch.testing.assert_close(got, expected.detach(), **TOL)
+    assert ranks[0]["default_groups"] == 2  # ep=2 makes the EP ranks the devices
+
+
+@pytest.mark.parametrize("target", [0, 1])
+def test_skewed_routing_and_rank_without_tokens(two_ranks, target):
+    ranks, _ = two_ranks
+    torch.manual_seed(0)
+    moe = MoE(model_config())
+    with torch.no_grad():
+        moe.experts.gate_up_proj.normal_(0, 0.2)
+        moe.experts.down_proj.normal_(0, 0.2)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 32, generator=g).requires_grad_(True)
+    idx = torch.tensor([[0, 1], [3, 2], [1, 3]]).repeat(2, 1) + 4 * target
+    gates = torch.rand(3, 2, generator=g).repeat(2, 1)  # each rank drew the same 3 x 2 gates after x
+    res = [r[f"skew{target}"] for r in ranks]
+    y = experts_loop(x, idx, gates, moe.experts.gate_up_proj, moe.experts.down_proj)
+    y.pow(2).sum().backward()
+    torch.testing.assert_close(torch.cat([r["y"] for r in res]), y.detach(), **TOL)
+    torch.testing.assert_close(torch.cat([r["x_grad"] for r in res]), x.grad, **TOL)
+    block = slice(4 * target, 4 * target + 4)
+    torch.testing.assert_close(res[target]["gate_up_grad"], moe.experts.gate_up_proj.grad[block], **TOL)
+    torch.testing.assert_close(res[target]["down_grad"], moe.experts.down_proj.grad[block], **TOL)
+    idle = res[1 - target]  # received no rows: its experts still get (zero) gradients
+    assert idle["gate_up_grad"] is not None and idle["gate_up_grad"].abs().sum() == 0
+
+
+def test_all_to_all_with_an_empty_rank(two_ranks):
+    ranks, _ = two_ranks
+    # rank 0 sends 2 rows to itself and 1 to rank 1; rank 1 sends nothing; each received row's grad is 10
+    torch.testing.assert_close(ranks[0]["a2a_empty"], torch.full((3, 2), 10.0))
+    assert ranks[1]["a2a_empty"].shape == (0, 2)
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(two_ranks) -> tuple[list[float], float]:
+    _, tmp = two_ranks
+    model, _ = load_model(tmp / "init")
+    model.train()
+    data = batches(model.config, STEPS + 1)
+    parallel = Parallel(None, 1, 1, 0, torch.device("cpu"))
+    return train(model, parallel, data[:STEPS]), next_loss(model, parallel, data[STEPS])
+
+
+@pytest.mark.parametrize("kind", ["ep_train", "dp_train"])
+def test_five_steps_match_single_process(two_ranks, single_process_losses, kind):
+    ranks, _ = two_ranks
+    expected, _ = single_process_losses
+    assert ranks[0][kind]["losses"] == ranks[1][kind]["losses"]
+    assert expected[0] != expected[-1]  # the model actually trained
+    torch.testing.assert_close(torch.tensor(ranks[0][kind]["losses"]), torch.tensor(expected), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["ep", "dp"])
+def test_checkpoint_from_two_processes_resumes_at_one(two_ranks, kind):
+    ranks, tmp = two_ranks
+    model, _ = load_model(tmp / f"{kind}_ckpt")
+    assert model.layers[0].mlp.experts.gate_up_proj.shape[0] == 8  # full, not one rank's block
+    data = batches(model.config, STEPS + 1)
+    got = next_loss(model, Parallel(None, 1, 1, 0, torch.device("cpu")), data[STEPS])
+    assert got == pytest.approx(ranks[0][f"{kind}_train"]["next"], rel=1e-6, abs=1e-6)
