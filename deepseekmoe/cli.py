@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "generate": "deepseekmoe.inference.generate:generate_command",
     "serve": "deepseekmoe.inference.server:serve_command",
     "analyze": "deepseekmoe.analysis.analyze:analyze_command",
+    "convert": "deepseekmoe.convert.hf:convert_command",
 }
 
 

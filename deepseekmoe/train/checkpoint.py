@@ -100,7 +100,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[Transformer, Path]:
-    """Load a checkpoint (or a run's latest) -> (model in eval mode, checkpoint directory)."""
+    """Load a checkpoint (or a run's latest) -> (model in eval mode, checkpoint directory).
+
+    A Hugging Face DeepSeekMoE directory (config.json with model_type 'deepseek') is read by the converter."""
+    from ..convert.hf import is_hf_directory, load_hf_model
+
+    if is_hf_directory(path):
+        return load_hf_model(path, device, dtype)
     ckpt = resolve_checkpoint(path)
     config = ModelConfig.from_dict(json.loads((ckpt / CONFIG_FILE).read_text()))
     with torch.device("meta"):

@@ -1,0 +1,159 @@
+"""Export: our checkpoint -> the Hugging Face DeepSeekMoE layout (sharded safetensors + index, config.json with
+the remote-code auto_map, tokenizer files). Key names and shapes come from `hf.py`; this file only cuts and writes.
+
+Shards are planned from the stored shapes and dtypes before anything is read, so files get their final
+`model-0000k-of-0000n` names at once; each shard is then filled by reading single experts out of the stacked
+tensors with safetensors `get_slice` and written before the next is read (peak memory about one shard).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..config import ModelConfig
+from .hf import (AUTO_MAP, CONFIG_FILE, INDEX_FILE, SINGLE_FILE, Shape, _copy_side_files, _fmt, _our_source,
+                 hf_layout)
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5 * 10**9 bytes ('GiB' is 2**30); a plain number is bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, flags=re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"max shard size {text!r} is invalid: expected a size such as 5GB, 500MB or 2GiB")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Greedy in key order: a new shard starts when the next tensor would push the current one past max_bytes."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_bytes = 0
+    for key, nbytes in sizes:
+        if current and current_bytes + nbytes > max_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(key)
+        current_bytes += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _read_hf_tensor(f, hf_key: str, config: ModelConfig) -> torch.Tensor:
+    our_key, index = _our_source(hf_key)
+    if not index:
+        return f.get_tensor(our_key)
+    expert, part = index
+    if part is None:
+        return f.get_slice(our_key)[expert]
+    rows = config.moe_intermediate_size
+    return f.get_slice(our_key)[expert, part * rows:(part + 1) * rows]
+
+
+def _check_our_checkpoint(path: Path, f, config: ModelConfig, layout: dict[str, Shape]) -> None:
+    """Our file must hold exactly the tensors the HF layout is cut from, with matching shapes."""
+    expected: dict[str, Shape] = {}
+    for hf_key, shape in layout.items():
+        our_key, index = _our_source(hf_key)
+        if not index:
+            expected[our_key] = shape
+        else:
+            rows = shape[0] * (2 if index[1] is not None else 1)
+            expected[our_key] = (config.n_routed_experts, rows, shape[1])
+    stored = set(f.keys())
+    for key, shape in expected.items():
+        if key not in stored:
+            raise ValueError(f"{path}: missing tensor {key} (expected shape {_fmt(shape)} from config.json)")
+        found = tuple(f.get_slice(key).get_shape())
+        if found != shape:
+            raise ValueError(f"{path}: tensor {key} has shape {_fmt(found)}, expected {_fmt(shape)} from config.json")
+    extra = sorted(stored - set(expected))
+    if extra:
+        raise ValueError(f"{path}: unexpected tensor {extra[0]} with shape "
+                         f"{_fmt(f.get_slice(extra[0]).get_shape())} (not in the model config.json describes)")
+
+
+def _nbytes(f, hf_key: str, shape: Shape) -> int:
+    our_key, _ = _our_source(hf_key)
+    dtype = _DTYPES[f.get_slice(our_key).get_dtype()]
+    return math.prod(shape) * dtype.itemsize
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict:
+    """config.json for the HF directory: the official fields, the remote-code auto_map, the stored dtype."""
+    d = config.to_hf_dict()
+    d["auto_map"] = dict(AUTO_MAP)
+    d["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return d
+
+
+def _write_shards(f, config: ModelConfig, layout: dict[str, Shape], out: Path, max_bytes: int,
+                  progress: bool) -> None:
+    sizes = [(k, _nbytes(f, k, shape)) for k, shape in layout.items()]
+    shards = plan_shards(sizes, max_bytes)
+    names = ([SINGLE_FILE] if len(shards) == 1
+             else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    weight_map = {}
+    for name, keys in zip(names, shards):
+        if progress:
+            print(f"writing {name} ({len(keys)} tensors)", file=sys.stderr, flush=True)
+        save_file({k: _read_hf_tensor(f, k, config) for k in keys}, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in keys})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_tokenizer_config(config: ModelConfig, out: Path) -> None:
+    """A minimal tokenizer_config.json (when the checkpoint has a tokenizer.json but none), so AutoTokenizer loads."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    d: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    for name, token_id in (("bos_token", config.bos_token_id), ("eos_token", config.eos_token_id)):
+        if token_id is not None and tok.id_to_token(token_id) is not None:
+            d[name] = tok.id_to_token(token_id)
+    (out / "tokenizer_config.json").write_text(json.dumps(d, indent=2) + "\n")
+
+
+def convert_to_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str | int = "5GB",
+                  progress: bool = False) -> Path:
+    """Our checkpoint (or a run's latest) -> an HF directory in the official layout, atomically."""
+    from ..train.checkpoint import MODEL_FILE, atomic_directory, commit_directory, resolve_checkpoint
+
+    ckpt, out = resolve_checkpoint(checkpoint), Path(out)
+    max_bytes = parse_size(max_shard_size)
+    config = ModelConfig.from_dict(json.loads((ckpt / CONFIG_FILE).read_text()))
+    layout = hf_layout(config)
+    tmp = atomic_directory(out)
+    try:
+        with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
+            _check_our_checkpoint(ckpt / MODEL_FILE, f, config, layout)
+            _write_shards(f, config, layout, tmp, max_bytes, progress)
+            dtype = _DTYPES[f.get_slice("embed_tokens.weight").get_dtype()]
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_dict(config, dtype), indent=2) + "\n")
+        _copy_side_files(ckpt, tmp)
+        if (tmp / "tokenizer.json").is_file() and not (tmp / "tokenizer_config.json").is_file():
+            _write_tokenizer_config(config, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_directory(tmp, out)
+    return out
+
+
