@@ -1,0 +1,309 @@
+"""Training configuration: TrainConfig (the optimisation recipe), RunConfig (model + training + paths) and
+`load_config(path, overrides)`, which merges a YAML recipe with dotted `key=value` overrides.
+
+A recipe file (see configs/*.yaml) has four optional top-level keys besides `model` and `train`:
+
+    preset: tiny-deepseekmoe   # the model starts from this preset (null: ModelConfig defaults)
+    data: null                 # a prepared data directory (null: the built-in corpus)
+    out: null                  # the run directory (null: runs/<preset>)
+    model: {hidden_size: 64}   # ModelConfig fields, applied over the preset
+    train: {lr: 1.0e-3}        # TrainConfig fields, applied over the defaults below
+
+Overrides are `preset=NAME`, `data=DIR`, `out=DIR`, `model.FIELD=VALUE` or `train.FIELD=VALUE`; each value is
+converted to the field's type (so `train.lr=1e-3` is a float even though YAML would read it as a string).
+Unknown keys and values of the wrong type raise ValueError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from ..config import ModelConfig
+from ..presets import load_preset
+
+Schedule = Literal["step", "cosine", "constant"]
+Precision = Literal["auto", "fp32", "bf16"]
+DEFAULT_PRESET = "tiny-deepseekmoe"
+_TOP_LEVEL = ("preset", "data", "out")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The optimisation recipe. Defaults follow the paper (Sec. 4.1.2) at the tiny main-job scale."""
+
+    max_steps: int = 1000
+    """Optimizer steps in the run (the LR schedule spans exactly these)."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (tokens per step = batch_size * grad_accum * seq_len)."""
+    seq_len: int = 256
+    """Tokens per training sequence (at most model.max_position_embeddings)."""
+    lr: float = 2.0e-3
+    """Peak learning rate, reached at the end of warmup."""
+    schedule: Schedule = "step"
+    """LR after warmup: step (x step_decay_factor at each step_decay_at fraction), cosine, or constant."""
+    warmup_steps: int = 50
+    """Linear warmup steps (the paper: 2000 at full scale)."""
+    step_decay_at: list[float] = field(default_factory=lambda: [0.8, 0.9])
+    """Fractions of max_steps where the step schedule multiplies the LR by step_decay_factor."""
+    step_decay_factor: float = 0.316
+    """Multiplier applied at each step_decay_at point (the paper: 0.316)."""
+    min_lr_ratio: float = 0.1
+    """Cosine schedule floor, as a fraction of lr."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1.0e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, on matrices only (not on norm weights or biases)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping; the norm is still logged)."""
+    seed: int = 0
+    """Seeds weight init and data order; one seed makes a run deterministic."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
+    precision: Precision = "auto"
+    """auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16 (autocast; weights stay fp32)."""
+    log_every: int = 10
+    """Write metrics every this many steps (and at the last step)."""
+    eval_every: int = 250
+    """Validation every this many steps (0: only at the end)."""
+    eval_batches: int = 8
+    """Validation uses the first this-many batches of the val split (a fixed subset)."""
+    save_every: int = 500
+    """Checkpoint every this many steps (0: only at the end or on interrupt)."""
+    keep_last: int = 2
+    """Checkpoints kept in RUN_DIR/checkpoints (older ones are deleted)."""
+    max_nonfinite: int = 5
+    """Stop the run after this many non-finite losses in a row (each one skips its step)."""
+    peak_flops: float | None = None
+    """Hardware peak FLOP/s for MFU (None: 50 GFLOP/s per CPU thread, 989 TFLOP/s bf16 on GPU)."""
+    tensorboard: bool = True
+    """Also log to RUN_DIR/tensorboard when the tensorboard package is importable."""
+    sample_prompt: str = "def "
+    """Prompt of the sample printed at the end of training."""
+    sample_tokens: int = 48
+    """Tokens generated for the final sample (0 disables it)."""
+    sample_temperature: float = 0.8
+    """Temperature of the final sample (0: greedy)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches",
+                     "keep_last", "max_nonfinite"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        for name in ("warmup_steps", "eval_every", "save_every", "sample_tokens"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
+        for name in ("lr", "weight_decay", "grad_clip", "adam_eps", "sample_temperature"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), "a number >= 0")
+        for name in ("adam_beta1", "adam_beta2", "min_lr_ratio"):
+            _require(0 <= getattr(self, name) <= 1, name, getattr(self, name), "a number in [0, 1]")
+        _require(self.step_decay_factor > 0, "step_decay_factor", self.step_decay_factor, "a number > 0")
+        _require(all(0 < f <= 1 for f in self.step_decay_at), "step_decay_at", self.step_decay_at,
+                 "fractions in (0, 1]")
+        _require(self.peak_flops is None or self.peak_flops > 0, "peak_flops", self.peak_flops,
+                 "a number > 0 or null")
+        _check_literals(self)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Everything a run needs; RUN_DIR/config.yaml holds exactly `to_dict()` of the resolved one."""
+
+    preset: str | None = DEFAULT_PRESET
+    """The model preset the model section was applied over (None: ModelConfig defaults)."""
+    data: str | None = None
+    """Prepared data directory (None: the built-in corpus)."""
+    out: str | None = None
+    """Run directory (None: runs/<preset>, or runs/custom without a preset)."""
+    model: ModelConfig = field(default_factory=lambda: load_preset(DEFAULT_PRESET))
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / (self.preset or "custom")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"preset": self.preset, "data": self.data, "out": self.out,
+                "model": self.model.to_dict(), "train": dataclasses.asdict(self.train)}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: str | Path | None = None) -> RunConfig:
+    """Resolve a run configuration: defaults <- `base` file <- `path` file <- `key=value` overrides.
+
+    Files are optional; `base` is how a resumed run starts from its own RUN_DIR/config.yaml.
+    """
+    raw: dict[str, Any] = {"model": {}, "train": {}}
+    for source in (base, path):
+        if source is None:
+            continue
+        layer = _read_yaml(Path(source))
+        unknown = sorted(set(layer) - set(_TOP_LEVEL) - {"model", "train"})
+        if unknown:
+            raise ValueError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; "
+                             f"expected {', '.join(_TOP_LEVEL)}, model, train")
+        for key, value in layer.items():
+            if key in ("model", "train"):
+                raw[key].update(_mapping(value or {}, f"{source}: {key}"))
+            else:
+                raw[key] = value
+    for item in overrides:
+        key, value = parse_override(item)
+        if "." in key:
+            section, name = key.split(".", 1)
+            raw[section][name] = value
+        else:
+            raw[key] = value
+    return build_run_config(raw)
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    """'train.lr=1e-3' -> ('train.lr', '1e-3'); raises ValueError for a malformed or unknown key."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-3)")
+    if key in _TOP_LEVEL:
+        return key, value
+    section, _, name = key.partition(".")
+    known = {"model": _field_names(ModelConfig), "train": _field_names(TrainConfig)}.get(section)
+    if known is None or name not in known:
+        raise ValueError(f"unknown config key {key!r}: expected {', '.join(_TOP_LEVEL)}, "
+                         f"model.<ModelConfig field> or train.<TrainConfig field>")
+    return key, value
+
+
+def build_run_config(raw: dict[str, Any]) -> RunConfig:
+    """A RunConfig from a (possibly partial) dict of strings or typed values; the inverse of to_dict."""
+    preset = _optional_str(raw.get("preset", DEFAULT_PRESET))
+    base = load_preset(preset) if preset else ModelConfig()
+    model = base.replace(**_typed_fields(ModelConfig, raw.get("model") or {}, "model"))
+    train = TrainConfig(**_typed_fields(TrainConfig, raw.get("train") or {}, "train"))
+    return RunConfig(preset=preset, data=_optional_str(raw.get("data")), out=_optional_str(raw.get("out")),
+                     model=model, train=train)
+
+
+# ---------------------------------------------------------------------------------------------- coercion
+def _typed_fields(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls, globalns=_type_namespace())
+    known = _field_names(cls)
+    out = {}
+    for name, value in values.items():
+        if name not in known:
+            raise ValueError(f"unknown config key '{section}.{name}'")
+        out[name] = coerce(value, hints[name], f"{section}.{name}")
+    return out
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a string (from the command line) or YAML value to the annotated type, or raise ValueError."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in get_args(tp) if a is not type(None)]
+        if _is_null(value) and len(options) < len(get_args(tp)):
+            return None
+        return coerce(value, options[0], key) if len(options) == 1 else value
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ValueError(f"{key}={value!r} is invalid: expected one of "
+                             f"{', '.join(map(repr, get_args(tp)))}")
+        return value
+    if origin is list:
+        items = yaml.safe_load(value) if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"{key}={value!r} is invalid: expected a list such as [0.8, 0.9]")
+        return [coerce(v, get_args(tp)[0], key) for v in items]
+    try:
+        return _scalar(value, tp)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={value!r} is invalid: expected {getattr(tp, '__name__', tp)}") from None
+
+
+def _scalar(value: Any, tp: Any) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+        raise ValueError(value)
+    if tp is int:
+        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if isinstance(value, str):
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError(value)
+            return int(value) if value.strip().lstrip("+-").isdigit() else int(number)
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        return float(value)
+    if tp is str:
+        return str(value)
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or isinstance(value, str) and value.strip().lower() in ("none", "null", "~", "")
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if _is_null(value) else str(value)
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in fields(cls)}
+
+
+def _type_namespace() -> dict[str, Any]:
+    from .. import config as model_config_module
+
+    return {**vars(model_config_module), **globals()}
+
+
+def _check_literals(obj: Any) -> None:
+    hints = typing.get_type_hints(type(obj), globalns=_type_namespace())
+    for f in fields(obj):
+        if get_origin(hints[f.name]) is Literal:
+            coerce(getattr(obj, f.name), hints[f.name], f.name)
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return _mapping(data or {}, str(path))
