@@ -1,0 +1,268 @@
+"""`deepseekmoe prepare`: text sources -> a data directory (tokenizer.json, train.bin, val.bin, meta.json).
+
+Steps: expand the sources into input files; read every document once to hash and measure it; choose the validation
+documents; train the tokenizer on a sample of the training documents (or reuse a given one); read again, tokenizing
+in parallel, into the split files. Everything is written into a temporary sibling directory that is renamed into
+place at the end, so an interrupted run leaves no half-written data directory. The input fingerprint (paths, sizes,
+modification times, options) is kept in meta.json: re-running with unchanged input and options does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .. import __version__
+from ..train.checkpoint import atomic_directory, commit_directory
+from .builtin import BUILTIN_SOURCE, DEFAULT_MAX_BYTES, builtin_identity, builtin_inputs
+from .corpus import InputFile, ReadStats, document_key, expand_sources, iter_documents
+from .dataset import FORMAT, META_FILE, read_meta
+from .shards import progress_bar, write_splits
+from .tokenizer import (MIN_VOCAB_SIZE, file_sha256, load_tokenizer, special_token_ids, token_dtype, train_tokenizer,
+                        vocab_size_of)
+
+DEFAULT_TOKENIZER_TRAIN_BYTES = 16_000_000
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def resolve_inputs(sources: list[str], builtin_max_bytes: int) -> list[InputFile]:
+    """Input files of all sources; the source name `builtin` stands for the built-in corpus."""
+    files = [s for s in sources if s != BUILTIN_SOURCE]
+    inputs = builtin_inputs(builtin_max_bytes) if BUILTIN_SOURCE in sources else []
+    if files or not inputs:
+        inputs += expand_sources(files)
+    return inputs
+
+
+def scan(inputs: list[InputFile], stats: ReadStats) -> tuple[list[int], list[int]]:
+    """Read every document once -> (content hash keys, UTF-8 sizes), one entry per document."""
+    keys, sizes = [], []
+    with progress_bar(0, "reading") as bar:
+        for doc in iter_documents(inputs, stats):
+            nbytes = len(doc.encode("utf-8"))
+            keys.append(document_key(doc))
+            sizes.append(nbytes)
+            bar.update(nbytes)
+    return keys, sizes
+
+
+def choose_validation(keys: list[int], sizes: list[int], val_fraction: float) -> list[bool]:
+    """Document-level split: take documents in content-hash order until they hold val_fraction of the bytes.
+
+    Documents larger than twice the target are passed over while smaller ones can reach it, so one huge document
+    does not swallow the split. At least one document goes to each side; identical documents share a side.
+    """
+    n = len(keys)
+    if n < 2:
+        raise ValueError(f"the corpus is too small for a train/validation split: {n} document, need at least 2 "
+                         "(add text, or more files)")
+    target = val_fraction * sum(sizes)
+    order = sorted(range(n), key=lambda i: (keys[i], i))
+    for limit in (2 * target, float("inf")):
+        chosen, got = [], 0
+        for i in order:
+            if got >= target:
+                break
+            if sizes[i] <= limit:
+                chosen.append(i)
+                got += sizes[i]
+        if got >= target:
+            break
+    if len(chosen) == n:  # keep at least one training document (and its duplicates off the val side)
+        chosen = [i for i in chosen if keys[i] != keys[chosen[-1]]] or chosen[:-1]
+    is_val = [False] * n
+    for i in chosen:
+        is_val[i] = True
+    return is_val
+
+
+def tokenizer_sample(inputs: list[InputFile], keys: list[int], sizes: list[int], is_val: list[bool],
+                     budget: int) -> list[str]:
+    """Training documents, in content-hash order, up to `budget` bytes (at least one document)."""
+    picked: set[int] = set()
+    total = 0
+    for i in sorted(range(len(keys)), key=lambda i: (keys[i], i)):
+        if not is_val[i] and (total < budget or not picked):
+            picked.add(i)
+            total += sizes[i]
+    return [doc for i, doc in enumerate(iter_documents(inputs, ReadStats())) if i in picked]
+
+
+def fingerprint(inputs: list[InputFile], options: dict) -> str:
+    """A hash of everything the output depends on: each input's path, size, mtime, and the options."""
+    state = {"format": FORMAT, "inputs": [inp.stat_key() for inp in inputs], "options": options}
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
+def is_up_to_date(out: Path, input_fingerprint: str) -> bool:
+    try:
+        meta = read_meta(out)
+    except (FileNotFoundError, ValueError):
+        return False
+    files_present = all((out / f).is_file() for f in ("tokenizer.json", "train.bin", "val.bin"))
+    return files_present and meta.get("input_fingerprint") == input_fingerprint
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse to replace anything that is not a data directory (the final rename replaces `out` as a whole)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
+        raise ValueError(f"--out {out} exists and is not a data directory (no {META_FILE}); "
+                         "choose a new or empty directory")
+
+
+def write_meta(directory: Path, meta: dict) -> None:
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _report_replacements(stats: ReadStats) -> None:
+    if stats.replaced_total:
+        worst = sorted(stats.replaced.items(), key=lambda kv: -kv[1])[:3]
+        where = ", ".join(f"{Path(p).name}: {n}" for p, n in worst)
+        more = ", ..." if len(stats.replaced) > 3 else ""
+        log(f"replaced {stats.replaced_total} invalid UTF-8 sequence(s) with U+FFFD in "
+            f"{len(stats.replaced)} file(s) ({where}{more})")
+
+
+def _make_tokenizer(tokenizer: str | None, vocab_size: int, sample: list[str] | None, tmp: Path):
+    """Train (or load and copy) the tokenizer into tmp/tokenizer.json -> the Tokenizer."""
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+        source = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
+        shutil.copyfile(source, tmp / "tokenizer.json")
+        return tok
+    assert sample is not None
+    start = time.perf_counter()
+    nbytes = sum(len(d.encode("utf-8")) for d in sample)
+    log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {nbytes / 1e6:.1f} MB ...")
+    tok = train_tokenizer(sample, vocab_size)
+    log(f"trained the tokenizer in {time.perf_counter() - start:.1f} s: {vocab_size_of(tok)} tokens")
+    tok.save(str(tmp / "tokenizer.json"))
+    return tok
+
+
+def prepare(sources: list[str], out: str | Path, *, vocab_size: int = 8192, tokenizer: str | None = None,
+            val_fraction: float = 0.01, builtin_max_bytes: int = DEFAULT_MAX_BYTES,
+            tokenizer_train_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES, force: bool = False) -> Path:
+    """Build (or confirm up to date) the data directory `out` from `sources`; returns its path."""
+    out = Path(out).expanduser()
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
+    check_output_dir(out)
+    if tokenizer is not None:
+        load_tokenizer(tokenizer)  # fail early on a bad path or file
+    elif vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB_SIZE}")
+    inputs = resolve_inputs(sources, builtin_max_bytes)
+    options = {"vocab_size": None if tokenizer else vocab_size, "val_fraction": val_fraction,
+               "tokenizer_sha256": file_sha256(_tokenizer_file(tokenizer)) if tokenizer else None,
+               "tokenizer_train_bytes": None if tokenizer else tokenizer_train_bytes}
+    input_fingerprint = fingerprint(inputs, options)
+    if not force and is_up_to_date(out, input_fingerprint):
+        log(f"{out} is up to date ({len(inputs)} input files unchanged); nothing to do")
+        return out
+
+    stats = ReadStats()
+    keys, sizes = scan(inputs, stats)
+    if not keys:
+        raise ValueError(f"no text found in {' '.join(sources)} (every input file is empty)")
+    is_val = choose_validation(keys, sizes, val_fraction)
+    log(f"read {len(inputs)} files: {len(keys)} documents, {sum(sizes) / 1e6:.2f} MB of text")
+    _report_replacements(stats)
+
+    tmp = atomic_directory(out)
+    try:
+        _make_shareable(tmp)
+        sample = None if tokenizer else tokenizer_sample(inputs, keys, sizes, is_val, tokenizer_train_bytes)
+        tok = _make_tokenizer(tokenizer, vocab_size, sample, tmp)
+        special = special_token_ids(tok)
+        vocab = vocab_size_of(tok)
+        dtype = token_dtype(vocab)
+        start = time.perf_counter()
+        counts = write_splits(iter_documents(inputs, ReadStats()), is_val, tok, tmp, bos=special["bos_token_id"],
+                              eos=special["eos_token_id"], dtype=dtype, total_bytes=sum(sizes))
+        log(f"tokenized in {time.perf_counter() - start:.1f} s")
+        meta = {
+            "format": FORMAT, "vocab_size": vocab, "dtype": dtype.name, **special,
+            "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"),
+            "tokenizer_source": str(Path(tokenizer).resolve()) if tokenizer else "trained",
+            "sources": list(sources), "files": len(inputs),
+            "splits": {name: c.as_dict() for name, c in counts.items()},
+            "val_fraction": val_fraction, "invalid_utf8_replaced": stats.replaced_total,
+            "input_fingerprint": input_fingerprint, "created_by": f"deepseekmoe {__version__}",
+        }
+        if BUILTIN_SOURCE in sources:
+            meta["builtin"] = builtin_identity(vocab_size, builtin_max_bytes)
+        write_meta(tmp, meta)
+        commit_directory(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _make_shareable(directory: Path) -> None:
+    """mkdtemp makes a private (0700) directory; give the data directory the usual permissions instead."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+
+
+def _tokenizer_file(tokenizer: str) -> Path:
+    p = Path(tokenizer)
+    return p / "tokenizer.json" if p.is_dir() else p
+
+
+def prepare_command(sources: list[str], *, out: str, vocab_size: int = 8192, tokenizer: str | None = None,
+                    val_fraction: float = 0.01, workers: int | None = None, builtin_max_mb: float = 16.0,
+                    tokenizer_train_mb: float = 16.0, force: bool = False) -> int:
+    """Turn text into a training data directory: a byte-level BPE tokenizer, token files and meta.json.
+
+    SOURCES are files, directories (searched recursively) and glob patterns ("data/**/*.txt", quoted); directories
+    and globs contribute .txt .md .rst .py files and .jsonl files (one JSON object per line with a "text" field),
+    each optionally gzip-compressed (.gz). The source name `builtin` selects the built-in corpus: Python's own
+    standard library sources and pydoc topics, no download needed. Files are cut at blank lines into documents of
+    at most 64 KiB; a jsonl record is one document. Documents are split into train and validation by a hash of
+    their content (deterministic, whole documents). Invalid UTF-8 is replaced and counted. Running again on
+    unchanged input with the same options does nothing.
+
+    Example: deepseekmoe prepare books/ notes.md "web/*.jsonl.gz" --out data/mine --vocab-size 8192
+
+    Args:
+        sources: files, directories, globs, or `builtin`.
+        out: the data directory to write (created, or replaced if it is an older data directory).
+        vocab_size: size of the BPE vocabulary to train, special tokens included (default 8192,
+            at least 260).
+        tokenizer: reuse this tokenizer.json (or a directory holding one, e.g. the DeepSeekMoE-16B checkpoint)
+            instead of training one; bos/eos are found by name (<|bos|>/<|eos|>, DeepSeek's
+            <｜begin▁of▁sentence｜>/<｜end▁of▁sentence｜>, <s>/</s>).
+        val_fraction: share of the text (by bytes) held out for validation (default 0.01); at least
+            one document.
+        workers: tokenizer threads (default: all cores).
+        builtin_max_mb: size cap of the built-in corpus, in MB of source files (default 16: all of it on
+            CPython 3.11, about 10 MB).
+        tokenizer_train_mb: train the tokenizer on at most this many MB of the training documents
+            (default 16).
+        force: rebuild even when the data directory is up to date.
+    """
+    if workers is not None:
+        if workers < 1:
+            raise ValueError(f"--workers {workers} must be at least 1")
+        os.environ["RAYON_NUM_THREADS"] = str(workers)  # read when the tokenizers thread pool starts
+    data_dir = prepare(sources, out, vocab_size=vocab_size, tokenizer=tokenizer, val_fraction=val_fraction,
+                       builtin_max_bytes=int(builtin_max_mb * 1e6),
+                       tokenizer_train_bytes=int(tokenizer_train_mb * 1e6), force=force)
+    meta = read_meta(data_dir)
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    print(f"{data_dir}: vocab {meta['vocab_size']} ({meta['dtype']}), train {train['tokens']:,} tokens in "
+          f"{train['documents']} documents, val {val['tokens']:,} tokens in {val['documents']} documents")
+    return 0
