@@ -1,0 +1,211 @@
+"""Held-out loss, perplexity and bits per byte.
+
+What is counted. The token stream is cut into consecutive windows of S + 1 tokens that overlap by one token
+(`deepseekmoe.data.dataset.eval_batches`, the same windows as the trainer's validation): window i feeds tokens
+[i*S, i*S + S) and predicts tokens [i*S + 1, i*S + S + 1), so every token after the first is predicted once, with
+the context of its own window only, up to the last full window (the < S tokens after it are not scored; a stream
+shorter than one window is evaluated as a single shorter window). --max-batches evaluates a prefix.
+
+  loss           mean cross-entropy over those predicted tokens, in nats per token (bos/eos predictions included:
+                 ending a document is part of modelling the text)
+  perplexity     exp(loss)
+  bits_per_byte  sum of the nats / (ln 2 * bytes), where bytes = the UTF-8 bytes of the predicted tokens (special
+                 tokens count 0 bytes). Over a whole split this is the split's text length, but counting per
+                 predicted token stays exact when only part of the stream is evaluated, and it makes models with
+                 different tokenizers comparable.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders
+
+from ..model import Transformer
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    """Mean nats per predicted token."""
+    tokens: int
+    """Predicted tokens."""
+    bytes: int
+    """UTF-8 bytes of the predicted tokens."""
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.loss * self.tokens / (self.bytes * math.log(2)) if self.bytes else float("nan")
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"loss": self.loss, "perplexity": self.perplexity, "bits_per_byte": self.bits_per_byte,
+                "tokens": self.tokens, "bytes": self.bytes}
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2): printable bytes stand for themselves, the other 68 bytes are shifted to
+    code points 256, 257, ... so every byte is one visible character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars = {chr(b): b for b in printable}
+    shifted = (b for b in range(256) if b not in set(printable))
+    for n, b in enumerate(shifted):
+        chars[chr(256 + n)] = b
+    return chars
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """(V,) int64: the UTF-8 bytes each token id stands for; special tokens 0.
+
+    Byte-level BPE tokens spell one byte per character, so a token that holds part of a multi-byte character is
+    still counted exactly; other tokenizers fall back to the length of the token's own decoding.
+    """
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    lengths = np.zeros(max(vocab.values()) + 1, dtype=np.int64)
+    alphabet = _byte_level_alphabet() if isinstance(tokenizer.decoder, decoders.ByteLevel) else {}
+    special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    for token, i in vocab.items():
+        if i in special:
+            continue
+        if alphabet and all(ch in alphabet for ch in token):
+            lengths[i] = len(token)
+        else:
+            lengths[i] = len(tokenizer.decode([i], skip_special_tokens=False).encode("utf-8"))
+    return lengths
+
+
+@torch.inference_mode()
+def evaluate(model: Transformer, tokens: np.ndarray, byte_lengths: np.ndarray, *, batch_size: int = 8,
+             seq_len: int = 512, max_batches: int | None = None, progress: bool = False) -> EvalResult:
+    """Loss, token and byte counts of `model` over a flat token stream (see the module docstring)."""
+    if len(tokens) < 2:
+        raise ValueError(f"held-out text has {len(tokens)} token(s); need at least 2 to predict one")
+    if seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings="
+                         f"{model.config.max_position_embeddings}")
+    from ..data.dataset import eval_batches
+
+    seq_len = min(seq_len, len(tokens) - 1)
+    if int(tokens.max()) >= model.config.vocab_size:
+        raise ValueError(f"held-out text holds token id {int(tokens.max())}, beyond the model's "
+                         f"vocab_size={model.config.vocab_size}")
+    device = model.embed_tokens.weight.device
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    count = n_bytes = 0
+    total = -(-((len(tokens) - 1) // seq_len) // batch_size)
+    total = min(total, max_batches) if max_batches is not None else total
+    batches = _progress(eval_batches(tokens, batch_size, seq_len, max_batches), total, progress)
+    for inputs, targets in batches:
+        logits = model(inputs.to(device)).logits
+        nats += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum")
+        count += targets.numel()
+        n_bytes += int(byte_lengths[targets.numpy()].sum())
+    return EvalResult(loss=nats.item() / count, tokens=count, bytes=n_bytes)
+
+
+def _progress(batches: Iterable, total: int, enabled: bool) -> Iterable:
+    if not enabled:
+        return batches
+    from tqdm import tqdm
+    return tqdm(batches, total=total, desc="eval", unit="batch", file=sys.stderr, disable=None)
+
+
+# ------------------------------------------------------------------ where the held-out text comes from
+def _run_dir_of(path: Path, ckpt: Path) -> Path:
+    """The run directory a checkpoint belongs to (RUN_DIR/checkpoints/step_*), or the path given."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else path
+
+
+def run_config(run_dir: Path) -> dict | None:
+    """RUN_DIR/config.yaml as the trainer wrote it (keys preset, data, out, model, train), if there is one."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    import yaml
+
+    config = yaml.safe_load(path.read_text())
+    return config if isinstance(config, dict) else None
+
+
+def recorded_data(run: dict | None, vocab_size: int) -> Path:
+    """The data directory a run trained on: its `data`, or the built-in corpus when that is null."""
+    if run is None:
+        raise ValueError("no run config.yaml records the training data; pass --data DATA_DIR_OR_TEXT_FILE")
+    if run.get("data"):
+        return Path(str(run["data"]))
+    from ..data.builtin import ensure_builtin_data
+
+    return ensure_builtin_data(vocab_size=vocab_size)
+
+
+def _check_same_tokenizer(data_dir: Path, tokenizer: Tokenizer) -> None:
+    data_tokenizer = data_dir / "tokenizer.json"
+    if data_tokenizer.is_file() and Tokenizer.from_file(str(data_tokenizer)).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"{data_dir} was tokenized with a different tokenizer than the checkpoint's")
+
+
+def heldout_tokens(data: Path, tokenizer: Tokenizer, bos_token_id: int | None,
+                   eos_token_id: int | None) -> np.ndarray:
+    """The val split of a prepared data directory, or a text file tokenized as one document (bos + text + eos)."""
+    if data.is_dir():
+        from ..data.dataset import open_split
+
+        _check_same_tokenizer(data, tokenizer)
+        return open_split(data, "val")
+    if not data.is_file():
+        raise FileNotFoundError(f"no such data directory or text file: {data}")
+    text = data.read_text(encoding="utf-8", errors="replace")
+    bos = [bos_token_id] if bos_token_id is not None else []
+    eos = [eos_token_id] if eos_token_id is not None else []
+    return np.asarray(bos + tokenizer.encode(text, add_special_tokens=False).ids + eos, dtype=np.int64)
+
+
+def eval_command(checkpoint: str, *, data: str | None = None, json: bool = False, batch_size: int = 8,
+                 seq_len: int | None = None, max_batches: int | None = None, device: str | None = None) -> int:
+    """Evaluate a trained model on held-out text: loss (nats/token), perplexity and bits per byte.
+
+    The held-out token stream is cut into consecutive windows of --seq-len tokens (the trainer's validation
+    windows); every token after the first is predicted once, up to the last full window. Bits per byte divides
+    the summed loss by the UTF-8 bytes of the predicted tokens (special tokens count 0 bytes).
+
+    Args:
+        checkpoint: a checkpoint directory, or a run directory (its latest checkpoint is used)
+        data: a prepared data directory (its val split is used) or a plain text file; default: the data
+            directory recorded in the run's config.yaml
+        json: print one JSON object (loss, perplexity, bits_per_byte, tokens, bytes) instead of text
+        batch_size: windows per forward pass
+        seq_len: tokens of context per window (default: the run's training sequence length, else the model's
+            max_position_embeddings)
+        max_batches: evaluate only the first N batches
+        device: cpu, cuda, cuda:1, ... (default: cuda when available)
+    """
+    from ..inference.loading import load_for_inference
+
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("max_batches", max_batches)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={value} must be >= 1")
+    model, tokenizer, ckpt = load_for_inference(checkpoint, device)
+    run = run_config(_run_dir_of(Path(checkpoint), ckpt))
+    data_path = Path(data) if data else recorded_data(run, model.config.vocab_size)
+    tokens = heldout_tokens(data_path, tokenizer, model.config.bos_token_id, model.config.eos_token_id)
+    trained_seq_len = ((run or {}).get("train") or {}).get("seq_len")
+    seq_len = seq_len or int(trained_seq_len or model.config.max_position_embeddings)
+    result = evaluate(model, tokens, token_byte_lengths(tokenizer), batch_size=batch_size, seq_len=seq_len,
+                      max_batches=max_batches, progress=not json)
+    if json:
+        print(jsonlib.dumps(result.to_dict()))
+    else:
+        print(f"loss           {result.loss:.4f} nats/token\nperplexity     {result.perplexity:.3f}\n"
+              f"bits per byte  {result.bits_per_byte:.4f}\ntokens         {result.tokens} ({result.bytes} bytes)")
+    return 0
