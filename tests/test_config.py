@@ -10,46 +10,6 @@ import pytest
 
 from deepseekmoe import ModelConfig, load_preset, preset_names
 
-# deepseek-moe-16b-base config.json, field for field, in the file's order (SPEC.md section 7).
-RELEASED_16B_CONFIG = {
-    "architectures": ["DeepseekForCausalLM"],
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "auto_map": {
-        "AutoConfig": "configuration_deepseek.DeepseekConfig",
-        "AutoModel": "modeling_deepseek.DeepseekModel",
-        "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
-    },
-    "bos_token_id": 100000,
-    "eos_token_id": 100001,
-    "first_k_dense_replace": 1,
-    "hidden_act": "silu",
-    "hidden_size": 2048,
-    "initializer_range": 0.02,
-    "intermediate_size": 10944,
-    "max_position_embeddings": 4096,
-    "model_type": "deepseek",
-    "moe_intermediate_size": 1408,
-    "moe_layer_freq": 1,
-    "n_routed_experts": 64,
-    "n_shared_experts": 2,
-    "norm_topk_prob": False,
-    "num_attention_heads": 16,
-    "num_experts_per_tok": 6,
-    "num_hidden_layers": 28,
-    "num_key_value_heads": 16,
-    "pretraining_tp": 1,
-    "rms_norm_eps": 1e-06,
-    "rope_scaling": None,
-    "rope_theta": 10000,
-    "scoring_func": "softmax",
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "transformers_version": "4.36.0",
-    "use_cache": True,
-    "vocab_size": 102400,
-}
-
 
 @pytest.mark.parametrize("name", preset_names())
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
@@ -80,14 +40,14 @@ def test_hf_round_trip_keeps_gqa_and_extras():
     assert ModelConfig.from_hf_dict(hf) == cfg
 
 
-def test_hf_config_file_is_recognised_by_load(tmp_path):
+def test_hf_config_file_is_recognised_by_load(tmp_path, released_16b_config):
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(RELEASED_16B_CONFIG, indent=2))
+    path.write_text(json.dumps(released_16b_config, indent=2))
     assert ModelConfig.load(path) == load_preset("deepseekmoe-16b")
 
 
-def test_released_16b_config_parses_to_the_preset():
-    cfg = ModelConfig.from_hf_dict(RELEASED_16B_CONFIG)
+def test_released_16b_config_parses_to_the_preset(released_16b_config):
+    cfg = ModelConfig.from_hf_dict(released_16b_config)
     assert cfg == load_preset("deepseekmoe-16b")
     # remote-code defaults for keys absent from config.json
     assert cfg.aux_loss_alpha == 0.001 and cfg.seq_aux is True
@@ -95,15 +55,15 @@ def test_released_16b_config_parses_to_the_preset():
     assert [cfg.is_moe_layer(i) for i in range(3)] == [False, True, True] and cfg.num_moe_layers == 27
 
 
-def test_preset_to_hf_dict_reproduces_every_released_field():
+def test_preset_to_hf_dict_reproduces_every_released_field(released_16b_config):
     hf = load_preset("deepseekmoe-16b").to_hf_dict()
-    for key, value in RELEASED_16B_CONFIG.items():
+    for key, value in released_16b_config.items():
         assert key in hf, key
         assert hf[key] == value, key
         if not isinstance(value, (int, float)) or isinstance(value, bool):  # 10000 == 10000.0 is fine
             assert type(hf[key]) is type(value), key
     # the remaining keys are this project's extras, readable back by name
-    extra = set(hf) - set(RELEASED_16B_CONFIG)
+    extra = set(hf) - set(released_16b_config)
     assert extra <= {"aux_loss_alpha", "seq_aux", "router", "device_aux_loss_alpha", "n_device_groups",
                      "z_loss_alpha", "capacity_factor", "hash_seed", "experts_impl"}
 
@@ -158,15 +118,15 @@ def test_replace_revalidates(make_config):
         make_config().replace(num_experts_per_tok=9)
 
 
-def test_unknown_fields_are_rejected(tmp_path):
+def test_unknown_fields_are_rejected(tmp_path, released_16b_config):
     with pytest.raises(ValueError, match=r"unknown ModelConfig field\(s\): hiden_size"):
         ModelConfig.from_dict({"hiden_size": 64})
     with pytest.raises(ValueError, match=r"hidden_act='gelu' is not supported \(expected 'silu'\)"):
-        ModelConfig.from_hf_dict({**RELEASED_16B_CONFIG, "hidden_act": "gelu"})
+        ModelConfig.from_hf_dict({**released_16b_config, "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="model_type='llama' is not supported"):
-        ModelConfig.from_hf_dict({**RELEASED_16B_CONFIG, "model_type": "llama"})
+        ModelConfig.from_hf_dict({**released_16b_config, "model_type": "llama"})
     with pytest.raises(ValueError, match="unsupported key"):
-        ModelConfig.from_hf_dict({**RELEASED_16B_CONFIG, "q_lora_rank": 1536})
+        ModelConfig.from_hf_dict({**released_16b_config, "q_lora_rank": 1536})
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "missing.yaml"))):
         ModelConfig.load(tmp_path / "missing.yaml")
 
