@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "serve": "deepseekmoe.inference.server:serve_command",
     "analyze": "deepseekmoe.analysis.analyze:analyze_command",
     "convert": "deepseekmoe.convert.hf:convert_command",
+    "plan": "deepseekmoe.distributed.planner:plan_command",
 }
 
 

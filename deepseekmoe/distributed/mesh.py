@@ -53,7 +53,7 @@ def check_sizes(world_size: int, ep: int, n_routed_experts: int | None) -> None:
     if ep < 1:
         raise ValueError(f"ep={ep} is invalid: expected an integer >= 1")
     if world_size % ep:
-        raise ValueError(f"ep={ep} does not divide the world size {world_size}")
+        raise ValueError(f"ep={ep} does not divide the number of processes (GPUs) {world_size}")
     if ep > 1 and n_routed_experts is None:
         raise ValueError(f"ep={ep} needs a model with routed experts (this one is dense)")
     if n_routed_experts is not None and n_routed_experts % ep:

@@ -1,0 +1,234 @@
+"""Size a run on paper: per-GPU memory, all-to-all and gradient traffic, step time (`deepseekmoe plan`).
+
+The layout is what `deepseekmoe.distributed` runs: G GPUs = dp x ep; every GPU reads its own micro-batch; the
+dense part (embeddings, attention, dense FFNs, shared experts, routers, norms, LM head) is replicated on every GPU
+(DDP); the routed experts of each MoE layer are split evenly over the ep GPUs of a group.
+
+Memory per GPU, training (mixed precision with `--dtype bf16`/`fp16`; AdamW):
+    weights      P_gpu x b                  P_gpu = P_dense + P_routed / ep, b = bytes of --dtype
+    gradients    P_gpu x b                  (gradients in the weight dtype, as DDP all-reduces them)
+    optimizer    P_gpu x 12                 fp32 master copy + exp_avg + exp_avg_sq (4 + 4 + 4 bytes);
+                 P_gpu x 8 with fp32        (no master copy needed)
+    activations  micro_batch x seq_len x (sum over layers of A_layer + A_head), no activation recomputation,
+                 fused (flash) attention so no S x S scores are kept. Per token, in elements of b bytes:
+        attention    4D + 2D_kv              norm in/out, q, attention output; k, v
+        dense FFN    2D + 3I                 norm in/out; gate, up, silu(gate) * up
+        MoE          2D + K(2D + 3F) + 3 K_s F  norm in/out; per routed row: gathered input, gate, up, product,
+                     (+ 2KD with ep > 1)       expert output; shared experts; (send and receive buffers)
+                     + router logits and probabilities: 2E fp32
+        head         2D + V (b) + 2V (fp32)  final norm; logits, their fp32 copy and log-softmax
+Memory per GPU, inference (`--inference`): weights + KV cache (2 x layers x micro_batch x seq_len x D_kv x b) +
+    one layer's activations and the fp32 logits for a full prefill of micro_batch x seq_len tokens.
+Traffic per GPU per optimizer step (bytes sent; balanced routing, so (ep-1)/ep of the rows leave the GPU):
+    all-to-all   MoE layers x 4 (dispatch + combine, forward + backward) x tokens x K x D x b x (ep-1)/ep
+    all-reduce   ring: 2 (n-1)/n x gradient bytes, dense gradients over all G GPUs, expert ones over dp
+Step time = compute + all-to-all + all-reduce, no overlap (an upper bound): compute = training FLOPs per token
+(deepseekmoe.accounting.count) x tokens per GPU / --flops; communication = bytes / --link-bandwidth.
+Sizes: "GB" is 10^9 bytes, "GiB" 2^30 (an "A100 40GB" has 40 GiB, so 40GB is the conservative reading).
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import re
+from dataclasses import asdict, dataclass, field
+
+from ..accounting import count
+from ..config import ModelConfig
+from .mesh import check_sizes
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str, what: str = "size") -> float:
+    """'80GB' -> 8e10, '40GiB' -> 40 * 2**30, '400GB/s' (with per_second) -> 4e11."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower().removesuffix("/s"))
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(f"{what}={text!r} is invalid: expected a number with a unit such as 80GB, 40GiB, 400GB/s")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def routed_expert_params(c: ModelConfig) -> int:
+    if not c.is_moe:
+        return 0
+    assert c.n_routed_experts is not None
+    return c.num_moe_layers * c.n_routed_experts * 3 * c.hidden_size * c.moe_intermediate_size
+
+
+def activation_bytes_per_token(c: ModelConfig, b: int, ep: int) -> int:
+    """Activations kept for backward per token of one micro-batch (formula in the module docstring)."""
+    d, kv = c.hidden_size, c.num_kv_heads * c.head_dim
+    total = 0
+    for i in range(c.num_hidden_layers):
+        total += (4 * d + 2 * kv) * b
+        if c.is_moe_layer(i):
+            k, f = c.num_experts_per_tok, c.moe_intermediate_size
+            rows = k * (2 * d + 3 * f) + (2 * k * d if ep > 1 else 0)
+            total += (2 * d + rows + 3 * c.n_shared_experts * f) * b + 2 * c.n_routed_experts * 4  # type: ignore
+        else:
+            total += (2 * d + 3 * c.intermediate_size) * b
+    return total + (2 * d + c.vocab_size) * b + 2 * c.vocab_size * 4
+
+
+def _inference_activation_bytes(c: ModelConfig, tokens: int, b: int) -> int:
+    """Peak transient of a prefill: the widest single layer plus the fp32 logits."""
+    per_layer = activation_bytes_per_token(c.replace(num_hidden_layers=1, first_k_dense_replace=0), b, 1)
+    if c.first_k_dense_replace or not c.is_moe:
+        per_layer = max(per_layer, activation_bytes_per_token(
+            c.replace(num_hidden_layers=1, first_k_dense_replace=1), b, 1))
+    return tokens * per_layer
+
+
+@dataclass
+class Plan:
+    gpus: int
+    ep: int
+    dp: int
+    dtype: str
+    inference: bool
+    micro_batch: int
+    seq_len: int
+    grad_accum: int
+    params_per_gpu: int
+    memory: dict[str, float] = field(default_factory=dict)
+    """term -> bytes per GPU."""
+    gpu_memory: float = 0.0
+    tokens_per_step: int = 0
+    all_to_all_bytes: float = 0.0
+    all_reduce_bytes: float = 0.0
+    compute_s: float = 0.0
+    all_to_all_s: float = 0.0
+    all_reduce_s: float = 0.0
+
+    @property
+    def total_memory(self) -> float:
+        return sum(self.memory.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total_memory <= self.gpu_memory
+
+    @property
+    def step_s(self) -> float:
+        return self.compute_s + self.all_to_all_s + self.all_reduce_s
+
+
+def plan(c: ModelConfig, *, gpus: int, gpu_memory: float, ep: int = 1, micro_batch: int = 1,
+         seq_len: int | None = None, dtype: str = "bf16", flops: float = 989e12, link_bandwidth: float = 400e9,
+         global_batch: int | None = None, inference: bool = False) -> Plan:
+    """Per-GPU memory, traffic and step time of a (gpus / ep) x ep run of model `c`."""
+    s = seq_len or c.max_position_embeddings
+    _check(c, gpus, ep, micro_batch, s, dtype, global_batch)
+    b = DTYPE_BYTES[dtype]
+    routed = routed_expert_params(c)
+    total = count(c, s).total_params
+    p_gpu = total - routed + routed // ep
+    accum = global_batch // (micro_batch * gpus) if global_batch else 1
+    p = Plan(gpus, ep, gpus // ep, dtype, inference, micro_batch, s, accum, p_gpu, gpu_memory=gpu_memory,
+             tokens_per_step=micro_batch * s * gpus * accum)
+    tokens = micro_batch * s
+    if inference:
+        p.memory = {"weights": p_gpu * b,
+                    "kv_cache": 2 * c.num_hidden_layers * tokens * c.num_kv_heads * c.head_dim * b,
+                    "activations": _inference_activation_bytes(c, tokens, b)}
+        return p
+    p.memory = {"weights": p_gpu * b, "gradients": p_gpu * b, "optimizer": p_gpu * (8 if b == 4 else 12),
+                "activations": tokens * activation_bytes_per_token(c, b, ep)}
+    k = c.num_experts_per_tok if c.is_moe else 0
+    p.all_to_all_bytes = c.num_moe_layers * 4 * tokens * accum * k * c.hidden_size * b * (ep - 1) / ep
+    dense, experts_gpu = total - routed, routed // ep
+    p.all_reduce_bytes = _ring(dense * b, gpus) + _ring(experts_gpu * b, gpus // ep)
+    p.compute_s = count(c, s).flops_per_token * tokens * accum / flops
+    p.all_to_all_s = p.all_to_all_bytes / link_bandwidth
+    p.all_reduce_s = p.all_reduce_bytes / link_bandwidth
+    return p
+
+
+def _ring(nbytes: float, n: int) -> float:
+    return 2 * (n - 1) / n * nbytes
+
+
+def _check(c: ModelConfig, gpus: int, ep: int, micro_batch: int, s: int, dtype: str,
+           global_batch: int | None) -> None:
+    if gpus < 1:
+        raise ValueError(f"gpus={gpus} is invalid: expected an integer >= 1")
+    if ep > gpus:
+        raise ValueError(f"ep={ep} exceeds gpus={gpus}")
+    check_sizes(gpus, ep, c.n_routed_experts if c.is_moe else None)
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch={micro_batch} is invalid: expected an integer >= 1")
+    if not 1 <= s <= c.max_position_embeddings:
+        raise ValueError(f"seq_len={s} is invalid: expected 1..max_position_embeddings={c.max_position_embeddings}")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype={dtype!r} is invalid: expected one of {', '.join(DTYPE_BYTES)}")
+    if global_batch is not None and (global_batch < 1 or global_batch % (micro_batch * gpus)):
+        raise ValueError(f"global_batch={global_batch} is not a multiple of micro_batch x gpus = "
+                         f"{micro_batch * gpus}")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _rows(p: Plan, name: str) -> list[tuple[str, str]]:
+    rows = [("model", name), ("layout", f"{p.gpus} GPU(s) = dp {p.dp} x ep {p.ep}, {p.dtype}"
+                              + (", inference" if p.inference else "")),
+            ("params per GPU", f"{p.params_per_gpu:,} ({p.params_per_gpu / 1e9:.2f}B)")]
+    rows += [(f"  {k}", _gb(v)) for k, v in p.memory.items()]
+    verdict = "fits" if p.fits else "does NOT fit"
+    rows.append(("memory per GPU", f"{_gb(p.total_memory)} of {_gb(p.gpu_memory)}: {verdict}"))
+    if not p.inference:
+        rows += [("tokens per step", f"{p.tokens_per_step:,} ({p.micro_batch} x {p.seq_len} per GPU"
+                                     f" x {p.gpus} GPUs x {p.grad_accum} accumulation)"),
+                 ("all-to-all per GPU", f"{_gb(p.all_to_all_bytes)}/step, {p.all_to_all_s * 1e3:.1f} ms"),
+                 ("grad all-reduce per GPU", f"{_gb(p.all_reduce_bytes)}/step, {p.all_reduce_s * 1e3:.1f} ms"),
+                 ("compute", f"{p.compute_s * 1e3:.1f} ms"),
+                 ("step time (no overlap)", f"{p.step_s * 1e3:.1f} ms")]
+    return rows
+
+
+def plan_command(*, preset: str | None = None, config: str | None = None, gpus: int = 1,
+                 gpu_memory: str = "80GB", ep: int = 1, micro_batch: int = 1, seq_len: int | None = None,
+                 dtype: str = "bf16", flops: float = 989e12, link_bandwidth: str = "400GB/s",
+                 global_batch: int | None = None, inference: bool = False, json: bool = False) -> int:
+    """Estimate per-GPU memory, all-to-all traffic and step time of a run before renting the GPUs.
+
+    Assumes the layout `torchrun ... train --ep E` runs: dense part replicated (DDP), routed experts split over
+    ep GPUs, AdamW with fp32 master weights and moments, no activation recomputation, flash attention.
+
+    Args:
+        preset: a preset name, e.g. deepseekmoe-16b.
+        config: a YAML/JSON ModelConfig file or an HF config.json.
+        gpus: number of GPUs (G = dp x ep).
+        gpu_memory: memory of one GPU, e.g. 80GB, 40GiB (GB = 10^9 bytes).
+        ep: expert-parallel degree; divides gpus and n_routed_experts.
+        micro_batch: sequences per GPU per forward/backward.
+        seq_len: tokens per sequence (default: max_position_embeddings).
+        dtype: weight/activation dtype: bf16, fp16 or fp32.
+        flops: achievable FLOP/s of one GPU (default: H100 dense bf16 peak).
+        link_bandwidth: per-GPU bandwidth for all-to-all and all-reduce, e.g. 400GB/s.
+        global_batch: sequences per optimizer step (sets gradient accumulation).
+        inference: weights + KV cache + prefill activations only.
+        json: print one JSON object.
+    """
+    from ..cli import CliError
+    from ..presets import load_preset
+
+    if (preset is None) == (config is None):
+        raise CliError("give exactly one of --preset NAME or --config FILE")
+    cfg = load_preset(preset) if preset else ModelConfig.load(config)  # type: ignore[arg-type]
+    p = plan(cfg, gpus=gpus, gpu_memory=parse_size(gpu_memory, "gpu_memory"), ep=ep, micro_batch=micro_batch,
+             seq_len=seq_len, dtype=dtype, flops=flops, link_bandwidth=parse_size(link_bandwidth, "link_bandwidth"),
+             global_batch=global_batch, inference=inference)
+    name = preset or config
+    if json:
+        print(jsonlib.dumps({"name": name, **asdict(p), "total_memory": p.total_memory, "fits": p.fits,
+                             "step_s": p.step_s}))
+        return 0
+    rows = _rows(p, str(name))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
