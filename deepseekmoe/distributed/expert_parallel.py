@@ -7,13 +7,13 @@ Dropless dispatch (`ExpertParallelExperts.forward`), the grouped single-device p
   1. flatten the (token, slot) pairs and stable-sort them by expert id: rows bound for rank j are contiguous;
   2. exchange per-expert counts (all_to_all of an (E,) tensor) so every rank knows how many rows it receives;
   3. all_to_all the rows with variable split sizes;
-  4. regroup the received rows (ordered by source rank, then expert) by local expert and run each expert's
-     SwiGLU on its contiguous block;
-  5. undo the regrouping, all_to_all the results back (the mirror exchange), scale by the gates, scatter-add.
+  4. run the local experts on the received rows (ordered by source rank, then expert) with the single-device
+     `experts_forward`, one expert per row and gate 1, so the results come back in the received order;
+  5. all_to_all the results back (the mirror exchange), scale by the gates, scatter-add.
 Both exchanges are an autograd.Function whose backward is the mirror all_to_all, so gradients flow to the
-inputs on the sending rank and to the expert weights on the receiving rank. Every local expert runs (on zero rows
-if need be), so every expert weight gets a gradient on every rank and the data-parallel reduction never waits
-on a rank that skipped one.
+inputs on the sending rank and to the expert weights on the receiving rank. A rank that receives no rows keeps
+its expert weights in the graph, so every expert weight gets a gradient on every rank and the data-parallel
+reduction of expert gradients never waits on a rank that skipped one.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model import Transformer
-from ..model.experts import RoutedExperts, _swiglu
+from ..model.experts import RoutedExperts, experts_forward
 from ..model.moe import MoE
 
 
@@ -66,10 +66,12 @@ class ExpertParallelExperts(nn.Module):
         block = slice(self.first, self.first + self.num_local)
         self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[block].clone())  # (L, 2F, D)
         self.down_proj = nn.Parameter(experts.down_proj.detach()[block].clone())  # (L, D, F)
+        self.strategy = "loop" if experts.impl == "loop" else experts.strategy
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         p, n_local = self.ep_size, self.num_local
         k = topk_idx_TK.shape[1]
+        # 1. (token, slot) rows sorted by expert: the rows bound for EP rank j are contiguous
         flat_idx_R = topk_idx_TK.reshape(-1)
         order_R = torch.argsort(flat_idx_R, stable=True)
         token_of_row_R = order_R // k
@@ -82,20 +84,18 @@ class ExpertParallelExperts(nn.Module):
         recv = counts_PL.sum(1).tolist()
         # 3. dispatch
         x_QD = all_to_all(x_TD[token_of_row_R], recv, send, self.group)
-        # 4. regroup by local expert, run the experts, undo the regrouping
-        local_id_Q = torch.arange(n_local, device=x_QD.device).repeat(p).repeat_interleave(counts_PL.reshape(-1))
-        regroup_Q = torch.argsort(local_id_Q, stable=True)
-        y_grouped = self._run_local(x_QD[regroup_Q], counts_PL.sum(0).tolist())
-        y_QD = y_grouped[torch.argsort(regroup_Q)]
+        # 4. run the local experts on the received rows (the single-device dispatch, one expert per row)
+        local_id_Q = torch.arange(n_local, device=x_QD.device).repeat(p).repeat_interleave(
+            counts_PL.reshape(-1), output_size=x_QD.shape[0])
+        y_QD = experts_forward(x_QD, local_id_Q.unsqueeze(1), x_QD.new_ones(x_QD.shape[0], 1, dtype=torch.float32),
+                               self.gate_up_proj, self.down_proj, self.strategy)
+        if x_QD.shape[0] == 0:  # nothing received: keep x_QD and the weights in the graph, so that the mirror
+            # all_to_all still runs in backward and the weights get (zero) gradients, as on the other ranks
+            y_QD = x_QD + 0.0 * (self.gate_up_proj.sum() + self.down_proj.sum())
         # 5. combine
         y_RD = all_to_all(y_QD, send, recv, self.group)
         y_RD = y_RD * topk_weight_TK.reshape(-1)[order_R].unsqueeze(-1).to(y_RD.dtype)
         return torch.zeros_like(x_TD).index_add_(0, token_of_row_R, y_RD)
-
-    def _run_local(self, x_QD: torch.Tensor, counts_L: list[int]) -> torch.Tensor:
-        """SwiGLU of local expert l on its block of counts_L[l] rows; empty blocks still join the graph."""
-        blocks = torch.split(x_QD, counts_L)
-        return torch.cat([_swiglu(blk, self.gate_up_proj[l], self.down_proj[l]) for l, blk in enumerate(blocks)])
 
     def extra_repr(self) -> str:
         return f"experts [{self.first}, {self.first + self.num_local}) of {self.num_experts}, ep={self.ep_size}"
