@@ -29,6 +29,8 @@ COMMANDS: dict[str, str] = {
     "generate": "deepseekmoe.inference.generate:generate_command",
     "serve": "deepseekmoe.inference.server:serve_command",
     "analyze": "deepseekmoe.analysis.analyze:analyze_command",
+    "compare": "deepseekmoe.analysis.compare:compare_command",
+    "report": "deepseekmoe.analysis.report:report_command",
     "convert": "deepseekmoe.convert.hf:convert_command",
     "plan": "deepseekmoe.distributed.planner:plan_command",
 }
