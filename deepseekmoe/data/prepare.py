@@ -45,7 +45,7 @@ def resolve_inputs(sources: list[str], builtin_max_bytes: int) -> list[InputFile
 def scan(inputs: list[InputFile], stats: ReadStats) -> tuple[list[int], list[int]]:
     """Read every document once -> (content hash keys, UTF-8 sizes), one entry per document."""
     keys, sizes = [], []
-    with progress_bar(0, "reading") as bar:
+    with progress_bar(None, "reading") as bar:
         for doc in iter_documents(inputs, stats):
             nbytes = len(doc.encode("utf-8"))
             keys.append(document_key(doc))
@@ -165,7 +165,8 @@ def prepare(sources: list[str], out: str | Path, *, vocab_size: int = 8192, toke
     inputs = resolve_inputs(sources, builtin_max_bytes)
     options = {"vocab_size": None if tokenizer else vocab_size, "val_fraction": val_fraction,
                "tokenizer_sha256": file_sha256(_tokenizer_file(tokenizer)) if tokenizer else None,
-               "tokenizer_train_bytes": None if tokenizer else tokenizer_train_bytes}
+               "tokenizer_train_bytes": None if tokenizer else tokenizer_train_bytes,
+               "builtin": builtin_identity(vocab_size, builtin_max_bytes) if BUILTIN_SOURCE in sources else None}
     input_fingerprint = fingerprint(inputs, options)
     if not force and is_up_to_date(out, input_fingerprint):
         log(f"{out} is up to date ({len(inputs)} input files unchanged); nothing to do")
@@ -200,8 +201,8 @@ def prepare(sources: list[str], out: str | Path, *, vocab_size: int = 8192, toke
             "val_fraction": val_fraction, "invalid_utf8_replaced": stats.replaced_total,
             "input_fingerprint": input_fingerprint, "created_by": f"deepseekmoe {__version__}",
         }
-        if BUILTIN_SOURCE in sources:
-            meta["builtin"] = builtin_identity(vocab_size, builtin_max_bytes)
+        if options["builtin"]:
+            meta["builtin"] = options["builtin"]
         write_meta(tmp, meta)
         commit_directory(tmp, out)
     except BaseException:

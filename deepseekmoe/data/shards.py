@@ -1,6 +1,6 @@
 """Tokenizing documents in parallel and appending them to the split token files (train.bin, val.bin).
 
-Documents are encoded in chunks of about CHUNK_CHARS characters with `Tokenizer.encode_batch`, which spreads a
+Documents are encoded in chunks of about CHUNK_CHARS characters with `Tokenizer.encode_batch(_fast)`, which spreads a
 chunk's documents over all cores (Rust threads; RAYON_NUM_THREADS limits them). Each document is written as
 bos + tokens + eos, in corpus order, to the file of its split.
 """
@@ -42,8 +42,9 @@ def _chunks(documents: Iterable[str]) -> Iterator[list[str]]:
         yield chunk
 
 
-def progress_bar(total: int, desc: str) -> tqdm:
-    """A byte-counting progress bar on stderr, shown only on a terminal (plain stage lines are printed otherwise)."""
+def progress_bar(total: int | None, desc: str) -> tqdm:
+    """A byte-counting progress bar on stderr (total None: unknown), shown only on a terminal; callers print plain
+    stage lines, which is all a log file gets."""
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr,
                 disable=not sys.stderr.isatty(), leave=False)
 
@@ -62,10 +63,12 @@ def write_splits(documents: Iterable[str], is_val: list[bool], tok: Tokenizer, o
     """Encode every document and append it to out_dir/train.bin or out_dir/val.bin -> counts per split."""
     counts = {"train": SplitCounts(), "val": SplitCounts()}
     index = 0
+    # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets: about a third less CPU
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
     with open(out_dir / "train.bin", "wb") as train_f, open(out_dir / "val.bin", "wb") as val_f, \
             progress_bar(total_bytes, "tokenizing") as bar:
         for chunk in _chunks(documents):
-            encodings = tok.encode_batch(chunk, add_special_tokens=False)
+            encodings = encode(chunk, add_special_tokens=False)
             for doc, enc in zip(chunk, encodings):
                 if index >= len(is_val):
                     raise _changed(len(is_val))

@@ -8,6 +8,7 @@ adds bos/eos itself, so a trained tokenizer and the official DeepSeek tokenizer 
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -37,7 +38,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB_SIZE}")
     tok = new_tokenizer()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=sys.stderr.isatty(),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
