@@ -22,6 +22,7 @@ from deepseekmoe.distributed import (
 )
 from deepseekmoe.distributed.data_parallel import all_reduce_mean
 from deepseekmoe.distributed.expert_parallel import ExpertParallelExperts
+from deepseekmoe.distributed.training import gather_optimizer_state, shard_optimizer_state
 from deepseekmoe.losses import device_balance_loss, total_loss
 from deepseekmoe.model.experts import experts_loop
 from deepseekmoe.train.checkpoint import load_model, save_model
@@ -41,8 +42,8 @@ def batches(config, n: int) -> list[torch.Tensor]:
     return [torch.randint(0, config.vocab_size, (BATCH, SEQ + 1), generator=g) for _ in range(n)]
 
 
-def train(model: Transformer, parallel: Parallel, data: list[torch.Tensor]) -> list[float]:
-    """AdamW steps on the global batches; returns the global (rank-averaged) loss of each step."""
+def train(model: Transformer, parallel: Parallel, data: list[torch.Tensor]) -> tuple[list[float], torch.optim.AdamW]:
+    """AdamW steps on the global batches; returns the global (rank-averaged) loss of each step, and the optimizer."""
     module = parallelize(model, parallel)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses = []
@@ -55,7 +56,7 @@ def train(model: Transformer, parallel: Parallel, data: list[torch.Tensor]) -> l
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(all_reduce_mean(loss, parallel).item())
-    return losses
+    return losses, opt
 
 
 def next_loss(model: Transformer, parallel: Parallel, batch: torch.Tensor) -> float:
@@ -115,9 +116,13 @@ def _training(parallel: Parallel, ckpt_in: Path, ckpt_out: Path) -> dict:
     data = batches(model_config(), STEPS + 1)
     model, _ = load_model(ckpt_in)  # saved by one process: 1 -> 2 processes
     model.train()
-    losses = train(model, parallel, data[:STEPS])
+    losses, opt = train(model, parallel, data[:STEPS])
     save_full_checkpoint(model, parallel, ckpt_out)
-    return {"losses": losses, "next": next_loss(model, parallel, data[STEPS])}
+    full_opt = gather_optimizer_state(opt, model)
+    local = shard_optimizer_state(full_opt, opt, model)["state"]
+    round_trip = all(torch.equal(v, opt.state_dict()["state"][i][k]) for i, s in local.items() for k, v in s.items())
+    return {"losses": losses, "next": next_loss(model, parallel, data[STEPS]), "opt": full_opt["state"],
+            "round_trip": round_trip}
 
 
 def _default_device_groups(parallel: Parallel) -> int:
@@ -225,19 +230,20 @@ def test_all_to_all_with_an_empty_rank(two_ranks):
 
 
 @pytest.fixture(scope="module")
-def single_process_losses(two_ranks) -> tuple[list[float], float]:
+def single_process(two_ranks) -> tuple[list[float], float, dict]:
     _, tmp = two_ranks
     model, _ = load_model(tmp / "init")
     model.train()
     data = batches(model.config, STEPS + 1)
     parallel = Parallel(None, 1, 1, 0, torch.device("cpu"))
-    return train(model, parallel, data[:STEPS]), next_loss(model, parallel, data[STEPS])
+    losses, opt = train(model, parallel, data[:STEPS])
+    return losses, next_loss(model, parallel, data[STEPS]), opt.state_dict()["state"]
 
 
 @pytest.mark.parametrize("kind", ["ep_train", "dp_train"])
-def test_five_steps_match_single_process(two_ranks, single_process_losses, kind):
+def test_five_steps_match_single_process(two_ranks, single_process, kind):
     ranks, _ = two_ranks
-    expected, _ = single_process_losses
+    expected, _, _ = single_process
     assert ranks[0][kind]["losses"] == ranks[1][kind]["losses"]
     assert expected[0] != expected[-1]  # the model actually trained
     torch.testing.assert_close(torch.tensor(ranks[0][kind]["losses"]), torch.tensor(expected), rtol=1e-5, atol=1e-5)
@@ -251,3 +257,15 @@ def test_checkpoint_from_two_processes_resumes_at_one(two_ranks, kind):
     data = batches(model.config, STEPS + 1)
     got = next_loss(model, Parallel(None, 1, 1, 0, torch.device("cpu")), data[STEPS])
     assert got == pytest.approx(ranks[0][f"{kind}_train"]["next"], rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ep_train", "dp_train"])
+def test_gathered_optimizer_state_equals_single_process(two_ranks, single_process, kind):
+    ranks, _ = two_ranks
+    _, _, expected = single_process
+    got = ranks[0][kind]["opt"]
+    assert got.keys() == expected.keys()
+    for i, entry in expected.items():
+        for key, value in entry.items():  # full-size exp_avg / exp_avg_sq, expert ones gathered over EP
+            torch.testing.assert_close(got[i][key], value, rtol=1e-4, atol=1e-7, msg=f"{i} {key}")
+    assert ranks[0][kind]["round_trip"] and ranks[1][kind]["round_trip"]  # sharding the gathered state again

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..model import Transformer
 from ..train.checkpoint import save_model
-from .expert_parallel import apply_expert_parallel, expert_parameters, gather_full_state
+from .expert_parallel import apply_expert_parallel, expert_parameters, full_model
 from .mesh import Parallel
 
 
@@ -101,11 +101,8 @@ def save_full_checkpoint(model: Transformer, parallel: Parallel, directory: str 
                          tokenizer_path: str | Path | None = None) -> Path:
     """Gather the full single-device state to rank 0 and write it with train.checkpoint.save_model, so the
     checkpoint loads at any world size (the loader slices each rank's experts again). Collective."""
-    state = gather_full_state(model)
+    full = full_model(model)
     if parallel.is_main:
-        with torch.device("meta"):
-            full = Transformer(model.config)
-        full.load_state_dict(state, assign=True)
         save_model(full, directory, tokenizer_path)
     if parallel.is_distributed:
         dist.barrier()

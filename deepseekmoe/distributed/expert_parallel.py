@@ -135,3 +135,13 @@ def gather_full_state(model: Transformer) -> dict[str, torch.Tensor]:
                 dist.all_gather(parts, param.detach().contiguous(), group=module.group)
                 state[f"{mname}.{pname}"] = torch.cat(parts)
     return state
+
+
+def full_model(model: Transformer) -> Transformer:
+    """A plain single-device Transformer holding the gathered full weights (shares the replicated tensors).
+    Collective; every rank gets one, rank 0 writes it."""
+    state = gather_full_state(model)
+    with torch.device("meta"):
+        full = Transformer(model.config)
+    full.load_state_dict(state, assign=True)
+    return full

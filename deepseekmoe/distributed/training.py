@@ -1,0 +1,128 @@
+"""The glue between the single-device trainer and torchrun: run-config defaults, step statistics over ranks,
+and world-size independent training checkpoints.
+
+Checkpoints (a gathered full state, not torch.distributed.checkpoint): every rank all-gathers the expert weights
+and their AdamW moments over its EP group; rank 0 writes the single-device files (model.safetensors with full
+expert tensors, trainer_state.pt with the optimizer state of the full model) through train.state. Optimizer state
+is keyed by parameter position, and expert parallelism keeps every parameter in its place, so the same file
+resumes at any world size: each rank loads it whole and keeps its experts' block (`shard_optimizer_state`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..config import ModelConfig
+from .expert_parallel import ExpertParallelExperts
+from .mesh import Parallel
+
+
+def run_model_config(config: ModelConfig, ep: int) -> ModelConfig:
+    """With ep > 1 and n_device_groups left at 1, the device-level balance loss uses the EP ranks as its devices
+    (as the paper does for 145B). Applied to the run's config, so checkpoints and resumes at any world size see
+    the same loss."""
+    if ep > 1 and config.n_device_groups == 1 and config.n_routed_experts:
+        return config.replace(n_device_groups=ep)
+    return config
+
+
+def check_batch(batch_size: int, parallel: Parallel) -> None:
+    if batch_size % parallel.world_size:
+        raise ValueError(f"train.batch_size={batch_size} is not divisible by the {parallel.world_size} processes "
+                         "(each takes an equal slice of every micro-batch)")
+
+
+def reduce_step_stats(losses: torch.Tensor, counts_LE: torch.Tensor,
+                      parallel: Parallel) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss means over ranks (each rank's loss is the mean of an equal slice) and expert counts summed."""
+    if not parallel.is_distributed:
+        return losses, counts_LE
+    losses, counts_LE = losses.clone(), counts_LE.clone()
+    dist.all_reduce(losses)
+    dist.all_reduce(counts_LE)
+    return losses / parallel.world_size, counts_LE
+
+
+def device_load(counts_LE: torch.Tensor, num_devices: int) -> list[float]:
+    """Share of all routed assignments that landed on each of `num_devices` contiguous expert groups."""
+    if counts_LE.numel() == 0 or counts_LE.shape[1] % num_devices:
+        return []
+    per_device = counts_LE.sum(0).view(num_devices, -1).sum(1).double()
+    return (per_device / per_device.sum().clamp(min=1)).tolist()
+
+
+def _expert_owner(model: torch.nn.Module) -> dict[int, ExpertParallelExperts]:
+    return {id(p): m for m in model.modules() if isinstance(m, ExpertParallelExperts) for p in m.parameters()}
+
+
+def _positions(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def gather_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, Any]:
+    """optimizer.state_dict() with every expert parameter's state tensors all-gathered to full size. Collective."""
+    state = optimizer.state_dict()
+    owner = _expert_owner(model)
+    full = copy.copy(state)
+    full["state"] = dict(state["state"])
+    for i, param in enumerate(_positions(optimizer)):
+        module = owner.get(id(param))
+        if module is None or i not in state["state"]:
+            continue
+        entry = dict(state["state"][i])
+        for key, value in entry.items():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                parts = [torch.empty_like(value) for _ in range(module.ep_size)]
+                dist.all_gather(parts, value.contiguous(), group=module.group)
+                entry[key] = torch.cat(parts)
+        full["state"][i] = entry
+    return full
+
+
+def shard_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer,
+                          model: torch.nn.Module) -> dict[str, Any]:
+    """The inverse of `gather_optimizer_state` for this rank: expert state tensors cut to the local block."""
+    owner = _expert_owner(model)
+    local = copy.copy(state)
+    local["state"] = dict(state["state"])
+    for i, param in enumerate(_positions(optimizer)):
+        module = owner.get(id(param))
+        if module is None or i not in state["state"]:
+            continue
+        block = slice(module.first, module.first + module.num_local)
+        local["state"][i] = {k: v[block].clone() if torch.is_tensor(v) and v.dim() == param.dim() else v
+                             for k, v in state["state"][i].items()}
+    return local
+
+
+class StateDict:
+    """Something with a state_dict(): hands a gathered optimizer state to code that expects an optimizer."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+
+class NullLogger:
+    """Stands in for train.metrics.MetricsLogger on ranks other than 0."""
+
+    def __enter__(self) -> "NullLogger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def advance(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def message(self, *args: Any, **kwargs: Any) -> None:
+        return None
