@@ -216,6 +216,22 @@ def test_split_is_deterministic_and_content_based(corpus, tmp_path):
         assert (a / name).read_bytes() == (c / name).read_bytes()
 
 
+def test_one_large_file_is_cut_into_documents(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RAYON_NUM_THREADS", "2")  # restored afterwards; --workers sets it
+    paragraphs = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(60)) for i in range(2000)]
+    text = "\n\n".join(paragraphs) + "\n"  # ~700 KB
+    pieces = split_text(text)
+    assert len(pieces) == 11 and all(len(p) <= 64 * 1024 for p in pieces)
+    (tmp_path / "book.txt").write_text(text)
+    out = tmp_path / "data"
+    rc, _, err = run_cli(capsys, str(tmp_path / "book.txt"), "--out", str(out), "--vocab-size", "300",
+                         "--val-fraction", "0.05", "--workers", "1")
+    assert rc == 0, err
+    meta = read_meta(out)
+    assert (meta["splits"]["train"]["documents"], meta["splits"]["val"]["documents"]) == (10, 1)
+    assert sorted(split_documents(out, "train") + split_documents(out, "val")) == sorted(pieces)
+
+
 def test_choose_validation_rules():
     # target 10% of 1000 bytes: the hash order is 3, 1, 0, 2; doc 3 (600 bytes) is passed over for smaller ones
     keys, sizes = [30, 20, 40, 10], [100, 50, 250, 600]
@@ -254,6 +270,7 @@ def test_rerun_is_a_noop_until_input_changes(corpus, tmp_path, capsys):
     ("bad-jsonl", "invalid JSON"),
     ("not-data-dir", "is not a data directory"),
     ("small-vocab", "vocab_size=100 is too small"),
+    ("workers", "--workers 0 must be at least 1"),
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, capsys, case, message):
     src = tmp_path / "src"
@@ -264,13 +281,12 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, case, message):
         (src / "data.bin").write_bytes(b"\x00")
     elif case == "empty":
         (src / "a.txt").write_text("  \n")
-    elif case in ("one-doc", "not-data-dir", "small-vocab"):
+    elif case in ("one-doc", "not-data-dir", "small-vocab", "workers"):
         (src / "a.txt").write_text("just one short document\n")
         if case == "not-data-dir":
             out.mkdir()
             (out / "precious.txt").write_text("keep me")
-        if case == "small-vocab":
-            extra = ["--vocab-size", "100"]
+        extra = {"small-vocab": ["--vocab-size", "100"], "workers": ["--workers", "0"]}.get(case, [])
     elif case == "bad-gz":
         (src / "a.txt.gz").write_bytes(b"this is not gzip data")
     elif case == "bad-jsonl":

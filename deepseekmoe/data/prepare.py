@@ -150,11 +150,7 @@ def _make_tokenizer(tokenizer: str | None, vocab_size: int, sample: list[str] | 
     return tok
 
 
-def prepare(sources: list[str], out: str | Path, *, vocab_size: int = 8192, tokenizer: str | None = None,
-            val_fraction: float = 0.01, builtin_max_bytes: int = DEFAULT_MAX_BYTES,
-            tokenizer_train_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES, force: bool = False) -> Path:
-    """Build (or confirm up to date) the data directory `out` from `sources`; returns its path."""
-    out = Path(out).expanduser()
+def _check_arguments(out: Path, tokenizer: str | None, vocab_size: int, val_fraction: float) -> None:
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
     check_output_dir(out)
@@ -162,6 +158,32 @@ def prepare(sources: list[str], out: str | Path, *, vocab_size: int = 8192, toke
         load_tokenizer(tokenizer)  # fail early on a bad path or file
     elif vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB_SIZE}")
+
+
+def _write_data(tmp: Path, inputs: list[InputFile], keys: list[int], sizes: list[int], is_val: list[bool], *,
+                tokenizer: str | None, vocab_size: int, tokenizer_train_bytes: int) -> dict:
+    """Write tokenizer.json, train.bin and val.bin into tmp -> the tokenizer and split part of meta.json."""
+    sample = None if tokenizer else tokenizer_sample(inputs, keys, sizes, is_val, tokenizer_train_bytes)
+    tok = _make_tokenizer(tokenizer, vocab_size, sample, tmp)
+    special = special_token_ids(tok)
+    vocab = vocab_size_of(tok)
+    dtype = token_dtype(vocab)
+    start = time.perf_counter()
+    counts = write_splits(iter_documents(inputs, ReadStats()), is_val, tok, tmp, bos=special["bos_token_id"],
+                          eos=special["eos_token_id"], dtype=dtype, total_bytes=sum(sizes))
+    log(f"tokenized in {time.perf_counter() - start:.1f} s")
+    return {"format": FORMAT, "vocab_size": vocab, "dtype": dtype.name, **special,
+            "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"),
+            "tokenizer_source": str(Path(tokenizer).resolve()) if tokenizer else "trained",
+            "splits": {name: c.as_dict() for name, c in counts.items()}}
+
+
+def prepare(sources: list[str], out: str | Path, *, vocab_size: int = 8192, tokenizer: str | None = None,
+            val_fraction: float = 0.01, builtin_max_bytes: int = DEFAULT_MAX_BYTES,
+            tokenizer_train_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES, force: bool = False) -> Path:
+    """Build (or confirm up to date) the data directory `out` from `sources`; returns its path."""
+    out = Path(out).expanduser()
+    _check_arguments(out, tokenizer, vocab_size, val_fraction)
     inputs = resolve_inputs(sources, builtin_max_bytes)
     options = {"vocab_size": None if tokenizer else vocab_size, "val_fraction": val_fraction,
                "tokenizer_sha256": file_sha256(_tokenizer_file(tokenizer)) if tokenizer else None,
@@ -183,24 +205,11 @@ def prepare(sources: list[str], out: str | Path, *, vocab_size: int = 8192, toke
     tmp = atomic_directory(out)
     try:
         _make_shareable(tmp)
-        sample = None if tokenizer else tokenizer_sample(inputs, keys, sizes, is_val, tokenizer_train_bytes)
-        tok = _make_tokenizer(tokenizer, vocab_size, sample, tmp)
-        special = special_token_ids(tok)
-        vocab = vocab_size_of(tok)
-        dtype = token_dtype(vocab)
-        start = time.perf_counter()
-        counts = write_splits(iter_documents(inputs, ReadStats()), is_val, tok, tmp, bos=special["bos_token_id"],
-                              eos=special["eos_token_id"], dtype=dtype, total_bytes=sum(sizes))
-        log(f"tokenized in {time.perf_counter() - start:.1f} s")
-        meta = {
-            "format": FORMAT, "vocab_size": vocab, "dtype": dtype.name, **special,
-            "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"),
-            "tokenizer_source": str(Path(tokenizer).resolve()) if tokenizer else "trained",
-            "sources": list(sources), "files": len(inputs),
-            "splits": {name: c.as_dict() for name, c in counts.items()},
-            "val_fraction": val_fraction, "invalid_utf8_replaced": stats.replaced_total,
-            "input_fingerprint": input_fingerprint, "created_by": f"deepseekmoe {__version__}",
-        }
+        meta = _write_data(tmp, inputs, keys, sizes, is_val, tokenizer=tokenizer, vocab_size=vocab_size,
+                           tokenizer_train_bytes=tokenizer_train_bytes)
+        meta.update({"sources": list(sources), "files": len(inputs), "val_fraction": val_fraction,
+                     "invalid_utf8_replaced": stats.replaced_total, "input_fingerprint": input_fingerprint,
+                     "created_by": f"deepseekmoe {__version__}"})
         if options["builtin"]:
             meta["builtin"] = options["builtin"]
         write_meta(tmp, meta)
