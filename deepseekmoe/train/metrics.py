@@ -1,0 +1,132 @@
+"""Where training metrics go: RUN_DIR/metrics.jsonl (always), TensorBoard (when importable), and the terminal (a
+tqdm bar with ETA on a tty, plain lines otherwise).
+
+metrics.jsonl holds one JSON object per line. Training records (every log step):
+    kind "train", step, lr, loss (total), lm_loss, expert_balance_loss, device_balance_loss, z_loss, grad_norm,
+    tokens_per_s, mfu, tokens (seen so far), skipped_steps (non-finite so far),
+    expert_load_max_over_mean [one per MoE layer: max / mean of the step's per-expert assignment counts],
+    dead_experts [one per MoE layer: experts that received no token in the step],
+    expert_load [one list per MoE layer: the step's assignment count of every routed expert]
+Validation records: kind "val", step, val_loss (nats/token), val_bpb (bits per UTF-8 byte), val_tokens.
+Every record also has elapsed_s (seconds since this process started logging).
+Losses are the mean over the step's micro-batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def expert_load(counts_LE: torch.Tensor) -> tuple[list[float], list[int]]:
+    """Per MoE layer: (max / mean assignment count, number of experts with zero assignments)."""
+    if counts_LE.numel() == 0:
+        return [], []
+    counts = counts_LE.double()
+    ratio = counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-12)
+    return [round(float(x), 4) for x in ratio], [int(x) for x in (counts_LE == 0).sum(dim=1)]
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Drop records after `last_step` (written after the checkpoint a resumed run restarts from)."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def _format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+class MetricsLogger:
+    """Append-only metrics sink with a progress display; use as a context manager."""
+
+    def __init__(self, run_dir: Path, max_steps: int, start_step: int, tensorboard: bool = True,
+                 stream: TextIO | None = None) -> None:
+        self.file = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
+        self.stream = stream or sys.stderr
+        self.max_steps, self.start_step = max_steps, start_step
+        self.started = time.perf_counter()
+        self.tb = _tensorboard_writer(run_dir) if tensorboard else None
+        self.bar = _progress_bar(max_steps, start_step, self.stream)
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        self.file.close()
+
+    def advance(self, step: int, loss: float) -> None:
+        """Called after every step: moves the progress bar."""
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Write one record (a dict with "kind" and "step") to every sink."""
+        record = {**record, "elapsed_s": round(time.perf_counter() - self.started, 3)}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "kind"):
+                    self.tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+        self.message(self._line(record))
+
+    def message(self, text: str) -> None:
+        """A line for the person watching (above the bar on a terminal)."""
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def _line(self, r: dict[str, Any]) -> str:
+        if r["kind"] == "val":
+            return f"step {r['step']:>6} | val loss {r['val_loss']:.4f} | val bits/byte {r['val_bpb']:.4f}"
+        done = r["step"] - self.start_step
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / done * (self.max_steps - r["step"]) if done > 0 else float("nan")
+        return (f"step {r['step']:>6}/{self.max_steps} | loss {r['lm_loss']:.4f} | "
+                f"bal {r['expert_balance_loss']:.4f} | lr {r['lr']:.2e} | gnorm {r['grad_norm']:.3f} | "
+                f"{r['tokens_per_s']:,.0f} tok/s | mfu {r['mfu']:.2%} | ETA {_format_eta(eta)}")
+
+
+def _progress_bar(total: int, initial: int, stream: TextIO) -> Any:
+    if not getattr(stream, "isatty", lambda: False)():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, file=stream, unit="step", dynamic_ncols=True, leave=True)
+
+
+def _tensorboard_writer(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))

@@ -1,0 +1,345 @@
+"""The training loop: micro-batches -> loss (LM + balance) -> AdamW step, with logging, validation, checkpoints.
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` sequences; micro-batch i of the run is
+`PackedBatches(train, batch_size, seq_len, seed).batch(i)`, so the data position is one integer. Each micro-batch's
+total loss is divided by grad_accum before backward, so the gradient is that of the mean loss over the step. With
+equal-sized micro-batches this equals one big batch: the LM loss is a mean over equally many tokens, and the
+balance losses (seq_aux=True, the default) are means of per-sequence terms. With seq_aux=False the balance
+statistics are per micro-batch, which is not the same as over the whole step.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager
+
+import torch
+import torch.nn.functional as F
+
+from ..accounting import estimate_mfu
+from ..cli import CliError
+from ..losses import total_loss
+from ..model import Transformer
+from .checkpoint import list_checkpoints, load_model
+from .config import RunConfig, TrainConfig
+from .metrics import MetricsLogger, expert_load
+from .optim import build_optimizer, build_scheduler, lr_at
+from .state import Progress, load_training_state, save_training_checkpoint, set_rng_state
+
+CPU_PEAK_FLOPS_PER_THREAD = 100e9  # fp32 FMA peak of one modern x86 core, roughly (AVX2/AVX-512 at ~3 GHz)
+GPU_PEAK_FLOPS = 989e12  # H100/H200 dense bf16
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]
+    """Mean over micro-batches of loss (total), lm_loss, expert_balance_loss, device_balance_loss, z_loss."""
+    counts_LE: torch.Tensor
+    """(MoE layers, E) assignments per expert, summed over the step's micro-batches."""
+    grad_norm: float
+    finite: bool
+
+
+_LOSS_NAMES = ("loss", "lm_loss", "expert_balance_loss", "device_balance_loss", "z_loss")
+
+
+def forward_backward(model: Transformer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+                     autocast: ContextManager | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate gradients of the mean total loss over micro-batches.
+
+    Returns (the five loss means as a tensor, per-layer expert counts (L, E) summed over micro-batches).
+    """
+    n = len(micro_batches)
+    sums = torch.zeros(len(_LOSS_NAMES), device=micro_batches[0][0].device)
+    counts = None
+    for inputs, targets in micro_batches:
+        with autocast or nullcontext():
+            out = model(inputs)
+        parts = total_loss(out.logits, targets, out.router_outputs, model.config)
+        (parts.total / n).backward()
+        sums += torch.stack([parts.total, parts.lm, parts.expert_balance, parts.device_balance,
+                             parts.z]).detach().float()
+        step_counts = _stack_counts(out.router_outputs, inputs.device)
+        counts = step_counts if counts is None else counts + step_counts
+    return sums / n, counts
+
+
+def _stack_counts(router_outputs: list, device: torch.device) -> torch.Tensor:
+    if not router_outputs:
+        return torch.zeros(0, 0, dtype=torch.long, device=device)
+    return torch.stack([r.expert_counts_E for r in router_outputs])
+
+
+def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig,
+                   loss: torch.Tensor) -> tuple[float, bool]:
+    """Clip, then step (only when the loss and gradient norm are finite); always advance the schedule.
+
+    Returns (gradient norm before clipping, whether the update was applied).
+    """
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    finite = math.isfinite(float(loss)) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # a skipped first step makes LambdaLR warn about the call order
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
+    return grad_norm, finite
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, val_tokens: Any, cfg: TrainConfig, bytes_per_token: float,
+             autocast: ContextManager | None = None) -> dict[str, float]:
+    """LM loss over the first `eval_batches` validation batches (a fixed subset) and its bits per byte."""
+    from ..data.dataset import eval_batches
+
+    device = model.embed_tokens.weight.device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for inputs, targets in eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
+        with autocast or nullcontext():
+            logits = model(inputs.to(device)).logits
+        total += float(F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
+                                       reduction="sum"))
+        count += targets.numel()
+    model.train(was_training)
+    loss = total / count
+    return {"val_loss": loss, "val_bpb": loss / math.log(2) / bytes_per_token, "val_tokens": count}
+
+
+class StopRequest:
+    """While active, the first SIGINT (Ctrl-C) sets `requested`, so the loop can save and stop between steps; a
+    second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+class Trainer:
+    """Owns the model, optimizer, schedule, data and progress of one run directory."""
+
+    def __init__(self, run: RunConfig, run_dir: Path, data_dir: Path, resume: bool = False) -> None:
+        from ..data.dataset import PackedBatches, open_split, read_meta
+
+        self.run, self.cfg, self.run_dir, self.data_dir = run, run.train, run_dir, data_dir
+        self.device = pick_device(self.cfg.device)
+        self.autocast = autocast_context(self.device, self.cfg.precision)
+        meta = read_meta(data_dir)
+        self.val_tokens = open_split(data_dir, "val")
+        val = meta["splits"]["val"]
+        self.bytes_per_token = val["bytes"] / max(val["tokens"], 1)
+        self.batches = PackedBatches(open_split(data_dir, "train"), self.cfg.batch_size, self.cfg.seq_len,
+                                     self.cfg.seed)
+        self.tokenizer_path = data_dir / "tokenizer.json"
+        self.peak_flops = self.cfg.peak_flops or (
+            GPU_PEAK_FLOPS if self.device.type == "cuda" else CPU_PEAK_FLOPS_PER_THREAD * torch.get_num_threads())
+        if resume:
+            self._restore()
+        else:
+            self._fresh()
+        self.last_saved: Path | None = None
+        self.saved_step: int | None = None
+
+    def _fresh(self) -> None:
+        torch.manual_seed(self.cfg.seed)
+        self.model = Transformer(self.run.model).to(self.device).train()
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg)
+        self.progress = Progress()
+
+    def _restore(self) -> None:
+        ckpts = list_checkpoints(self.run_dir)
+        if not ckpts:
+            raise FileNotFoundError(f"--resume: {self.run_dir} holds no checkpoint to resume from")
+        state = load_training_state(ckpts[-1])
+        self.model, _ = load_model(ckpts[-1], device=self.device)
+        self.model.train()
+        if self.model.config != self.run.model:
+            raise ValueError(f"--resume: the model config differs from the checkpoint's ({ckpts[-1]}); "
+                             "model.* cannot change when resuming")
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.progress = state["progress"]
+
+    # ------------------------------------------------------------------------------------------ one step
+    def next_micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for _ in range(self.cfg.grad_accum):
+            inputs, targets = self.batches.batch(self.progress.data_index)
+            self.progress.data_index += 1
+            out.append((inputs.to(self.device), targets.to(self.device)))
+        return out
+
+    def train_step(self) -> StepResult:
+        losses, counts = forward_backward(self.model, self.next_micro_batches(), self.autocast)
+        grad_norm, finite = optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg, losses[0])
+        self.progress.step += 1
+        self._count_nonfinite(finite)
+        return StepResult(dict(zip(_LOSS_NAMES, losses.tolist())), counts.cpu(), grad_norm, finite)
+
+    def _count_nonfinite(self, finite: bool) -> None:
+        p = self.progress
+        if finite:
+            p.nonfinite_in_row = 0
+            return
+        p.nonfinite_total += 1
+        p.nonfinite_in_row += 1
+        if p.nonfinite_in_row >= self.cfg.max_nonfinite:
+            good = self.last_saved or (list_checkpoints(self.run_dir) or [None])[-1]
+            raise CliError(f"stopping at step {p.step}: {p.nonfinite_in_row} non-finite losses in a row "
+                           f"(train.max_nonfinite={self.cfg.max_nonfinite}); last good checkpoint: "
+                           f"{good or 'none'}; try a lower train.lr")
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def fit(self, logger: MetricsLogger) -> bool:
+        """Train to max_steps; returns False when stopped early by Ctrl-C (after saving)."""
+        cfg, p = self.cfg, self.progress
+        window_time, window_steps = 0.0, 0
+        with StopRequest() as stop:
+            while p.step < cfg.max_steps:
+                started = time.perf_counter()
+                result = self.train_step()
+                window_time += time.perf_counter() - started
+                window_steps += 1
+                logger.advance(p.step, result.losses["lm_loss"])
+                if not result.finite:
+                    logger.message(f"step {p.step}: non-finite loss, update skipped "
+                                   f"({p.nonfinite_in_row} in a row)")
+                if p.step % cfg.log_every == 0 or p.step == cfg.max_steps:
+                    logger.log(self._train_record(result, window_time, window_steps))
+                    window_time, window_steps = 0.0, 0
+                if cfg.eval_every and p.step % cfg.eval_every == 0 and p.step < cfg.max_steps:
+                    logger.log({"kind": "val", "step": p.step, **self.validate()})
+                if cfg.save_every and p.step % cfg.save_every == 0:
+                    self.save()
+                if stop.requested:
+                    self.save()
+                    logger.message(f"interrupted: saved step {p.step} to {self.last_saved}")
+                    return False
+        if self.saved_step != p.step:
+            self.save()
+        return True
+
+    def _train_record(self, r: StepResult, seconds: float, steps: int) -> dict[str, Any]:
+        cfg = self.cfg
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        tokens_per_s = tokens_per_step * steps / max(seconds, 1e-9)
+        load, dead = expert_load(r.counts_LE)
+        return {"kind": "train", "step": self.progress.step, "lr": lr_at(self.progress.step - 1, cfg),
+                **r.losses, "grad_norm": r.grad_norm, "tokens_per_s": tokens_per_s,
+                "mfu": estimate_mfu(self.run.model, cfg.seq_len, tokens_per_s, self.peak_flops),
+                "tokens": self.progress.step * tokens_per_step, "skipped_steps": self.progress.nonfinite_total,
+                "expert_load_max_over_mean": load, "dead_experts": dead,
+                "expert_load": r.counts_LE.tolist()}
+
+    def validate(self) -> dict[str, float]:
+        return evaluate(self.model, self.val_tokens, self.cfg, self.bytes_per_token, self.autocast)
+
+    def save(self) -> Path:
+        self.last_saved = save_training_checkpoint(
+            self.run_dir, self.model, self.optimizer, self.scheduler, self.progress, self.run.to_yaml(),
+            self.tokenizer_path if self.tokenizer_path.is_file() else None, self.cfg.keep_last)
+        self.saved_step = self.progress.step
+        return self.last_saved
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but no CUDA device is available")
+    return device
+
+
+def autocast_context(device: torch.device, precision: str) -> ContextManager | None:
+    """bf16 autocast on GPU by default (weights, optimizer state and losses stay fp32); fp32 on CPU."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else None
+
+
+# ---------------------------------------------------------------------------------------------- command
+def train_command(config: list[str] = (), *, preset: str | None = None, data: str | None = None,  # type: ignore[assignment]
+                  out: str | None = None, max_steps: int | None = None, resume: bool = False) -> int:
+    """Train a model with the paper's recipe; with no arguments, tiny-deepseekmoe on the built-in corpus (~5 min).
+
+    Writes RUN_DIR (default runs/<preset>): config.yaml (the resolved config), metrics.jsonl, checkpoints/.
+    At the end prints the validation loss and a short sample. Ctrl-C saves a checkpoint and stops; --resume
+    continues exactly where the last checkpoint left off.
+
+    Args:
+        config: an optional CONFIG.yaml (see configs/), then dotted overrides such as train.lr=1e-3
+            model.hidden_size=64 train.batch_size=8 (values are converted to each field's type). Precedence:
+            preset < CONFIG < the options below < key=value overrides.
+        preset: model preset to start from (default tiny-deepseekmoe).
+        data: a data directory made by `deepseekmoe prepare` (default: the built-in corpus).
+        out: the run directory (default runs/<preset>); must be empty unless --resume.
+        max_steps: optimizer steps (overrides train.max_steps).
+        resume: continue the run in the run directory from its latest checkpoint.
+    """
+    from ..data.dataset import read_meta
+    from .rundir import (bind_to_data, data_directory, option_overrides, resolve_run, split_config_args,
+                         write_config)
+    from .metrics import truncate_metrics
+
+    path, overrides = split_config_args(config)
+    run, run_dir = resolve_run(path, option_overrides(preset, data, out, max_steps) + overrides, resume)
+    data_dir = data_directory(run)
+    run = bind_to_data(run, read_meta(data_dir))
+    trainer = Trainer(run, run_dir, data_dir, resume=resume)  # checks data and checkpoint before writing
+    write_config(run_dir, run)
+    if resume:
+        truncate_metrics(run_dir, trainer.progress.step)
+    print(f"training {run.preset or 'custom model'} ({trainer.model.num_parameters():,} parameters) on "
+          f"{data_dir} -> {run_dir}, {trainer.device}, steps {trainer.progress.step}..{run.train.max_steps}",
+          flush=True)
+    with MetricsLogger(run_dir, run.train.max_steps, trainer.progress.step, run.train.tensorboard) as logger:
+        if not trainer.fit(logger):
+            return 130
+        final = trainer.validate()
+        logger.log({"kind": "val", "step": trainer.progress.step, **final})
+    print(f"validation loss {final['val_loss']:.4f} nats/token, {final['val_bpb']:.4f} bits/byte "
+          f"({final['val_tokens']:,} tokens); checkpoint {trainer.last_saved}")
+    if run.train.sample_tokens:
+        print("sample:", sample_text(trainer.model, trainer.tokenizer_path, run.train), sep="\n")
+    return 0
+
+
+def sample_text(model: Transformer, tokenizer_path: Path, cfg: TrainConfig) -> str:
+    """The prompt and its continuation, sampled with the run's seed (deterministic)."""
+    from ..data.tokenizer import load_tokenizer
+    from ..inference.generate import encode_prompt, generate
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    prompt_ids = encode_prompt(tokenizer, cfg.sample_prompt, model.config.bos_token_id)
+    new_ids = generate(model, prompt_ids, cfg.sample_tokens, temperature=cfg.sample_temperature, seed=cfg.seed,
+                       eos_token_id=model.config.eos_token_id)
+    model.train()
+    return tokenizer.decode(prompt_ids + new_ids)
