@@ -267,6 +267,8 @@ def test_rerun_is_a_noop_until_input_changes(corpus, tmp_path, capsys):
     ("empty", "no text found"),
     ("one-doc", "too small for a train/validation split"),
     ("bad-gz", "cannot read"),
+    ("truncated-gz", "cannot read"),
+    ("corrupt-gz", "cannot read"),
     ("bad-jsonl", "invalid JSON"),
     ("not-data-dir", "is not a data directory"),
     ("small-vocab", "vocab_size=100 is too small"),
@@ -289,6 +291,11 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, case, message):
         extra = {"small-vocab": ["--vocab-size", "100"], "workers": ["--workers", "0"]}.get(case, [])
     elif case == "bad-gz":
         (src / "a.txt.gz").write_bytes(b"this is not gzip data")
+    elif case in ("truncated-gz", "corrupt-gz"):
+        data = bytearray(gzip.compress(("some text " * 2000).encode()))
+        if case == "corrupt-gz":
+            data[20:40] = b"\xff" * 20
+        (src / "a.txt.gz").write_bytes(bytes(data[:-30] if case == "truncated-gz" else data))
     elif case == "bad-jsonl":
         (src / "a.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
     target = str(src / "missing") if case == "missing" else str(src)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
@@ -196,7 +197,7 @@ def read_documents(inp: InputFile, stats: ReadStats) -> Iterator[str]:
     reader = _jsonl_documents if inp.kind == "jsonl" else _text_documents
     try:
         yield from reader(inp, stats)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
         raise ValueError(f"cannot read {inp.path}: {reason}") from None
 
