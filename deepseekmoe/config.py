@@ -154,6 +154,7 @@ class ModelConfig:
     # -------------------------------------------------------------- validation
     def validate(self) -> None:
         for f in fields(self):
+            _check_type(f.name, getattr(self, f.name), f.type)
             _check_literal(f.name, getattr(self, f.name), f.type)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "max_position_embeddings", "intermediate_size", "moe_intermediate_size",
@@ -242,7 +243,9 @@ class ModelConfig:
             if key in d and d[key] != expected:
                 raise ValueError(f"{key}={d[key]!r} is not supported (expected {expected!r})")
         known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
+        optional = {f.name for f in fields(cls) if str(f.type).endswith("| None")}
+        # a null for a non-optional field (remote-code style) means "use the default"
+        kwargs = {k: v for k, v in d.items() if k in known and (v is not None or k in optional)}
         defaults = {"aux_loss_alpha": 0.001, "seq_aux": True, "n_shared_experts": 0,
                     "norm_topk_prob": False, "initializer_range": 0.02, "first_k_dense_replace": 0,
                     "moe_layer_freq": 1, "tie_word_embeddings": False, "rope_theta": 10000.0}
@@ -283,6 +286,22 @@ def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")
 
 
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false"}
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> None:
+    """Scalars must have their annotated type (a YAML string like '64' or 'yes' is refused, not compared)."""
+    base = str(annotation).removesuffix(" | None")
+    if base not in _TYPE_NAMES or value is None and base != annotation:
+        return
+    if base == "bool":
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, int if base == "int" else (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: expected {_TYPE_NAMES[base]}")
+
+
 def _check_literal(name: str, value: Any, annotation: Any) -> None:
     options = _LITERALS.get(annotation if isinstance(annotation, str) else "")
     if options is not None and value not in options:
@@ -308,12 +327,27 @@ def _load_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        d = yaml.safe_load(text)
-    else:
-        d = json.loads(text)
+    try:
+        d = _yaml_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except ValueError as exc:  # json.JSONDecodeError, and YAML errors re-raised below
+        raise ValueError(f"{path}: not valid {path.suffix.lstrip('.').upper()} ({exc})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     return d
+
+
+def _yaml_load(text: str) -> Any:
+    """yaml.safe_load, but reading `1e-6` as a float (YAML 1.2) rather than the string PyYAML 1.1 makes of it."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc).splitlines()[0]) from None

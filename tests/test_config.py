@@ -147,3 +147,29 @@ def test_derived_properties(make_config):
     assert cfg.num_moe_layers == 3
     dense = make_config(router="none", n_routed_experts=None)
     assert not dense.is_moe and dense.num_moe_layers == 0
+
+
+def test_hand_written_yaml_reads_scientific_notation(tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_text("rms_norm_eps: 1e-5\naux_loss_alpha: 3E-3\nrope_theta: 5e5\nhidden_size: 64\n")
+    cfg = ModelConfig.load(path)
+    assert (cfg.rms_norm_eps, cfg.aux_loss_alpha, cfg.rope_theta, cfg.hidden_size) == (1e-5, 3e-3, 5e5, 64)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('hidden_size: "64"\n', "hidden_size='64' is invalid: expected an integer"),
+    ("seq_aux: 'no'\n", "seq_aux='no' is invalid: expected true or false"),
+    ("aux_loss_alpha: high\n", "aux_loss_alpha='high' is invalid: expected a number"),
+    ("num_hidden_layers: 2.5\n", "num_hidden_layers=2.5 is invalid: expected an integer"),
+    ("hidden_size: [1\n", "not valid YAML"),
+])
+def test_wrongly_typed_values_are_value_errors(tmp_path, text, message):
+    path = tmp_path / "model.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelConfig.load(path)
+
+
+def test_hf_nulls_for_non_optional_fields_mean_default(released_16b_config):
+    cfg = ModelConfig.from_hf_dict({**released_16b_config, "n_shared_experts": None, "num_key_value_heads": None})
+    assert cfg.n_shared_experts == 0 and cfg.num_key_value_heads is None
