@@ -31,6 +31,7 @@ pytestmark = pytest.mark.slow  # one 2-process spawn for the module: ~10-20 s on
 
 STEPS, BATCH, SEQ = 5, 4, 8
 TOL = dict(rtol=1e-5, atol=1e-6)
+UNEVEN = tiny_config(n_routed_experts=7)
 
 
 def model_config():
@@ -68,10 +69,10 @@ def next_loss(model: Transformer, parallel: Parallel, batch: torch.Tensor) -> fl
 
 
 # ------------------------------------------------------------------ what each rank does
-def _moe_layer(parallel: Parallel) -> dict:
+def _moe_layer(parallel: Parallel, config) -> dict:
     """One MoE layer, EP=2: each rank feeds 2 of the 4 sequences."""
     torch.manual_seed(0)
-    moe = MoE(model_config())
+    moe = MoE(config)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.2)
@@ -82,7 +83,7 @@ def _moe_layer(parallel: Parallel) -> dict:
     y, routing = moe(x)
     (y * w).sum().backward()
     return {"y": y.detach(), "x_grad": x.grad, "grads": {n: p.grad for n, p in moe.named_parameters()},
-            "dev_loss": device_balance_loss(routing, 1.0, 2).detach()}
+            "dev_loss": device_balance_loss(routing, 1.0, 2).detach() if config.n_routed_experts % 2 == 0 else None}
 
 
 def _skewed(parallel: Parallel, target: int) -> dict:
@@ -139,7 +140,8 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     ep2 = init_parallel(ep=2, n_routed_experts=8)
     dp2 = init_parallel(ep=1)
     out = {
-        "moe": _moe_layer(ep2),
+        "moe": _moe_layer(ep2, model_config()),
+        "moe_uneven": _moe_layer(ep2, UNEVEN),  # 7 experts: blocks of 4 and 3
         "skew0": _skewed(ep2, 0), "skew1": _skewed(ep2, 1),
         "a2a_empty": _a2a_empty(ep2),
         "default_groups": _default_device_groups(ep2),
@@ -162,9 +164,9 @@ def two_ranks(tmp_path_factory) -> tuple[list[dict], Path]:
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)], tmp
 
 
-def _single_moe():
+def _single_moe(config):
     torch.manual_seed(0)
-    moe = MoE(model_config())
+    moe = MoE(config)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.2)
@@ -176,13 +178,14 @@ def _single_moe():
 
 
 # ------------------------------------------------------------------ tests
-def test_moe_layer_ep2_matches_single_process(two_ranks):
+@pytest.mark.parametrize("kind", ["moe", "moe_uneven"])
+def test_moe_layer_ep2_matches_single_process(two_ranks, kind):
     ranks, _ = two_ranks
-    moe, x, y, _ = _single_moe()
-    torch.testing.assert_close(torch.cat([r["moe"]["y"] for r in ranks]), y.detach(), **TOL)
-    torch.testing.assert_close(torch.cat([r["moe"]["x_grad"] for r in ranks]), x.grad, **TOL)
+    moe, x, y, _ = _single_moe(model_config() if kind == "moe" else UNEVEN)
+    torch.testing.assert_close(torch.cat([r[kind]["y"] for r in ranks]), y.detach(), **TOL)
+    torch.testing.assert_close(torch.cat([r[kind]["x_grad"] for r in ranks]), x.grad, **TOL)
     for name, p in moe.named_parameters():
-        parts = [r["moe"]["grads"][name] for r in ranks]
+        parts = [r[kind]["grads"][name] for r in ranks]
         # expert weights: each rank holds its block, with gradients from both ranks' tokens;
         # replicated weights (router, shared experts): each rank has its own tokens' share
         full = torch.cat(parts) if name.startswith("experts.") else parts[0] + parts[1]
@@ -191,7 +194,7 @@ def test_moe_layer_ep2_matches_single_process(two_ranks):
 
 def test_device_balance_loss_ep2_equals_two_groups(two_ranks):
     ranks, _ = two_ranks
-    _, _, _, routing = _single_moe()
+    _, _, _, routing = _single_moe(model_config())
     expected = device_balance_loss(routing, 1.0, 2)
     got = (ranks[0]["moe"]["dev_loss"] + ranks[1]["moe"]["dev_loss"]) / 2  # mean over sequences
     torch.testing.assert_close(got, expected.detach(), **TOL)
@@ -269,3 +272,10 @@ def test_gathered_optimizer_state_equals_single_process(two_ranks, single_proces
         for key, value in entry.items():  # full-size exp_avg / exp_avg_sq, expert ones gathered over EP
             torch.testing.assert_close(got[i][key], value, rtol=1e-4, atol=1e-7, msg=f"{i} {key}")
     assert ranks[0][kind]["round_trip"] and ranks[1][kind]["round_trip"]  # sharding the gathered state again
+
+
+def test_device_load_uses_the_ep_blocks():
+    from deepseekmoe.distributed.training import device_load
+
+    counts_LE = torch.tensor([[1, 2, 3, 4, 5], [0, 0, 0, 0, 5]])  # 5 experts over 2 devices: [0, 3) and [3, 5)
+    assert device_load(counts_LE, 2) == pytest.approx([6 / 20, 14 / 20])

@@ -31,6 +31,12 @@ def test_tiny_config_terms_by_hand():
     assert p.step_s == pytest.approx(p.compute_s + (p.all_to_all_bytes + p.all_reduce_bytes) / 1e9)
 
 
+def test_uneven_expert_split_counts_the_fullest_gpu():
+    c = tiny_config()  # 8 routed experts over 3 GPUs: blocks of 3, 3, 2
+    p = plan(c, gpus=3, ep=3, gpu_memory=1e9, seq_len=8)
+    assert p.params_per_gpu == 42720 - 24576 + 3 * 2 * 3 * 32 * 16  # 3 experts x 2 layers x 3 D F
+
+
 def test_fp32_has_no_master_copy_and_accumulation_scales_traffic():
     c = tiny_config()
     one = plan(c, gpus=2, ep=2, gpu_memory=1e9, seq_len=8, dtype="fp32")
@@ -55,7 +61,7 @@ def test_16b_training_needs_expert_parallelism():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(gpus=8, ep=3), "ep=3 does not divide the number of processes (GPUs) 8"),
-    (dict(gpus=6, ep=6), "ep=6 does not divide n_routed_experts=64"),
+    (dict(gpus=128, ep=128), "ep=128 exceeds n_routed_experts=64"),
     (dict(gpus=2, ep=4), "ep=4 exceeds gpus=2"),
     (dict(gpus=1, dtype="int3"), "dtype='int3' is invalid"),
     (dict(gpus=1, seq_len=5000), "seq_len=5000 is invalid"),

@@ -1,7 +1,8 @@
-"""Expert parallelism: each rank of an EP group holds a contiguous block of E/ep routed experts per MoE layer.
+"""Expert parallelism: each rank of an EP group holds a contiguous block of ~E/ep routed experts per MoE layer.
 
 Shape legend: T local tokens, D hidden, E routed experts (global), K experts per token, F expert hidden,
-R = T*K (token, slot) rows sent, Q rows received, P = ep ranks in the group, L = E/P local experts.
+R = T*K (token, slot) rows sent, Q rows received, P = ep ranks in the group, L local experts (E/P; when P does
+not divide E, blocks differ by one expert: see `expert_bounds`).
 
 Dropless dispatch (`ExpertParallelExperts.forward`), the grouped single-device path stretched over the group:
   1. flatten the (token, slot) pairs and stable-sort them by expert id: rows bound for rank j are contiguous;
@@ -51,6 +52,13 @@ def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int
     return _AllToAll.apply(x, output_splits, input_splits, group)
 
 
+def expert_bounds(num_experts: int, ep: int) -> list[int]:
+    """Block boundaries: EP rank j holds experts [bounds[j], bounds[j+1]). As even as possible; when ep does not
+    divide E (63 routed experts over 2 ranks) the first E % ep ranks hold one expert more."""
+    base, extra = divmod(num_experts, ep)
+    return [j * base + min(j, extra) for j in range(ep + 1)]
+
+
 class ExpertParallelExperts(nn.Module):
     """The routed experts [first, first + L) of one MoE layer; same interface as RoutedExperts."""
 
@@ -59,10 +67,11 @@ class ExpertParallelExperts(nn.Module):
         self.group = group
         self.ep_size, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
         e = experts.num_experts
-        if e % self.ep_size:
-            raise ValueError(f"ep={self.ep_size} does not divide n_routed_experts={e}")
-        self.num_experts, self.num_local = e, e // self.ep_size
-        self.first = self.ep_rank * self.num_local
+        if e < self.ep_size:
+            raise ValueError(f"ep={self.ep_size} exceeds n_routed_experts={e}: every EP rank needs an expert")
+        self.num_experts, self.bounds = e, expert_bounds(e, self.ep_size)
+        self.sizes = [b - a for a, b in zip(self.bounds, self.bounds[1:])]  # experts per EP rank
+        self.first, self.num_local = self.bounds[self.ep_rank], self.sizes[self.ep_rank]
         block = slice(self.first, self.first + self.num_local)
         self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[block].clone())  # (L, 2F, D)
         self.down_proj = nn.Parameter(experts.down_proj.detach()[block].clone())  # (L, D, F)
@@ -77,10 +86,10 @@ class ExpertParallelExperts(nn.Module):
         token_of_row_R = order_R // k
         counts_E = torch.bincount(flat_idx_R, minlength=self.num_experts)
         # 2. counts_PL[j, l]: rows rank j sends to my local expert l
-        counts_PL = torch.empty_like(counts_E)
-        dist.all_to_all_single(counts_PL, counts_E, group=self.group)
+        counts_PL = counts_E.new_empty(p * n_local)
+        dist.all_to_all_single(counts_PL, counts_E, [n_local] * p, self.sizes, group=self.group)
         counts_PL = counts_PL.view(p, n_local)
-        send = counts_E.view(p, n_local).sum(1).tolist()
+        send = [int(c.sum()) for c in counts_E.cpu().split(self.sizes)]
         recv = counts_PL.sum(1).tolist()
         # 3. dispatch
         x_QD = all_to_all(x_TD[token_of_row_R], recv, send, self.group)
@@ -131,10 +140,19 @@ def gather_full_state(model: Transformer) -> dict[str, torch.Tensor]:
     for mname, module in model.named_modules():
         if isinstance(module, ExpertParallelExperts):
             for pname, param in module.named_parameters():
-                parts = [torch.empty_like(param) for _ in range(module.ep_size)]
-                dist.all_gather(parts, param.detach().contiguous(), group=module.group)
-                state[f"{mname}.{pname}"] = torch.cat(parts)
+                state[f"{mname}.{pname}"] = gather_blocks(param.detach(), module)
     return state
+
+
+def gather_blocks(local: torch.Tensor, module: ExpertParallelExperts) -> torch.Tensor:
+    """Concatenate every EP rank's block (dim 0) of a per-expert tensor; blocks may differ by one expert, so
+    they travel padded to the largest. Collective over the module's EP group."""
+    most = max(module.sizes)
+    padded = local.new_zeros((most, *local.shape[1:]))
+    padded[:local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(module.ep_size)]
+    dist.all_gather(parts, padded, group=module.group)
+    return torch.cat([part[:n] for part, n in zip(parts, module.sizes)])
 
 
 def full_model(model: Transformer) -> Transformer:

@@ -49,15 +49,15 @@ class Parallel:
 
 
 def check_sizes(world_size: int, ep: int, n_routed_experts: int | None) -> None:
-    """Raise ValueError unless `ep` divides both the world size and the routed experts."""
+    """Raise ValueError unless `ep` divides the world size and every EP rank gets at least one routed expert."""
     if ep < 1:
         raise ValueError(f"ep={ep} is invalid: expected an integer >= 1")
     if world_size % ep:
         raise ValueError(f"ep={ep} does not divide the number of processes (GPUs) {world_size}")
     if ep > 1 and n_routed_experts is None:
         raise ValueError(f"ep={ep} needs a model with routed experts (this one is dense)")
-    if n_routed_experts is not None and n_routed_experts % ep:
-        raise ValueError(f"ep={ep} does not divide n_routed_experts={n_routed_experts}")
+    if n_routed_experts is not None and ep > n_routed_experts:
+        raise ValueError(f"ep={ep} exceeds n_routed_experts={n_routed_experts}: every EP rank needs an expert")
 
 
 def default_device() -> torch.device:

@@ -2,10 +2,10 @@
 
 The layout is what `deepseekmoe.distributed` runs: G GPUs = dp x ep; every GPU reads its own micro-batch; the
 dense part (embeddings, attention, dense FFNs, shared experts, routers, norms, LM head) is replicated on every GPU
-(DDP); the routed experts of each MoE layer are split evenly over the ep GPUs of a group.
+(DDP); the routed experts of each MoE layer are split over the ep GPUs of a group (ceil(E/ep) on the fullest).
 
 Memory per GPU, training (mixed precision with `--dtype bf16`/`fp16`; AdamW):
-    weights      P_gpu x b                  P_gpu = P_dense + P_routed / ep, b = bytes of --dtype
+    weights      P_gpu x b                  P_gpu = P_dense + P_routed x ceil(E/ep) / E, b = bytes of --dtype
     gradients    P_gpu x b                  (gradients in the weight dtype, as DDP all-reduces them)
     optimizer    P_gpu x 12                 fp32 master copy + exp_avg + exp_avg_sq (4 + 4 + 4 bytes);
                  P_gpu x 8 with fp32        (no master copy needed)
@@ -124,7 +124,8 @@ def plan(c: ModelConfig, *, gpus: int, gpu_memory: float, ep: int = 1, micro_bat
     b = DTYPE_BYTES[dtype]
     routed = routed_expert_params(c)
     total = count(c, s).total_params
-    p_gpu = total - routed + routed // ep
+    experts_gpu = routed // c.n_routed_experts * -(-c.n_routed_experts // ep) if routed else 0  # type: ignore
+    p_gpu = total - routed + experts_gpu
     accum = global_batch // (micro_batch * gpus) if global_batch else 1
     p = Plan(gpus, ep, gpus // ep, dtype, inference, micro_batch, s, accum, p_gpu, gpu_memory=gpu_memory,
              tokens_per_step=micro_batch * s * gpus * accum)
@@ -138,7 +139,7 @@ def plan(c: ModelConfig, *, gpus: int, gpu_memory: float, ep: int = 1, micro_bat
                 "activations": tokens * activation_bytes_per_token(c, b, ep)}
     k = c.num_experts_per_tok if c.is_moe else 0
     p.all_to_all_bytes = c.num_moe_layers * 4 * tokens * accum * k * c.hidden_size * b * (ep - 1) / ep
-    dense, experts_gpu = total - routed, routed // ep
+    dense = total - routed
     p.all_reduce_bytes = _ring(dense * b, gpus) + _ring(experts_gpu * b, gpus // ep)
     p.compute_s = count(c, s).flops_per_token * tokens * accum / flops
     p.all_to_all_s = p.all_to_all_bytes / link_bandwidth
@@ -203,7 +204,7 @@ def plan_command(*, preset: str | None = None, config: str | None = None, gpus: 
         config: a YAML/JSON ModelConfig file or an HF config.json.
         gpus: number of GPUs (G = dp x ep).
         gpu_memory: memory of one GPU, e.g. 80GB, 40GiB (GB = 10^9 bytes).
-        ep: expert-parallel degree; divides gpus and n_routed_experts.
+        ep: expert-parallel degree; divides gpus, at most n_routed_experts.
         micro_batch: sequences per GPU per forward/backward.
         seq_len: tokens per sequence (default: max_position_embeddings).
         dtype: weight/activation dtype: bf16, fp16 or fp32.

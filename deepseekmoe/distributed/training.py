@@ -17,15 +17,16 @@ import torch
 import torch.distributed as dist
 
 from ..config import ModelConfig
-from .expert_parallel import ExpertParallelExperts
+from .expert_parallel import ExpertParallelExperts, expert_bounds, gather_blocks
 from .mesh import Parallel
 
 
 def run_model_config(config: ModelConfig, ep: int) -> ModelConfig:
     """With ep > 1 and n_device_groups left at 1, the device-level balance loss uses the EP ranks as its devices
-    (as the paper does for 145B). Applied to the run's config, so checkpoints and resumes at any world size see
-    the same loss."""
-    if ep > 1 and config.n_device_groups == 1 and config.n_routed_experts:
+    (as the paper does for 145B); only when ep divides the routed experts, since the loss needs equal groups.
+    Applied to the run's config, so checkpoints and resumes at any world size see the same loss."""
+    e = config.n_routed_experts
+    if ep > 1 and config.n_device_groups == 1 and e and e % ep == 0:
         return config.replace(n_device_groups=ep)
     return config
 
@@ -48,11 +49,13 @@ def reduce_step_stats(losses: torch.Tensor, counts_LE: torch.Tensor,
 
 
 def device_load(counts_LE: torch.Tensor, num_devices: int) -> list[float]:
-    """Share of all routed assignments that landed on each of `num_devices` contiguous expert groups."""
-    if counts_LE.numel() == 0 or counts_LE.shape[1] % num_devices:
+    """Share of all routed assignments that landed on each device's expert block (`expert_bounds`)."""
+    if counts_LE.numel() == 0:
         return []
-    per_device = counts_LE.sum(0).view(num_devices, -1).sum(1).double()
-    return (per_device / per_device.sum().clamp(min=1)).tolist()
+    bounds = expert_bounds(counts_LE.shape[1], num_devices)
+    per_expert = counts_LE.sum(0).double()
+    total = float(per_expert.sum().clamp(min=1))
+    return [float(per_expert[a:b].sum()) / total for a, b in zip(bounds, bounds[1:])]
 
 
 def _expert_owner(model: torch.nn.Module) -> dict[int, ExpertParallelExperts]:
@@ -76,9 +79,7 @@ def gather_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Mod
         entry = dict(state["state"][i])
         for key, value in entry.items():
             if torch.is_tensor(value) and value.shape == param.shape:
-                parts = [torch.empty_like(value) for _ in range(module.ep_size)]
-                dist.all_gather(parts, value.contiguous(), group=module.group)
-                entry[key] = torch.cat(parts)
+                entry[key] = gather_blocks(value, module)
         full["state"][i] = entry
     return full
 
