@@ -133,3 +133,10 @@ def test_help_lists_every_subcommand(capsys):
     out = capsys.readouterr().out
     for option in ("--preset", "--config", "--seq-len", "--json"):
         assert option in out
+
+
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_bad_seq_len_is_rejected(capsys, value):
+    rc, out, err = _run(capsys, "info", "--preset", "tiny-dense", f"--seq-len={value}")
+    assert rc == 2 and out == ""
+    assert err == f"deepseekmoe: error: seq_len={value} is invalid: expected an integer >= 1\n"
