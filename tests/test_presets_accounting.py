@@ -47,9 +47,9 @@ def test_every_preset_builds_on_meta_and_total_params_match(name):
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_tiny_presets_match_a_real_module(name):
+def test_tiny_presets_active_and_matmul_params_match_the_module(name):
     cfg = load_preset(name)
-    model = Transformer(cfg)
+    model = _meta_model(cfg)  # same module tree as a real one, no allocation
     active, matmul = _activated_from_module(model)
     acc = count(cfg, seq_len=256)
     assert acc.total_params == sum(p.numel() for p in model.parameters())
@@ -65,7 +65,12 @@ def test_tiny_deepseekmoe_active_params_by_hand():
     d, v, layers, e, k, ks, f = 128, 8192, 4, 63, 7, 1, 86
     per_layer = 4 * d * d + e * d + 3 * d * f * (k + ks) + 2 * d
     expected = 2 * v * d + d + layers * per_layer
-    assert count(load_preset("tiny-deepseekmoe")).active_params == expected == 3_449_472
+    cfg = load_preset("tiny-deepseekmoe")
+    assert count(cfg).active_params == expected == 3_449_472
+    real = Transformer(cfg)  # a real, allocated module
+    assert _activated_from_module(real)[0] == expected
+    total = 2 * v * d + d + layers * (4 * d * d + e * d + 3 * d * f * (e + ks) + 2 * d)
+    assert count(cfg).total_params == sum(p.numel() for p in real.parameters()) == total == 10_846_848
 
 
 def test_tied_embeddings_counted_once(make_config):
