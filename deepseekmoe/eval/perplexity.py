@@ -138,15 +138,16 @@ def run_config(run_dir: Path) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
-def recorded_data(run: dict | None, vocab_size: int) -> Path:
-    """The data directory a run trained on: its `data`, or the built-in corpus when that is null."""
+def recorded_data(run: dict | None) -> Path:
+    """The data directory a run trained on: its `data`, or the built-in corpus when that is null (as the trainer
+    resolves it)."""
     if run is None:
         raise ValueError("no run config.yaml records the training data; pass --data DATA_DIR_OR_TEXT_FILE")
     if run.get("data"):
         return Path(str(run["data"]))
     from ..data.builtin import ensure_builtin_data
 
-    return ensure_builtin_data(vocab_size=vocab_size)
+    return Path(ensure_builtin_data())
 
 
 def _check_same_tokenizer(data_dir: Path, tokenizer: Tokenizer) -> None:
@@ -184,7 +185,7 @@ def eval_command(checkpoint: str, *, data: str | None = None, json: bool = False
         data: a prepared data directory (its val split is used) or a plain text file; default: the data
             directory recorded in the run's config.yaml
         json: print one JSON object (loss, perplexity, bits_per_byte, tokens, bytes) instead of text
-        batch_size: windows per forward pass
+        batch_size: windows per forward pass (default 8)
         seq_len: tokens of context per window (default: the run's training sequence length, else the model's
             max_position_embeddings)
         max_batches: evaluate only the first N batches
@@ -197,7 +198,7 @@ def eval_command(checkpoint: str, *, data: str | None = None, json: bool = False
             raise ValueError(f"--{name.replace('_', '-')}={value} must be >= 1")
     model, tokenizer, ckpt = load_for_inference(checkpoint, device)
     run = run_config(_run_dir_of(Path(checkpoint), ckpt))
-    data_path = Path(data) if data else recorded_data(run, model.config.vocab_size)
+    data_path = Path(data) if data else recorded_data(run)
     tokens = heldout_tokens(data_path, tokenizer, model.config.bos_token_id, model.config.eos_token_id)
     trained_seq_len = ((run or {}).get("train") or {}).get("seq_len")
     seq_len = seq_len or int(trained_seq_len or model.config.max_position_embeddings)

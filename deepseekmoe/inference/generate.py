@@ -10,6 +10,7 @@ an eos check) reads it.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -79,7 +80,11 @@ def generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, max_n
     `stream`, when given, is called with each token id as soon as it is sampled.
     """
     device = model.embed_tokens.weight.device
-    prompt_BS = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).reshape(1, -1)
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+    if prompt.dim() > 1:
+        raise ValueError(f"generate continues one prompt (1-D ids), got shape {tuple(prompt.shape)}; "
+                         "generate_tokens decodes a batch")
+    prompt_BS = prompt.reshape(1, -1)
     check_length(model, prompt_BS.shape[1], max_new_tokens)
     check_sampling(temperature, top_k, top_p)
     generator = None
@@ -183,13 +188,13 @@ def generate_command(checkpoint: str, *, prompt: str | None = None, prompt_file:
         checkpoint: a checkpoint directory, or a run directory (its latest checkpoint is used)
         prompt: the text to continue
         prompt_file: read the prompt from this file ('-' for stdin) instead of --prompt
-        max_new_tokens: tokens to generate at most
-        temperature: sampling temperature; 0 decodes greedily
+        max_new_tokens: tokens to generate at most (default 200; fewer if the context fills up)
+        temperature: sampling temperature (default 0.8); 0 decodes greedily
         top_k: sample only among the k most likely tokens
         top_p: sample only from the smallest set of tokens whose probability reaches p
         seed: random seed, for reproducible samples
         device: cpu, cuda, cuda:1, ... (default: cuda when available)
-        echo: print the prompt before the generated text
+        echo: print the prompt before the generated text (default on)
     """
     check_sampling(temperature, top_k, top_p)
     text = read_prompt(prompt, prompt_file)
@@ -200,10 +205,14 @@ def generate_command(checkpoint: str, *, prompt: str | None = None, prompt_file:
         _stdout_write(text)
     stream = TextStream(tokenizer)
     t0 = time.perf_counter()
-    out = generate(model, ids, n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                   eos_token_id=model.config.eos_token_id, stream=stream)
-    stream.finish()
+    try:
+        out = generate(model, ids, n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                       eos_token_id=model.config.eos_token_id, stream=stream)
+        stream.finish()
+        _stdout_write("\n")
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     elapsed = time.perf_counter() - t0
-    _stdout_write("\n")
     print(f"[{len(out)} tokens in {elapsed:.2f} s, {len(out) / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
     return 0
