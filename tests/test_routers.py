@@ -142,3 +142,16 @@ def test_dense_config_has_no_router(make_config):
     cfg = make_config(router="none", n_routed_experts=None)
     with pytest.raises(ValueError, match="router='none' has no routed experts"):
         build_router(cfg)
+
+
+def test_capacity_routing_depends_on_later_tokens_dropless_does_not(make_config):
+    """Documented behaviour: with a capacity, a later token's first choice can drop an earlier token's second."""
+    r = _identity_router(make_config, 4, 2, router="gshard", capacity_factor=0.5)  # capacity ceil(0.5*2*2/4) = 1
+    early = (1, 0)
+    alone = r(_scores([early, (2, 3)], 4), batch_size=1).topk_weight_TK[0]
+    crowded = r(_scores([early, (0, 3)], 4), batch_size=1).topk_weight_TK[0]
+    assert alone[1] > 0 and crowded[1] == 0  # token 0's second choice (expert 0) lost to token 1's first
+    dropless = _identity_router(make_config, 4, 2, router="gshard")
+    a = dropless(_scores([early, (2, 3)], 4), batch_size=1).topk_weight_TK[0]
+    b = dropless(_scores([early, (0, 3)], 4), batch_size=1).topk_weight_TK[0]
+    assert torch.equal(a, b)

@@ -7,6 +7,9 @@ Shape legend: T tokens (B*S), D hidden, E routed experts, K experts per token.
                  "softmax_topk" (any K), "switch" (K = 1) and "gshard" (K = 2). Optional capacity factor drops
                  assignments beyond each expert's capacity (first choices of all tokens take priority over
                  second choices, then token order); dropped assignments keep their index but get gate 0.
+                 Capacity is shared by all T tokens of the batch, so with a capacity factor a token's routing
+                 depends on other tokens, later ones included (not causal; cached decoding differs from the
+                 full forward). The paper's runs are dropless (capacity_factor None), which is causal.
   * HashRouter   a fixed token-id -> expert table, no learned parameters, gate 1 (Hash Layer baseline). The
                  table is a seeded random permutation of the vocabulary dealt round-robin to the experts, so each
                  expert owns the same number of vocabulary entries (+-1); it is rebuilt from (vocab, E, seed).
