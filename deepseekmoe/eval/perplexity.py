@@ -10,9 +10,10 @@ shorter than one window is evaluated as a single shorter window). --max-batches 
                  ending a document is part of modelling the text)
   perplexity     exp(loss)
   bits_per_byte  sum of the nats / (ln 2 * bytes), where bytes = the UTF-8 bytes of the predicted tokens (special
-                 tokens count 0 bytes). Over a whole split this is the split's text length, but counting per
-                 predicted token stays exact when only part of the stream is evaluated, and it makes models with
-                 different tokenizers comparable.
+                 tokens count 0 bytes). When every token is scored this is the text's UTF-8 length (the one
+                 unscored token, the first, is bos: 0 bytes); counting per predicted token keeps the ratio exact
+                 when only part of the stream is scored (the trainer's val_bpb instead scales by meta.json's
+                 average bytes per token, so the two can differ slightly on a partial split).
 """
 
 from __future__ import annotations
