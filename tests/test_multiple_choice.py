@@ -84,3 +84,34 @@ def test_formats(tmp_path):
     assert exs[4].requests == [("Tom gave Ann", " the ball."), ("Tom gave Bob", " the ball.")]
     with pytest.raises(ValueError, match="unrecognised"):
         parse_example({"foo": 1})
+
+
+def test_eval_task_command_matches_library(tmp_path, capsys):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from deepseekmoe.cli import main
+    from deepseekmoe.train.checkpoint import save_model
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["a cat sat on the mat. the dog ran. " * 30],
+                            trainers.BpeTrainer(vocab_size=280, special_tokens=["<|bos|>", "<|eos|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
+                      num_experts_per_tok=2, max_position_embeddings=64, initializer_range=0.3, bos_token_id=0)
+    model = Transformer(cfg).eval()
+    save_model(model, tmp_path / "ckpt", tmp_path / "tokenizer.json")
+    items = [{"context": "the cat", "choices": ["sat", "ran", "dog"], "label": i % 3} for i in range(4)]
+    items += [{"goal": "a dog", "sol1": "ran.", "sol2": "sat on", "label": 1}]
+    task = tmp_path / "task.jsonl"
+    task.write_text("\n".join(json.dumps(i) for i in items))
+    assert main(["eval", str(tmp_path / "ckpt"), "--task", str(task), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    encode = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
+    want = evaluate_multiple_choice(model, encode, load_task(task), bos_token_id=0)
+    assert got["acc"] == want["acc"] and got["acc_norm"] == want["acc_norm"] and got["examples"] == 5
+    assert main(["eval", str(tmp_path / "ckpt"), "--task", str(tmp_path / "none.jsonl")]) == 2

@@ -173,9 +173,11 @@ def heldout_tokens(data: Path, tokenizer: Tokenizer, bos_token_id: int | None,
     return np.asarray(bos + tokenizer.encode(text, add_special_tokens=False).ids + eos, dtype=np.int64)
 
 
-def eval_command(checkpoint: str, *, data: str | None = None, json: bool = False, batch_size: int = 8,
-                 seq_len: int | None = None, max_batches: int | None = None, device: str | None = None) -> int:
-    """Evaluate a trained model on held-out text: loss (nats/token), perplexity and bits per byte.
+def eval_command(checkpoint: str, *, data: str | None = None, task: str | None = None, json: bool = False,
+                 batch_size: int = 8, seq_len: int | None = None, max_batches: int | None = None,
+                 device: str | None = None) -> int:
+    """Evaluate a trained model on held-out text: loss (nats/token), perplexity and bits per byte; or, with
+    --task, multiple-choice accuracy (acc, length-normalised acc_norm) on a local JSONL task.
 
     The held-out token stream is cut into consecutive windows of --seq-len tokens (the trainer's validation
     windows); every token after the first is predicted once, up to the last full window. Bits per byte divides
@@ -185,6 +187,8 @@ def eval_command(checkpoint: str, *, data: str | None = None, json: bool = False
         checkpoint: a checkpoint directory, or a run directory (its latest checkpoint is used)
         data: a prepared data directory (its val split is used) or a plain text file; default: the data
             directory recorded in the run's config.yaml
+        task: a multiple-choice JSONL file (HellaSwag, PIQA, ARC, WinoGrande or generic
+            {"context", "choices", "label"} items) scored by continuation log-likelihood
         json: print one JSON object (loss, perplexity, bits_per_byte, tokens, bytes) instead of text
         batch_size: windows per forward pass (default 8)
         seq_len: tokens of context per window (default: the run's training sequence length, else the model's
@@ -198,6 +202,8 @@ def eval_command(checkpoint: str, *, data: str | None = None, json: bool = False
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')}={value} must be >= 1")
     model, tokenizer, ckpt = load_for_inference(checkpoint, device)
+    if task is not None:
+        return _task_command(model, tokenizer, task, batch_size, json)
     run = run_config(_run_dir_of(Path(checkpoint), ckpt))
     data_path = Path(data) if data else recorded_data(run)
     tokens = heldout_tokens(data_path, tokenizer, model.config.bos_token_id, model.config.eos_token_id)
@@ -210,4 +216,17 @@ def eval_command(checkpoint: str, *, data: str | None = None, json: bool = False
     else:
         print(f"loss           {result.loss:.4f} nats/token\nperplexity     {result.perplexity:.3f}\n"
               f"bits per byte  {result.bits_per_byte:.4f}\ntokens         {result.tokens} ({result.bytes} bytes)")
+    return 0
+
+
+def _task_command(model, tokenizer, task: str, batch_size: int, as_json: bool) -> int:
+    from .multiple_choice import evaluate_multiple_choice, load_task
+
+    examples = load_task(task)
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    result = evaluate_multiple_choice(model, encode, examples, model.config.bos_token_id, batch_size)
+    if as_json:
+        print(jsonlib.dumps({"task": task, **result}))
+    else:
+        print(f"acc       {result['acc']:.4f}\nacc_norm  {result['acc_norm']:.4f}\nexamples  {result['examples']}")
     return 0
