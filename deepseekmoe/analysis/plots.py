@@ -82,6 +82,7 @@ def disable_top_curve(curves: dict[str, Sequence[dict[str, Any]]], path: str | P
         ax.plot([r["ratio"] for r in rows], [r["loss"] for r in rows], marker="o", label=name)
     ticks = sorted({r["ratio"] for rows in curves.values() for r in rows})
     ax.set_xticks(ticks, [_fraction_label(t) for t in ticks])
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("ratio of disabled top routed experts")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Disabling each token's top routed experts (paper Fig. 4)")
@@ -99,6 +100,7 @@ def topk_curve(curves: dict[str, Sequence[dict[str, Any]]], path: str | Path,
     for name, value in (references or {}).items():
         ax.axhline(value, ls="--", lw=1, color="gray")
         ax.annotate(name, (ax.get_xlim()[0], value), fontsize=7, va="bottom")
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("activated routed experts at evaluation")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Fewer activated routed experts (paper Fig. 5)")
@@ -123,6 +125,7 @@ def loss_curves(curves: dict[str, Sequence[Sequence[tuple[float, float]]]], path
         (line,) = ax.plot(steps, vals.mean(axis=0), label=f"{name} ({len(runs)} run{'s' * (len(runs) > 1)})")
         if len(runs) > 1:
             ax.fill_between(steps, vals.min(axis=0), vals.max(axis=0), color=line.get_color(), alpha=0.2)
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title or "Loss curves")

@@ -1,0 +1,319 @@
+"""`deepseekmoe compare`: train the paper's comparison suites with one recipe and write an honest table.
+
+Every model of a suite is trained by the trainer (`deepseekmoe.train.trainer.train_command`) on the same data,
+with the same recipe (steps, batch, sequence length, LR schedule), the same seeds 0..S-1 and so the same token
+budget. Layout of OUT:
+
+    recipe.json                   the recipe; a later call with a different one is refused (results would mix)
+    runs/<preset>/seed<k>/        one trainer run directory per (model, seed), shared by the suites
+    results.json, results.md      the tables (see `table_rows`), rewritten after every finished run
+    loss_curves.png               per suite: training LM loss (mean over seeds, min..max shaded)
+    analysis/                     routing statistics and Figs. 4-5 on seed 0's final checkpoints (--analyze)
+
+Resuming: a finished run (final checkpoint and final validation record at the last step) is skipped, a run with
+a checkpoint is continued with the trainer's --resume, a run directory without a checkpoint is started afresh.
+Noise: the gap of a model to the suite's reference is called real only when it exceeds 2 x the pooled std over
+seeds, sqrt((s_a^2 + s_b^2) / 2) (sample std, ddof=1); with one seed no gap can be judged and the table says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..accounting import count
+from ..cli import CliError
+from ..config import ModelConfig
+from ..presets import load_preset
+from ..train.checkpoint import list_checkpoints
+from .results import RESULTS_JSON, read_records, read_run, table_markdown, write_json
+
+RECIPE_JSON = "recipe.json"
+
+
+@dataclass(frozen=True)
+class Suite:
+    title: str
+    models: tuple[tuple[str, str], ...]
+    """(label, preset suffix) in table order."""
+    reference: str
+    """Suffix of the model the others are compared with."""
+    paper_loss: tuple[tuple[str, float], ...] = ()
+    """The paper's Pile validation loss per suffix (2B scale, 100B tokens), where printed."""
+    paper_note: str = ""
+
+
+SUITES: dict[str, Suite] = {
+    "table1": Suite(
+        "Table 1: DeepSeekMoE against the baselines at equal total parameters",
+        (("Dense", "dense"), ("Hash Layer", "hash"), ("Switch", "switch"), ("GShard", "gshard"),
+         ("DeepSeekMoE", "deepseekmoe")), "deepseekmoe",
+        (("dense", 2.060), ("hash", 1.932), ("switch", 1.881), ("gshard", 1.867), ("deepseekmoe", 1.808)),
+        "paper ordering: DeepSeekMoE < GShard < Switch ~ Hash < Dense"),
+    "ablation": Suite(
+        "Figure 3 ablation: shared-expert isolation and fine-grained segmentation",
+        (("GShard (0+2/16)", "gshard"), ("+ shared isolation (1+1/15)", "ablation-shared"),
+         ("+ fine-grained m=2 (1+3/31)", "ablation-m2"), ("+ m=4 = DeepSeekMoE (1+7/63)", "deepseekmoe")),
+        "deepseekmoe", (), "paper: every step improves the benchmarks (no losses printed)"),
+    "shared-ratio": Suite(
+        "Shared : routed ratio (64 experts of 1/4 size, 8 activated)",
+        (("1 shared + 7/63", "deepseekmoe"), ("2 shared + 6/62", "shared2"), ("4 shared + 4/60", "shared4")),
+        "deepseekmoe", (("deepseekmoe", 1.808), ("shared2", 1.806), ("shared4", 1.811)),
+        "paper: all three within 0.005; 1:3 adopted"),
+    "upper-bound": Suite(
+        "Table 2: DeepSeekMoE against larger GShard and the Dense x16 upper bound",
+        (("GShard x1.5", "gshard-x1.5"), ("Dense x16", "dense-x16"), ("DeepSeekMoE", "deepseekmoe")),
+        "deepseekmoe", (("gshard-x1.5", 1.808), ("dense-x16", 1.806), ("deepseekmoe", 1.808)),
+        "paper: DeepSeekMoE matches GShard x1.5 and nearly Dense x16"),
+}
+SCALE_NAMES = {"2b": {"deepseekmoe": "deepseekmoe-2b", "dense": "dense-0.2b"}}
+DEFAULT_STEPS = {"tiny": 400, "small": 400}
+
+
+def preset_for(scale: str, suffix: str) -> str:
+    name = SCALE_NAMES.get(scale, {}).get(suffix, f"{scale}-{suffix}")
+    load_preset(name)  # KeyError naming the choices when the scale has no such model
+    return name
+
+
+def custom_suite(presets: list[str]) -> Suite:
+    """A suite of explicit presets; the last one is the reference."""
+    for name in presets:
+        load_preset(name)
+    return Suite("Custom comparison", tuple((p, p) for p in presets), presets[-1])
+
+
+def resolve_suites(suite: str, scale: str, models: list[str] | None) -> dict[str, tuple[Suite, dict[str, str]]]:
+    """{suite name: (suite, {suffix: preset})}."""
+    if models:
+        s = custom_suite(models)
+        return {"custom": (s, {p: p for p in models})}
+    names = list(SUITES) if suite == "all" else [suite]
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown suite {unknown[0]!r}; choose one of {', '.join(SUITES)}, all")
+    return {n: (SUITES[n], {sfx: preset_for(scale, sfx) for _, sfx in SUITES[n].models}) for n in names}
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def run_dir_for(out: Path, preset: str, seed: int) -> Path:
+    return out / "runs" / preset / f"seed{seed}"
+
+
+def run_status(run_dir: Path, steps: int) -> str:
+    """'done' (final checkpoint and final validation), 'partial' (has a checkpoint) or 'new'."""
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return "new"
+    if ckpts[-1].name.endswith(f"{steps:08d}") and any(
+            r.get("kind") == "val" and r.get("step") == steps for r in read_records(run_dir)):
+        return "done"
+    return "partial"
+
+
+def recipe_overrides(recipe: dict[str, Any], seed: int) -> list[str]:
+    """The trainer's key=value overrides for one run of the suite's recipe."""
+    steps = recipe["steps"]
+    return [f"train.seed={seed}", f"train.batch_size={recipe['batch_size']}", f"train.seq_len={recipe['seq_len']}",
+            f"train.warmup_steps={recipe['warmup_steps']}", f"train.eval_batches={recipe['eval_batches']}",
+            f"train.log_every={max(1, min(10, steps // 20))}", f"train.eval_every={max(1, steps // 4)}",
+            f"train.save_every={recipe['save_every']}", "train.keep_last=1", "train.sample_tokens=0",
+            "train.tensorboard=false"]
+
+
+def train_run(preset: str, seed: int, run_dir: Path, recipe: dict[str, Any], resume: bool) -> int:
+    """One trainer run (in this process); returns the trainer's exit code (130 when interrupted)."""
+    from ..train.trainer import train_command
+
+    return train_command(recipe_overrides(recipe, seed), preset=preset, data=recipe["data"], out=str(run_dir),
+                         max_steps=recipe["steps"], resume=resume)
+
+
+def _check_recipe(out: Path, recipe: dict[str, Any]) -> None:
+    path = out / RECIPE_JSON
+    if path.is_file():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in recipe if k != "seeds" and old.get(k) != recipe[k])
+        if changed:
+            raise CliError(f"{out} holds runs made with a different recipe ({', '.join(f'{k}={old.get(k)}' for k in changed)}); "
+                           "use another --out")
+    write_json(path, recipe)
+
+
+def _run_all(jobs: list[tuple[str, int]], out: Path, recipe: dict[str, Any]) -> bool:
+    """Train every (preset, seed) not yet done, with progress; False when interrupted."""
+    started, trained = time.perf_counter(), 0
+    for i, (preset, seed) in enumerate(jobs):
+        run_dir = run_dir_for(out, preset, seed)
+        status = run_status(run_dir, recipe["steps"])
+        head = f"[{i + 1}/{len(jobs)}] {preset} seed {seed}"
+        if status == "done":
+            print(f"{head}: done, skipped", file=sys.stderr, flush=True)
+            continue
+        if status == "new" and run_dir.exists():
+            shutil.rmtree(run_dir)  # started but never checkpointed: nothing to keep
+        print(f"{head}: {'resuming' if status == 'partial' else 'training'}", file=sys.stderr, flush=True)
+        if train_run(preset, seed, run_dir, recipe, resume=status == "partial") != 0:
+            print(f"{head}: interrupted; run the same command again to resume", file=sys.stderr)
+            return False
+        trained += 1
+        elapsed = time.perf_counter() - started
+        left = sum(run_status(run_dir_for(out, p, s), recipe["steps"]) != "done" for p, s in jobs[i + 1:])
+        print(f"{head}: finished; {elapsed / 60:.1f} min so far, about {elapsed / trained * left / 60:.0f} min "
+              f"left for {left} run(s)", file=sys.stderr, flush=True)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ results
+def model_results(preset: str, label: str, out: Path, recipe: dict[str, Any]) -> dict[str, Any]:
+    acc = count(run_model_config(run_dir_for(out, preset, 0)) or load_preset(preset), recipe["seq_len"])
+    runs = [read_run(run_dir_for(out, preset, s)) | {"seed": s} for s in range(recipe["seeds"])]
+    losses = [r["val_loss"] for r in runs if r.get("val_loss") is not None]
+    bpbs = [r["val_bpb"] for r in runs if r.get("val_bpb") is not None]
+    speeds = [r["tokens_per_s"] for r in runs if r.get("tokens_per_s")]
+    return {"label": label, "preset": preset, "total_params": acc.total_params,
+            "active_params": acc.active_params, "flops_per_token": acc.flops_per_token,
+            "val_loss_mean": _mean(losses), "val_loss_std": _std(losses), "val_bpb_mean": _mean(bpbs),
+            "val_bpb_std": _std(bpbs), "tokens_per_s": _mean(speeds), "num_seeds": len(losses), "runs": runs}
+
+
+def run_model_config(run_dir: Path) -> ModelConfig | None:
+    """The model config a run actually trained (vocabulary bound to the data), from its latest checkpoint."""
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return None
+    return ModelConfig.from_dict(json.loads((ckpts[-1] / "config.json").read_text()))
+
+
+def _mean(xs: list[float]) -> float | None:
+    return statistics.fmean(xs) if xs else None
+
+
+def _std(xs: list[float]) -> float | None:
+    return statistics.stdev(xs) if len(xs) > 1 else None
+
+
+def gap_to_reference(m: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    """Loss gap (model - reference) and whether it exceeds 2 x the pooled seed std."""
+    if m["val_loss_mean"] is None or ref["val_loss_mean"] is None:
+        return {"gap": None, "noise": None, "beyond_noise": None}
+    gap = m["val_loss_mean"] - ref["val_loss_mean"]
+    if m["val_loss_std"] is None or ref["val_loss_std"] is None:
+        return {"gap": gap, "noise": None, "beyond_noise": None}
+    noise = 2 * math.sqrt((m["val_loss_std"] ** 2 + ref["val_loss_std"] ** 2) / 2)
+    return {"gap": gap, "noise": noise, "beyond_noise": abs(gap) > noise}
+
+
+def suite_results(name: str, suite: Suite, presets: dict[str, str], out: Path,
+                  recipe: dict[str, Any]) -> dict[str, Any]:
+    models = [model_results(presets[sfx], label, out, recipe) | {"suffix": sfx} for label, sfx in suite.models]
+    ref = next(m for m in models if m["suffix"] == suite.reference)
+    paper = dict(suite.paper_loss)
+    for m in models:
+        m.update(gap_to_reference(m, ref))
+        m["paper_loss"] = paper.get(m["suffix"])
+    ranked = sorted((m for m in models if m["val_loss_mean"] is not None), key=lambda m: m["val_loss_mean"])
+    return {"suite": name, "title": suite.title, "reference": ref["label"], "paper_note": suite.paper_note,
+            "observed_order": " < ".join(m["label"] for m in ranked), "models": models}
+
+
+def write_results(out: Path, recipe: dict[str, Any], suites: dict[str, tuple[Suite, dict[str, str]]]) -> dict:
+    results = {"recipe": recipe, "suites": [suite_results(n, s, p, out, recipe) for n, (s, p) in suites.items()]}
+    write_json(out / RESULTS_JSON, results)
+    (out / "results.md").write_text(table_markdown(results))
+    return results
+
+
+def write_plots(out: Path, results: dict[str, Any]) -> list[str]:
+    """loss_curves.png (first suite) and loss_curves_<suite>.png for the others."""
+    from . import plots
+
+    files = []
+    for i, suite in enumerate(results["suites"]):
+        name = "loss_curves.png" if i == 0 else f"loss_curves_{suite['suite']}.png"
+        curves = {m["label"]: [r["curve"] for r in m["runs"]] for m in suite["models"]}
+        plots.loss_curves(curves, out / name, "training LM loss (nats/token)", suite["title"])
+        files.append(name)
+    return files
+
+
+def analyze_finals(out: Path, results: dict[str, Any], recipe: dict[str, Any]) -> None:
+    """Routing analysis (stats, Figs. 4-5, shared swap) of every routed model's seed-0 final checkpoint."""
+    from .analyze import _decoder, analyze_model, validation_batches, write_plots as analysis_plots
+    from ..data.builtin import ensure_builtin_data
+    from ..train.checkpoint import load_model
+
+    data_dir = Path(recipe["data"]) if recipe["data"] else Path(ensure_builtin_data())
+    batches = validation_batches(data_dir, recipe["batch_size"], recipe["seq_len"], recipe["eval_batches"])
+    labels: dict[str, str] = {}
+    for s in results["suites"]:
+        for m in s["models"]:
+            labels.setdefault(m["preset"], m["label"])
+    checkpoints = []
+    for preset, label in labels.items():
+        run_dir = run_dir_for(out, preset, 0)
+        if run_status(run_dir, recipe["steps"]) != "done":
+            continue
+        print(f"analyzing {preset} (seed 0)", file=sys.stderr, flush=True)
+        model, ckpt = load_model(run_dir)
+        checkpoints.append({"name": label, "checkpoint": str(ckpt),
+                            **analyze_model(model, batches, _decoder(ckpt, data_dir))})
+    files = analysis_plots(checkpoints, out / "analysis")
+    write_json(out / "analysis" / "analysis.json", {"data": str(data_dir), "seq_len": recipe["seq_len"],
+                                                    "batches": len(batches), "checkpoints": checkpoints,
+                                                    "plots": files})
+
+
+def compare_command(*, suite: str = "table1", data: str | None = None, steps: int | None = None, seeds: int = 2,
+                    scale: str = "tiny", out: str = "compare", models: list[str] | None = None,
+                    batch_size: int = 8, seq_len: int = 256, eval_batches: int = 16,
+                    analyze: bool = True) -> int:
+    """Train the paper's comparison suites with one recipe and write results.json, results.md, loss_curves.png.
+
+    Each model of the suite is trained on the same data with the same recipe, seeds and token budget; the table
+    gives parameters, FLOPs, final validation loss (mean ± std over seeds), bits per byte, throughput, and whether
+    each gap to the reference exceeds 2x the seed noise. Interrupted suites resume: run the same command again.
+    The default (table1, tiny, 400 steps of 8 x 256 tokens, 2 seeds) takes about an hour on 2 CPU cores.
+
+    Args:
+        suite: table1 (Dense, Hash, Switch, GShard, DeepSeekMoE), ablation (Fig. 3), shared-ratio, upper-bound
+            (Table 2: GShard x1.5, Dense x16), or all.
+        data: prepared data directory (default: the built-in corpus).
+        steps: optimizer steps per run (default: 400; small scale is about 10x slower per step than tiny).
+        seeds: runs per model, seeds 0..N-1 (two or more to judge gaps against seed noise).
+        scale: model family: tiny (~11M, CPU), small (~120M), 2b (the paper's size).
+        out: output directory (reused to resume).
+        models: explicit presets to compare instead of a suite (the last one is the reference).
+        batch_size: sequences per step.
+        seq_len: tokens per sequence.
+        eval_batches: validation batches (fixed windows) for the final loss.
+        analyze: also run the routing analysis on seed 0's final checkpoints.
+    """
+    if seeds < 1 or (steps is not None and steps < 1):
+        raise ValueError("--seeds and --steps must be at least 1")
+    suites = resolve_suites(suite, scale, models)
+    n_steps = steps or DEFAULT_STEPS.get(scale, 300)
+    recipe = {"steps": n_steps, "seeds": seeds, "batch_size": batch_size, "seq_len": seq_len,
+              "eval_batches": eval_batches, "warmup_steps": max(1, min(50, n_steps // 10)),
+              "save_every": max(1, n_steps // 10), "data": str(Path(data).resolve()) if data else None,
+              "scale": scale}
+    out_dir = Path(out)
+    _check_recipe(out_dir, recipe)
+    jobs = list(dict.fromkeys((p, s) for _, presets in suites.values() for p in presets.values()
+                              for s in range(seeds)))
+    finished = _run_all(jobs, out_dir, recipe)
+    results = write_results(out_dir, recipe, suites)
+    write_plots(out_dir, results)
+    if not finished:
+        return 130
+    if analyze:
+        analyze_finals(out_dir, results, recipe)
+    print((out_dir / "results.md").read_text())
+    return 0

@@ -1,0 +1,123 @@
+"""compare: suites, noise verdicts, run states, and a micro suite end to end (train, table, resume)."""
+
+import json
+
+import pytest
+
+from deepseekmoe.analysis import compare
+from deepseekmoe.analysis.results import HEADERS, table_rows
+from deepseekmoe.cli import CliError
+from train_helpers import make_data_dir
+
+
+def test_suites_resolve_to_matched_presets():
+    suites = compare.resolve_suites("table1", "tiny", None)
+    assert list(suites["table1"][1].values()) == ["tiny-dense", "tiny-hash", "tiny-switch", "tiny-gshard",
+                                                  "tiny-deepseekmoe"]
+    assert compare.resolve_suites("table1", "2b", None)["table1"][1]["deepseekmoe"] == "deepseekmoe-2b"
+    assert set(compare.resolve_suites("all", "small", None)) == set(compare.SUITES)
+    assert compare.resolve_suites("ablation", "tiny", ["tiny-dense", "tiny-gshard"])["custom"][0].reference \
+        == "tiny-gshard"
+    with pytest.raises(ValueError, match="unknown suite 'table9'"):
+        compare.resolve_suites("table9", "tiny", None)
+    with pytest.raises(KeyError, match="huge-dense"):
+        compare.resolve_suites("table1", "huge", None)
+
+
+def _model(label, mean, std):
+    return {"label": label, "val_loss_mean": mean, "val_loss_std": std}
+
+
+def test_gap_is_judged_against_twice_the_pooled_seed_std():
+    ref = _model("ref", 2.80, 0.10)
+    real = compare.gap_to_reference(_model("a", 3.05, 0.10), ref)
+    assert real["gap"] == pytest.approx(0.25) and real["noise"] == pytest.approx(0.2) and real["beyond_noise"]
+    noise = compare.gap_to_reference(_model("b", 2.95, 0.10), ref)
+    assert noise["beyond_noise"] is False
+    # pooled std of 0.3 and 0.1 is sqrt(0.05): noise 2 * 0.2236
+    assert compare.gap_to_reference(_model("c", 3.2, 0.3), ref)["noise"] == pytest.approx(2 * 0.05 ** 0.5)
+    one_seed = compare.gap_to_reference(_model("d", 3.0, None), _model("ref", 2.8, None))
+    assert one_seed == {"gap": pytest.approx(0.2), "noise": None, "beyond_noise": None}
+
+
+def test_table_rows_say_which_gaps_exceed_noise():
+    suite = {"reference": "R", "models": [
+        {"label": "A", "total_params": 10_846_848, "active_params": 3_449_472, "flops_per_token": 15_971_328,
+         "val_loss_mean": 3.05, "val_loss_std": 0.1, "val_bpb_mean": 1.2, "val_bpb_std": 0.01,
+         "tokens_per_s": 2500.4, "gap": 0.25, "noise": 0.2, "beyond_noise": True, "paper_loss": 1.867},
+        {"label": "B", "total_params": 1, "active_params": 1, "flops_per_token": 1, "val_loss_mean": 2.9,
+         "val_loss_std": 0.1, "val_bpb_mean": None, "val_bpb_std": None, "tokens_per_s": None, "gap": 0.1,
+         "noise": 0.2, "beyond_noise": False, "paper_loss": None},
+        {"label": "R", "total_params": 1, "active_params": 1, "flops_per_token": 1, "val_loss_mean": 2.8,
+         "val_loss_std": 0.1, "val_bpb_mean": None, "val_bpb_std": None, "tokens_per_s": None, "gap": 0.0,
+         "noise": 0.2, "beyond_noise": False, "paper_loss": None}]}
+    a, b, r = table_rows(suite)
+    assert len(a) == len(HEADERS)
+    assert a == ["A", "10.85M", "3.45M", "15.97M", "3.0500 ± 0.1000", "1.2000 ± 0.0100", "2,500", "+0.2500",
+                 "yes", "1.867"]
+    assert b[7:9] == ["+0.1000", "no (noise 0.2000)"] and r[7:9] == ["–", "reference"]
+
+
+def _fake_run(run_dir, steps, checkpoint_step=None, final_val=True):
+    ckpt = run_dir / "checkpoints" / f"step_{checkpoint_step or steps:08d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"")
+    records = [{"kind": "train", "step": 1, "lm_loss": 5.0, "tokens_per_s": 100.0}]
+    if final_val:
+        records.append({"kind": "val", "step": steps, "val_loss": 4.0, "val_bpb": 1.5, "val_tokens": 64})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_run_states_and_resume_decisions(tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    _fake_run(compare.run_dir_for(out, "tiny-dense", 0), 4)
+    _fake_run(compare.run_dir_for(out, "tiny-gshard", 0), 4, checkpoint_step=2, final_val=False)
+    stale = compare.run_dir_for(out, "tiny-switch", 0)
+    stale.mkdir(parents=True)
+    (stale / "metrics.jsonl").write_text("")
+    assert [compare.run_status(compare.run_dir_for(out, p, 0), 4) for p in ("tiny-dense", "tiny-gshard",
+            "tiny-switch")] == ["done", "partial", "new"]
+    calls = []
+    monkeypatch.setattr(compare, "train_run", lambda p, s, d, r, resume: calls.append((p, s, resume)) or 0)
+    jobs = [("tiny-dense", 0), ("tiny-gshard", 0), ("tiny-switch", 0)]
+    assert compare._run_all(jobs, out, {"steps": 4})
+    assert calls == [("tiny-gshard", 0, True), ("tiny-switch", 0, False)]
+    assert not stale.exists()  # a run that never saved a checkpoint starts afresh
+    monkeypatch.setattr(compare, "train_run", lambda *a, **k: 130)
+    assert not compare._run_all([("tiny-hash", 0)], out, {"steps": 4})
+
+
+def test_a_changed_recipe_is_refused(tmp_path):
+    recipe = {"steps": 2, "seeds": 1, "batch_size": 2}
+    compare._check_recipe(tmp_path, recipe)
+    compare._check_recipe(tmp_path, {**recipe, "seeds": 3})  # more seeds only add runs
+    with pytest.raises(CliError, match="different recipe .*steps=2"):
+        compare._check_recipe(tmp_path, {**recipe, "steps": 5})
+
+
+@pytest.mark.slow
+def test_micro_suite_writes_table_and_second_call_trains_nothing(tmp_path, monkeypatch):
+    data = make_data_dir(tmp_path / "data")
+    out = tmp_path / "cmp"
+    kwargs = dict(models=["tiny-dense", "tiny-gshard"], steps=2, seeds=1, data=str(data), out=str(out),
+                  batch_size=2, seq_len=32, eval_batches=2)
+    assert compare.compare_command(**kwargs) == 0
+    results = json.loads((out / "results.json").read_text())
+    (suite,) = results["suites"]
+    assert [m["preset"] for m in suite["models"]] == ["tiny-dense", "tiny-gshard"]
+    for m in suite["models"]:
+        assert m["num_seeds"] == 1 and m["val_loss_mean"] > 0 and m["tokens_per_s"] > 0
+        assert m["runs"][0]["steps"] == 2 and m["val_loss_std"] is None
+    dense, gshard = suite["models"]
+    assert dense["total_params"] == dense["active_params"] < gshard["active_params"] < gshard["total_params"]
+    md = (out / "results.md").read_text()
+    assert "| " + " | ".join(HEADERS) + " |" in md and "| tiny-dense |" in md and "n/a (1 seed)" in md
+    assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    analysis = json.loads((out / "analysis" / "analysis.json").read_text())
+    assert [c["name"] for c in analysis["checkpoints"]] == ["tiny-dense", "tiny-gshard"]
+    assert len(analysis["checkpoints"][1]["disable_top"]) == 5
+    before = (out / "runs" / "tiny-gshard" / "seed0" / "metrics.jsonl").read_text()
+    monkeypatch.setattr(compare, "train_run", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert compare.compare_command(**kwargs, analyze=False) == 0
+    assert (out / "runs" / "tiny-gshard" / "seed0" / "metrics.jsonl").read_text() == before
+    assert json.loads((out / "results.json").read_text())["suites"] == results["suites"]
