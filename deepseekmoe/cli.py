@@ -102,8 +102,15 @@ def _add_params(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None
                                 required=not has_default, **kw)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes print one line (`deepseekmoe <cmd>: error: ...`) and exit 2; --help shows the usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="deepseekmoe", description="DeepSeekMoE: fine-grained + shared-expert Mixture-of-Experts LMs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, target in COMMANDS.items():

@@ -140,3 +140,12 @@ def test_bad_seq_len_is_rejected(capsys, value):
     rc, out, err = _run(capsys, "info", "--preset", "tiny-dense", f"--seq-len={value}")
     assert rc == 2 and out == ""
     assert err == f"deepseekmoe: error: seq_len={value} is invalid: expected an integer >= 1\n"
+
+
+@pytest.mark.parametrize("argv", [["info", "--bogus"], ["no-such-command"], ["info", "--seq-len", "abc"]])
+def test_usage_mistakes_are_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error:" in err[0]
