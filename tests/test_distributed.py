@@ -7,7 +7,10 @@ test then compares what the ranks recorded with a single-process computation don
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import tiny_config
+from train_helpers import make_data_dir, read_metrics, tiny_overrides
 from deepseekmoe import MoE, Transformer
+from deepseekmoe.cli import main as cli_main
 from deepseekmoe.distributed import (
     Parallel, all_to_all, clip_grad_norm_, init_parallel, local_batch, parallelize, save_full_checkpoint,
 )
@@ -279,3 +284,38 @@ def test_device_load_uses_the_ep_blocks():
 
     counts_LE = torch.tensor([[1, 2, 3, 4, 5], [0, 0, 0, 0, 5]])  # 5 experts over 2 devices: [0, 3) and [3, 5)
     assert device_load(counts_LE, 2) == pytest.approx([6 / 20, 14 / 20])
+
+
+# ------------------------------------------------------------------ the train command under torchrun
+def _torchrun(args: list[str], cwd: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "deepseekmoe", "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def test_torchrun_train_ep2_matches_one_process_and_checkpoints_move_both_ways(tmp_path: Path):
+    data = make_data_dir(tmp_path / "data")
+    args = [*tiny_overrides(max_steps=4, save_every=2), "model.device_aux_loss_alpha=0.05"]
+    assert cli_main(["train", *args, "model.n_device_groups=2", "--data", str(data), "--out",
+                     str(tmp_path / "one")]) == 0
+    # with --ep 2, n_device_groups defaults to the 2 EP ranks
+    _torchrun([*args, "--data", str(data), "--ep", "2", "--out", str(tmp_path / "two")], tmp_path)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(two) == 4
+    assert two == pytest.approx(one, rel=1e-5)
+    assert len(read_metrics(tmp_path / "two")[0]["device_load"]) == 2  # the EP ranks' shares are logged
+    # 2 -> 1: drop the last checkpoint of the 2-process run and resume it with one process
+    shutil.copytree(tmp_path / "one", tmp_path / "one_cut")
+    for run in ("two", "one_cut"):
+        shutil.rmtree(tmp_path / run / "checkpoints" / "step_00000004")
+    assert cli_main(["train", "--resume", "--out", str(tmp_path / "two")]) == 0
+    assert _losses(tmp_path / "two") == pytest.approx(one, rel=1e-5)
+    # 1 -> 2: resume the one-process run with two processes
+    _torchrun(["--resume", "--ep", "2", "--out", str(tmp_path / "one_cut")], tmp_path)
+    assert _losses(tmp_path / "one_cut") == pytest.approx(one, rel=1e-5)

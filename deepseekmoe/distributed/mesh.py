@@ -52,6 +52,9 @@ def check_sizes(world_size: int, ep: int, n_routed_experts: int | None) -> None:
     """Raise ValueError unless `ep` divides the world size and every EP rank gets at least one routed expert."""
     if ep < 1:
         raise ValueError(f"ep={ep} is invalid: expected an integer >= 1")
+    if ep > world_size:
+        raise ValueError(f"ep={ep} needs at least {ep} processes (GPUs), got {world_size}; launch with "
+                         f"torchrun --nproc-per-node {ep} ...")
     if world_size % ep:
         raise ValueError(f"ep={ep} does not divide the number of processes (GPUs) {world_size}")
     if ep > 1 and n_routed_experts is None:

@@ -11,14 +11,78 @@ resumes at any world size: each rank loads it whole and keeps its experts' block
 from __future__ import annotations
 
 import copy
-from typing import Any
+import dataclasses
+import os
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ..config import ModelConfig
-from .expert_parallel import ExpertParallelExperts, expert_bounds, gather_blocks
-from .mesh import Parallel
+from ..model import Transformer
+from .expert_parallel import ExpertParallelExperts, expert_bounds, full_model, gather_blocks
+from .mesh import Parallel, init_parallel
+
+T = TypeVar("T")
+
+
+def single_process(device: torch.device) -> Parallel:
+    return Parallel(None, 1, 1, 0, device)
+
+
+def setup_parallel(run: Any, ep: int, device: torch.device) -> tuple[Any, Parallel]:
+    """Join torchrun's process group (when WORLD_SIZE > 1) with a (dp, ep) mesh; returns the run config with the
+    device-level groups defaulted to the EP ranks, and this process's Parallel. `run` is a train RunConfig."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    parallel = init_parallel(ep, run.model.n_routed_experts if run.model.is_moe else None, device)
+    check_batch(run.train.batch_size, parallel)
+    return dataclasses.replace(run, model=run_model_config(run.model, ep)), parallel
+
+
+@contextmanager
+def main_first(parallel: Parallel) -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. building shared files), the other ranks after it has finished."""
+    if parallel.is_distributed and not parallel.is_main:
+        dist.barrier()
+    yield
+    if parallel.is_distributed and parallel.is_main:
+        dist.barrier()
+
+
+def on_main(parallel: Parallel, fn: Callable[[], T]) -> T:
+    """fn() on rank 0 only; every rank returns its result (broadcast), so this also waits for rank 0."""
+    if not parallel.is_distributed:
+        return fn()
+    box = [fn() if parallel.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]  # type: ignore[return-value]
+
+
+def grad_clipper(model: torch.nn.Module, parallel: Parallel) -> Callable[[float], torch.Tensor] | None:
+    """A clip function for trainer.optimizer_step when distributed (None keeps torch's own for one process)."""
+    if not parallel.is_distributed:
+        return None
+    from .data_parallel import clip_grad_norm_
+
+    return lambda max_norm: clip_grad_norm_(model, max_norm, parallel)
+
+
+def gather_training_state(model: Transformer, optimizer: torch.optim.Optimizer,
+                          parallel: Parallel) -> tuple[Transformer, Any]:
+    """(full model, something whose state_dict() is the full optimizer state) for train.state to save; the
+    objects themselves for one process. Collective."""
+    if not parallel.is_distributed:
+        return model, optimizer
+    return full_model(model), StateDict(gather_optimizer_state(optimizer, model))
+
+
+def device_load_record(counts_LE: torch.Tensor, config: ModelConfig, parallel: Parallel) -> dict[str, Any]:
+    """{"device_load": shares per device} for a training log record: devices are the EP ranks, or the
+    device-level loss groups on one process; {} when there is only one device."""
+    devices = parallel.ep if parallel.ep > 1 else config.n_device_groups
+    return {"device_load": device_load(counts_LE, devices)} if devices > 1 and config.is_moe else {}
 
 
 def run_model_config(config: ModelConfig, ep: int) -> ModelConfig:

@@ -18,13 +18,18 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
 
 from ..accounting import estimate_mfu
 from ..cli import CliError
+from ..distributed import local_batch, parallelize
+from ..distributed.mesh import Parallel, shutdown
+from ..distributed.training import (NullLogger, device_load_record, gather_training_state, grad_clipper,
+                                    main_first, on_main, reduce_step_stats, setup_parallel,
+                                    shard_optimizer_state, single_process)
 from ..losses import total_loss
 from ..model import Transformer
 from .checkpoint import list_checkpoints, load_model
@@ -51,8 +56,9 @@ _LOSS_NAMES = ("loss", "lm_loss", "expert_balance_loss", "device_balance_loss", 
 
 
 def forward_backward(model: Transformer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-                     autocast: ContextManager | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulate gradients of the mean total loss over micro-batches.
+                     autocast: ContextManager | None = None,
+                     module: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate gradients of the mean total loss over micro-batches (calling `module`, e.g. DDP, if given).
 
     Returns (the five loss means as a tensor, per-layer expert counts (L, E) summed over micro-batches).
     """
@@ -61,7 +67,7 @@ def forward_backward(model: Transformer, micro_batches: list[tuple[torch.Tensor,
     counts = None
     for inputs, targets in micro_batches:
         with autocast or nullcontext():
-            out = model(inputs)
+            out = (module or model)(inputs)
         parts = total_loss(out.logits, targets, out.router_outputs, model.config)
         (parts.total / n).backward()
         sums += torch.stack([parts.total, parts.lm, parts.expert_balance, parts.device_balance,
@@ -78,13 +84,14 @@ def _stack_counts(router_outputs: list, device: torch.device) -> torch.Tensor:
 
 
 def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig,
-                   loss: torch.Tensor) -> tuple[float, bool]:
-    """Clip, then step (only when the loss and gradient norm are finite); always advance the schedule.
+                   loss: torch.Tensor, clip: Callable[[float], torch.Tensor] | None = None) -> tuple[float, bool]:
+    """Clip (with `clip` if given: the distributed global norm), then step (only when the loss and gradient norm
+    are finite); always advance the schedule.
 
     Returns (gradient norm before clipping, whether the update was applied).
     """
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    grad_norm = float(clip(max_norm) if clip else torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     finite = math.isfinite(float(loss)) and math.isfinite(grad_norm)
     if finite:
         optimizer.step()
@@ -142,11 +149,13 @@ class StopRequest:
 class Trainer:
     """Owns the model, optimizer, schedule, data and progress of one run directory."""
 
-    def __init__(self, run: RunConfig, run_dir: Path, data_dir: Path, resume: bool = False) -> None:
+    def __init__(self, run: RunConfig, run_dir: Path, data_dir: Path, resume: bool = False,
+                 parallel: Parallel | None = None) -> None:
         from ..data.dataset import PackedBatches, open_split, read_meta
 
         self.run, self.cfg, self.run_dir, self.data_dir = run, run.train, run_dir, data_dir
-        self.device = pick_device(self.cfg.device)
+        self.device = parallel.device if parallel else pick_device(self.cfg.device)
+        self.parallel = parallel or single_process(self.device)
         self.autocast = autocast_context(self.device, self.cfg.precision)
         meta = read_meta(data_dir)
         self.val_tokens = open_split(data_dir, "val")
@@ -167,6 +176,7 @@ class Trainer:
     def _fresh(self) -> None:
         torch.manual_seed(self.cfg.seed)
         self.model = Transformer(self.run.model).to(self.device).train()
+        self.module = parallelize(self.model, self.parallel)  # expert + data parallel under torchrun
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
         self.progress = Progress()
@@ -181,9 +191,10 @@ class Trainer:
         if self.model.config != self.run.model:
             raise ValueError(f"--resume: the model config differs from the checkpoint's ({ckpts[-1]}); "
                              "model.* cannot change when resuming")
+        self.module = parallelize(self.model, self.parallel)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], self.optimizer, self.model))
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.progress = state["progress"]
@@ -192,14 +203,16 @@ class Trainer:
     def next_micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []
         for _ in range(self.cfg.grad_accum):
-            inputs, targets = self.batches.batch(self.progress.data_index)
+            inputs, targets = (local_batch(t, self.parallel) for t in self.batches.batch(self.progress.data_index))
             self.progress.data_index += 1
             out.append((inputs.to(self.device), targets.to(self.device)))
         return out
 
     def train_step(self) -> StepResult:
-        losses, counts = forward_backward(self.model, self.next_micro_batches(), self.autocast)
-        grad_norm, finite = optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg, losses[0])
+        losses, counts = forward_backward(self.model, self.next_micro_batches(), self.autocast, self.module)
+        losses, counts = reduce_step_stats(losses, counts, self.parallel)
+        grad_norm, finite = optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg, losses[0],
+                                           grad_clipper(self.model, self.parallel))
         self.progress.step += 1
         self._count_nonfinite(finite)
         return StepResult(dict(zip(_LOSS_NAMES, losses.tolist())), counts.cpu(), grad_norm, finite)
@@ -257,15 +270,17 @@ class Trainer:
                 "mfu": estimate_mfu(self.run.model, cfg.seq_len, tokens_per_s, self.peak_flops),
                 "tokens": self.progress.step * tokens_per_step, "skipped_steps": self.progress.nonfinite_total,
                 "expert_load_max_over_mean": load, "dead_experts": dead,
-                "expert_load": r.counts_LE.tolist()}
+                "expert_load": r.counts_LE.tolist(),
+                **device_load_record(r.counts_LE, self.model.config, self.parallel)}
 
     def validate(self) -> dict[str, float]:
         return evaluate(self.model, self.val_tokens, self.cfg, self.bytes_per_token, self.autocast)
 
     def save(self) -> Path:
-        self.last_saved = save_training_checkpoint(
-            self.run_dir, self.model, self.optimizer, self.scheduler, self.progress, self.run.to_yaml(),
-            self.tokenizer_path if self.tokenizer_path.is_file() else None, self.cfg.keep_last)
+        model, optimizer = gather_training_state(self.model, self.optimizer, self.parallel)  # full, world-size free
+        self.last_saved = on_main(self.parallel, lambda: save_training_checkpoint(
+            self.run_dir, model, optimizer, self.scheduler, self.progress, self.run.to_yaml(),
+            self.tokenizer_path if self.tokenizer_path.is_file() else None, self.cfg.keep_last))
         self.saved_step = self.progress.step
         return self.last_saved
 
@@ -287,7 +302,7 @@ def autocast_context(device: torch.device, precision: str) -> ContextManager | N
 
 # ---------------------------------------------------------------------------------------------- command
 def train_command(config: list[str] = (), *, preset: str | None = None, data: str | None = None,  # type: ignore[assignment]
-                  out: str | None = None, max_steps: int | None = None, resume: bool = False) -> int:
+                  out: str | None = None, max_steps: int | None = None, resume: bool = False, ep: int = 1) -> int:
     """Train a model with the paper's recipe; with no arguments, tiny-deepseekmoe on the built-in corpus (~5 min).
 
     Writes RUN_DIR (default runs/<preset>): config.yaml (the resolved config), metrics.jsonl, checkpoints/.
@@ -303,6 +318,8 @@ def train_command(config: list[str] = (), *, preset: str | None = None, data: st
         out: the run directory (default runs/<preset>); must be empty unless --resume.
         max_steps: optimizer steps (overrides train.max_steps).
         resume: continue the run in the run directory from its latest checkpoint.
+        ep: expert-parallel degree under `torchrun --nproc-per-node N` (N / ep data-parallel replicas);
+            train.batch_size is the global batch, split over the N processes.
     """
     from ..data.dataset import read_meta
     from .rundir import (bind_to_data, data_directory, option_overrides, resolve_run, split_config_args,
@@ -311,24 +328,35 @@ def train_command(config: list[str] = (), *, preset: str | None = None, data: st
 
     path, overrides = split_config_args(config)
     run, run_dir = resolve_run(path, option_overrides(preset, data, out, max_steps) + overrides, resume)
-    data_dir = data_directory(run)
+    run, parallel = setup_parallel(run, ep, pick_device(run.train.device))
+    with main_first(parallel):
+        data_dir = data_directory(run)
     run = bind_to_data(run, read_meta(data_dir))
-    trainer = Trainer(run, run_dir, data_dir, resume=resume)  # checks data and checkpoint before writing
-    write_config(run_dir, run)
-    if resume:
-        truncate_metrics(run_dir, trainer.progress.step)
-    print(f"training {run.preset or 'custom model'} ({trainer.model.num_parameters():,} parameters) on "
-          f"{data_dir} -> {run_dir}, {trainer.device}, steps {trainer.progress.step}..{run.train.max_steps}",
-          flush=True)
-    with MetricsLogger(run_dir, run.train.max_steps, trainer.progress.step, run.train.tensorboard) as logger:
+    trainer = Trainer(run, run_dir, data_dir, resume=resume, parallel=parallel)  # checks before writing
+    main = parallel.is_main
+    if main:
+        write_config(run_dir, run)
+        if resume:
+            truncate_metrics(run_dir, trainer.progress.step)
+        print(f"training {run.preset or 'custom model'} ({trainer.model.num_parameters():,} parameters) on "
+              f"{data_dir} -> {run_dir}, {trainer.device}, steps {trainer.progress.step}..{run.train.max_steps}"
+              + (f", {parallel.world_size} processes (dp {parallel.dp} x ep {parallel.ep})"
+                 if parallel.is_distributed else ""), flush=True)
+    logger = (MetricsLogger(run_dir, run.train.max_steps, trainer.progress.step, run.train.tensorboard)
+              if main else NullLogger())
+    with logger:
         if not trainer.fit(logger):
             return 130
         final = trainer.validate()
         logger.log({"kind": "val", "step": trainer.progress.step, **final})
-    print(f"validation loss {final['val_loss']:.4f} nats/token, {final['val_bpb']:.4f} bits/byte "
-          f"({final['val_tokens']:,} tokens); checkpoint {trainer.last_saved}")
-    if run.train.sample_tokens:
-        print("sample:", sample_text(trainer.model, trainer.tokenizer_path, run.train), sep="\n")
+    if main:
+        print(f"validation loss {final['val_loss']:.4f} nats/token, {final['val_bpb']:.4f} bits/byte "
+              f"({final['val_tokens']:,} tokens); checkpoint {trainer.last_saved}")
+    if run.train.sample_tokens:  # every rank generates (expert-parallel forwards are collective); rank 0 prints
+        sample = sample_text(trainer.model, trainer.tokenizer_path, run.train)
+        if main:
+            print("sample:", sample, sep="\n")
+    shutdown(parallel)
     return 0
 
 
