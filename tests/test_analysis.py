@@ -90,7 +90,7 @@ def test_reroute_disables_top_one_of_four_hand_case():
 
 def _tiny(**kw):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    cfg = ModelConfig(vocab_size=kw.pop("vocab_size", 64), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                       max_position_embeddings=32, intermediate_size=64, moe_intermediate_size=16,
                       n_routed_experts=kw.pop("n_routed_experts", 8), n_shared_experts=kw.pop("n_shared_experts", 1),
                       num_experts_per_tok=kw.pop("num_experts_per_tok", 3), initializer_range=0.2, **kw)
@@ -188,3 +188,30 @@ def test_analyze_model_writes_json_ready_results_and_plots(tmp_path):
                                    "fig4_disable_top.png", "fig5_top_k.png"}
     for name in files.values():
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_analyze_command_on_two_checkpoints(tmp_path):
+    from deepseekmoe.train.checkpoint import save_model
+    from train_helpers import make_data_dir
+
+    data = make_data_dir(tmp_path / "data")
+    vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
+    a = save_model(_tiny(vocab_size=vocab), tmp_path / "runA" / "checkpoints" / "step_00000010",
+                   data / "tokenizer.json")
+    b = save_model(_tiny(vocab_size=vocab, router="gshard", num_experts_per_tok=2, n_shared_experts=0),
+                   tmp_path / "gshard", data / "tokenizer.json")
+    out = tmp_path / "out"
+    assert analyze_mod.analyze_command([str(tmp_path / "runA"), str(b)], data=str(data), out=str(out),
+                                       batches=2, batch_size=2, seq_len=16) == 0
+    report = json.loads((out / "analysis.json").read_text())
+    assert [c["name"] for c in report["checkpoints"]] == ["runA/step_00000010", "gshard"]
+    assert report["checkpoints"][0]["checkpoint"] == str(a) and report["seq_len"] == 16
+    assert "shared_swap" in report["checkpoints"][0] and "shared_swap" not in report["checkpoints"][1]
+    texts = [t["text"] for e in report["checkpoints"][0]["layers"][0]["top_tokens"] for t in e]
+    assert texts and all(isinstance(t, str) for t in texts)  # decoded with the tokenizer
+    assert (out / "fig4_disable_top.png").is_file() and (out / "runA_step_00000010_load.png").is_file()
+    other = tmp_path / "other.json"
+    other.write_text((data / "tokenizer.json").read_text().replace('"<|pad|>"', '"<|pad2|>"'))
+    save_model(_tiny(vocab_size=vocab), tmp_path / "odd", other)
+    with pytest.raises(ValueError, match="different tokenizer"):
+        analyze_mod.analyze_command([str(tmp_path / "odd")], data=str(data), out=str(out), batches=1)

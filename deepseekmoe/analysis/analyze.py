@@ -140,15 +140,15 @@ def analyze_command(checkpoints: list[str], *, data: str | None = None, out: str
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     models = [load_model(c) for c in checkpoints]  # fail early, before any long work, on a bad path
+    decoders = [_decoder(ckpt, data_dir) for _, ckpt in models]  # ... or on a tokenizer mismatch
     length = min([seq_len] + [m.config.max_position_embeddings for m, _ in models])
     val = validation_batches(data_dir, batch_size, length, batches)
     results = []
-    for i, (model, ckpt) in enumerate(models):
+    for i, ((model, ckpt), decode) in enumerate(zip(models, decoders)):
         name = checkpoint_name(ckpt)
         print(f"[{i + 1}/{len(models)}] {name}", file=sys.stderr, flush=True)
         torch.manual_seed(0)
-        r = analyze_model(model, val, _decoder(ckpt, data_dir), top_tokens,
-                          log=lambda s: print(s, file=sys.stderr, flush=True))
+        r = analyze_model(model, val, decode, top_tokens, log=lambda s: print(s, file=sys.stderr, flush=True))
         results.append({"name": name, "checkpoint": str(ckpt), **r})
     files = write_plots(results, out_dir)
     _write_json(out_dir / "analysis.json", {"data": str(data_dir), "seq_len": length, "batches": len(val),
