@@ -241,3 +241,11 @@ def test_single_file_hf_checkpoint_is_read(tmp_path: Path):
     model, _ = load_model(hf)
     assert torch.equal(model.layers[2].mlp.experts.down_proj[0].detach(),
                        tensors["model.layers.2.mlp.experts.0.down_proj.weight"])
+
+
+def test_inference_loading_accepts_an_hf_directory(hf_dir: Path):
+    from deepseekmoe.inference.loading import load_for_inference
+
+    model, tokenizer, path = load_for_inference(hf_dir, device="cpu")
+    assert path == hf_dir and tokenizer.encode("w3").ids == [3]
+    assert model.config.num_hidden_layers == 3

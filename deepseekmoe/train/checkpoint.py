@@ -86,9 +86,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or the latest checkpoint of a run directory."""
+    """A checkpoint directory, the latest checkpoint of a run directory, or a Hugging Face DeepSeekMoE directory."""
+    from ..convert.hf import is_hf_directory
+
     p = Path(path)
-    if (p / MODEL_FILE).is_file():
+    if (p / MODEL_FILE).is_file() or is_hf_directory(p):
         return p
     ckpts = list_checkpoints(p)
     if ckpts:
