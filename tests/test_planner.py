@@ -31,6 +31,14 @@ def test_tiny_config_terms_by_hand():
     assert p.step_s == pytest.approx(p.compute_s + (p.all_to_all_bytes + p.all_reduce_bytes) / 1e9)
 
 
+def test_recompute_keeps_layer_inputs_and_one_layer():
+    c = tiny_config()
+    p = plan(c, gpus=4, ep=2, gpu_memory=1e9, micro_batch=2, seq_len=16, flops=1e12, recompute=True)
+    # 2 layer inputs x 32 x 2 bytes + one MoE layer (384 + 992) + head 1098, per token (see the test above)
+    assert p.memory["activations"] == 2 * 16 * (2 * 32 * 2 + 384 + 992 + 1098)
+    assert p.compute_s == pytest.approx(count(c, 16).flops_per_token * 32 / 1e12 * 4 / 3)
+
+
 def test_uneven_expert_split_counts_the_fullest_gpu():
     c = tiny_config()  # 8 routed experts over 3 GPUs: blocks of 3, 3, 2
     p = plan(c, gpus=3, ep=3, gpu_memory=1e9, seq_len=8)

@@ -6,10 +6,12 @@ is L = (1/W) sum_r L_r over the W = dp * ep ranks (exact when every slice has as
   * Expert parameters (DDP ignores them): the backward all-to-all already sums the contributions of the EP
     group's losses into the rank holding the expert, so a hook all-reduces (sums) them over the expert's dp
     replicas and divides by W.
-DDP, not FSDP2: both run on gloo, but on the tiny CPU models DDP's step was faster (benchmarks/all_to_all.py
-`--compare-wrappers`), it keeps plain tensors so the optimizer, clipping and state_dict code stays single-device,
-and the paper's largest model (145B, EP over 4 devices) fits per GPU with replicated dense weights (see
-`deepseekmoe plan`).
+DDP, not FSDP2: both run on gloo (fully_shard works on CPU), but on 2 CPU processes a tiny-deepseekmoe step took
+1622 ms with DDP against 1825 ms with FSDP2 (`benchmarks/all_to_all.py --compare-wrappers`), DDP keeps plain
+tensors so the optimizer, clipping and state-dict code stays single-device, and the 16B model trains with
+replicated dense weights (1.4B parameters) on 8 x 80 GB GPUs with ep=8 (`deepseekmoe plan`). Where the dense part
+itself outgrows a GPU (145B: ~10B dense parameters, 160 GB of weights + AdamW state), sharding it with
+fully_shard over the dp x ep ranks is the next step.
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ Memory per GPU, training (mixed precision with `--dtype bf16`/`fp16`; AdamW):
                      (+ 2KD with ep > 1)       expert output; shared experts; (send and receive buffers)
                      + router logits and probabilities: 2E fp32
         head         2D + V (b) + 2V (fp32)  final norm; logits, their fp32 copy and log-softmax
+With `--recompute` (full activation checkpointing) only each layer's input is kept (D x b per token and layer),
+plus one layer's activations and the head's during its backward; compute grows by one forward (x 4/3).
 Memory per GPU, inference (`--inference`): weights + KV cache (2 x layers x micro_batch x seq_len x D_kv x b) +
     one layer's activations and the fp32 logits for a full prefill of micro_batch x seq_len tokens.
 Traffic per GPU per optimizer step (bytes sent; balanced routing, so (ep-1)/ep of the rows leave the GPU):
@@ -72,13 +74,13 @@ def activation_bytes_per_token(c: ModelConfig, b: int, ep: int) -> int:
     return total + (2 * d + c.vocab_size) * b + 2 * c.vocab_size * 4
 
 
-def _inference_activation_bytes(c: ModelConfig, tokens: int, b: int) -> int:
-    """Peak transient of a prefill: the widest single layer plus the fp32 logits."""
-    per_layer = activation_bytes_per_token(c.replace(num_hidden_layers=1, first_k_dense_replace=0), b, 1)
+def _one_layer_bytes_per_token(c: ModelConfig, b: int, ep: int) -> int:
+    """The widest single layer's activations plus the head's (logits), per token."""
+    per_layer = activation_bytes_per_token(c.replace(num_hidden_layers=1, first_k_dense_replace=0), b, ep)
     if c.first_k_dense_replace or not c.is_moe:
         per_layer = max(per_layer, activation_bytes_per_token(
-            c.replace(num_hidden_layers=1, first_k_dense_replace=1), b, 1))
-    return tokens * per_layer
+            c.replace(num_hidden_layers=1, first_k_dense_replace=1), b, ep))
+    return per_layer
 
 
 @dataclass
@@ -88,6 +90,7 @@ class Plan:
     dp: int
     dtype: str
     inference: bool
+    recompute: bool
     micro_batch: int
     seq_len: int
     grad_accum: int
@@ -117,7 +120,7 @@ class Plan:
 
 def plan(c: ModelConfig, *, gpus: int, gpu_memory: float, ep: int = 1, micro_batch: int = 1,
          seq_len: int | None = None, dtype: str = "bf16", flops: float = 989e12, link_bandwidth: float = 400e9,
-         global_batch: int | None = None, inference: bool = False) -> Plan:
+         global_batch: int | None = None, inference: bool = False, recompute: bool = False) -> Plan:
     """Per-GPU memory, traffic and step time of a (gpus / ep) x ep run of model `c`."""
     s = seq_len or c.max_position_embeddings
     _check(c, gpus, ep, micro_batch, s, dtype, global_batch)
@@ -127,21 +130,22 @@ def plan(c: ModelConfig, *, gpus: int, gpu_memory: float, ep: int = 1, micro_bat
     experts_gpu = routed // c.n_routed_experts * -(-c.n_routed_experts // ep) if routed else 0  # type: ignore
     p_gpu = total - routed + experts_gpu
     accum = global_batch // (micro_batch * gpus) if global_batch else 1
-    p = Plan(gpus, ep, gpus // ep, dtype, inference, micro_batch, s, accum, p_gpu, gpu_memory=gpu_memory,
-             tokens_per_step=micro_batch * s * gpus * accum)
+    p = Plan(gpus, ep, gpus // ep, dtype, inference, recompute, micro_batch, s, accum, p_gpu,
+             gpu_memory=gpu_memory, tokens_per_step=micro_batch * s * gpus * accum)
     tokens = micro_batch * s
     if inference:
         p.memory = {"weights": p_gpu * b,
                     "kv_cache": 2 * c.num_hidden_layers * tokens * c.num_kv_heads * c.head_dim * b,
-                    "activations": _inference_activation_bytes(c, tokens, b)}
+                    "activations": tokens * _one_layer_bytes_per_token(c, b, 1)}
         return p
     p.memory = {"weights": p_gpu * b, "gradients": p_gpu * b, "optimizer": p_gpu * (8 if b == 4 else 12),
-                "activations": tokens * activation_bytes_per_token(c, b, ep)}
+                "activations": tokens * (c.num_hidden_layers * c.hidden_size * b + _one_layer_bytes_per_token(c, b, ep)
+                                         if recompute else activation_bytes_per_token(c, b, ep))}
     k = c.num_experts_per_tok if c.is_moe else 0
     p.all_to_all_bytes = c.num_moe_layers * 4 * tokens * accum * k * c.hidden_size * b * (ep - 1) / ep
     dense = total - routed
     p.all_reduce_bytes = _ring(dense * b, gpus) + _ring(experts_gpu * b, gpus // ep)
-    p.compute_s = count(c, s).flops_per_token * tokens * accum / flops
+    p.compute_s = count(c, s).flops_per_token * (4 / 3 if recompute else 1) * tokens * accum / flops
     p.all_to_all_s = p.all_to_all_bytes / link_bandwidth
     p.all_reduce_s = p.all_reduce_bytes / link_bandwidth
     return p
@@ -177,6 +181,8 @@ def _rows(p: Plan, name: str) -> list[tuple[str, str]]:
     rows = [("model", name), ("layout", f"{p.gpus} GPU(s) = dp {p.dp} x ep {p.ep}, {p.dtype}"
                               + (", inference" if p.inference else "")),
             ("params per GPU", f"{p.params_per_gpu:,} ({p.params_per_gpu / 1e9:.2f}B)")]
+    if p.recompute:
+        rows[1] = ("layout", rows[1][1] + ", activation recomputation")
     rows += [(f"  {k}", _gb(v)) for k, v in p.memory.items()]
     verdict = "fits" if p.fits else "does NOT fit"
     rows.append(("memory per GPU", f"{_gb(p.total_memory)} of {_gb(p.gpu_memory)}: {verdict}"))
@@ -193,7 +199,8 @@ def _rows(p: Plan, name: str) -> list[tuple[str, str]]:
 def plan_command(*, preset: str | None = None, config: str | None = None, gpus: int = 1,
                  gpu_memory: str = "80GB", ep: int = 1, micro_batch: int = 1, seq_len: int | None = None,
                  dtype: str = "bf16", flops: float = 989e12, link_bandwidth: str = "400GB/s",
-                 global_batch: int | None = None, inference: bool = False, json: bool = False) -> int:
+                 global_batch: int | None = None, inference: bool = False, recompute: bool = False,
+                 json: bool = False) -> int:
     """Estimate per-GPU memory, all-to-all traffic and step time of a run before renting the GPUs.
 
     Assumes the layout `torchrun ... train --ep E` runs: dense part replicated (DDP), routed experts split over
@@ -212,6 +219,8 @@ def plan_command(*, preset: str | None = None, config: str | None = None, gpus: 
         link_bandwidth: per-GPU bandwidth for all-to-all and all-reduce, e.g. 400GB/s.
         global_batch: sequences per optimizer step (sets gradient accumulation).
         inference: weights + KV cache + prefill activations only.
+        recompute: assume full activation recomputation (keep each layer's input, redo its forward in
+            backward); a planning what-if: `deepseekmoe train` does not recompute yet.
         json: print one JSON object.
     """
     from ..cli import CliError
@@ -222,7 +231,7 @@ def plan_command(*, preset: str | None = None, config: str | None = None, gpus: 
     cfg = load_preset(preset) if preset else ModelConfig.load(config)  # type: ignore[arg-type]
     p = plan(cfg, gpus=gpus, gpu_memory=parse_size(gpu_memory, "gpu_memory"), ep=ep, micro_batch=micro_batch,
              seq_len=seq_len, dtype=dtype, flops=flops, link_bandwidth=parse_size(link_bandwidth, "link_bandwidth"),
-             global_batch=global_batch, inference=inference)
+             global_batch=global_batch, inference=inference, recompute=recompute)
     name = preset or config
     if json:
         print(jsonlib.dumps({"name": name, **asdict(p), "total_memory": p.total_memory, "fits": p.fits,
