@@ -9,7 +9,7 @@ Dropless dispatch (`ExpertParallelExperts.forward`), the grouped single-device p
   2. exchange per-expert counts (all_to_all of an (E,) tensor) so every rank knows how many rows it receives;
   3. all_to_all the rows with variable split sizes;
   4. run the local experts on the received rows (ordered by source rank, then expert) with the single-device
-     `experts_forward`, one expert per row and gate 1, so the results come back in the received order;
+     RoutedExperts.forward, one expert per row and gate 1, so the results come back in the received order;
   5. all_to_all the results back (the mirror exchange), scale by the gates, scatter-add.
 Both exchanges are an autograd.Function whose backward is the mirror all_to_all, so gradients flow to the
 inputs on the sending rank and to the expert weights on the receiving rank. A rank that receives no rows keeps
@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model import Transformer
-from ..model.experts import RoutedExperts, experts_forward
+from ..model.experts import RoutedExperts
 from ..model.moe import MoE
 
 
@@ -59,11 +59,15 @@ def expert_bounds(num_experts: int, ep: int) -> list[int]:
     return [j * base + min(j, extra) for j in range(ep + 1)]
 
 
-class ExpertParallelExperts(nn.Module):
-    """The routed experts [first, first + L) of one MoE layer; same interface as RoutedExperts."""
+class ExpertParallelExperts(RoutedExperts):
+    """The routed experts [first, first + L) of one MoE layer; same interface as RoutedExperts, whose forward
+    (whichever single-device implementation the layer was configured with) runs the local experts."""
 
     def __init__(self, experts: RoutedExperts, group: dist.ProcessGroup) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
+        for name, value in vars(experts).items():  # settings such as impl; parameters are replaced below
+            if not name.startswith("_") and name != "training":
+                setattr(self, name, value)
         self.group = group
         self.ep_size, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
         e = experts.num_experts
@@ -75,7 +79,6 @@ class ExpertParallelExperts(nn.Module):
         block = slice(self.first, self.first + self.num_local)
         self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[block].clone())  # (L, 2F, D)
         self.down_proj = nn.Parameter(experts.down_proj.detach()[block].clone())  # (L, D, F)
-        self.strategy = "loop" if experts.impl == "loop" else experts.strategy
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         p, n_local = self.ep_size, self.num_local
@@ -96,8 +99,8 @@ class ExpertParallelExperts(nn.Module):
         # 4. run the local experts on the received rows (the single-device dispatch, one expert per row)
         local_id_Q = torch.arange(n_local, device=x_QD.device).repeat(p).repeat_interleave(
             counts_PL.reshape(-1), output_size=x_QD.shape[0])
-        y_QD = experts_forward(x_QD, local_id_Q.unsqueeze(1), x_QD.new_ones(x_QD.shape[0], 1, dtype=torch.float32),
-                               self.gate_up_proj, self.down_proj, self.strategy)
+        ones_Q1 = x_QD.new_ones(x_QD.shape[0], 1, dtype=torch.float32)
+        y_QD = super().forward(x_QD, local_id_Q.unsqueeze(1), ones_Q1)
         if x_QD.shape[0] == 0:  # nothing received: keep x_QD and the weights in the graph, so that the mirror
             # all_to_all still runs in backward and the weights get (zero) gradients, as on the other ranks
             y_QD = x_QD + 0.0 * (self.gate_up_proj.sum() + self.down_proj.sum())
@@ -118,7 +121,7 @@ def apply_expert_parallel(model: Transformer, group: dist.ProcessGroup) -> Trans
     """Replace every MoE layer's `mlp.experts` by this rank's block of E/ep experts (weights copied from the full
     ones, so load or initialise the full model first). State-dict keys keep their names; shapes become local."""
     for moe in moe_layers(model):
-        if not isinstance(moe.experts, RoutedExperts):
+        if isinstance(moe.experts, ExpertParallelExperts):
             raise ValueError("apply_expert_parallel: the model's experts are already distributed")
         moe.experts = ExpertParallelExperts(moe.experts, group)
     return model
