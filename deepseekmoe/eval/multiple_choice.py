@@ -101,36 +101,56 @@ def _split_tokens(encode: Callable[[str], list[int]], context: str, continuation
     return ctx, encode(continuation)
 
 
-@torch.no_grad()
 def loglikelihoods(model: Transformer, encode: Callable[[str], list[int]], requests: Sequence[tuple[str, str]],
-                   bos_token_id: int | None = None, batch_size: int = 8) -> list[tuple[float, bool]]:
+                   bos_token_id: int | None = None, batch_size: int = 8,
+                   max_length: int | None = None,
+                   progress: Callable[[int], object] | None = None) -> list[tuple[float, bool]]:
     """For each (context, continuation): (sum of continuation log-probs, whether it is the greedy continuation).
 
-    Sequences are left-truncated to max_position_embeddings; bos (if given) is prepended to the context.
+    bos (if given) is prepended to the context; sequences are left-truncated to max_length positions (default
+    max_position_embeddings), so a continuation longer than that is scored on its last max_length tokens.
+    `progress` is passed on to score_tokens.
     """
-    max_len = model.config.max_position_embeddings
+    max_len = max_length or model.config.max_position_embeddings
     items = []
     for context, continuation in requests:
         ctx, cont = _split_tokens(encode, context, continuation)
         ids = ([bos_token_id] if bos_token_id is not None else []) + ctx + cont
         if len(cont) == 0:
             raise ValueError(f"empty continuation for context {context[:40]!r}")
-        items.append((ids[-(max_len + 1):], len(cont)))
+        ids = ids[-(max_len + 1):]
+        items.append((ids, min(len(cont), len(ids) - 1)))
+    return score_tokens(model, items, batch_size, progress)
+
+
+@torch.no_grad()
+def score_tokens(model: Transformer, items: Sequence[tuple[list[int], int]], batch_size: int = 8,
+                 progress: Callable[[int], object] | None = None) -> list[tuple[float, bool]]:
+    """For each (ids, n): (sum of the log-probs of the last n ids given all ids before them, whether every one of
+    them is the model's argmax), in the order given.
+
+    The model sees ids[:-1]. Items are batched longest first (less padding; an out-of-memory shows up in the
+    first batch); `progress`, when given, is called with the number of items each finished batch held.
+    """
     device = model.embed_tokens.weight.device
-    results: list[tuple[float, bool]] = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        width = max(len(ids) - 1 for ids, _ in chunk)
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(items)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(items[i][0]) - 1 for i in chunk)
         batch = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, (ids, _) in enumerate(chunk):
+        for row, i in enumerate(chunk):
+            ids = items[i][0]
             batch[row, :len(ids) - 1] = torch.tensor(ids[:-1])
         logprobs = model(batch.to(device)).logits.float().log_softmax(-1).cpu()
-        for row, (ids, n_cont) in enumerate(chunk):
+        for row, i in enumerate(chunk):
+            ids, n = items[i]
             end = len(ids) - 1
-            lp = logprobs[row, end - n_cont:end]
-            target = torch.tensor(ids[-n_cont:])
-            score = lp.gather(-1, target[:, None]).sum().item()
-            results.append((score, bool(torch.equal(lp.argmax(-1), target))))
+            lp = logprobs[row, end - n:end]
+            target = torch.tensor(ids[len(ids) - n:])
+            results[i] = (lp.gather(-1, target[:, None]).sum().item(), bool(torch.equal(lp.argmax(-1), target)))
+        if progress is not None:
+            progress(len(chunk))
     return results
 
 
