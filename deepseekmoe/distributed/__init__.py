@@ -4,7 +4,13 @@
     expert_parallel.py  routed experts split over the EP group; all-to-all dispatch and combine
     data_parallel.py    DDP for the replicated part, expert gradients reduced over their DP replicas,
                         global gradient clipping, batch sharding, full-state checkpoints
+    training.py         trainer hooks: setup from torchrun, step statistics over ranks, gathered optimizer
+                        state (world-size independent checkpoints), per-device load
     planner.py          `deepseekmoe plan`: per-GPU memory, all-to-all bytes and step time on paper
+
+Usage: `torchrun --nproc-per-node N -m deepseekmoe train ... --ep E` (N / E data-parallel replicas; the same
+config runs on one process). In code: `parallel = init_parallel(ep, n_routed_experts)`, then
+`module = parallelize(model, parallel)`, `local_batch(batch, parallel)`, `clip_grad_norm_(model, 1.0, parallel)`.
 """
 
 from .data_parallel import (

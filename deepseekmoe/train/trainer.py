@@ -166,6 +166,7 @@ class Trainer:
         self.tokenizer_path = data_dir / "tokenizer.json"
         self.peak_flops = self.cfg.peak_flops or (
             GPU_PEAK_FLOPS if self.device.type == "cuda" else CPU_PEAK_FLOPS_PER_THREAD * torch.get_num_threads())
+        self.peak_flops *= self.parallel.world_size  # tokens/s are counted over all processes
         if resume:
             self._restore()
         else:
