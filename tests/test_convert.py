@@ -211,12 +211,26 @@ def test_bad_checkpoints_give_one_clear_line(tmp_path: Path, capsys, corrupt: di
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
 
 
+def test_experts_of_one_layer_must_share_a_dtype(tmp_path: Path, capsys):
+    key = "model.layers.2.mlp.experts.1.gate_proj.weight"
+    bad = write_official(tmp_path / "bad", extra={key: torch.zeros(8, 16)})
+    assert cli.main(["convert", "--from-hf", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert f"{key} has dtype torch.float32, but the other experts of its layer are torch.bfloat16" in \
+        capsys.readouterr().err
+
+
 def test_cli_argument_errors(hf_dir: Path, tmp_path: Path, capsys):
     assert cli.main(["convert", "--out", str(tmp_path / "x")]) == 2
     assert cli.main(["convert", "--from-hf", str(hf_dir), "--out", str(hf_dir)]) == 2
     assert cli.main(["convert", "--to-hf", str(hf_dir), "--out", str(tmp_path / "y"), "--max-shard-size", "lots"]) == 2
     err = capsys.readouterr().err
     assert "exactly one of --from-hf" in err and "is the source directory" in err and "'lots' is invalid" in err
+    ours = tmp_path / "ours"
+    assert cli.main(["convert", "--from-hf", str(hf_dir), "--out", str(ours)]) == 0
+    assert cli.main(["convert", "--from-hf", str(ours), "--out", str(tmp_path / "z")]) == 2
+    assert cli.main(["convert", "--to-hf", str(hf_dir), "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err
+    assert "is not a Hugging Face DeepSeekMoE directory" in err and "is already a Hugging Face directory" in err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     assert cli.main(["convert", "--from-hf", str(hf_dir), "--out", str(tmp_path / "full")]) == 2

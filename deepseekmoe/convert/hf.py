@@ -12,11 +12,14 @@ Our checkpoint (train/checkpoint.py) holds the same tensors with two differences
 and the routed experts of a layer are stacked, `experts.gate_up_proj` [E, 2F, D] (rows [0, F) gate_proj, rows
 [F, 2F) up_proj) and `experts.down_proj` [E, D, F], where HF keeps one [F, D] / [D, F] tensor per expert.
 
-Import streams shard by shard, tensor by tensor (safetensors `safe_open`): each tensor is checked against the
-shape config.json implies, then copied into the output. The stacked expert tensors of a layer are allocated
-when the layer's first expert arrives and filled slice by slice, so experts that span shards cost nothing
-extra: peak memory is the output plus one tensor read. Dtypes are kept (bf16 stays bf16). Export, the way
-back, lives in `hf_export.py` and takes every name and shape from here.
+Import first checks every key, shape and dtype from config.json, the index and the shard headers (no tensor
+data read), so a bad checkpoint fails before any output exists. Then it streams shard by shard, tensor by tensor
+(safetensors `safe_open`): each HF tensor is one contiguous block of one of our tensors (an expert's gate rows,
+up rows or down matrix inside the stacked tensor), so it is written straight to its byte range of the output
+file (`stream.SafetensorsWriter`) and experts that span shards need no buffering: peak memory is one shard's
+pages plus one tensor, whatever the model size. Dtypes are kept (bf16 stays bf16). Loading into memory
+(`read_hf_state`, `load_hf_model`) fills preallocated tensors the same way. Export, the way back, lives in
+`hf_export.py` and takes every name and shape from here.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ from typing import Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..config import ModelConfig
+from .stream import DTYPES, SafetensorsWriter
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -200,50 +203,85 @@ def _is_tied_head(key: str, layout: dict[str, Shape]) -> bool:
     return key == "lm_head.weight" and "lm_head.weight" not in layout
 
 
-def _place(state: dict[str, torch.Tensor], key: str, t: torch.Tensor, config: ModelConfig) -> None:
-    """Put one HF tensor into our state dict (stacking experts into their layer's tensor)."""
-    pattern, numbers = _template(key)
-    if pattern in WEIGHT_MAP:
-        state[WEIGHT_MAP[pattern].format(*numbers)] = t
-        return
-    our_pattern, part = EXPERT_MAP[pattern]
-    layer, expert = numbers
-    our_key = our_pattern.format(layer)
-    if our_key not in state:  # first expert of this layer: allocate the stacked tensor once
-        rows = 2 * t.shape[0] if part is not None else t.shape[0]
-        state[our_key] = torch.empty((config.n_routed_experts, rows, t.shape[1]), dtype=t.dtype, device=t.device)
-    stacked = state[our_key]
-    if stacked.dtype != t.dtype:
-        raise ValueError(f"tensor {key} has dtype {t.dtype}, but other experts of layer {layer} are {stacked.dtype}")
-    f = t.shape[0]
-    rows = slice(None) if part is None else slice(part * f, (part + 1) * f)
-    stacked[expert, rows] = t
-
-
-def read_hf_state(hf_dir: str | Path, device: str | torch.device = "cpu",
-                  progress: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Stream an HF directory into (config, our state dict), checking every key and shape."""
-    hf_dir = Path(hf_dir)
-    config = read_hf_config(hf_dir)
-    layout = hf_layout(config)
-    files = weight_files(hf_dir)
-    _check_keys(hf_dir, files, layout)
-    state: dict[str, torch.Tensor] = {}
-    for n, (name, keys) in enumerate(files.items(), 1):
-        if progress:
-            print(f"reading {name} ({n}/{len(files)}, {len(keys)} tensors)", file=sys.stderr, flush=True)
-        with safe_open(str(hf_dir / name), framework="pt", device=str(device)) as f:
+def _scan(hf_dir: Path, files: dict[str, list[str]], layout: dict[str, Shape]) -> dict[str, torch.dtype]:
+    """Check every stored tensor against the layout from the shard headers alone -> {HF key: dtype}."""
+    dtypes: dict[str, torch.dtype] = {}
+    for name, keys in files.items():
+        with safe_open(str(hf_dir / name), framework="pt") as f:
             stored = set(f.keys())
             for key in keys:
                 if _is_tied_head(key, layout):
                     continue
                 if key not in stored:
                     raise ValueError(f"{hf_dir / INDEX_FILE} places {key} in {name}, which does not contain it")
-                shape = tuple(f.get_slice(key).get_shape())
+                piece = f.get_slice(key)
+                shape = tuple(piece.get_shape())
                 if shape != layout[key]:
                     raise ValueError(f"{hf_dir / name}: tensor {key} has shape {_fmt(shape)}, expected "
                                      f"{_fmt(layout[key])} from config.json")
-                _place(state, key, f.get_tensor(key), config)
+                dtypes[key] = DTYPES[piece.get_dtype()]
+    return dtypes
+
+
+def our_entries(config: ModelConfig, dtypes: dict[str, torch.dtype]) -> dict[str, tuple[torch.dtype, Shape]]:
+    """Our tensors (name -> dtype, shape) assembled from the HF ones; a layer's experts must share one dtype."""
+    entries: dict[str, tuple[torch.dtype, Shape]] = {}
+    for hf_key, shape in hf_layout(config).items():
+        our_key, index = _our_source(hf_key)
+        dtype = dtypes[hf_key]
+        if index:
+            rows = shape[0] * (1 if index[1] is None else 2)
+            if our_key in entries and entries[our_key][0] != dtype:
+                raise ValueError(f"tensor {hf_key} has dtype {dtype}, but the other experts of its layer are "
+                                 f"{entries[our_key][0]}")
+            shape = (config.n_routed_experts, rows, shape[1])
+        entries[our_key] = (dtype, shape)
+    return entries
+
+
+def _element_offset(index: tuple, numel: int) -> int:
+    """Where one HF tensor of `numel` elements starts inside our (flattened) tensor: experts are stacked, and
+    within gate_up_proj each expert's gate rows come before its up rows."""
+    if not index:
+        return 0
+    expert, part = index
+    return expert * numel if part is None else (2 * expert + part) * numel
+
+
+def _stream(hf_dir: Path, files: dict[str, list[str]], layout: dict[str, Shape], device: str | torch.device,
+            progress: bool) -> Iterator[tuple[str, int, torch.Tensor]]:
+    """(our key, element offset, tensor) for every HF tensor, one shard open at a time."""
+    for n, (name, keys) in enumerate(files.items(), 1):
+        if progress:
+            print(f"reading {name} ({n}/{len(files)}, {len(keys)} tensors)", file=sys.stderr, flush=True)
+        with safe_open(str(hf_dir / name), framework="pt", device=str(device)) as f:
+            for key in keys:
+                if not _is_tied_head(key, layout):
+                    t = f.get_tensor(key)
+                    our_key, index = _our_source(key)
+                    yield our_key, _element_offset(index, t.numel()), t
+
+
+def _open(hf_dir: Path) -> tuple[ModelConfig, dict[str, list[str]], dict[str, Shape], dict]:
+    """Read config.json and the shard headers; every check that needs no tensor data happens here."""
+    if not is_hf_directory(hf_dir):
+        raise ValueError(f"{hf_dir} is not a Hugging Face DeepSeekMoE directory (config.json with model_type "
+                         f"'deepseek' beside HF-keyed safetensors weights)")
+    config = read_hf_config(hf_dir)
+    layout = hf_layout(config)
+    files = weight_files(hf_dir)
+    _check_keys(hf_dir, files, layout)
+    return config, files, layout, our_entries(config, _scan(hf_dir, files, layout))
+
+
+def read_hf_state(hf_dir: str | Path, device: str | torch.device = "cpu",
+                  progress: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """An HF directory -> (config, our state dict), checking every key and shape before reading any data."""
+    hf_dir = Path(hf_dir)
+    config, files, layout, entries = _open(hf_dir)
+    state = {k: torch.empty(shape, dtype=dtype, device=device) for k, (dtype, shape) in entries.items()}
+    for our_key, start, t in _stream(hf_dir, files, layout, device, progress):
+        state[our_key].view(-1)[start:start + t.numel()] = t.reshape(-1)
     return config, state
 
 
@@ -268,16 +306,18 @@ def load_hf_model(path: str | Path, device: str | torch.device = "cpu",
 
 
 def convert_from_hf(hf_dir: str | Path, out: str | Path, progress: bool = False) -> Path:
-    """HF directory -> our checkpoint directory (model.safetensors, config.json, tokenizer files), atomically."""
+    """HF directory -> our checkpoint directory (model.safetensors, config.json, tokenizer files), atomically.
+
+    Each HF tensor is written straight to its place in the output file: peak memory is one tensor."""
     from ..train.checkpoint import MODEL_FILE, atomic_directory, commit_directory
 
     hf_dir, out = Path(hf_dir), Path(out)
-    config, state = read_hf_state(hf_dir, progress=progress)
+    config, files, layout, entries = _open(hf_dir)
     tmp = atomic_directory(out)
     try:
-        if progress:
-            print(f"writing {out / MODEL_FILE}", file=sys.stderr, flush=True)
-        save_file(state, str(tmp / MODEL_FILE))
+        with SafetensorsWriter(tmp / MODEL_FILE, entries) as writer:
+            for our_key, start, t in _stream(hf_dir, files, layout, "cpu", progress):
+                writer.write(our_key, t, start)
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         _copy_side_files(hf_dir, tmp)
     except BaseException:

@@ -2,8 +2,8 @@
 the remote-code auto_map, tokenizer files). Key names and shapes come from `hf.py`; this file only cuts and writes.
 
 Shards are planned from the stored shapes and dtypes before anything is read, so files get their final
-`model-0000k-of-0000n` names at once; each shard is then filled by reading single experts out of the stacked
-tensors with safetensors `get_slice` and written before the next is read (peak memory about one shard).
+`model-0000k-of-0000n` names at once; each tensor is then read (single experts out of the stacked tensors with
+safetensors `get_slice`) and written straight into its shard, so peak memory is one tensor.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from .hf import (AUTO_MAP, CONFIG_FILE, INDEX_FILE, SINGLE_FILE, Shape, _copy_side_files, _fmt, _our_source,
-                 hf_layout)
+                 hf_layout, is_hf_directory, our_entries)
+from .stream import DTYPES, SafetensorsWriter
 
 def parse_size(text: str | int) -> int:
     """'5GB' -> 5 * 10**9 bytes ('GiB' is 2**30); a plain number is bytes."""
@@ -61,16 +61,9 @@ def _read_hf_tensor(f, hf_key: str, config: ModelConfig) -> torch.Tensor:
     return f.get_slice(our_key)[expert, part * rows:(part + 1) * rows]
 
 
-def _check_our_checkpoint(path: Path, f, config: ModelConfig, layout: dict[str, Shape]) -> None:
-    """Our file must hold exactly the tensors the HF layout is cut from, with matching shapes."""
-    expected: dict[str, Shape] = {}
-    for hf_key, shape in layout.items():
-        our_key, index = _our_source(hf_key)
-        if not index:
-            expected[our_key] = shape
-        else:
-            rows = shape[0] * (2 if index[1] is not None else 1)
-            expected[our_key] = (config.n_routed_experts, rows, shape[1])
+def _check_our_checkpoint(path: Path, f, config: ModelConfig, layout: dict[str, Shape]) -> dict[str, torch.dtype]:
+    """Our file must hold exactly the tensors the HF layout is cut from, with matching shapes -> {HF key: dtype}."""
+    expected = {k: shape for k, (_, shape) in our_entries(config, dict.fromkeys(layout, torch.float32)).items()}
     stored = set(f.keys())
     for key, shape in expected.items():
         if key not in stored:
@@ -82,16 +75,7 @@ def _check_our_checkpoint(path: Path, f, config: ModelConfig, layout: dict[str, 
     if extra:
         raise ValueError(f"{path}: unexpected tensor {extra[0]} with shape "
                          f"{_fmt(f.get_slice(extra[0]).get_shape())} (not in the model config.json describes)")
-
-
-def _nbytes(f, hf_key: str, shape: Shape) -> int:
-    our_key, _ = _our_source(hf_key)
-    dtype = _DTYPES[f.get_slice(our_key).get_dtype()]
-    return math.prod(shape) * dtype.itemsize
-
-
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+    return {k: DTYPES[f.get_slice(_our_source(k)[0]).get_dtype()] for k in layout}
 
 
 def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict:
@@ -102,9 +86,11 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict:
     return d
 
 
-def _write_shards(f, config: ModelConfig, layout: dict[str, Shape], out: Path, max_bytes: int,
-                  progress: bool) -> None:
-    sizes = [(k, _nbytes(f, k, shape)) for k, shape in layout.items()]
+def _write_shards(source: Path, config: ModelConfig, layout: dict[str, Shape], dtypes: dict[str, torch.dtype],
+                  out: Path, max_bytes: int, progress: bool) -> None:
+    """Cut the layout into shards and write them one tensor at a time, reading each from our file as written.
+    The source is reopened per shard, so the pages it maps are released shard by shard."""
+    sizes = [(k, math.prod(shape) * dtypes[k].itemsize) for k, shape in layout.items()]
     shards = plan_shards(sizes, max_bytes)
     names = ([SINGLE_FILE] if len(shards) == 1
              else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
@@ -112,7 +98,11 @@ def _write_shards(f, config: ModelConfig, layout: dict[str, Shape], out: Path, m
     for name, keys in zip(names, shards):
         if progress:
             print(f"writing {name} ({len(keys)} tensors)", file=sys.stderr, flush=True)
-        save_file({k: _read_hf_tensor(f, k, config) for k in keys}, str(out / name), metadata={"format": "pt"})
+        entries = {k: (dtypes[k], layout[k]) for k in keys}
+        with safe_open(str(source), framework="pt") as f, \
+                SafetensorsWriter(out / name, entries, metadata={"format": "pt"}) as writer:
+            for k in keys:
+                writer.write(k, _read_hf_tensor(f, k, config))
         weight_map.update({k: name for k in keys})
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(n for _, n in sizes)}, "weight_map": weight_map}
@@ -137,15 +127,17 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str |
     from ..train.checkpoint import MODEL_FILE, atomic_directory, commit_directory, resolve_checkpoint
 
     ckpt, out = resolve_checkpoint(checkpoint), Path(out)
+    if is_hf_directory(ckpt):
+        raise ValueError(f"{ckpt} is already a Hugging Face directory; --to-hf takes one of our checkpoints")
     max_bytes = parse_size(max_shard_size)
     config = ModelConfig.from_dict(json.loads((ckpt / CONFIG_FILE).read_text()))
     layout = hf_layout(config)
     tmp = atomic_directory(out)
     try:
         with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
-            _check_our_checkpoint(ckpt / MODEL_FILE, f, config, layout)
-            _write_shards(f, config, layout, tmp, max_bytes, progress)
-            dtype = _DTYPES[f.get_slice("embed_tokens.weight").get_dtype()]
+            dtypes = _check_our_checkpoint(ckpt / MODEL_FILE, f, config, layout)
+        _write_shards(ckpt / MODEL_FILE, config, layout, dtypes, tmp, max_bytes, progress)
+        dtype = dtypes["model.embed_tokens.weight"]
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_dict(config, dtype), indent=2) + "\n")
         _copy_side_files(ckpt, tmp)
         if (tmp / "tokenizer.json").is_file() and not (tmp / "tokenizer_config.json").is_file():
