@@ -56,22 +56,22 @@ SUITES: dict[str, Suite] = {
         (("Dense", "dense"), ("Hash Layer", "hash"), ("Switch", "switch"), ("GShard", "gshard"),
          ("DeepSeekMoE", "deepseekmoe")), "deepseekmoe",
         (("dense", 2.060), ("hash", 1.932), ("switch", 1.881), ("gshard", 1.867), ("deepseekmoe", 1.808)),
-        "paper ordering: DeepSeekMoE < GShard < Switch ~ Hash < Dense"),
+        "DeepSeekMoE < GShard < Switch ~ Hash < Dense in Pile loss"),
     "ablation": Suite(
         "Figure 3 ablation: shared-expert isolation and fine-grained segmentation",
         (("GShard (0+2/16)", "gshard"), ("+ shared isolation (1+1/15)", "ablation-shared"),
          ("+ fine-grained m=2 (1+3/31)", "ablation-m2"), ("+ m=4 = DeepSeekMoE (1+7/63)", "deepseekmoe")),
-        "deepseekmoe", (), "paper: every step improves the benchmarks (no losses printed)"),
+        "deepseekmoe", (), "every step improves the benchmarks (bars only, no losses printed)"),
     "shared-ratio": Suite(
         "Shared : routed ratio (64 experts of 1/4 size, 8 activated)",
         (("1 shared + 7/63", "deepseekmoe"), ("2 shared + 6/62", "shared2"), ("4 shared + 4/60", "shared4")),
         "deepseekmoe", (("deepseekmoe", 1.808), ("shared2", 1.806), ("shared4", 1.811)),
-        "paper: all three within 0.005; 1:3 adopted"),
+        "all three within 0.005 in Pile loss; the 1:3 ratio was adopted"),
     "upper-bound": Suite(
         "Table 2: DeepSeekMoE against larger GShard and the Dense x16 upper bound",
         (("GShard x1.5", "gshard-x1.5"), ("Dense x16", "dense-x16"), ("DeepSeekMoE", "deepseekmoe")),
         "deepseekmoe", (("gshard-x1.5", 1.808), ("dense-x16", 1.806), ("deepseekmoe", 1.808)),
-        "paper: DeepSeekMoE matches GShard x1.5 and nearly Dense x16"),
+        "DeepSeekMoE matches GShard x1.5 and nearly Dense x16"),
 }
 SCALE_NAMES = {"2b": {"deepseekmoe": "deepseekmoe-2b", "dense": "dense-0.2b"}}
 DEFAULT_STEPS = {"tiny": 400, "small": 400}

@@ -34,7 +34,8 @@ def _save(fig: Any, path: str | Path) -> Path:
 
 
 def load_histograms(layers: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """One bar chart per MoE layer: share of routed assignments per expert; dashed line = perfect balance."""
+    """One bar chart per MoE layer: share of routed assignments per expert; dashed line = perfect balance, red x =
+    dead expert."""
     rows, cols = _grid(len(layers))
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
     for ax in axes.flat[len(layers):]:
@@ -43,7 +44,9 @@ def load_histograms(layers: Sequence[dict[str, Any]], path: str | Path, title: s
         load = np.asarray(layer["load"], dtype=float)
         share = load / max(load.sum(), 1.0)
         dead = load == 0
-        ax.bar(np.arange(len(load)), share, width=0.9, color=np.where(dead, "#d62728", "#1f77b4"))
+        ax.bar(np.arange(len(load)), share, width=0.9, color="#1f77b4")
+        if dead.any():  # zero-height bars are invisible: mark dead experts on the axis
+            ax.plot(np.flatnonzero(dead), np.zeros(int(dead.sum())), "x", color="#d62728", ms=4, clip_on=False)
         ax.axhline(1 / len(load), color="k", ls="--", lw=0.8)
         ax.set_title(f"MoE layer {i}: max/mean {layer['max_over_mean']:.2f}, CV {layer['cv']:.2f}, "
                      f"dead {int(dead.sum())}", fontsize=8)

@@ -29,7 +29,7 @@ h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: .2e
 table { border-collapse: collapse; margin: .8em 0; font-size: .9em; }
 th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
-tr.ref td { background: #eef6ff; } td.yes { color: #067d17; font-weight: 600; } td.no { color: #a15c00; }
+tr.ref td { background: #eef6ff; } td.txt { text-align: left; } td.yes { color: #067d17; font-weight: 600; } td.no { color: #a15c00; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption, p.note { color: #555; font-size: .9em; } code { background: #f5f5f5; padding: 0 .2em; }
 .tok { font-family: ui-monospace, monospace; background: #f5f5f5; padding: 0 .25em; margin-right: .3em; }
@@ -53,7 +53,11 @@ def _table(headers: list[str] | tuple[str, ...], rows: list[list[str]], classes:
 
 
 def _cell_class(text: str) -> str:
-    return "yes" if text == "yes" else "no" if text.startswith("no (") else ""
+    if text == "yes":
+        return "yes"
+    if text.startswith("no ("):
+        return "no"
+    return "" if text[:1].isdigit() or text[:1] in "+-–" else "txt"
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -141,7 +145,7 @@ def _checkpoint_details(r: dict[str, Any], tmp: Path, files: dict[str, str]) -> 
     parts = [f"<h3>{html.escape(r['name'])}</h3>",
              _table(["MoE layer", "max/mean load", "CV of load", "load entropy / log E", "token entropy (nats)",
                      "dead experts"], rows)]
-    for key, caption in (("load", "expert load histogram per MoE layer (red: dead experts)"),
+    for key, caption in (("load", "expert load histogram per MoE layer (red x: dead experts)"),
                          ("co-activation", "how often expert j is chosen together with expert i")):
         name = files.get(f"{r['name']} {key}")
         if name:
