@@ -12,7 +12,8 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 import deepseekmoe.hf  # noqa: F401  (registers model_type "deepseek")
 from deepseekmoe import ModelConfig, Transformer
@@ -39,7 +40,10 @@ def native() -> Transformer:
 @pytest.fixture(scope="module")
 def hf_dir(native: Transformer, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hf")
-    save_model(native, root / "ckpt")
+    tok = Tokenizer(models.WordLevel({"<bos>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, 40)}}, "<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(root / "tokenizer.json"))
+    save_model(native, root / "ckpt", tokenizer_path=root / "tokenizer.json")
     convert_to_hf(root / "ckpt", root / "hf", max_shard_size=60_000)
     assert len(set(json.loads((root / "hf" / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
     return root / "hf"
@@ -57,6 +61,12 @@ def test_auto_classes_load_and_logits_equal(hf_model, native: Transformer, hf_di
     assert hf_model.config.to_model_config() == native.config
     ids = torch.randint(0, 40, (2, 11))
     torch.testing.assert_close(hf_model(ids).logits, native(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_auto_tokenizer_loads_the_exported_tokenizer(hf_dir: Path):
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)  # from tokenizer.json + the written tokenizer_config.json
+    assert tokenizer("w3 w17 w5")["input_ids"] == [3, 17, 5] and tokenizer.bos_token == "<bos>"
+    assert tokenizer.decode([3, 17]) == "w3 w17"
 
 
 @torch.no_grad()
