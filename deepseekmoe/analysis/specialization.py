@@ -128,9 +128,14 @@ def disable_top_experts(model: Transformer, batches: list[Batch],
             continue
         with rerouted(model, disable_ratio=x):
             loss = evaluate_loss(model, batches)
-        rows.append({"ratio": x, "ratio_label": str(Fraction(x).limit_denominator(64)), "num_disabled": d,
-                     "loss": loss})
+        rows.append({"ratio": x, "ratio_label": _sixteenths(x), "num_disabled": d, "loss": loss})
     return rows
+
+
+def _sixteenths(x: float) -> str:
+    """The paper's axis labels: 0, 1/16, 2/16, ...; other ratios as a reduced fraction."""
+    n = x * 16
+    return "0" if x == 0 else f"{round(n)}/16" if abs(n - round(n)) < 1e-9 else str(Fraction(x).limit_denominator(64))
 
 
 def vary_top_k(model: Transformer, batches: list[Batch], ks: Iterable[int] | None = None) -> list[dict[str, Any]]:
