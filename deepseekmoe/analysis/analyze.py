@@ -138,7 +138,6 @@ def analyze_command(checkpoints: list[str], *, data: str | None = None, out: str
 
     data_dir = Path(data) if data else _builtin_data()
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     models = [load_model(c) for c in checkpoints]  # fail early, before any long work, on a bad path
     decoders = [_decoder(ckpt, data_dir) for _, ckpt in models]  # ... or on a tokenizer mismatch
     length = min([seq_len] + [m.config.max_position_embeddings for m, _ in models])
@@ -150,6 +149,7 @@ def analyze_command(checkpoints: list[str], *, data: str | None = None, out: str
         torch.manual_seed(0)
         r = analyze_model(model, val, decode, top_tokens, log=lambda s: print(s, file=sys.stderr, flush=True))
         results.append({"name": name, "checkpoint": str(ckpt), **r})
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad argument leaves nothing behind
     files = write_plots(results, out_dir)
     _write_json(out_dir / "analysis.json", {"data": str(data_dir), "seq_len": length, "batches": len(val),
                                             "checkpoints": results, "plots": files})
