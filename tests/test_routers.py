@@ -155,3 +155,13 @@ def test_capacity_routing_depends_on_later_tokens_dropless_does_not(make_config)
     a = dropless(_scores([early, (2, 3)], 4), batch_size=1).topk_weight_TK[0]
     b = dropless(_scores([early, (0, 3)], 4), batch_size=1).topk_weight_TK[0]
     assert torch.equal(a, b)
+
+
+def test_hash_layers_use_different_tables(make_config):
+    from deepseekmoe import Transformer
+
+    cfg = make_config(router="hash", n_routed_experts=8, num_experts_per_tok=1, num_hidden_layers=3)
+    model = Transformer(cfg)
+    tables = [layer.mlp.gate.table for layer in model.layers]
+    assert torch.equal(tables[1], HashRouter(cfg, layer_idx=1).table)
+    assert not torch.equal(tables[0], tables[1]) and not torch.equal(tables[1], tables[2])

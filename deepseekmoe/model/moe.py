@@ -20,9 +20,9 @@ class MoE(nn.Module):
     The K_s shared experts are one FeedForward of width K_s * moe_intermediate_size (equal to their sum).
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
-        self.gate = build_router(config)
+        self.gate = build_router(config, layer_idx)
         self.experts = RoutedExperts(config)
         self.shared_experts = (
             FeedForward(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)

@@ -13,6 +13,7 @@ Shape legend: T tokens (B*S), D hidden, E routed experts, K experts per token.
   * HashRouter   a fixed token-id -> expert table, no learned parameters, gate 1 (Hash Layer baseline). The
                  table is a seeded random permutation of the vocabulary dealt round-robin to the experts, so each
                  expert owns the same number of vocabulary entries (+-1); it is rebuilt from (vocab, E, seed).
+                 Layer l uses seed hash_seed + l, so different layers hash differently.
 """
 
 from __future__ import annotations
@@ -95,12 +96,12 @@ def _counts(idx_TK: torch.Tensor, num_experts: int, keep_TK: torch.Tensor | None
 
 
 class HashRouter(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
         assert config.n_routed_experts is not None
         self.num_experts = config.n_routed_experts
         self.vocab_size = config.vocab_size
-        self.seed = config.hash_seed
+        self.seed = config.hash_seed + layer_idx
         self.register_buffer("table", self._build_table(), persistent=False)
 
     def _build_table(self) -> torch.Tensor:
@@ -121,9 +122,9 @@ class HashRouter(nn.Module):
         return RouterOutput(idx_TK, weight_TK, None, None, _counts(idx_TK, self.num_experts, None), batch_size)
 
 
-def build_router(config: ModelConfig) -> nn.Module:
+def build_router(config: ModelConfig, layer_idx: int = 0) -> nn.Module:
     if config.router == "hash":
-        return HashRouter(config)
+        return HashRouter(config, layer_idx)
     if config.router in ("softmax_topk", "switch", "gshard"):
         return TopKRouter(config)
     raise ValueError(f"router={config.router!r} has no routed experts")

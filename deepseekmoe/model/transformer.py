@@ -32,7 +32,7 @@ class Block(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp: nn.Module = (
-            MoE(config) if self.is_moe_layer else FeedForward(config.hidden_size, config.intermediate_size)
+            MoE(config, layer_idx) if self.is_moe_layer else FeedForward(config.hidden_size, config.intermediate_size)
         )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
