@@ -173,6 +173,12 @@ def test_resume_can_extend_the_run(data_dir: Path, tmp_path: Path) -> None:
     assert train(data_dir, tmp_path / "run", "train.max_steps=4", resume=True, max_steps=3) == 0
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
     assert load_config(tmp_path / "run" / "config.yaml").train.max_steps == 4
+    saved = list_checkpoints(tmp_path / "run")[-1]
+    mtime = (saved / "trainer_state.pt").stat().st_mtime_ns
+    assert train(data_dir, tmp_path / "run", resume=True, max_steps=4) == 0  # finished: nothing to do
+    assert list_checkpoints(tmp_path / "run")[-1] == saved
+    assert (saved / "trainer_state.pt").stat().st_mtime_ns == mtime
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
 
 
 # ------------------------------------------------------------------------------------------- non-finite

@@ -167,12 +167,12 @@ class Trainer:
         self.peak_flops = self.cfg.peak_flops or (
             GPU_PEAK_FLOPS if self.device.type == "cuda" else CPU_PEAK_FLOPS_PER_THREAD * torch.get_num_threads())
         self.peak_flops *= self.parallel.world_size  # tokens/s are counted over all processes
+        self.last_saved: Path | None = None
+        self.saved_step: int | None = None
         if resume:
             self._restore()
         else:
             self._fresh()
-        self.last_saved: Path | None = None
-        self.saved_step: int | None = None
 
     def _fresh(self) -> None:
         torch.manual_seed(self.cfg.seed)
@@ -199,6 +199,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.progress = state["progress"]
+        self.last_saved, self.saved_step = ckpts[-1], self.progress.step
 
     # ------------------------------------------------------------------------------------------ one step
     def next_micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
