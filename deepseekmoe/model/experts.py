@@ -1,23 +1,39 @@
-"""Routed experts with stacked weights, and two implementations of one interface.
+"""Routed experts with stacked weights, and several implementations of one interface.
 
-Shape legend: T tokens, D hidden, E routed experts, K experts per token, F expert hidden, R = T*K rows.
+Shape legend: T tokens, D hidden, E routed experts, K experts per token, F expert hidden, R = T*K rows
+(one row per (token, slot) pair), N / M the output / inner width of a matrix multiply.
 
 Weights (HF-transformers v5 layout, nn.Linear convention out x in):
     gate_up_proj (E, 2F, D)  rows [0, F) are gate_proj, rows [F, 2F) are up_proj
     down_proj    (E, D, F)
 
-  * "loop"     the readable reference: for each expert, gather its tokens, run SwiGLU, scatter-add. Test oracle.
-  * "grouped"  dropless dispatch: flatten the (token, slot) pairs, stable-sort by expert, gather rows into
-               expert-contiguous order, run the SwiGLU per contiguous group, scale by the gates, scatter-add back.
+Implementations (`config.experts_impl` picks "loop" or "grouped"; "grouped" chooses a strategy per call with
+`choose_strategy`, and `RoutedExperts.strategy` can pin one of STRATEGIES):
+  * "loop"        the readable reference: for each expert, gather its tokens, run SwiGLU, scatter-add. Test oracle.
+  * "slices"      dropless sorted dispatch in one autograd Function (`_SlicedSwiGLU`): stable-sort the R rows by
+                  expert; for each non-empty expert gather its rows, run the fused gate/up matmul, SwiGLU, scale by
+                  the gates, down matmul, scatter-add into the output. Backward is hand-written: weight gradients
+                  are written straight into (E, ...) buffers (autograd through `weight[e]` would zero-fill a full
+                  (E, 2F, D) tensor per expert), the gate weights scale h before down_proj so d(gate) = <dh, h>,
+                  and h = silu(g) * u is recomputed from the saved gate/up projection. One host sync (the counts).
+  * "grouped_mm"  the same function (`_GroupedSwiGLU`), each matmul one `torch.nn.functional.grouped_mm` over
+                  the per-expert row offsets: no host sync, no Python loop, but R-row temporaries. Needs 16-byte
+                  aligned strides (`grouped_mm_supported`). The choice on accelerators.
+  * "bmm"         batched matmul over a copy of each row's expert weights: no sort, no host sync; only for a
+                  handful of rows (decode), since it copies R weight matrices.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+
+STRATEGIES = ("loop", "grouped_mm", "slices", "bmm")
 
 
 class RoutedExperts(nn.Module):
@@ -29,11 +45,41 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
         self.impl = config.experts_impl
+        self.strategy: str | None = None
+        """Pin one of STRATEGIES (benchmarks, tests); None lets "grouped" choose per call."""
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
-        if self.impl == "loop":
-            return experts_loop(x_TD, topk_idx_TK, topk_weight_TK, self.gate_up_proj, self.down_proj)
-        return experts_grouped(x_TD, topk_idx_TK, topk_weight_TK, self.gate_up_proj, self.down_proj)
+        strategy = "loop" if self.impl == "loop" else self.strategy
+        return experts_forward(x_TD, topk_idx_TK, topk_weight_TK, self.gate_up_proj, self.down_proj, strategy)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, impl={self.impl}, strategy={self.strategy or 'auto'}"
+
+
+def experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                    gate_up_proj: torch.Tensor, down_proj: torch.Tensor, strategy: str | None = None) -> torch.Tensor:
+    """y_t = sum_k w_{t,k} * FFN_{idx_{t,k}}(x_t) with the named strategy (None: `choose_strategy`)."""
+    if x_TD.shape[0] == 0:
+        return torch.zeros_like(x_TD)
+    strategy = strategy or choose_strategy(x_TD, topk_idx_TK, gate_up_proj, down_proj)
+    if strategy == "loop":
+        return experts_loop(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj)
+    if strategy == "bmm":
+        return experts_bmm(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj)
+    if strategy in ("grouped_mm", "slices"):  # grouped_mm falls back to slices where the operands do not qualify
+        use_grouped_mm = strategy == "grouped_mm" and grouped_mm_supported(x_TD, gate_up_proj, down_proj)
+        return experts_sorted(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj, use_grouped_mm)
+    raise ValueError(f"unknown experts strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+
+
+def choose_strategy(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, gate_up_proj: torch.Tensor,
+                    down_proj: torch.Tensor) -> str:
+    """The fastest correct strategy for this call, as measured (benchmarks/README.md): on CPU the per-expert
+    "slices" (as fast as grouped_mm where that runs, less memory, any shape); on an accelerator "grouped_mm" where
+    the operands qualify (no host sync, one kernel per GEMM), else "slices"."""
+    if x_TD.device.type != "cpu" and grouped_mm_supported(x_TD, gate_up_proj, down_proj):
+        return "grouped_mm"
+    return "slices"
 
 
 def _swiglu(x_RD: torch.Tensor, gate_up_2FD: torch.Tensor, down_DF: torch.Tensor) -> torch.Tensor:
@@ -55,29 +101,153 @@ def experts_loop(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: 
     return out_TD
 
 
-def experts_grouped(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                    gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
-    """Sort-based dropless dispatch; the per-group SwiGLU runs on contiguous row blocks."""
+def experts_bmm(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    """One batched matmul over the R rows, each with a copy of its expert's weights (decode-sized R only)."""
     t, k = topk_idx_TK.shape
+    idx_R = topk_idx_TK.reshape(-1)
+    x_R1D = x_TD.unsqueeze(1).expand(t, k, x_TD.shape[1]).reshape(t * k, 1, -1)
+    gate_R1F, up_R1F = torch.bmm(x_R1D, gate_up_proj[idx_R].transpose(1, 2)).chunk(2, dim=-1)
+    y_R1D = torch.bmm(F.silu(gate_R1F) * up_R1F, down_proj[idx_R].transpose(1, 2))
+    y_TKD = y_R1D.view(t, k, -1) * topk_weight_TK.unsqueeze(-1).to(y_R1D.dtype)
+    return y_TKD.sum(dim=1)
+
+
+# ---------------------------------------------------------------------------------------- sorted dispatch
+def grouped_mm_supported(x_TD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
+    """torch's grouped_mm exists and accepts these operands: every stride a multiple of 16 bytes (CPU and CUDA
+    kernels both require it), and on CUDA bf16 operands (the fp32 path is a slow fallback)."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x_TD.device.type == "cuda" and x_TD.dtype != torch.bfloat16:
+        return False
+    if x_TD.dtype != gate_up_proj.dtype or x_TD.dtype != down_proj.dtype:
+        return False
+    align = 16 // x_TD.element_size()
+    d, f = down_proj.shape[1], down_proj.shape[2]
+    return (d % align == 0 and f % align == 0 and gate_up_proj.data_ptr() % 16 == 0
+            and down_proj.data_ptr() % 16 == 0)
+
+
+def experts_sorted(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                   gate_up_proj: torch.Tensor, down_proj: torch.Tensor, use_grouped_mm: bool) -> torch.Tensor:
+    """Dropless sorted dispatch: rows sorted by expert, per-expert (or grouped) GEMMs, scatter-add to tokens."""
+    k = topk_idx_TK.shape[1]
     flat_idx_R = topk_idx_TK.reshape(-1)
     order_R = torch.argsort(flat_idx_R, stable=True)
-    token_of_row_R = order_R // k
     counts_E = torch.bincount(flat_idx_R, minlength=gate_up_proj.shape[0])
-    x_RD = x_TD[token_of_row_R]  # expert-contiguous copy of the routed rows
-    y_RD = _grouped_swiglu(x_RD, counts_E, gate_up_proj, down_proj)
-    y_RD = y_RD * topk_weight_TK.reshape(-1)[order_R].unsqueeze(-1).to(y_RD.dtype)
-    return torch.zeros_like(x_TD).index_add_(0, token_of_row_R, y_RD)
+    token_R = order_R // k
+    device_type, out_dtype = x_TD.device.type, x_TD.dtype
+    if torch.is_autocast_enabled(device_type):  # the Function's matmuls run in the autocast dtype, explicitly
+        dtype = torch.get_autocast_dtype(device_type)
+        x_TD, gate_up_proj, down_proj = x_TD.to(dtype), gate_up_proj.to(dtype), down_proj.to(dtype)
+    weight_R = topk_weight_TK.reshape(-1)[order_R].to(x_TD.dtype)
+    with torch.autocast(device_type, enabled=False):
+        if use_grouped_mm:
+            offsets_E = counts_E.cumsum(0).to(torch.int32)
+            y_TD = _GroupedSwiGLU.apply(x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E)
+        else:
+            y_TD = _SlicedSwiGLU.apply(x_TD, gate_up_proj, down_proj, weight_R, token_R, counts_E.tolist())
+    return y_TD.to(out_dtype)
 
 
-def _grouped_swiglu(x_RD: torch.Tensor, counts_E: torch.Tensor, gate_up_proj: torch.Tensor,
-                    down_proj: torch.Tensor) -> torch.Tensor:
-    """SwiGLU of each expert over its contiguous block of rows."""
-    outputs = []
-    start = 0
-    for e, n in enumerate(counts_E.tolist()):
-        if n:
-            outputs.append(_swiglu(x_RD[start:start + n], gate_up_proj[e], down_proj[e]))
-        start += n
-    if not outputs:
-        return x_RD.new_zeros(x_RD.shape)
-    return torch.cat(outputs)
+def _silu_mul(gu_N2F: torch.Tensor) -> torch.Tensor:
+    gate_NF, up_NF = gu_N2F.chunk(2, dim=-1)
+    return F.silu(gate_NF).mul_(up_NF)
+
+
+def _swiglu_grad(gu_N2F: torch.Tensor, dh_NF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h = silu(g) * u, d h / d[g, u] for the upstream gradient dh as one (N, 2F) tensor)."""
+    gate_NF, up_NF = gu_N2F.chunk(2, dim=-1)
+    silu_NF = F.silu(gate_NF)
+    d_gu_N2F = torch.empty_like(gu_N2F)
+    d_gate_NF, d_up_NF = d_gu_N2F.chunk(2, dim=-1)
+    torch.mul(dh_NF, silu_NF, out=d_up_NF)
+    torch.ops.aten.silu_backward.grad_input(dh_NF * up_NF, gate_NF, grad_input=d_gate_NF)
+    return silu_NF.mul_(up_NF), d_gu_N2F
+
+
+class _SlicedSwiGLU(torch.autograd.Function):
+    """out_TD = sum over rows r (sorted by expert) of w_r * SwiGLU_{e(r)}(x[token_r]), one expert at a time.
+
+    Every temporary is one expert's (rows x width): on CPU a fresh tensor above glibc's mmap threshold (32 MB)
+    costs a page fault per 4 KB on first touch, which made the R x D gathers of the grouped form expensive.
+    Keeps each expert's gathered input and gate/up projection for backward (R x (D + 2F) in all, against the
+    R x (2D + 4F) that autograd through the plain ops would keep) and recomputes the SwiGLU.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, gate_up_proj, down_proj, weight_R, token_R, counts):  # type: ignore[override]
+        out_TD = torch.zeros_like(x_TD)
+        keep = any(ctx.needs_input_grad)  # nothing to keep for backward under no_grad
+        groups, gus = [], []
+        for e, end in enumerate(itertools.accumulate(counts)):
+            if counts[e] == 0:
+                continue
+            tok_N, w_N1 = token_R[end - counts[e]:end], weight_R[end - counts[e]:end].unsqueeze(-1)
+            x_ND = x_TD.index_select(0, tok_N)
+            gu_N2F = torch.mm(x_ND, gate_up_proj[e].t())
+            y_ND = torch.mm(_silu_mul(gu_N2F).mul_(w_N1), down_proj[e].t())
+            out_TD.index_add_(0, tok_N, y_ND)
+            if keep:
+                groups.append((e, end - counts[e], end))
+                gus.append((gu_N2F, x_ND))
+        ctx.save_for_backward(x_TD, gate_up_proj, down_proj, weight_R, token_R)
+        ctx.groups, ctx.gus = groups, gus
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_TD):  # type: ignore[override]
+        x_TD, gate_up_proj, down_proj, weight_R, token_R = ctx.saved_tensors
+        grad_TD = grad_TD.contiguous()
+        d_x_TD = torch.zeros_like(x_TD)
+        d_gate_up, d_down = _zero_unused(torch.empty_like(gate_up_proj), torch.empty_like(down_proj), ctx.groups)
+        d_weight_R = torch.empty_like(weight_R)
+        for (e, s, t), (gu_N2F, x_ND) in zip(ctx.groups, ctx.gus):
+            tok_N, w_N1 = token_R[s:t], weight_R[s:t].unsqueeze(-1)
+            grad_ND = grad_TD.index_select(0, tok_N)
+            dh_NF = torch.mm(grad_ND, down_proj[e])  # gradient of w * h
+            h_NF, d_gu_N2F = _swiglu_grad(gu_N2F, dh_NF.mul(w_N1))
+            torch.sum(dh_NF.mul_(h_NF), dim=-1, out=d_weight_R[s:t])
+            torch.mm(grad_ND.t(), h_NF.mul_(w_N1), out=d_down[e])
+            torch.mm(d_gu_N2F.t(), x_ND, out=d_gate_up[e])
+            d_x_TD.index_add_(0, tok_N, torch.mm(d_gu_N2F, gate_up_proj[e]))
+        return d_x_TD, d_gate_up, d_down, d_weight_R, None, None
+
+
+def _zero_unused(d_gate_up: torch.Tensor, d_down: torch.Tensor, groups: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero the weight gradients of experts that got no rows (the others are fully overwritten)."""
+    used = {e for e, _, _ in groups}
+    for e in range(d_gate_up.shape[0]):
+        if e not in used:
+            d_gate_up[e].zero_()
+            d_down[e].zero_()
+    return d_gate_up, d_down
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """The same function as _SlicedSwiGLU, each matrix multiply one grouped GEMM over all experts (offsets_E are
+    the cumulative row counts). No host sync; R-sized temporaries, which suit an accelerator's caching allocator."""
+
+    @staticmethod
+    def forward(ctx, x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E):  # type: ignore[override]
+        gu_R2F = F.grouped_mm(x_TD.index_select(0, token_R), gate_up_proj.transpose(1, 2), offs=offsets_E)
+        hw_RF = _silu_mul(gu_R2F).mul_(weight_R.unsqueeze(-1))
+        y_RD = F.grouped_mm(hw_RF, down_proj.transpose(1, 2), offs=offsets_E)
+        ctx.save_for_backward(x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E, gu_R2F)
+        return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)
+
+    @staticmethod
+    def backward(ctx, grad_TD):  # type: ignore[override]
+        x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E, gu_R2F = ctx.saved_tensors
+        grad_RD = grad_TD.contiguous().index_select(0, token_R)
+        dh_RF = F.grouped_mm(grad_RD, down_proj, offs=offsets_E)  # gradient of w * h
+        h_RF, d_gu_R2F = _swiglu_grad(gu_R2F, dh_RF.mul(weight_R.unsqueeze(-1)))
+        d_weight_R = dh_RF.mul_(h_RF).sum(-1)
+        del dh_RF
+        d_down = F.grouped_mm(grad_RD.t(), h_RF.mul_(weight_R.unsqueeze(-1)), offs=offsets_E)  # (E, D, F)
+        del grad_RD, h_RF
+        d_gate_up = F.grouped_mm(d_gu_R2F.t(), x_TD.index_select(0, token_R), offs=offsets_E)  # (E, 2F, D)
+        d_x_RD = F.grouped_mm(d_gu_R2F, gate_up_proj, offs=offsets_E)
+        d_x_TD = torch.zeros_like(x_TD).index_add_(0, token_R, d_x_RD)
+        return d_x_TD, d_gate_up, d_down, d_weight_R, None, None

@@ -1,0 +1,349 @@
+"""MoE layer benchmark: our MoE block (every expert strategy) vs the dense-equivalent SwiGLU FFN vs transformers'
+DeepseekV2Moe (every experts implementation usable on the device), side by side in one process.
+
+    python benchmarks/moe_layer.py [--shapes s1,decode-1] [--impls dense,ours:auto,hf:grouped_mm] [--json]
+    deepseekmoe bench moe-layer [same options]
+
+Every contender computes the same function on the same weights: ours and transformers' share the parameter
+tensors (outputs are checked to agree), routing is the softmax top-k of a random router (near-uniform load).
+Timing: after one warm-up call each, the contenders run interleaved (the order rotates every repeat), one call per
+turn; the table reports the median and the minimum. "train" shapes time forward + backward of the block output
+(gradients set to None before each call, as `zero_grad(set_to_none=True)` does); "infer" shapes time a forward
+under `torch.no_grad()`. GFLOP/s counts the activated expert FLOPs only (2 x 3 x D x F x (K + shared) per token,
+x3 for training), the same FLOPs the dense-equivalent FFN does; the router's 2 x D x E per token is not counted.
+Peak memory: a separate call per contender; on CPU every tensor allocation and free of the step is read from the
+torch profiler's allocation events and the peak of their running sum is reported (bytes held before the step,
+such as parameters and inputs, are not counted); on CUDA, max_memory_allocated above the starting level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from deepseekmoe import MoE, ModelConfig
+from deepseekmoe.model.experts import STRATEGIES
+from deepseekmoe.model.layers import FeedForward
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    experts: int
+    width: int
+    shared: int
+    top_k: int
+    tokens: int
+    mode: str  # "train" (forward + backward) or "infer" (forward, no grad)
+
+    def flops(self) -> float:
+        fwd = 2.0 * 3 * self.hidden * self.width * (self.top_k + self.shared) * self.tokens
+        return fwd * (3 if self.mode == "train" else 1)
+
+
+def _s1(tokens: int, mode: str) -> Shape:
+    return Shape(512, 64, 128, 2, 6, tokens, mode)
+
+
+def _16b(tokens: int, mode: str) -> Shape:
+    return Shape(2048, 64, 1408, 2, 6, tokens, mode)
+
+
+SHAPES: dict[str, Shape] = {
+    "decode-1": _s1(1, "infer"), "decode-4": _s1(4, "infer"), "decode-16": _s1(16, "infer"),
+    "train-1k": _s1(1024, "train"), "s1": _s1(4096, "train"), "train-16k": _s1(16384, "train"),
+    "16b-decode-1": _16b(1, "infer"), "16b-decode-16": _16b(16, "infer"),
+    "16b-2k": _16b(2048, "train"), "16b-4k": _16b(4096, "train"),
+}
+DEFAULT_SHAPES = "decode-1,decode-4,decode-16,train-1k,s1,train-16k,16b-decode-1,16b-decode-16"
+OURS = ["ours:auto"] + [f"ours:{s}" for s in STRATEGIES]
+HF = ["hf:eager", "hf:grouped_mm", "hf:batched_mm"]
+BATCHED_MM_MAX_BYTES = 2 << 30  # hf:batched_mm copies one expert's weights per row; skipped above this
+
+
+def build_ours(shape: Shape, dtype: torch.dtype, device: str) -> MoE:
+    cfg = ModelConfig(hidden_size=shape.hidden, n_routed_experts=shape.experts, moe_intermediate_size=shape.width,
+                      n_shared_experts=shape.shared, num_experts_per_tok=shape.top_k, experts_impl="grouped")
+    moe = MoE(cfg).to(device=device, dtype=dtype)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return moe
+
+
+def build_hf(ours: MoE, shape: Shape) -> torch.nn.Module | None:
+    """transformers' DeepseekV2Moe sharing our parameter tensors (same names); None without transformers."""
+    try:
+        from transformers import DeepseekV2Config
+        from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+    except ImportError:
+        return None
+    cfg = DeepseekV2Config(hidden_size=shape.hidden, moe_intermediate_size=shape.width,
+                           n_routed_experts=shape.experts, n_shared_experts=shape.shared,
+                           num_experts_per_tok=shape.top_k, topk_method="greedy", routed_scaling_factor=1.0,
+                           norm_topk_prob=False, hidden_act="silu")
+    with torch.device("meta"):
+        hf = DeepseekV2Moe(cfg)
+    hf.load_state_dict(ours.state_dict(), assign=True, strict=True)
+    return hf
+
+
+def build_dense(shape: Shape, dtype: torch.dtype, device: str) -> FeedForward:
+    ffn = FeedForward(shape.hidden, shape.width * (shape.top_k + shape.shared)).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in ffn.parameters():
+            p.normal_(0.0, 0.02)
+    return ffn
+
+
+def contenders(shape: Shape, impls: list[str], dtype: torch.dtype, device: str) -> dict[str, Callable]:
+    """name -> a module call on (1, T, D) input returning the block output; skips what cannot run here."""
+    ours = build_ours(shape, dtype, device)
+    hf = build_hf(ours, shape) if any(i.startswith("hf:") for i in impls) else None
+    dense = build_dense(shape, dtype, device) if "dense" in impls else None
+    calls: dict[str, Callable] = {}
+    for name in impls:
+        kind, _, impl = name.partition(":")
+        if kind == "dense":
+            calls[name] = dense
+        elif kind == "ours":
+            calls[name] = _ours_call(ours, None if impl == "auto" else impl)
+        elif kind == "hf" and hf is not None:
+            rows_bytes = shape.tokens * shape.top_k * 3 * shape.hidden * shape.width * torch.finfo(dtype).bits // 8
+            if impl == "batched_mm" and rows_bytes > BATCHED_MM_MAX_BYTES:
+                continue
+            calls[name] = _hf_call(hf, impl)
+    return calls
+
+
+def _ours_call(moe: MoE, strategy: str | None) -> Callable:
+    def call(x: torch.Tensor) -> torch.Tensor:
+        moe.experts.strategy = strategy
+        return moe(x)[0]
+    call.module = moe  # type: ignore[attr-defined]
+    return call
+
+
+def _hf_call(hf: torch.nn.Module, impl: str) -> Callable:
+    def call(x: torch.Tensor) -> torch.Tensor:
+        hf.config._experts_implementation = impl
+        return hf(x)
+    call.module = hf  # type: ignore[attr-defined]
+    return call
+
+
+def _module(call: Callable) -> torch.nn.Module:
+    return call if isinstance(call, torch.nn.Module) else call.module  # type: ignore[attr-defined]
+
+
+def make_step(call: Callable, shape: Shape, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One block call: forward (+ backward for "train"). `step.reset()` drops the parameter gradients, as
+    `zero_grad(set_to_none=True)` does; it runs before every timed or measured call, outside the measurement."""
+    params = list(_module(call).parameters())
+
+    def step() -> torch.Tensor:
+        if shape.mode == "infer":
+            with torch.no_grad():
+                return call(x)
+        xg = x.detach().requires_grad_()
+        y = call(xg)
+        y.backward(grad)
+        return y.detach()
+
+    def reset() -> None:
+        for p in params:
+            p.grad = None
+    step.reset = reset  # type: ignore[attr-defined]
+    return step
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(steps: dict[str, Callable], repeats: int, budget_s: float, device: str,
+                     log: Callable[[str], None]) -> dict[str, list[float]]:
+    """One warm-up call each, then `repeats` rounds in rotating order; a contender whose warm-up took longer than
+    budget_s / repeats gets fewer rounds (at least one)."""
+    warm: dict[str, float] = {}
+    for name, step in steps.items():
+        step.reset()  # type: ignore[attr-defined]
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        warm[name] = time.perf_counter() - t0
+        log(f"  warm-up {name}: {warm[name] * 1e3:.1f} ms")
+    rounds = {n: max(1, min(repeats, int(budget_s / max(w, 1e-9)))) for n, w in warm.items()}
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    names = list(steps)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if len(times[name]) >= rounds[name]:
+                continue
+            steps[name].reset()  # type: ignore[attr-defined]
+            _sync(device)
+            t0 = time.perf_counter()
+            steps[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def peak_memory(step: Callable[[], torch.Tensor], device: str) -> int:
+    """Peak bytes allocated during one step above what was allocated before it."""
+    step.reset()  # type: ignore[attr-defined]
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    allocs: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        ev = stack.pop()
+        if ev.tag == _EventType.Allocation:
+            allocs.append((ev.start_time_ns, ev.extra_fields.alloc_size))
+        stack.extend(ev.children)
+    current = peak = 0
+    for _, size in sorted(allocs):
+        current += size
+        peak = max(peak, current)
+    return peak
+
+
+def machine() -> dict[str, object]:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "")
+    except OSError:
+        model = ""
+    info: dict[str, object] = {
+        "cpu": model or platform.processor(), "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def check_agreement(steps: dict[str, Callable], shape: Shape, x: torch.Tensor) -> dict[str, float]:
+    """Max |y - y_ref| / max |y_ref| of every MoE contender against the first one, forward only."""
+    with torch.no_grad():
+        outs = {n: c(x).float() for n, c in steps.items() if n != "dense"}
+    if not outs:
+        return {}
+    ref = next(iter(outs.values()))
+    scale = ref.abs().max().clamp_min(1e-30)
+    return {n: float((y - ref).abs().max() / scale) for n, y in outs.items()}
+
+
+def run_shape(name: str, shape: Shape, impls: list[str], *, dtype: torch.dtype, device: str, repeats: int,
+              budget_s: float, memory: bool, log: Callable[[str], None]) -> list[dict[str, object]]:
+    log(f"shape {name}: {shape}")
+    calls = contenders(shape, impls, dtype, device)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(1, shape.tokens, shape.hidden, generator=gen).to(device=device, dtype=dtype)
+    grad = torch.randn(1, shape.tokens, shape.hidden, generator=gen).to(device=device, dtype=dtype)
+    agreement = check_agreement(calls, shape, x)
+    steps = {n: make_step(c, shape, x, grad) for n, c in calls.items()}
+    times = time_interleaved(steps, repeats, budget_s, device, log)
+    rows = []
+    for n, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"shape": name, **dataclasses.asdict(shape), "dtype": str(dtype).removeprefix("torch."),
+                     "device": device, "impl": n, "median_ms": med * 1e3, "min_ms": min(ts) * 1e3,
+                     "runs": len(ts), "gflops": shape.flops() / med / 1e9,
+                     "max_rel_diff": agreement.get(n)})
+        if memory:
+            rows[-1]["peak_mb"] = peak_memory(steps[n], device) / 2**20
+    dense = next((r["median_ms"] for r in rows if r["impl"] == "dense"), None)
+    hf_best = min((r["median_ms"] for r in rows if str(r["impl"]).startswith("hf:")), default=None)
+    for r in rows:
+        r["x_dense"] = r["median_ms"] / dense if dense else None
+        r["x_best_hf"] = r["median_ms"] / hf_best if hf_best else None
+    return rows
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    cols = [("impl", "{}"), ("median_ms", "{:.2f}"), ("min_ms", "{:.2f}"), ("runs", "{}"), ("x_dense", "{:.2f}"),
+            ("x_best_hf", "{:.2f}"), ("gflops", "{:.1f}"), ("peak_mb", "{:.1f}"), ("max_rel_diff", "{:.1e}")]
+    out, shape = [], None
+    for r in rows:
+        if r["shape"] != shape:
+            shape = r["shape"]
+            out.append(f"\n{shape}: T={r['tokens']} D={r['hidden']} E={r['experts']}x{r['width']} "
+                       f"K={r['top_k']} shared={r['shared']} {r['dtype']} {r['mode']} ({r['device']})")
+            out.append("  ".join(f"{c:>12}" for c, _ in cols))
+        out.append("  ".join(f"{fmt.format(r[c]) if r.get(c) is not None else '-':>12}" for c, fmt in cols))
+    return "\n".join(out)
+
+
+def run(*, shapes: str = DEFAULT_SHAPES, impls: str | None = None, repeats: int = 5, budget_s: float = 20.0,
+        dtype: str = "float32", device: str = "cpu", memory: bool = True, as_json: bool = False) -> int:
+    """Benchmark the shapes; print a table (or one JSON object with --json). Returns an exit code."""
+    names = [s.strip() for s in shapes.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SHAPES]
+    if unknown:
+        raise ValueError(f"unknown shape(s) {', '.join(unknown)}; available: {', '.join(SHAPES)}")
+    chosen = [i.strip() for i in impls.split(",")] if impls else ["dense", *OURS, *HF]
+    bad = [i for i in chosen if i not in ["dense", *OURS, *HF]]
+    if bad:
+        raise ValueError(f"unknown impl(s) {', '.join(bad)}; available: {', '.join(['dense', *OURS, *HF])}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA device is available")
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if as_json else (lambda m: print(m, flush=True))
+    info = machine()
+    log(" ".join(f"{k}={v}" for k, v in info.items()))
+    rows: list[dict[str, object]] = []
+    for name in names:
+        rows += run_shape(name, SHAPES[name], chosen, dtype=torch_dtype, device=device, repeats=repeats,
+                          budget_s=budget_s, memory=memory, log=log)
+    if as_json:
+        print(json.dumps({"machine": info, "results": rows}, indent=1))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated, from: {', '.join(SHAPES)}")
+    p.add_argument("--impls", default=None, help=f"comma-separated, from: dense, {', '.join(OURS + HF)}")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=20.0, help="timed seconds per contender and shape, roughly")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
+    return run(**vars(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Routed experts: every fast strategy equals the `loop` reference in outputs and in the gradients of x, the gate
+weights and both expert weight tensors (DESIGN.md must-have 2), on routings with empty experts, a single token,
+every token on one expert, K = 1, and in bf16; plus the strategy chooser and the module interface."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from deepseekmoe import MoE, ModelConfig
+from deepseekmoe.model.experts import (
+    STRATEGIES, RoutedExperts, choose_strategy, experts_forward, experts_loop, grouped_mm_supported,
+)
+
+FAST = [s for s in STRATEGIES if s != "loop"]
+
+
+def _problem(t: int, d: int, e: int, f: int, k: int, routing: str, dtype=torch.float32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, d, generator=gen).to(dtype)
+    gate_up = (torch.randn(e, 2 * f, d, generator=gen) / d ** 0.5).to(dtype)
+    down = (torch.randn(e, d, f, generator=gen) / f ** 0.5).to(dtype)
+    if routing == "random":  # distinct experts per token; experts e-2, e-1 never chosen
+        idx = torch.rand(t, e - 2, generator=gen).topk(k, dim=-1).indices
+    elif routing == "one_expert":  # every (token, slot) on expert 1 (duplicates within a token)
+        idx = torch.ones(t, k, dtype=torch.long)
+    else:
+        raise ValueError(routing)
+    weight = torch.rand(t, k, generator=gen)
+    return x, idx, weight, gate_up, down
+
+
+def _run(strategy: str, x, idx, weight, gate_up, down, grad_seed: int = 1):
+    leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_(),
+              gate_up.clone().requires_grad_(), down.clone().requires_grad_()]
+    xl, wl, gul, dl = leaves
+    y = experts_forward(xl, idx, wl, gul, dl, strategy)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(y.dtype)
+    y.backward(grad)
+    return [y.detach()] + [leaf.grad for leaf in leaves]
+
+
+CASES = {  # name: (T, D, E, F, K, routing)
+    "random": (37, 16, 8, 12, 3, "random"),      # experts 6 and 7 receive no tokens
+    "single_token": (1, 16, 8, 12, 3, "random"),
+    "one_expert": (9, 16, 8, 12, 2, "one_expert"),
+    "top1": (23, 16, 8, 12, 1, "random"),
+    "odd_sizes": (11, 10, 5, 6, 2, "random"),    # strides not 16-byte aligned: grouped_mm unsupported
+}
+
+
+@pytest.mark.parametrize("strategy", FAST)
+@pytest.mark.parametrize("case", CASES)
+def test_strategy_matches_loop(strategy: str, case: str) -> None:
+    problem = _problem(*CASES[case])
+    if strategy == "grouped_mm" and not grouped_mm_supported(problem[0], problem[3], problem[4]):
+        pytest.skip("grouped_mm does not accept these strides")
+    ref = _run("loop", *problem)
+    got = _run(strategy, *problem)
+    for name, r, g in zip(["y", "d_x", "d_weight", "d_gate_up", "d_down"], ref, got):
+        assert g is not None and g.shape == r.shape, name
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("strategy", FAST)
+def test_unused_experts_get_exact_zero_weight_gradients(strategy: str) -> None:
+    x, idx, weight, gate_up, down = _problem(*CASES["random"])
+    _, _, _, d_gate_up, d_down = _run(strategy, x, idx, weight, gate_up, down)
+    assert torch.count_nonzero(d_gate_up[-2:]) == 0 and torch.count_nonzero(d_down[-2:]) == 0
+    assert torch.count_nonzero(d_gate_up[:-2].abs().sum((1, 2))) == 6  # every used expert has a gradient
+
+
+@pytest.mark.parametrize("strategy", FAST)
+def test_bf16_forward_close_to_fp32_reference(strategy: str) -> None:
+    x, idx, weight, gate_up, down = _problem(40, 32, 8, 16, 2, "random")
+    ref = experts_loop(x, idx, weight, gate_up, down)
+    with torch.no_grad():
+        got = experts_forward(x.bfloat16(), idx, weight, gate_up.bfloat16(), down.bfloat16(), strategy)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+
+
+def test_hand_computed_single_expert() -> None:
+    """One token, one expert, identity-like weights: y = w * down(silu(g) * u) by hand."""
+    x = torch.tensor([[1.0, 2.0]])
+    gate_up = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # F = 1: gate = x0, up = x1
+    down = torch.tensor([[[1.0], [-2.0]]])              # D = 2
+    h = torch.nn.functional.silu(torch.tensor(1.0)) * 2.0
+    expected = 0.5 * torch.tensor([[h, -2 * h]])
+    for strategy in STRATEGIES:
+        y = experts_forward(x, torch.tensor([[0]]), torch.tensor([[0.5]]), gate_up, down, strategy)
+        torch.testing.assert_close(y, expected, msg=strategy)
+
+
+def test_no_tokens() -> None:
+    x, idx, weight, gate_up, down = _problem(4, 16, 8, 12, 2, "random")
+    for strategy in STRATEGIES:
+        y = experts_forward(x[:0], idx[:0], weight[:0], gate_up, down, strategy)
+        assert y.shape == (0, 16)
+
+
+def test_chooser_and_support() -> None:
+    x, idx, _, gate_up, down = _problem(*CASES["random"])
+    assert choose_strategy(x, idx, gate_up, down) == "slices"  # CPU: measured fastest (benchmarks/README.md)
+    assert grouped_mm_supported(x, gate_up, down) == hasattr(torch.nn.functional, "grouped_mm")
+    odd = _problem(*CASES["odd_sizes"])
+    assert not grouped_mm_supported(odd[0], odd[3], odd[4])
+    with pytest.raises(ValueError, match="unknown experts strategy 'fast'"):
+        experts_forward(x, idx, torch.ones(idx.shape), gate_up, down, "fast")
+
+
+@pytest.mark.parametrize("strategy", [None, *STRATEGIES])
+def test_moe_block_strategy_pinned_matches_loop(strategy: str | None) -> None:
+    """The whole MoE block (router + routed + shared) with a pinned strategy equals experts_impl="loop"."""
+    cfg = ModelConfig(hidden_size=16, n_routed_experts=8, moe_intermediate_size=8, n_shared_experts=1,
+                      num_experts_per_tok=3, experts_impl="grouped")
+    torch.manual_seed(0)
+    fast = MoE(cfg)
+    for p in fast.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ref = MoE(dataclasses.replace(cfg, experts_impl="loop"))
+    ref.load_state_dict(fast.state_dict())
+    assert isinstance(fast.experts, RoutedExperts)
+    fast.experts.strategy = strategy
+    x = torch.randn(2, 5, 16)
+    outs = []
+    for m in (ref, fast):
+        xg = x.clone().requires_grad_()
+        y, _ = m(xg)
+        y.square().sum().backward()
+        outs.append([y, xg.grad, m.experts.gate_up_proj.grad, m.gate.weight.grad])
+    for r, g in zip(*outs):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
