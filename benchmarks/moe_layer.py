@@ -272,7 +272,8 @@ def run_shape(name: str, shape: Shape, impls: list[str], *, dtype: torch.dtype, 
     grad = torch.randn(1, shape.tokens, shape.hidden, generator=gen).to(device=device, dtype=dtype)
     agreement = check_agreement(calls, shape, x)
     steps = {n: make_step(c, shape, x, grad) for n, c in calls.items()}
-    times = time_interleaved(steps, repeats, budget_s, device, log)
+    rounds = repeats * 10 if shape.mode == "infer" else repeats  # decode calls take ~1 ms: more samples
+    times = time_interleaved(steps, rounds, budget_s, device, log)
     rows = []
     for n, ts in times.items():
         med = statistics.median(ts)

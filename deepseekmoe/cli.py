@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "report": "deepseekmoe.analysis.report:report_command",
     "convert": "deepseekmoe.convert.hf:convert_command",
     "plan": "deepseekmoe.distributed.planner:plan_command",
+    "bench": "deepseekmoe.bench:bench_command",
 }
 
 

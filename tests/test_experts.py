@@ -11,7 +11,7 @@ import torch
 
 from deepseekmoe import MoE, ModelConfig
 from deepseekmoe.model.experts import (
-    STRATEGIES, RoutedExperts, choose_strategy, experts_forward, experts_loop, grouped_mm_supported,
+    GROUPED_MM_MAX_ROW_BYTES, STRATEGIES, RoutedExperts, choose_strategy, experts_forward, experts_loop, grouped_mm_supported,
 )
 
 FAST = [s for s in STRATEGIES if s != "loop"]
@@ -103,10 +103,15 @@ def test_no_tokens() -> None:
 
 def test_chooser_and_support() -> None:
     x, idx, _, gate_up, down = _problem(*CASES["random"])
-    assert choose_strategy(x, idx, gate_up, down) == "slices"  # CPU: measured fastest (benchmarks/README.md)
-    assert grouped_mm_supported(x, gate_up, down) == hasattr(torch.nn.functional, "grouped_mm")
+    has_gmm = hasattr(torch.nn.functional, "grouped_mm")
+    assert grouped_mm_supported(x, gate_up, down) == has_gmm
+    assert choose_strategy(x, idx, gate_up, down) == ("grouped_mm" if has_gmm else "slices")
+    # CPU: rows above GROUPED_MM_MAX_ROW_BYTES go to the per-expert path (benchmarks/README.md)
+    many = torch.zeros(GROUPED_MM_MAX_ROW_BYTES // (16 * 4) // 3 + 1, 3, dtype=torch.long)
+    assert choose_strategy(x, many, gate_up, down) == "slices"
     odd = _problem(*CASES["odd_sizes"])
     assert not grouped_mm_supported(odd[0], odd[3], odd[4])
+    assert choose_strategy(odd[0], odd[1], odd[3], odd[4]) == "slices"
     with pytest.raises(ValueError, match="unknown experts strategy 'fast'"):
         experts_forward(x, idx, torch.ones(idx.shape), gate_up, down, "fast")
 
@@ -133,3 +138,31 @@ def test_moe_block_strategy_pinned_matches_loop(strategy: str | None) -> None:
         outs.append([y, xg.grad, m.experts.gate_up_proj.grad, m.gate.weight.grad])
     for r, g in zip(*outs):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_slices_split_over_cpu_workers_matches_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With several intra-op threads the experts run as contiguous parts on worker threads; same numbers."""
+    from deepseekmoe.model import experts
+
+    monkeypatch.setattr(experts, "MIN_ROWS_PER_WORKER", 16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        problem = _problem(30, 16, 8, 12, 3, "random")
+        assert experts._num_workers(problem[0], 90) == 2
+        ref, got = _run("loop", *problem), _run("slices", *problem)
+        assert torch.get_num_threads() == 2  # the workers' single-thread setting does not leak here
+    finally:
+        torch.set_num_threads(threads)
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_split_balances_rows() -> None:
+    from deepseekmoe.model.experts import _split
+
+    groups = [(0, 0, 10), (1, 10, 20), (3, 20, 25), (5, 25, 40)]
+    assert _split(groups, 2) == [groups[:2], groups[2:]]
+    assert _split(groups, 1) == [groups]
+    assert _split(groups, 0) == [tuple(groups)]
+    assert sum(_split(groups, 3), []) == groups

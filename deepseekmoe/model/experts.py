@@ -26,6 +26,8 @@ Implementations (`config.experts_impl` picks "loop" or "grouped"; "grouped" choo
 from __future__ import annotations
 
 import itertools
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -72,14 +74,21 @@ def experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_T
     raise ValueError(f"unknown experts strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
 
 
+GROUPED_MM_MAX_ROW_BYTES = 32 << 20
+"""CPU: grouped_mm while the gathered rows (R x D) fit under glibc's largest mmap threshold (32 MB); bigger
+temporaries are fresh mmaps that page-fault on first touch, where the per-expert "slices" path wins."""
+
+
 def choose_strategy(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, gate_up_proj: torch.Tensor,
                     down_proj: torch.Tensor) -> str:
-    """The fastest correct strategy for this call, as measured (benchmarks/README.md): on CPU the per-expert
-    "slices" (as fast as grouped_mm where that runs, less memory, any shape); on an accelerator "grouped_mm" where
-    the operands qualify (no host sync, one kernel per GEMM), else "slices"."""
-    if x_TD.device.type != "cpu" and grouped_mm_supported(x_TD, gate_up_proj, down_proj):
+    """The fastest correct strategy for this call, as measured (benchmarks/README.md): "grouped_mm" where its
+    operands qualify, on CPU only while R x D stays under GROUPED_MM_MAX_ROW_BYTES; else "slices"."""
+    if not grouped_mm_supported(x_TD, gate_up_proj, down_proj):
+        return "slices"
+    if x_TD.device.type != "cpu":
         return "grouped_mm"
-    return "slices"
+    row_bytes = topk_idx_TK.numel() * x_TD.shape[1] * x_TD.element_size()
+    return "grouped_mm" if row_bytes <= GROUPED_MM_MAX_ROW_BYTES else "slices"
 
 
 def _swiglu(x_RD: torch.Tensor, gate_up_2FD: torch.Tensor, down_DF: torch.Tensor) -> torch.Tensor:
@@ -136,7 +145,7 @@ def experts_sorted(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK
     flat_idx_R = topk_idx_TK.reshape(-1)
     order_R = torch.argsort(flat_idx_R, stable=True)
     counts_E = torch.bincount(flat_idx_R, minlength=gate_up_proj.shape[0])
-    token_R = order_R // k
+    token_R = order_R // k  # with order_R: rows sorted by expert -> (token, slot)
     device_type, out_dtype = x_TD.device.type, x_TD.dtype
     if torch.is_autocast_enabled(device_type):  # the Function's matmuls run in the autocast dtype, explicitly
         dtype = torch.get_autocast_dtype(device_type)
@@ -145,7 +154,8 @@ def experts_sorted(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK
     with torch.autocast(device_type, enabled=False):
         if use_grouped_mm:
             offsets_E = counts_E.cumsum(0).to(torch.int32)
-            y_TD = _GroupedSwiGLU.apply(x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E)
+            unsort_R = torch.empty_like(order_R).index_copy_(0, order_R, torch.arange(len(order_R), device=x_TD.device))
+            y_TD = _GroupedSwiGLU.apply(x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E, unsort_R)
         else:
             y_TD = _SlicedSwiGLU.apply(x_TD, gate_up_proj, down_proj, weight_R, token_R, counts_E.tolist())
     return y_TD.to(out_dtype)
@@ -174,50 +184,125 @@ class _SlicedSwiGLU(torch.autograd.Function):
     costs a page fault per 4 KB on first touch, which made the R x D gathers of the grouped form expensive.
     Keeps each expert's gathered input and gate/up projection for backward (R x (D + 2F) in all, against the
     R x (2D + 4F) that autograd through the plain ops would keep) and recomputes the SwiGLU.
+    With several CPU threads the experts are split into contiguous parts of equal row counts, one part per
+    single-threaded worker (`_run_parts`): experts run in parallel instead of each small op forking and joining.
     """
 
     @staticmethod
     def forward(ctx, x_TD, gate_up_proj, down_proj, weight_R, token_R, counts):  # type: ignore[override]
-        out_TD = torch.zeros_like(x_TD)
+        groups = [(e, end - n, end) for e, (n, end) in enumerate(zip(counts, itertools.accumulate(counts))) if n]
+        parts = _split(groups, _num_workers(x_TD, token_R.shape[0]))
         keep = any(ctx.needs_input_grad)  # nothing to keep for backward under no_grad
-        groups, gus = [], []
-        for e, end in enumerate(itertools.accumulate(counts)):
-            if counts[e] == 0:
-                continue
-            tok_N, w_N1 = token_R[end - counts[e]:end], weight_R[end - counts[e]:end].unsqueeze(-1)
-            x_ND = x_TD.index_select(0, tok_N)
-            gu_N2F = torch.mm(x_ND, gate_up_proj[e].t())
-            y_ND = torch.mm(_silu_mul(gu_N2F).mul_(w_N1), down_proj[e].t())
-            out_TD.index_add_(0, tok_N, y_ND)
-            if keep:
-                groups.append((e, end - counts[e], end))
-                gus.append((gu_N2F, x_ND))
+        results = _run_parts(_forward_part, parts, x_TD, gate_up_proj, down_proj, weight_R, token_R, keep)
         ctx.save_for_backward(x_TD, gate_up_proj, down_proj, weight_R, token_R)
-        ctx.groups, ctx.gus = groups, gus
-        return out_TD
+        ctx.parts, ctx.saved = parts, [saved for _, saved in results]
+        return _sum([out for out, _ in results], x_TD)
 
     @staticmethod
     def backward(ctx, grad_TD):  # type: ignore[override]
         x_TD, gate_up_proj, down_proj, weight_R, token_R = ctx.saved_tensors
-        grad_TD = grad_TD.contiguous()
-        d_x_TD = torch.zeros_like(x_TD)
-        d_gate_up, d_down = _zero_unused(torch.empty_like(gate_up_proj), torch.empty_like(down_proj), ctx.groups)
+        used = [g for part in ctx.parts for g in part]
+        d_gate_up, d_down = _zero_unused(torch.empty_like(gate_up_proj), torch.empty_like(down_proj), used)
         d_weight_R = torch.empty_like(weight_R)
-        for (e, s, t), (gu_N2F, x_ND) in zip(ctx.groups, ctx.gus):
-            tok_N, w_N1 = token_R[s:t], weight_R[s:t].unsqueeze(-1)
-            grad_ND = grad_TD.index_select(0, tok_N)
-            dh_NF = torch.mm(grad_ND, down_proj[e])  # gradient of w * h
-            h_NF, d_gu_N2F = _swiglu_grad(gu_N2F, dh_NF.mul(w_N1))
-            torch.sum(dh_NF.mul_(h_NF), dim=-1, out=d_weight_R[s:t])
-            torch.mm(grad_ND.t(), h_NF.mul_(w_N1), out=d_down[e])
-            torch.mm(d_gu_N2F.t(), x_ND, out=d_gate_up[e])
-            d_x_TD.index_add_(0, tok_N, torch.mm(d_gu_N2F, gate_up_proj[e]))
-        return d_x_TD, d_gate_up, d_down, d_weight_R, None, None
+        grads = (grad_TD.contiguous(), d_gate_up, d_down, d_weight_R)
+        parts = [list(zip(part, saved)) for part, saved in zip(ctx.parts, ctx.saved)]
+        d_x = _run_parts(_backward_part, parts, gate_up_proj, down_proj, weight_R, token_R, grads)
+        return _sum(d_x, x_TD), d_gate_up, d_down, d_weight_R, None, None
+
+
+def _forward_part(groups, x_TD, gate_up_proj, down_proj, weight_R, token_R, keep):
+    out_TD, saved = torch.zeros_like(x_TD), []
+    for e, s, t in groups:
+        tok_N, w_N1 = token_R[s:t], weight_R[s:t].unsqueeze(-1)
+        x_ND = x_TD.index_select(0, tok_N)
+        gu_N2F = torch.mm(x_ND, gate_up_proj[e].t())
+        out_TD.index_add_(0, tok_N, torch.mm(_silu_mul(gu_N2F).mul_(w_N1), down_proj[e].t()))
+        if keep:
+            saved.append((gu_N2F, x_ND))
+    return out_TD, saved
+
+
+def _backward_part(groups_saved, gate_up_proj, down_proj, weight_R, token_R, grads):
+    grad_TD, d_gate_up, d_down, d_weight_R = grads
+    d_x_TD = torch.zeros_like(grad_TD)
+    for (e, s, t), (gu_N2F, x_ND) in groups_saved:
+        tok_N, w_N1 = token_R[s:t], weight_R[s:t].unsqueeze(-1)
+        grad_ND = grad_TD.index_select(0, tok_N)
+        dh_NF = torch.mm(grad_ND, down_proj[e])  # gradient of w * h
+        h_NF, d_gu_N2F = _swiglu_grad(gu_N2F, dh_NF.mul(w_N1))
+        torch.sum(dh_NF.mul_(h_NF), dim=-1, out=d_weight_R[s:t])
+        torch.mm(grad_ND.t(), h_NF.mul_(w_N1), out=d_down[e])
+        torch.mm(d_gu_N2F.t(), x_ND, out=d_gate_up[e])
+        d_x_TD.index_add_(0, tok_N, torch.mm(d_gu_N2F, gate_up_proj[e]))
+    return d_x_TD
+
+
+MIN_ROWS_PER_WORKER = 512
+"""Below this many rows per CPU thread the experts run in the calling thread (threads cost more than they give)."""
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _num_workers(x_TD: torch.Tensor, num_rows: int) -> int:
+    """Parts to split the experts into: 0 runs them in the calling thread (accelerators, one CPU thread)."""
+    if x_TD.device.type != "cpu" or torch.get_num_threads() == 1:
+        return 0
+    return max(1, min(torch.get_num_threads(), num_rows // MIN_ROWS_PER_WORKER))
+
+
+def _split(groups: list, parts: int) -> list[list]:
+    """Contiguous runs of groups with about equal row counts (at most `parts` runs, none empty). parts=0 gives
+    one run for the calling thread, marked by being a tuple."""
+    if parts == 0:
+        return [tuple(groups)]  # type: ignore[list-item]
+    if parts == 1 or len(groups) <= 1:
+        return [groups]
+    total = groups[-1][2] - groups[0][1]
+    runs: list[list] = [[]]
+    for g in groups:
+        if runs[-1] and g[1] - groups[0][1] >= total * len(runs) / parts:
+            runs.append([])
+        runs[-1].append(g)
+    return runs
+
+
+def _run_parts(fn, parts: list, *args) -> list:
+    """fn(part, *args) for every part on single-threaded CPU workers (even a single part: with several intra-op
+    threads, small ops such as a 1-row index_add_ pay a fork/join each, 25 ms apiece on a busy machine), or in
+    the calling thread for the tuple part of `_split(groups, 0)`."""
+    if len(parts) == 1 and isinstance(parts[0], tuple):
+        return [fn(list(parts[0]), *args)]
+    inference = torch.is_inference_mode_enabled()
+
+    def run(part):
+        with torch.inference_mode(inference), torch.no_grad():
+            return fn(part, *args)
+    return list(_worker_pool(torch.get_num_threads()).map(run, parts))
+
+
+def _worker_pool(size: int) -> ThreadPoolExecutor:
+    """A process-wide pool of `size` threads, each with one intra-op thread (so workers never oversubscribe)."""
+    global _POOL
+    if _POOL is None or _POOL._max_workers < size:  # type: ignore[attr-defined]
+        ready = threading.Barrier(size + 1)
+        _POOL = ThreadPoolExecutor(size, thread_name_prefix="experts")
+        for _ in range(size):  # start every worker now and make it single-threaded
+            _POOL.submit(lambda: (torch.set_num_threads(1), ready.wait()))
+        ready.wait()
+        torch.set_num_threads(size)  # set_num_threads in a worker also changed the default of new threads
+    return _POOL
+
+
+def _sum(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    out = tensors[0]
+    for t in tensors[1:]:
+        out.add_(t)
+    return out
 
 
 def _zero_unused(d_gate_up: torch.Tensor, d_down: torch.Tensor, groups: list) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero the weight gradients of experts that got no rows (the others are fully overwritten)."""
-    used = {e for e, _, _ in groups}
+    used = {g[0] for g in groups}
     for e in range(d_gate_up.shape[0]):
         if e not in used:
             d_gate_up[e].zero_()
@@ -227,19 +312,21 @@ def _zero_unused(d_gate_up: torch.Tensor, d_down: torch.Tensor, groups: list) ->
 
 class _GroupedSwiGLU(torch.autograd.Function):
     """The same function as _SlicedSwiGLU, each matrix multiply one grouped GEMM over all experts (offsets_E are
-    the cumulative row counts). No host sync; R-sized temporaries, which suit an accelerator's caching allocator."""
+    the cumulative row counts). No host sync; R-row temporaries, which suit an accelerator's caching allocator.
+    Rows go back to (token, slot) order through the inverse permutation unsort_R and are summed over the K slots:
+    no scatter-add, so the result is deterministic on GPUs too."""
 
     @staticmethod
-    def forward(ctx, x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E):  # type: ignore[override]
+    def forward(ctx, x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E, unsort_R):  # type: ignore[override]
         gu_R2F = F.grouped_mm(x_TD.index_select(0, token_R), gate_up_proj.transpose(1, 2), offs=offsets_E)
         hw_RF = _silu_mul(gu_R2F).mul_(weight_R.unsqueeze(-1))
         y_RD = F.grouped_mm(hw_RF, down_proj.transpose(1, 2), offs=offsets_E)
-        ctx.save_for_backward(x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E, gu_R2F)
-        return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)
+        ctx.save_for_backward(x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E, unsort_R, gu_R2F)
+        return _unsort_sum(y_RD, unsort_R, x_TD.shape[0])
 
     @staticmethod
     def backward(ctx, grad_TD):  # type: ignore[override]
-        x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E, gu_R2F = ctx.saved_tensors
+        x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E, unsort_R, gu_R2F = ctx.saved_tensors
         grad_RD = grad_TD.contiguous().index_select(0, token_R)
         dh_RF = F.grouped_mm(grad_RD, down_proj, offs=offsets_E)  # gradient of w * h
         h_RF, d_gu_R2F = _swiglu_grad(gu_R2F, dh_RF.mul(weight_R.unsqueeze(-1)))
@@ -249,5 +336,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
         del grad_RD, h_RF
         d_gate_up = F.grouped_mm(d_gu_R2F.t(), x_TD.index_select(0, token_R), offs=offsets_E)  # (E, 2F, D)
         d_x_RD = F.grouped_mm(d_gu_R2F, gate_up_proj, offs=offsets_E)
-        d_x_TD = torch.zeros_like(x_TD).index_add_(0, token_R, d_x_RD)
-        return d_x_TD, d_gate_up, d_down, d_weight_R, None, None
+        return _unsort_sum(d_x_RD, unsort_R, x_TD.shape[0]), d_gate_up, d_down, d_weight_R, None, None, None
+
+
+def _unsort_sum(rows_RD: torch.Tensor, unsort_R: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Rows in expert order -> (token, slot) order -> sum over the K slots of each token: (T, D)."""
+    return rows_RD.index_select(0, unsort_R).view(num_tokens, -1, rows_RD.shape[1]).sum(1)

@@ -1,0 +1,29 @@
+"""`deepseekmoe bench`: dispatch to benchmarks/, option checking, and a tiny moe-layer run end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deepseekmoe.cli import main
+
+
+def test_unknown_benchmark_and_foreign_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "nope"]) == 2
+    assert "unknown benchmark 'nope'; available: moe-layer, train-step, decode" in capsys.readouterr().err
+    assert main(["bench", "decode", "--shapes", "s1"]) == 2
+    assert "--shapes do not apply to benchmark decode" in capsys.readouterr().err
+    assert main(["bench", "moe-layer", "--shapes", "huge"]) == 2
+    assert "unknown shape(s) huge" in capsys.readouterr().err
+
+
+def test_moe_layer_decode_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "moe-layer", "--shapes", "decode-1", "--impls", "dense,ours:auto,ours:loop,hf:eager",
+                 "--repeats", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["impl"]: r for r in out["results"]}
+    assert set(rows) == {"dense", "ours:auto", "ours:loop", "hf:eager"}
+    assert out["machine"]["torch"]
+    assert rows["ours:loop"]["max_rel_diff"] < 1e-5 and rows["hf:eager"]["max_rel_diff"] < 1e-5  # same function
+    assert rows["dense"]["x_dense"] == 1.0 and rows["ours:auto"]["runs"] == 10
