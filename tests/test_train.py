@@ -3,6 +3,7 @@ contents and bad-input errors. Every run is a tiny DeepSeekMoE (d=32, 2 layers, 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -124,6 +125,9 @@ def test_run_dir_holds_config_metrics_and_checkpoints(data_dir: Path, tmp_path: 
     vals = read_metrics(out, "val")
     assert [v["step"] for v in vals] == [3, 6] and set(vals[0]) == {"kind", "step", "val_loss", "val_bpb",
                                                                     "val_tokens", "elapsed_s"}
+    val_tokens = json.loads((data_dir / "meta.json").read_text())["splits"]["val"]["tokens"]
+    # periodic: eval_batches=2 batches of 4 x 32 tokens; final: the whole split (every full window)
+    assert [v["val_tokens"] for v in vals] == [256, (val_tokens - 1) // 32 * 32]
     assert [p.name for p in list_checkpoints(out)] == ["step_00000003", "step_00000006"]
     ckpt = list_checkpoints(out)[-1]
     assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "config.json", "tokenizer.json",
@@ -295,3 +299,17 @@ def test_cli_prepare_then_train(tmp_path: Path, capsys) -> None:
     assert "validation loss" in out and "sample:" in out
     model, ckpt = load_model(tmp_path / "run")
     assert ckpt.name == "step_00000004" and model.config.vocab_size == 400
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_tiny_recipe_is_the_no_argument_default() -> None:
+    assert load_config(CONFIGS / "tiny-deepseekmoe.yaml") == load_config()
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_recipe_loads(recipe: str) -> None:
+    run = load_config(CONFIGS / recipe)
+    assert run.preset and run.train.seq_len <= run.model.max_position_embeddings

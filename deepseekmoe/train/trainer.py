@@ -104,15 +104,15 @@ def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, schedul
 
 @torch.no_grad()
 def evaluate(model: Transformer, val_tokens: Any, cfg: TrainConfig, bytes_per_token: float,
-             autocast: ContextManager | None = None) -> dict[str, float]:
-    """LM loss over the first `eval_batches` validation batches (a fixed subset) and its bits per byte."""
+             autocast: ContextManager | None = None, max_batches: int | None = None) -> dict[str, float]:
+    """LM loss over the first `max_batches` validation batches (a fixed subset; None: all) and bits per byte."""
     from ..data.dataset import eval_batches
 
     device = model.embed_tokens.weight.device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for inputs, targets in eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches):
+    for inputs, targets in eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, max_batches):
         with autocast or nullcontext():
             logits = model(inputs.to(device)).logits
         total += float(F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
@@ -275,8 +275,9 @@ class Trainer:
                 "expert_load": r.counts_LE.tolist(),
                 **device_load_record(r.counts_LE, self.model.config, self.parallel)}
 
-    def validate(self) -> dict[str, float]:
-        return evaluate(self.model, self.val_tokens, self.cfg, self.bytes_per_token, self.autocast)
+    def validate(self, final: bool = False) -> dict[str, float]:
+        limit = self.cfg.final_eval_batches if final else self.cfg.eval_batches
+        return evaluate(self.model, self.val_tokens, self.cfg, self.bytes_per_token, self.autocast, limit)
 
     def save(self) -> Path:
         model, optimizer = gather_training_state(self.model, self.optimizer, self.parallel)  # full, world-size free
@@ -349,7 +350,7 @@ def train_command(config: list[str] = (), *, preset: str | None = None, data: st
     with logger:
         if not trainer.fit(logger):
             return 130
-        final = trainer.validate()
+        final = trainer.validate(final=True)
         logger.log({"kind": "val", "step": trainer.progress.step, **final})
     if main:
         print(f"validation loss {final['val_loss']:.4f} nats/token, {final['val_bpb']:.4f} bits/byte "
