@@ -13,7 +13,9 @@ under `torch.no_grad()`. GFLOP/s counts the activated expert FLOPs only (2 x 3 x
 x3 for training), the same FLOPs the dense-equivalent FFN does; the router's 2 x D x E per token is not counted.
 Peak memory: a separate call per contender; on CPU every tensor allocation and free of the step is read from the
 torch profiler's allocation events and the peak of their running sum is reported (bytes held before the step,
-such as parameters and inputs, are not counted); on CUDA, max_memory_allocated above the starting level.
+such as parameters and inputs, are not counted). That call runs with one intra-op thread so that all allocations
+happen on the profiled thread (with more threads our per-expert path adds one T x D partial sum per extra CPU
+worker). On CUDA: max_memory_allocated above the starting level.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ SHAPES: dict[str, Shape] = {
 DEFAULT_SHAPES = "decode-1,decode-4,decode-16,train-1k,s1,train-16k,16b-decode-1,16b-decode-16"
 OURS = ["ours:auto"] + [f"ours:{s}" for s in STRATEGIES]
 HF = ["hf:eager", "hf:grouped_mm", "hf:batched_mm"]
-BATCHED_MM_MAX_BYTES = 2 << 30  # hf:batched_mm copies one expert's weights per row; skipped above this
+BATCHED_MM_MAX_BYTES = 2 << 30  # hf:batched_mm and ours:bmm copy one expert's weights per row; skipped above
 
 
 def build_ours(shape: Shape, dtype: torch.dtype, device: str) -> MoE:
@@ -114,16 +116,16 @@ def contenders(shape: Shape, impls: list[str], dtype: torch.dtype, device: str) 
     hf = build_hf(ours, shape) if any(i.startswith("hf:") for i in impls) else None
     dense = build_dense(shape, dtype, device) if "dense" in impls else None
     calls: dict[str, Callable] = {}
+    weight_copies = shape.tokens * shape.top_k * 3 * shape.hidden * shape.width * torch.finfo(dtype).bits // 8
     for name in impls:
         kind, _, impl = name.partition(":")
         if kind == "dense":
             calls[name] = dense
+        elif impl in ("bmm", "batched_mm") and weight_copies > BATCHED_MM_MAX_BYTES:
+            continue  # one expert weight copy per row: would not fit
         elif kind == "ours":
             calls[name] = _ours_call(ours, None if impl == "auto" else impl)
         elif kind == "hf" and hf is not None:
-            rows_bytes = shape.tokens * shape.top_k * 3 * shape.hidden * shape.width * torch.finfo(dtype).bits // 8
-            if impl == "batched_mm" and rows_bytes > BATCHED_MM_MAX_BYTES:
-                continue
             calls[name] = _hf_call(hf, impl)
     return calls
 
@@ -215,8 +217,13 @@ def peak_memory(step: Callable[[], torch.Tensor], device: str) -> int:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # every allocation on this (profiled) thread: no expert worker threads
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    finally:
+        torch.set_num_threads(threads)
     allocs: list[tuple[int, int]] = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:

@@ -61,7 +61,7 @@ def make_step(model: Transformer, opt: torch.optim.Optimizer, batch: int, seq: i
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        return float(loss)
+        return loss.item()
     return step
 
 

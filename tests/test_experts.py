@@ -11,7 +11,7 @@ import torch
 
 from deepseekmoe import MoE, ModelConfig
 from deepseekmoe.model.experts import (
-    GROUPED_MM_MAX_ROW_BYTES, STRATEGIES, RoutedExperts, choose_strategy, experts_forward, experts_loop, grouped_mm_supported,
+    MIN_ROWS_PER_WORKER, STRATEGIES, RoutedExperts, choose_strategy, experts_forward, experts_loop, grouped_mm_supported,
 )
 
 FAST = [s for s in STRATEGIES if s != "loop"]
@@ -106,8 +106,8 @@ def test_chooser_and_support() -> None:
     has_gmm = hasattr(torch.nn.functional, "grouped_mm")
     assert grouped_mm_supported(x, gate_up, down) == has_gmm
     assert choose_strategy(x, idx, gate_up, down) == ("grouped_mm" if has_gmm else "slices")
-    # CPU: rows above GROUPED_MM_MAX_ROW_BYTES go to the per-expert path (benchmarks/README.md)
-    many = torch.zeros(GROUPED_MM_MAX_ROW_BYTES // (16 * 4) // 3 + 1, 3, dtype=torch.long)
+    # CPU: enough rows to split over workers go to the per-expert path (benchmarks/README.md)
+    many = torch.zeros(2 * MIN_ROWS_PER_WORKER // 3 + 1, 3, dtype=torch.long)
     assert choose_strategy(x, many, gate_up, down) == "slices"
     odd = _problem(*CASES["odd_sizes"])
     assert not grouped_mm_supported(odd[0], odd[3], odd[4])

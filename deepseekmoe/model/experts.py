@@ -74,21 +74,16 @@ def experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_T
     raise ValueError(f"unknown experts strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
 
 
-GROUPED_MM_MAX_ROW_BYTES = 32 << 20
-"""CPU: grouped_mm while the gathered rows (R x D) fit under glibc's largest mmap threshold (32 MB); bigger
-temporaries are fresh mmaps that page-fault on first touch, where the per-expert "slices" path wins."""
-
-
 def choose_strategy(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, gate_up_proj: torch.Tensor,
                     down_proj: torch.Tensor) -> str:
     """The fastest correct strategy for this call, as measured (benchmarks/README.md): "grouped_mm" where its
-    operands qualify, on CPU only while R x D stays under GROUPED_MM_MAX_ROW_BYTES; else "slices"."""
+    operands qualify, on CPU only for row counts too small to split over CPU workers (decode: one C++ loop beats
+    the Python one); "slices" otherwise (training sizes on CPU: experts in parallel, small temporaries)."""
     if not grouped_mm_supported(x_TD, gate_up_proj, down_proj):
         return "slices"
     if x_TD.device.type != "cpu":
         return "grouped_mm"
-    row_bytes = topk_idx_TK.numel() * x_TD.shape[1] * x_TD.element_size()
-    return "grouped_mm" if row_bytes <= GROUPED_MM_MAX_ROW_BYTES else "slices"
+    return "grouped_mm" if topk_idx_TK.numel() < 2 * MIN_ROWS_PER_WORKER else "slices"
 
 
 def _swiglu(x_RD: torch.Tensor, gate_up_2FD: torch.Tensor, down_DF: torch.Tensor) -> torch.Tensor:
