@@ -75,15 +75,14 @@ class LossParts:
     z: torch.Tensor
 
 
-def total_loss(logits: torch.Tensor, targets: torch.Tensor, router_outputs: list[RouterOutput],
-               config: ModelConfig) -> LossParts:
-    """LM loss + the configured auxiliary losses, each summed over MoE layers."""
-    lm = lm_loss(logits, targets)
-    zero = lm.new_zeros(())
-    exp_bal, dev_bal, z = zero, zero, zero
+def auxiliary_losses(router_outputs: list[RouterOutput], config: ModelConfig,
+                     like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(expert-level, device-level, z) losses as the config asks, each summed over MoE layers; zeros shaped and
+    placed like `like` where disabled. Hash layers have nothing to balance or regularise."""
+    exp_bal = dev_bal = z = like.new_zeros(())
     for r in router_outputs:
         if r.probs_TE is None:
-            continue  # hash routing: nothing to balance or regularise
+            continue
         if config.aux_loss_alpha > 0:
             exp_bal = exp_bal + expert_balance_loss(r, config.aux_loss_alpha, config.seq_aux)
         if config.device_aux_loss_alpha > 0:
@@ -91,4 +90,12 @@ def total_loss(logits: torch.Tensor, targets: torch.Tensor, router_outputs: list
                                                     config.seq_aux)
         if config.z_loss_alpha > 0:
             z = z + z_loss(r, config.z_loss_alpha)
+    return exp_bal, dev_bal, z
+
+
+def total_loss(logits: torch.Tensor, targets: torch.Tensor, router_outputs: list[RouterOutput],
+               config: ModelConfig) -> LossParts:
+    """LM loss + the configured auxiliary losses, each summed over MoE layers."""
+    lm = lm_loss(logits, targets)
+    exp_bal, dev_bal, z = auxiliary_losses(router_outputs, config, lm)
     return LossParts(lm + exp_bal + dev_bal + z, lm, exp_bal, dev_bal, z)

@@ -31,7 +31,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..losses import device_balance_loss, expert_balance_loss, z_loss
+from ..losses import auxiliary_losses
 from ..model import Transformer
 from ..model.experts import RoutedExperts
 from ..model.layers import RMSNorm, RotaryEmbedding
@@ -139,24 +139,12 @@ class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             if self.training:
-                aux = balance_loss(out.router_outputs, self.config)
+                aux = balance_loss(out.router_outputs, self.config, loss)
                 loss = loss + aux
         return DeepseekCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None,
                                       aux_loss=aux, router_outputs=out.router_outputs)
 
 
-def balance_loss(router_outputs: list[RouterOutput], config: DeepseekConfig) -> torch.Tensor:
+def balance_loss(router_outputs: list[RouterOutput], config: DeepseekConfig, like: torch.Tensor) -> torch.Tensor:
     """The configured auxiliary losses summed over MoE layers (hash layers have nothing to balance)."""
-    total = torch.zeros(())
-    for r in router_outputs:
-        if r.probs_TE is None:
-            continue
-        total = total.to(r.probs_TE.device)
-        if config.aux_loss_alpha > 0:
-            total = total + expert_balance_loss(r, config.aux_loss_alpha, config.seq_aux)
-        if config.device_aux_loss_alpha > 0:
-            total = total + device_balance_loss(r, config.device_aux_loss_alpha, config.n_device_groups,
-                                                config.seq_aux)
-        if config.z_loss_alpha > 0:
-            total = total + z_loss(r, config.z_loss_alpha)
-    return total
+    return sum(auxiliary_losses(router_outputs, config, like), like.new_zeros(()))  # type: ignore[arg-type]
