@@ -280,7 +280,7 @@ def compare_command(*, suite: str = "table1", data: str | None = None, steps: in
     Each model of the suite is trained on the same data with the same recipe, seeds and token budget; the table
     gives parameters, FLOPs, final validation loss (mean ± std over seeds), bits per byte, throughput, and whether
     each gap to the reference exceeds 2x the seed noise. Interrupted suites resume: run the same command again.
-    The default (table1, tiny, 400 steps of 8 x 256 tokens, 2 seeds) takes about an hour on 2 CPU cores.
+    The default (table1, tiny, 400 steps of 8 x 256 tokens, 2 seeds) takes about 40 minutes on 2 CPU cores.
 
     Args:
         suite: table1 (Dense, Hash, Switch, GShard, DeepSeekMoE), ablation (Fig. 3), shared-ratio, upper-bound
