@@ -309,21 +309,16 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, progress: bool = False)
     """HF directory -> our checkpoint directory (model.safetensors, config.json, tokenizer files), atomically.
 
     Each HF tensor is written straight to its place in the output file: peak memory is one tensor."""
-    from ..train.checkpoint import MODEL_FILE, atomic_directory, commit_directory
+    from ..train.checkpoint import MODEL_FILE, written_atomically
 
     hf_dir, out = Path(hf_dir), Path(out)
     config, files, layout, entries = _open(hf_dir)
-    tmp = atomic_directory(out)
-    try:
+    with written_atomically(out) as tmp:
         with SafetensorsWriter(tmp / MODEL_FILE, entries) as writer:
             for our_key, start, t in _stream(hf_dir, files, layout, "cpu", progress):
                 writer.write(our_key, t, start)
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         _copy_side_files(hf_dir, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    commit_directory(tmp, out)
     return out
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -124,7 +123,7 @@ def _write_tokenizer_config(config: ModelConfig, out: Path) -> None:
 def convert_to_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str | int = "5GB",
                   progress: bool = False) -> Path:
     """Our checkpoint (or a run's latest) -> an HF directory in the official layout, atomically."""
-    from ..train.checkpoint import MODEL_FILE, atomic_directory, commit_directory, resolve_checkpoint
+    from ..train.checkpoint import MODEL_FILE, resolve_checkpoint, written_atomically
 
     ckpt, out = resolve_checkpoint(checkpoint), Path(out)
     if is_hf_directory(ckpt):
@@ -132,8 +131,7 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str |
     max_bytes = parse_size(max_shard_size)
     config = ModelConfig.from_dict(json.loads((ckpt / CONFIG_FILE).read_text()))
     layout = hf_layout(config)
-    tmp = atomic_directory(out)
-    try:
+    with written_atomically(out) as tmp:
         with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
             dtypes = _check_our_checkpoint(ckpt / MODEL_FILE, f, config, layout)
         _write_shards(ckpt / MODEL_FILE, config, layout, dtypes, tmp, max_bytes, progress)
@@ -142,10 +140,6 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str |
         _copy_side_files(ckpt, tmp)
         if (tmp / "tokenizer.json").is_file() and not (tmp / "tokenizer_config.json").is_file():
             _write_tokenizer_config(config, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    commit_directory(tmp, out)
     return out
 
 

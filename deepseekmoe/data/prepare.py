@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..train.checkpoint import atomic_directory, commit_directory
+from ..train.checkpoint import written_atomically
 from .builtin import BUILTIN_SOURCE, DEFAULT_MAX_BYTES, builtin_identity, builtin_inputs
 from .corpus import InputFile, ReadStats, document_key, expand_sources, iter_documents
 from .dataset import FORMAT, META_FILE, read_meta
@@ -202,8 +202,7 @@ def prepare(sources: list[str], out: str | Path, *, vocab_size: int = 8192, toke
     log(f"read {len(inputs)} files: {len(keys)} documents, {sum(sizes) / 1e6:.2f} MB of text")
     _report_replacements(stats)
 
-    tmp = atomic_directory(out)
-    try:
+    with written_atomically(out) as tmp:
         _make_shareable(tmp)
         meta = _write_data(tmp, inputs, keys, sizes, is_val, tokenizer=tokenizer, vocab_size=vocab_size,
                            tokenizer_train_bytes=tokenizer_train_bytes)
@@ -213,10 +212,6 @@ def prepare(sources: list[str], out: str | Path, *, vocab_size: int = 8192, toke
         if options["builtin"]:
             meta["builtin"] = options["builtin"]
         write_meta(tmp, meta)
-        commit_directory(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

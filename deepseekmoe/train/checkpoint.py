@@ -14,7 +14,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -61,16 +63,23 @@ def commit_directory(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def save_model(model: Transformer, directory: str | Path, tokenizer_path: str | Path | None = None) -> Path:
-    """Atomically write a loadable checkpoint directory."""
-    final = Path(directory)
+@contextmanager
+def written_atomically(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `final` to fill; on success it replaces `final`, on any error it is removed."""
     tmp = atomic_directory(final)
     try:
-        write_model_files(model, tmp, tokenizer_path)
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     commit_directory(tmp, final)
+
+
+def save_model(model: Transformer, directory: str | Path, tokenizer_path: str | Path | None = None) -> Path:
+    """Atomically write a loadable checkpoint directory."""
+    final = Path(directory)
+    with written_atomically(final) as tmp:
+        write_model_files(model, tmp, tokenizer_path)
     return final
 
 

@@ -6,7 +6,7 @@ RUN_DIR/checkpoints/step_XXXXXXXX/
                         position (next batch index), the step and the non-finite-loss counters
     run_config.yaml     the resolved RunConfig the run was using
 
-Each checkpoint is written aside and renamed into place (atomic_directory / commit_directory), so a crash while
+Each checkpoint is written aside and renamed into place (checkpoint.written_atomically), so a crash while
 saving leaves the previous checkpoints untouched; afterwards only the newest `keep_last` are kept.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import STEP_PREFIX, atomic_directory, commit_directory, list_checkpoints, write_model_files
+from .checkpoint import STEP_PREFIX, list_checkpoints, write_model_files, written_atomically
 
 TRAINER_STATE_FILE = "trainer_state.pt"
 RUN_CONFIG_FILE = "run_config.yaml"
@@ -63,16 +63,11 @@ def save_training_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: t
                              tokenizer_path: Path | None, keep_last: int) -> Path:
     """Atomically write checkpoints/step_<step>/ and delete all but the newest `keep_last` checkpoints."""
     final = checkpoint_dir(run_dir, progress.step)
-    tmp = atomic_directory(final)
-    try:
+    with written_atomically(final) as tmp:
         write_model_files(model, tmp, tokenizer_path)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rng_state(), "progress": asdict(progress)}, tmp / TRAINER_STATE_FILE)
         (tmp / RUN_CONFIG_FILE).write_text(run_config_yaml)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    commit_directory(tmp, final)
     prune_checkpoints(run_dir, keep_last)
     return final
 
