@@ -290,12 +290,20 @@ def run_shape(name: str, shape: Shape, impls: list[str], *, dtype: torch.dtype, 
                      "max_rel_diff": agreement.get(n)})
         if memory:
             rows[-1]["peak_mb"] = peak_memory(steps[n], device) / 2**20
-    dense = next((r["median_ms"] for r in rows if r["impl"] == "dense"), None)
-    hf_best = min((r["median_ms"] for r in rows if str(r["impl"]).startswith("hf:")), default=None)
+    hf_best = min((r for r in rows if str(r["impl"]).startswith("hf:")), key=lambda r: r["median_ms"], default=None)
     for r in rows:
-        r["x_dense"] = r["median_ms"] / dense if dense else None
-        r["x_best_hf"] = r["median_ms"] / hf_best if hf_best else None
+        r["x_dense"] = paired_ratio(times[r["impl"]], times["dense"]) if "dense" in times else None
+        r["x_best_hf"] = paired_ratio(times[r["impl"]], times[hf_best["impl"]]) if hf_best else None
     return rows
+
+
+def paired_ratio(ts: list[float], ref: list[float]) -> float:
+    """Time of `ts` relative to `ref`: the median over rounds of the ratio of the two calls made in the same round
+    (neighbours in time, so drifts of a shared machine's speed cancel), or the ratio of medians when the two ran a
+    different number of rounds."""
+    if len(ts) != len(ref):
+        return statistics.median(ts) / statistics.median(ref)
+    return statistics.median(t / r for t, r in zip(ts, ref))
 
 
 def format_table(rows: list[dict[str, object]]) -> str:

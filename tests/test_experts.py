@@ -11,7 +11,7 @@ import torch
 
 from deepseekmoe import MoE, ModelConfig
 from deepseekmoe.model.experts import (
-    MIN_ROWS_PER_WORKER, STRATEGIES, RoutedExperts, choose_strategy, experts_forward, experts_loop, grouped_mm_supported,
+    PARALLEL_MIN_ROWS, STRATEGIES, RoutedExperts, choose_strategy, experts_forward, experts_loop, grouped_mm_supported,
 )
 
 FAST = [s for s in STRATEGIES if s != "loop"]
@@ -105,9 +105,10 @@ def test_chooser_and_support() -> None:
     x, idx, _, gate_up, down = _problem(*CASES["random"])
     has_gmm = hasattr(torch.nn.functional, "grouped_mm")
     assert grouped_mm_supported(x, gate_up, down) == has_gmm
-    assert choose_strategy(x, idx, gate_up, down) == ("grouped_mm" if has_gmm else "slices")
-    # CPU: enough rows to split over workers go to the per-expert path (benchmarks/README.md)
-    many = torch.zeros(2 * MIN_ROWS_PER_WORKER // 3 + 1, 3, dtype=torch.long)
+    few = idx[: (PARALLEL_MIN_ROWS - 1) // idx.shape[1]]
+    assert choose_strategy(x, few, gate_up, down) == ("grouped_mm" if has_gmm else "slices")
+    # CPU: enough rows to split over workers go to the worker path (benchmarks/README.md)
+    many = torch.zeros(PARALLEL_MIN_ROWS // 3 + 1, 3, dtype=torch.long)
     assert choose_strategy(x, many, gate_up, down) == "slices"
     odd = _problem(*CASES["odd_sizes"])
     assert not grouped_mm_supported(odd[0], odd[3], odd[4])
@@ -141,7 +142,7 @@ def test_moe_block_strategy_pinned_matches_loop(strategy: str | None) -> None:
 
 
 def test_slices_split_over_cpu_workers_matches_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With several intra-op threads the experts run as contiguous parts on worker threads; same numbers."""
+    """With several intra-op threads the experts run as chunks on worker threads; same numbers."""
     from deepseekmoe.model import experts
 
     monkeypatch.setattr(experts, "MIN_ROWS_PER_WORKER", 16)
@@ -149,7 +150,7 @@ def test_slices_split_over_cpu_workers_matches_loop(monkeypatch: pytest.MonkeyPa
     torch.set_num_threads(2)
     try:
         problem = _problem(30, 16, 8, 12, 3, "random")
-        assert experts._num_workers(problem[0], 90) == 2
+        assert experts._num_workers(problem[0], 90, 0) == 2
         ref, got = _run("loop", *problem), _run("slices", *problem)
         assert torch.get_num_threads() == 2  # the workers' single-thread setting does not leak here
     finally:
@@ -158,11 +159,71 @@ def test_slices_split_over_cpu_workers_matches_loop(monkeypatch: pytest.MonkeyPa
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_grouped_chunks_match_loop(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    """Chunks of experts with few rows each run as grouped GEMMs over their expert range, including experts in
+    the middle of the range that got no rows; outputs and gradients equal the loop."""
+    from deepseekmoe.model import experts
+
+    x, idx, weight, gate_up, down = _problem(19, 16, 12, 12, 3, "random")
+    idx = torch.where(idx == 4, 9, idx)  # expert 4 gets no rows, between used experts
+    if not grouped_mm_supported(x, gate_up, down):
+        pytest.skip("grouped_mm unavailable")
+    monkeypatch.setattr(experts, "GROUPED_CHUNK_MAX_ROWS_PER_EXPERT", 1000)
+    monkeypatch.setattr(experts, "MIN_ROWS_PER_WORKER", 8)
+    calls = []
+    real = experts._forward_chunk_grouped
+    monkeypatch.setattr(experts, "_forward_chunk_grouped", lambda groups, *a: calls.append(groups) or real(groups, *a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _run("slices", x, idx, weight, gate_up, down)
+    finally:
+        torch.set_num_threads(before)
+    ref = _run("loop", x, idx, weight, gate_up, down)
+    assert len(calls) == 1 if threads == 1 else 1 < len(calls) <= 8  # one chunk in the calling thread, <= 4 per worker
+    assert threads == 2 or calls[0][-1][0] - calls[0][0][0] + 1 > len(calls[0])  # spans the unused expert 4
+    for name, r, g in zip(["y", "d_x", "d_weight", "d_gate_up", "d_down"], ref, got):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_split_balances_rows() -> None:
     from deepseekmoe.model.experts import _split
 
     groups = [(0, 0, 10), (1, 10, 20), (3, 20, 25), (5, 25, 40)]
     assert _split(groups, 2) == [groups[:2], groups[2:]]
     assert _split(groups, 1) == [groups]
-    assert _split(groups, 0) == [tuple(groups)]
+    assert _split(groups, 0) == [groups]
     assert sum(_split(groups, 3), []) == groups
+    assert _split(groups, 8) == [[g] for g in groups]  # never an empty run
+
+
+def test_run_chunks_runs_every_chunk_once_in_order_on_each_workers_own_buffer() -> None:
+    """Workers take chunks as they finish: every chunk runs exactly once, results come back in chunk order, and
+    each worker accumulates into its own buffer (so the sum over the buffers is the sum over the chunks)."""
+    import threading
+    import time
+
+    from deepseekmoe.model.experts import _run_chunks
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen: list[int] = []
+
+        def fn(chunk, out, scale):
+            if chunk[0] == 0:
+                time.sleep(0.05)  # a slow chunk: the other worker takes the rest meanwhile
+            seen.append(chunk[0])
+            out += chunk[0] * scale
+            return (chunk[0], threading.current_thread().name)
+        chunks = [[i] for i in range(8)]
+        outs = [torch.zeros(3), torch.zeros(3)]
+        results = _run_chunks(fn, chunks, outs, 2, 2.0)
+        serial = _run_chunks(fn, chunks, [torch.zeros(3)], 0, 2.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert [r[0] for r in results] == list(range(8)) and sorted(seen[:8]) == list(range(8))
+    assert sum(r[1] != results[0][1] for r in results) == 7  # the slow worker did chunk 0 only
+    torch.testing.assert_close(outs[0] + outs[1], torch.full((3,), 2.0 * sum(range(8))))
+    assert {name for _, name in serial} == {threading.current_thread().name}

@@ -16,6 +16,8 @@ Implementations (`config.experts_impl` picks "loop" or "grouped"; "grouped" choo
                   are written straight into (E, ...) buffers (autograd through `weight[e]` would zero-fill a full
                   (E, 2F, D) tensor per expert), the gate weights scale h before down_proj so d(gate) = <dh, h>,
                   and h = silu(g) * u is recomputed from the saved gate/up projection. One host sync (the counts).
+                  On CPU the experts run on single-threaded workers that take chunks of experts as they go; a
+                  chunk of experts with few rows each (decode) runs as grouped GEMMs over its expert range.
   * "grouped_mm"  the same function (`_GroupedSwiGLU`), each matmul one `torch.nn.functional.grouped_mm` over
                   the per-expert row offsets: no host sync, no Python loop, but R-row temporaries. Needs 16-byte
                   aligned strides (`grouped_mm_supported`). The choice on accelerators.
@@ -25,7 +27,9 @@ Implementations (`config.experts_impl` picks "loop" or "grouped"; "grouped" choo
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -77,13 +81,18 @@ def experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_T
 def choose_strategy(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, gate_up_proj: torch.Tensor,
                     down_proj: torch.Tensor) -> str:
     """The fastest correct strategy for this call, as measured (benchmarks/README.md): "grouped_mm" where its
-    operands qualify, on CPU only for row counts too small to split over CPU workers (decode: one C++ loop beats
-    the Python one); "slices" otherwise (training sizes on CPU: experts in parallel, small temporaries)."""
+    operands qualify, on CPU only for the fewest rows (decode of a few tokens: one C++ loop over a few experts,
+    each matmul multi-threaded); "slices" otherwise on CPU: experts in parallel on the CPU workers, as per-expert
+    matmuls (training sizes: small temporaries) or, for chunks of experts with few rows each, grouped GEMMs."""
     if not grouped_mm_supported(x_TD, gate_up_proj, down_proj):
         return "slices"
     if x_TD.device.type != "cpu":
         return "grouped_mm"
-    return "grouped_mm" if topk_idx_TK.numel() < 2 * MIN_ROWS_PER_WORKER else "slices"
+    return "grouped_mm" if topk_idx_TK.numel() < PARALLEL_MIN_ROWS else "slices"
+
+
+PARALLEL_MIN_ROWS = 64
+"""On CPU, below this many rows (tokens x K) one grouped GEMM beats splitting the experts over the workers."""
 
 
 def _swiglu(x_RD: torch.Tensor, gate_up_2FD: torch.Tensor, down_DF: torch.Tensor) -> torch.Tensor:
@@ -177,80 +186,123 @@ class _SlicedSwiGLU(torch.autograd.Function):
 
     Every temporary is one expert's (rows x width): on CPU a fresh tensor above glibc's mmap threshold (32 MB)
     costs a page fault per 4 KB on first touch, which made the R x D gathers of the grouped form expensive.
-    Keeps each expert's gathered input and gate/up projection for backward (R x (D + 2F) in all, against the
-    R x (2D + 4F) that autograd through the plain ops would keep) and recomputes the SwiGLU.
-    With several CPU threads the experts are split into contiguous parts of equal row counts, one part per
-    single-threaded worker (`_run_parts`): experts run in parallel instead of each small op forking and joining.
+    Keeps each expert's gate/up projection for backward (R x 2F in all, against the R x (2D + 4F) that autograd
+    through the plain ops would keep); backward gathers the inputs again and recomputes the SwiGLU.
+    With several CPU threads the experts are cut into contiguous chunks of about equal row counts, a few per
+    single-threaded worker, and the workers take the next chunk as they finish one (`_run_chunks`): experts run
+    in parallel instead of each small op forking and joining, and a worker slowed down by the machine does less.
     """
 
     @staticmethod
     def forward(ctx, x_TD, gate_up_proj, down_proj, weight_R, token_R, counts):  # type: ignore[override]
         groups = [(e, end - n, end) for e, (n, end) in enumerate(zip(counts, itertools.accumulate(counts))) if n]
-        parts = _split(groups, _num_workers(x_TD, token_R.shape[0]))
+        workers = _num_workers(x_TD, token_R.shape[0], _weight_bytes(groups, gate_up_proj, down_proj))
+        chunks = _split(groups, workers * CHUNKS_PER_WORKER)
         keep = any(ctx.needs_input_grad)  # nothing to keep for backward under no_grad
-        results = _run_parts(_forward_part, parts, x_TD, gate_up_proj, down_proj, weight_R, token_R, keep)
+        outs = [torch.zeros_like(x_TD) for _ in range(max(1, workers))]
+        saved = _run_chunks(_forward_chunk, chunks, outs, workers, x_TD, gate_up_proj, down_proj, weight_R,
+                            token_R, keep)
         ctx.save_for_backward(x_TD, gate_up_proj, down_proj, weight_R, token_R)
-        ctx.parts, ctx.saved = parts, [saved for _, saved in results]
-        return _sum([out for out, _ in results], x_TD)
+        ctx.chunks, ctx.saved, ctx.workers = chunks, saved, workers
+        return _sum(outs)
 
     @staticmethod
     def backward(ctx, grad_TD):  # type: ignore[override]
         x_TD, gate_up_proj, down_proj, weight_R, token_R = ctx.saved_tensors
-        used = [g for part in ctx.parts for g in part]
-        d_gate_up, d_down = _zero_unused(torch.empty_like(gate_up_proj), torch.empty_like(down_proj), used)
+        used = [g for chunk in ctx.chunks for g in chunk]
+        d_gate_up, d_down = _zero_unused(empty_hugepages(gate_up_proj), empty_hugepages(down_proj), used)
         d_weight_R = torch.empty_like(weight_R)
         grads = (grad_TD.contiguous(), d_gate_up, d_down, d_weight_R)
-        parts = [list(zip(part, saved)) for part, saved in zip(ctx.parts, ctx.saved)]
-        d_x = _run_parts(_backward_part, parts, gate_up_proj, down_proj, weight_R, token_R, grads)
-        return _sum(d_x, x_TD), d_gate_up, d_down, d_weight_R, None, None
+        chunks = [list(zip(chunk, saved)) for chunk, saved in zip(ctx.chunks, ctx.saved)]
+        d_x = [torch.zeros_like(x_TD) for _ in range(max(1, ctx.workers))]
+        _run_chunks(_backward_chunk, chunks, d_x, ctx.workers, x_TD, gate_up_proj, down_proj, weight_R, token_R,
+                    grads)
+        return _sum(d_x), d_gate_up, d_down, d_weight_R, None, None
 
 
-def _forward_part(groups, x_TD, gate_up_proj, down_proj, weight_R, token_R, keep):
-    out_TD, saved = torch.zeros_like(x_TD), []
+def _forward_chunk(groups, out_TD, x_TD, gate_up_proj, down_proj, weight_R, token_R, keep):
+    if _grouped_chunk(groups, x_TD, gate_up_proj, down_proj):
+        return _forward_chunk_grouped(groups, out_TD, x_TD, gate_up_proj, down_proj, weight_R, token_R, keep)
+    saved = []
     for e, s, t in groups:
         tok_N, w_N1 = token_R[s:t], weight_R[s:t].unsqueeze(-1)
         x_ND = x_TD.index_select(0, tok_N)
         gu_N2F = torch.mm(x_ND, gate_up_proj[e].t())
         out_TD.index_add_(0, tok_N, torch.mm(_silu_mul(gu_N2F).mul_(w_N1), down_proj[e].t()))
         if keep:
-            saved.append((gu_N2F, x_ND))
-    return out_TD, saved
+            saved.append(gu_N2F)
+    return saved
 
 
-def _backward_part(groups_saved, gate_up_proj, down_proj, weight_R, token_R, grads):
+GROUPED_CHUNK_MAX_ROWS_PER_EXPERT = 16
+"""A chunk whose experts average fewer rows than this runs as two grouped GEMMs (one C++ loop over its experts)
+instead of a Python loop of per-expert ops, whose fixed cost would dominate (decode)."""
+
+
+def _grouped_chunk(groups, x_TD, gate_up_proj, down_proj) -> bool:
+    few_rows = groups[-1][2] - groups[0][1] < GROUPED_CHUNK_MAX_ROWS_PER_EXPERT * len(groups)
+    return few_rows and grouped_mm_supported(x_TD, gate_up_proj, down_proj)
+
+
+def _forward_chunk_grouped(groups, out_TD, x_TD, gate_up_proj, down_proj, weight_R, token_R, keep):
+    """The chunk's experts e0..e1 in one grouped GEMM per projection; saves per-expert views of the gate/up
+    projection, so backward is the per-expert one."""
+    (e0, r0, _), (e1, _, r1) = groups[0], groups[-1]
+    ends = dict((e, t - r0) for e, _, t in groups)
+    offsets, last = [], 0
+    for e in range(e0, e1 + 1):
+        last = ends.get(e, last)
+        offsets.append(last)
+    offs = torch.tensor(offsets, dtype=torch.int32, device=x_TD.device)
+    tok_N, w_N1 = token_R[r0:r1], weight_R[r0:r1].unsqueeze(-1)
+    gu_N2F = F.grouped_mm(x_TD.index_select(0, tok_N), gate_up_proj[e0:e1 + 1].transpose(1, 2), offs=offs)
+    hw_NF = _silu_mul(gu_N2F).mul_(w_N1)
+    out_TD.index_add_(0, tok_N, F.grouped_mm(hw_NF, down_proj[e0:e1 + 1].transpose(1, 2), offs=offs))
+    return [gu_N2F[s - r0:t - r0] for _, s, t in groups] if keep else []
+
+
+def _backward_chunk(groups_saved, d_x_TD, x_TD, gate_up_proj, down_proj, weight_R, token_R, grads):
     grad_TD, d_gate_up, d_down, d_weight_R = grads
-    d_x_TD = torch.zeros_like(grad_TD)
-    for (e, s, t), (gu_N2F, x_ND) in groups_saved:
+    for (e, s, t), gu_N2F in groups_saved:
         tok_N, w_N1 = token_R[s:t], weight_R[s:t].unsqueeze(-1)
         grad_ND = grad_TD.index_select(0, tok_N)
         dh_NF = torch.mm(grad_ND, down_proj[e])  # gradient of w * h
         h_NF, d_gu_N2F = _swiglu_grad(gu_N2F, dh_NF.mul(w_N1))
         torch.sum(dh_NF.mul_(h_NF), dim=-1, out=d_weight_R[s:t])
         torch.mm(grad_ND.t(), h_NF.mul_(w_N1), out=d_down[e])
-        torch.mm(d_gu_N2F.t(), x_ND, out=d_gate_up[e])
+        torch.mm(d_gu_N2F.t(), x_TD.index_select(0, tok_N), out=d_gate_up[e])
         d_x_TD.index_add_(0, tok_N, torch.mm(d_gu_N2F, gate_up_proj[e]))
-    return d_x_TD
 
 
 MIN_ROWS_PER_WORKER = 512
-"""Below this many rows per CPU thread the experts run in the calling thread (threads cost more than they give)."""
+"""Rows per CPU worker below which fewer workers are used (threads cost more than they give)..."""
+MIN_WEIGHT_BYTES_PER_WORKER = 2 << 20
+"""... unless each worker has at least this many bytes of expert weights to read."""
+CHUNKS_PER_WORKER = 4
+"""Chunks of experts per worker: enough for a fast worker to take over a slow one's share, few enough that each
+chunk still holds several experts."""
 
 _POOL: ThreadPoolExecutor | None = None
 
 
-def _num_workers(x_TD: torch.Tensor, num_rows: int) -> int:
-    """Parts to split the experts into: 0 runs them in the calling thread (accelerators, one CPU thread)."""
+def _num_workers(x_TD: torch.Tensor, num_rows: int, weight_bytes: int) -> int:
+    """CPU workers to run the experts on: 0 runs them in the calling thread (accelerators, one CPU thread).
+    One per intra-op thread where there are enough rows to compute or enough expert weights to stream (decode is
+    bound by reading the weights of the chosen experts: two cores read faster than one)."""
     if x_TD.device.type != "cpu" or torch.get_num_threads() == 1:
         return 0
-    return max(1, min(torch.get_num_threads(), num_rows // MIN_ROWS_PER_WORKER))
+    work = max(num_rows // MIN_ROWS_PER_WORKER, weight_bytes // MIN_WEIGHT_BYTES_PER_WORKER)
+    return max(1, min(torch.get_num_threads(), work))
+
+
+def _weight_bytes(groups: list, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> int:
+    """Bytes of expert weights the groups read."""
+    return len(groups) * (gate_up_proj[0].numel() + down_proj[0].numel()) * gate_up_proj.element_size()
 
 
 def _split(groups: list, parts: int) -> list[list]:
-    """Contiguous runs of groups with about equal row counts (at most `parts` runs, none empty). parts=0 gives
-    one run for the calling thread, marked by being a tuple."""
-    if parts == 0:
-        return [tuple(groups)]  # type: ignore[list-item]
-    if parts == 1 or len(groups) <= 1:
+    """Contiguous runs of groups with about equal row counts (at most max(parts, 1) runs, none empty)."""
+    if parts <= 1 or len(groups) <= 1:
         return [groups]
     total = groups[-1][2] - groups[0][1]
     runs: list[list] = [[]]
@@ -261,18 +313,26 @@ def _split(groups: list, parts: int) -> list[list]:
     return runs
 
 
-def _run_parts(fn, parts: list, *args) -> list:
-    """fn(part, *args) for every part on single-threaded CPU workers (even a single part: with several intra-op
-    threads, small ops such as a 1-row index_add_ pay a fork/join each, 25 ms apiece on a busy machine), or in
-    the calling thread for the tuple part of `_split(groups, 0)`."""
-    if len(parts) == 1 and isinstance(parts[0], tuple):
-        return [fn(list(parts[0]), *args)]
+def _run_chunks(fn, chunks: list, outs: list[torch.Tensor], workers: int, *args) -> list:
+    """[fn(chunk, out, *args) for chunk in chunks], on `workers` single-threaded CPU workers that each take the
+    next chunk when done with one and accumulate into their own buffer outs[w] (allocated by the caller, so big
+    buffers come from the calling thread's allocator arena, which keeps them for reuse, not a worker's, which
+    returns them to the OS); workers=0 runs every chunk in the calling thread with outs[0]. Even one worker beats
+    the calling thread when it has several intra-op threads: small ops such as a 1-row index_add_ would pay a
+    fork/join each (25 ms apiece on a busy machine)."""
+    if workers == 0:
+        return [fn(chunk, outs[0], *args) for chunk in chunks]
     inference = torch.is_inference_mode_enabled()
+    results: list = [None] * len(chunks)
+    next_chunk = itertools.count()  # next() on a count is atomic under the GIL
 
-    def run(part):
+    def run(out):
         with torch.inference_mode(inference), torch.no_grad():
-            return fn(part, *args)
-    return list(_worker_pool(torch.get_num_threads()).map(run, parts))
+            while (i := next(next_chunk)) < len(chunks):
+                results[i] = fn(chunks[i], out, *args)
+    for f in [_worker_pool(torch.get_num_threads()).submit(run, out) for out in outs[:workers]]:
+        f.result()
+    return results
 
 
 def _worker_pool(size: int) -> ThreadPoolExecutor:
@@ -288,7 +348,39 @@ def _worker_pool(size: int) -> ThreadPoolExecutor:
     return _POOL
 
 
-def _sum(tensors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+HUGEPAGE_MIN_BYTES = 4 << 20
+_HUGEPAGE = 2 << 20
+_MADV_HUGEPAGE = 14
+_madvise = None
+
+
+def empty_hugepages(like: torch.Tensor) -> torch.Tensor:
+    """torch.empty_like(like), on Linux CPU backed by transparent huge pages where it is at least 4 MB.
+
+    A fresh CPU buffer above glibc's mmap threshold (32 MB at most) is new memory every call, and each 4 KB page
+    faults on first touch; with MADV_HUGEPAGE, given before the first touch, a 2 MB page faults once instead of 512
+    times (a 32 MB gradient: 8,192 faults -> 16). Applied to the interior 2 MB-aligned span; a no-op where the
+    kernel or platform says no (THP "never", other OSes)."""
+    out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    nbytes = out.numel() * out.element_size()
+    if out.device.type == "cpu" and nbytes >= HUGEPAGE_MIN_BYTES and sys.platform == "linux":
+        start = -(-out.data_ptr() // _HUGEPAGE) * _HUGEPAGE
+        end = (out.data_ptr() + nbytes) // _HUGEPAGE * _HUGEPAGE
+        if end > start:
+            _libc_madvise()(start, end - start, _MADV_HUGEPAGE)
+    return out
+
+
+def _libc_madvise():
+    global _madvise
+    if _madvise is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _madvise = libc.madvise
+    return _madvise
+
+
+def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
     out = tensors[0]
     for t in tensors[1:]:
         out.add_(t)
