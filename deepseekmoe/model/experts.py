@@ -27,6 +27,7 @@ Implementations (`config.experts_impl` picks "loop" or "grouped"; "grouped" choo
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import sys
@@ -151,18 +152,35 @@ def experts_sorted(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK
     counts_E = torch.bincount(flat_idx_R, minlength=gate_up_proj.shape[0])
     token_R = order_R // k  # with order_R: rows sorted by expert -> (token, slot)
     device_type, out_dtype = x_TD.device.type, x_TD.dtype
-    if torch.is_autocast_enabled(device_type):  # the Function's matmuls run in the autocast dtype, explicitly
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:  # the Function's matmuls run in the autocast dtype, explicitly
         dtype = torch.get_autocast_dtype(device_type)
         x_TD, gate_up_proj, down_proj = x_TD.to(dtype), gate_up_proj.to(dtype), down_proj.to(dtype)
     weight_R = topk_weight_TK.reshape(-1)[order_R].to(x_TD.dtype)
-    with torch.autocast(device_type, enabled=False):
-        if use_grouped_mm:
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+        if use_grouped_mm and device_type == "cpu" and not _needs_grad(x_TD, gate_up_proj, down_proj, weight_R):
+            y_TD = _grouped_swiglu_no_grad(x_TD, gate_up_proj, down_proj, weight_R, token_R,
+                                           counts_E.cumsum(0).to(torch.int32))
+        elif use_grouped_mm:
             offsets_E = counts_E.cumsum(0).to(torch.int32)
             unsort_R = torch.empty_like(order_R).index_copy_(0, order_R, torch.arange(len(order_R), device=x_TD.device))
             y_TD = _GroupedSwiGLU.apply(x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E, unsort_R)
         else:
             y_TD = _SlicedSwiGLU.apply(x_TD, gate_up_proj, down_proj, weight_R, token_R, counts_E.tolist())
     return y_TD.to(out_dtype)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _grouped_swiglu_no_grad(x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E) -> torch.Tensor:
+    """_GroupedSwiGLU's forward without autograd bookkeeping or the inverse permutation (decode: fixed costs
+    dominate); rows are summed into their tokens by index_add_ (CPU only: on GPUs that would not be deterministic)."""
+    gu_R2F = F.grouped_mm(x_TD.index_select(0, token_R), gate_up_proj.transpose(1, 2), offs=offsets_E)
+    hw_RF = _silu_mul(gu_R2F).mul_(weight_R.unsqueeze(-1))
+    y_RD = F.grouped_mm(hw_RF, down_proj.transpose(1, 2), offs=offsets_E)
+    return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)
 
 
 def _silu_mul(gu_N2F: torch.Tensor) -> torch.Tensor:
