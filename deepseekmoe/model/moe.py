@@ -47,5 +47,5 @@ class MoE(nn.Module):
         y_TD = self.experts(x_TD, routing.topk_idx_TK, routing.topk_weight_TK)
         # 5. shared experts: always on, weight 1, on the unpermuted input
         if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+            y_TD = y_TD.add_(self.shared_experts(x_TD))  # in place: y_TD is a fresh tensor of the experts
         return y_TD.view(b, s, d), routing
