@@ -215,7 +215,7 @@ class _SlicedSwiGLU(torch.autograd.Function):
     def forward(ctx, x_TD, gate_up_proj, down_proj, weight_R, token_R, counts):  # type: ignore[override]
         groups = [(e, end - n, end) for e, (n, end) in enumerate(zip(counts, itertools.accumulate(counts))) if n]
         workers = _num_workers(x_TD, token_R.shape[0], _weight_bytes(groups, gate_up_proj, down_proj))
-        chunks = _split(groups, workers * CHUNKS_PER_WORKER)
+        chunks = _split(groups, workers * _chunks_per_worker(groups))
         keep = any(ctx.needs_input_grad)  # nothing to keep for backward under no_grad
         outs = [torch.zeros_like(x_TD) for _ in range(max(1, workers))]
         saved = _run_chunks(_forward_chunk, chunks, outs, workers, x_TD, gate_up_proj, down_proj, weight_R,
@@ -296,9 +296,17 @@ MIN_ROWS_PER_WORKER = 512
 """Rows per CPU worker below which fewer workers are used (threads cost more than they give)..."""
 MIN_WEIGHT_BYTES_PER_WORKER = 2 << 20
 """... unless each worker has at least this many bytes of expert weights to read."""
-CHUNKS_PER_WORKER = 4
-"""Chunks of experts per worker: enough for a fast worker to take over a slow one's share, few enough that each
-chunk still holds several experts."""
+CHUNKS_PER_WORKER = 16
+"""Chunks of experts per worker where experts get many rows: enough that a worker finishing early waits at most a
+small share of the work for the other (the machine may slow either down)..."""
+GROUPED_CHUNKS_PER_WORKER = 2
+"""... and where they get few rows (decode: grouped GEMMs over several experts per chunk pay fewer fixed costs)."""
+
+
+def _chunks_per_worker(groups: list) -> int:
+    rows = groups[-1][2] - groups[0][1] if groups else 0
+    return GROUPED_CHUNKS_PER_WORKER if rows < GROUPED_CHUNK_MAX_ROWS_PER_EXPERT * len(groups) else CHUNKS_PER_WORKER
+
 
 _POOL: ThreadPoolExecutor | None = None
 
