@@ -28,9 +28,7 @@ Implementations (`config.experts_impl` picks "loop" or "grouped"; "grouped" choo
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import itertools
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -228,7 +226,7 @@ class _SlicedSwiGLU(torch.autograd.Function):
     def backward(ctx, grad_TD):  # type: ignore[override]
         x_TD, gate_up_proj, down_proj, weight_R, token_R = ctx.saved_tensors
         used = [g for chunk in ctx.chunks for g in chunk]
-        d_gate_up, d_down = _zero_unused(empty_hugepages(gate_up_proj), empty_hugepages(down_proj), used)
+        d_gate_up, d_down = _zero_unused(torch.empty_like(gate_up_proj), torch.empty_like(down_proj), used)
         d_weight_R = torch.empty_like(weight_R)
         grads = (grad_TD.contiguous(), d_gate_up, d_down, d_weight_R)
         chunks = [list(zip(chunk, saved)) for chunk, saved in zip(ctx.chunks, ctx.saved)]
@@ -372,38 +370,6 @@ def _worker_pool(size: int) -> ThreadPoolExecutor:
         ready.wait()
         torch.set_num_threads(size)  # set_num_threads in a worker also changed the default of new threads
     return _POOL
-
-
-HUGEPAGE_MIN_BYTES = 4 << 20
-_HUGEPAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-_madvise = None
-
-
-def empty_hugepages(like: torch.Tensor) -> torch.Tensor:
-    """torch.empty_like(like), on Linux CPU backed by transparent huge pages where it is at least 4 MB.
-
-    A fresh CPU buffer above glibc's mmap threshold (32 MB at most) is new memory every call, and each 4 KB page
-    faults on first touch; with MADV_HUGEPAGE, given before the first touch, a 2 MB page faults once instead of 512
-    times (a 32 MB gradient: 8,192 faults -> 16). Applied to the interior 2 MB-aligned span; a no-op where the
-    kernel or platform says no (THP "never", other OSes)."""
-    out = torch.empty_like(like, memory_format=torch.contiguous_format)
-    nbytes = out.numel() * out.element_size()
-    if out.device.type == "cpu" and nbytes >= HUGEPAGE_MIN_BYTES and sys.platform == "linux":
-        start = -(-out.data_ptr() // _HUGEPAGE) * _HUGEPAGE
-        end = (out.data_ptr() + nbytes) // _HUGEPAGE * _HUGEPAGE
-        if end > start:
-            _libc_madvise()(start, end - start, _MADV_HUGEPAGE)
-    return out
-
-
-def _libc_madvise():
-    global _madvise
-    if _madvise is None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _madvise = libc.madvise
-    return _madvise
 
 
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
