@@ -7,10 +7,11 @@ DeepseekV2Moe (every experts implementation usable on the device), side by side 
 Every contender computes the same function on the same weights: ours and transformers' share the parameter
 tensors (outputs are checked to agree), routing is the softmax top-k of a random router (near-uniform load).
 Timing: after one warm-up call each, the contenders run interleaved (the order rotates every repeat), one call per
-turn; the table reports the median and the minimum. "train" shapes time forward + backward of the block output
-(gradients set to None before each call, as `zero_grad(set_to_none=True)` does); "infer" shapes time a forward
-under `torch.no_grad()`. GFLOP/s counts the activated expert FLOPs only (2 x 3 x D x F x (K + shared) per token,
-x3 for training), the same FLOPs the dense-equivalent FFN does; the router's 2 x D x E per token is not counted.
+turn; the table reports the median and the minimum, and ratios as the median over rounds of the same-round ratio.
+"train" shapes time forward + backward of the block output (gradients set to None before each call, as
+`zero_grad(set_to_none=True)` does); "infer" shapes time a forward under `torch.no_grad()`.
+GFLOP/s counts the activated expert FLOPs only (2 x 3 x D x F x (K + shared) per token, x3 for training), the same
+FLOPs the dense-equivalent FFN does; the router's 2 x D x E per token is not counted.
 Peak memory: a separate call per contender; on CPU every tensor allocation and free of the step is read from the
 torch profiler's allocation events and the peak of their running sum is reported (bytes held before the step,
 such as parameters and inputs, are not counted). That call runs with one intra-op thread so that all allocations

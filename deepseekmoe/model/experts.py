@@ -339,11 +339,10 @@ def _split(groups: list, parts: int) -> list[list]:
 
 def _run_chunks(fn, chunks: list, outs: list[torch.Tensor], workers: int, *args) -> list:
     """[fn(chunk, out, *args) for chunk in chunks], on `workers` single-threaded CPU workers that each take the
-    next chunk when done with one and accumulate into their own buffer outs[w] (allocated by the caller, so big
-    buffers come from the calling thread's allocator arena, which keeps them for reuse, not a worker's, which
-    returns them to the OS); workers=0 runs every chunk in the calling thread with outs[0]. Even one worker beats
-    the calling thread when it has several intra-op threads: small ops such as a 1-row index_add_ would pay a
-    fork/join each (25 ms apiece on a busy machine)."""
+    next chunk when done with one and accumulate into their own buffer outs[w] (allocated by the caller); workers=0
+    runs every chunk in the calling thread with outs[0]. Even one worker beats the calling thread when that has
+    several intra-op threads: small ops such as a 1-row index_add_ would pay a fork/join each (25 ms apiece on a
+    busy machine)."""
     if workers == 0:
         return [fn(chunk, outs[0], *args) for chunk in chunks]
     inference = torch.is_inference_mode_enabled()
