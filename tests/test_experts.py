@@ -192,7 +192,8 @@ def test_grouped_chunks_match_loop(monkeypatch: pytest.MonkeyPatch, threads: int
     finally:
         torch.set_num_threads(before)
     ref = _run("loop", x, idx, weight, gate_up, down)
-    assert len(calls) == 1 if threads == 1 else 1 < len(calls) <= 8  # one chunk in the calling thread, <= 4 per worker
+    # one chunk in the calling thread, or a few per worker
+    assert len(calls) == 1 if threads == 1 else 1 < len(calls) <= 2 * experts.GROUPED_CHUNKS_PER_WORKER
     assert threads == 2 or calls[0][-1][0] - calls[0][0][0] + 1 > len(calls[0])  # spans the unused expert 4
     for name, r, g in zip(["y", "d_x", "d_weight", "d_gate_up", "d_down"], ref, got):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5, msg=name)
@@ -213,7 +214,6 @@ def test_run_chunks_runs_every_chunk_once_in_order_on_each_workers_own_buffer() 
     """Workers take chunks as they finish: every chunk runs exactly once, results come back in chunk order, and
     each worker accumulates into its own buffer (so the sum over the buffers is the sum over the chunks)."""
     import threading
-    import time
 
     from deepseekmoe.model.experts import _run_chunks
 
@@ -221,11 +221,14 @@ def test_run_chunks_runs_every_chunk_once_in_order_on_each_workers_own_buffer() 
     torch.set_num_threads(2)
     try:
         seen: list[int] = []
+        others_done = threading.Event()
 
         def fn(chunk, out, scale):
-            if chunk[0] == 0:
-                time.sleep(0.05)  # a slow chunk: the other worker takes the rest meanwhile
+            if chunk[0] == 0 and threading.current_thread() is not threading.main_thread():
+                assert others_done.wait(30)  # a slow chunk: the other worker takes all the rest meanwhile
             seen.append(chunk[0])
+            if len(seen) == 7:
+                others_done.set()
             out += chunk[0] * scale
             return (chunk[0], threading.current_thread().name)
         chunks = [[i] for i in range(8)]
