@@ -172,12 +172,18 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _grouped_swiglu_rows(x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E):
+    """Rows sorted by expert through two grouped GEMMs: (gate/up projection (R, 2F), w * SwiGLU output (R, D)).
+    offsets_E are the cumulative row counts of the experts of gate_up_proj / down_proj."""
+    gu_R2F = F.grouped_mm(x_TD.index_select(0, token_R), gate_up_proj.transpose(1, 2), offs=offsets_E)
+    hw_RF = _silu_mul(gu_R2F).mul_(weight_R.unsqueeze(-1))
+    return gu_R2F, F.grouped_mm(hw_RF, down_proj.transpose(1, 2), offs=offsets_E)
+
+
 def _grouped_swiglu_no_grad(x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E) -> torch.Tensor:
     """_GroupedSwiGLU's forward without autograd bookkeeping or the inverse permutation (decode: fixed costs
     dominate); rows are summed into their tokens by index_add_ (CPU only: on GPUs that would not be deterministic)."""
-    gu_R2F = F.grouped_mm(x_TD.index_select(0, token_R), gate_up_proj.transpose(1, 2), offs=offsets_E)
-    hw_RF = _silu_mul(gu_R2F).mul_(weight_R.unsqueeze(-1))
-    y_RD = F.grouped_mm(hw_RF, down_proj.transpose(1, 2), offs=offsets_E)
+    _, y_RD = _grouped_swiglu_rows(x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E)
     return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)
 
 
@@ -255,9 +261,13 @@ GROUPED_CHUNK_MAX_ROWS_PER_EXPERT = 16
 instead of a Python loop of per-expert ops, whose fixed cost would dominate (decode)."""
 
 
+def _few_rows(groups: list) -> bool:
+    """The groups' experts average fewer than GROUPED_CHUNK_MAX_ROWS_PER_EXPERT rows."""
+    return bool(groups) and groups[-1][2] - groups[0][1] < GROUPED_CHUNK_MAX_ROWS_PER_EXPERT * len(groups)
+
+
 def _grouped_chunk(groups, x_TD, gate_up_proj, down_proj) -> bool:
-    few_rows = groups[-1][2] - groups[0][1] < GROUPED_CHUNK_MAX_ROWS_PER_EXPERT * len(groups)
-    return few_rows and grouped_mm_supported(x_TD, gate_up_proj, down_proj)
+    return _few_rows(groups) and grouped_mm_supported(x_TD, gate_up_proj, down_proj)
 
 
 def _forward_chunk_grouped(groups, out_TD, x_TD, gate_up_proj, down_proj, weight_R, token_R, keep):
@@ -270,10 +280,10 @@ def _forward_chunk_grouped(groups, out_TD, x_TD, gate_up_proj, down_proj, weight
         last = ends.get(e, last)
         offsets.append(last)
     offs = torch.tensor(offsets, dtype=torch.int32, device=x_TD.device)
-    tok_N, w_N1 = token_R[r0:r1], weight_R[r0:r1].unsqueeze(-1)
-    gu_N2F = F.grouped_mm(x_TD.index_select(0, tok_N), gate_up_proj[e0:e1 + 1].transpose(1, 2), offs=offs)
-    hw_NF = _silu_mul(gu_N2F).mul_(w_N1)
-    out_TD.index_add_(0, tok_N, F.grouped_mm(hw_NF, down_proj[e0:e1 + 1].transpose(1, 2), offs=offs))
+    tok_N = token_R[r0:r1]
+    gu_N2F, y_ND = _grouped_swiglu_rows(x_TD, gate_up_proj[e0:e1 + 1], down_proj[e0:e1 + 1], weight_R[r0:r1], tok_N,
+                                        offs)
+    out_TD.index_add_(0, tok_N, y_ND)
     return [gu_N2F[s - r0:t - r0] for _, s, t in groups] if keep else []
 
 
@@ -302,8 +312,7 @@ GROUPED_CHUNKS_PER_WORKER = 2
 
 
 def _chunks_per_worker(groups: list) -> int:
-    rows = groups[-1][2] - groups[0][1] if groups else 0
-    return GROUPED_CHUNKS_PER_WORKER if rows < GROUPED_CHUNK_MAX_ROWS_PER_EXPERT * len(groups) else CHUNKS_PER_WORKER
+    return GROUPED_CHUNKS_PER_WORKER if _few_rows(groups) else CHUNKS_PER_WORKER
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -396,9 +405,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E, unsort_R):  # type: ignore[override]
-        gu_R2F = F.grouped_mm(x_TD.index_select(0, token_R), gate_up_proj.transpose(1, 2), offs=offsets_E)
-        hw_RF = _silu_mul(gu_R2F).mul_(weight_R.unsqueeze(-1))
-        y_RD = F.grouped_mm(hw_RF, down_proj.transpose(1, 2), offs=offsets_E)
+        gu_R2F, y_RD = _grouped_swiglu_rows(x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E)
         ctx.save_for_backward(x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E, unsort_R, gu_R2F)
         return _unsort_sum(y_RD, unsort_R, x_TD.shape[0])
 
