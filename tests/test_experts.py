@@ -210,6 +210,24 @@ def test_split_balances_rows() -> None:
     assert _split(groups, 8) == [[g] for g in groups]  # never an empty run
 
 
+def test_cpu_workers_keep_one_intra_op_thread() -> None:
+    """Each expert worker runs its ops on one thread, also after ops that set up OpenMP (a worker that took the
+    caller's thread count would fork a team of its own: 2 workers x 2 threads on 2 cores)."""
+    from deepseekmoe.model.experts import _run_chunks
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def fn(chunk, out):
+            out.add_(torch.ones(1 << 16).sum())  # a parallel op, then the count it ran under
+            return torch.get_num_threads()
+        counts = _run_chunks(fn, [[i] for i in range(4)], [torch.zeros(1), torch.zeros(1)], 2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert counts == [1, 1, 1, 1]
+
+
 def test_run_chunks_runs_every_chunk_once_in_order_on_each_workers_own_buffer() -> None:
     """Workers take chunks as they finish: every chunk runs exactly once, results come back in chunk order, and
     each worker accumulates into its own buffer (so the sum over the buffers is the sum over the chunks)."""

@@ -374,10 +374,19 @@ def _worker_pool(size: int) -> ThreadPoolExecutor:
         ready = threading.Barrier(size + 1)
         _POOL = ThreadPoolExecutor(size, thread_name_prefix="experts")
         for _ in range(size):  # start every worker now and make it single-threaded
-            _POOL.submit(lambda: (torch.set_num_threads(1), ready.wait()))
+            _POOL.submit(_single_threaded, ready)
         ready.wait()
         torch.set_num_threads(size)  # set_num_threads in a worker also changed the default of new threads
     return _POOL
+
+
+def _single_threaded(ready: threading.Barrier) -> None:
+    """Give this worker thread one intra-op thread for good. A thread takes the process-wide thread count on its
+    first parallel op (`get_num_threads` does that lazy set-up), so that comes first: otherwise the count set here
+    would be replaced by the calling thread's later one, and each worker would fork an OpenMP team of its own."""
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+    ready.wait()
 
 
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
