@@ -31,6 +31,7 @@ import contextlib
 import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -221,36 +222,59 @@ class _SlicedSwiGLU(torch.autograd.Function):
         workers = _num_workers(x_TD, token_R.shape[0], _weight_bytes(groups, gate_up_proj, down_proj))
         chunks = _split(groups, workers * _chunks_per_worker(groups))
         keep = any(ctx.needs_input_grad)  # nothing to keep for backward under no_grad
+        ops = _Operands.of(x_TD, gate_up_proj, down_proj, weight_R, token_R, counts)
         outs = [torch.zeros_like(x_TD) for _ in range(max(1, workers))]
-        saved = _run_chunks(_forward_chunk, chunks, outs, workers, x_TD, gate_up_proj, down_proj, weight_R,
-                            token_R, keep)
+        saved = _run_chunks(_forward_chunk, chunks, outs, workers, ops, keep)
         ctx.save_for_backward(x_TD, gate_up_proj, down_proj, weight_R, token_R)
-        ctx.chunks, ctx.saved, ctx.workers = chunks, saved, workers
+        ctx.chunks, ctx.saved, ctx.workers, ctx.counts = chunks, saved, workers, counts
         return _sum(outs)
 
     @staticmethod
     def backward(ctx, grad_TD):  # type: ignore[override]
         x_TD, gate_up_proj, down_proj, weight_R, token_R = ctx.saved_tensors
+        ops = _Operands.of(x_TD, gate_up_proj, down_proj, weight_R, token_R, ctx.counts)
         used = [g for chunk in ctx.chunks for g in chunk]
         d_gate_up, d_down = _zero_unused(torch.empty_like(gate_up_proj), torch.empty_like(down_proj), used)
         d_weight_R = torch.empty_like(weight_R)
-        grads = (grad_TD.contiguous(), d_gate_up, d_down, d_weight_R)
+        grads = (grad_TD.contiguous(), d_gate_up.unbind(0), d_down.unbind(0), d_weight_R.split(ctx.counts))
         chunks = [list(zip(chunk, saved)) for chunk, saved in zip(ctx.chunks, ctx.saved)]
         d_x = [torch.zeros_like(x_TD) for _ in range(max(1, ctx.workers))]
-        _run_chunks(_backward_chunk, chunks, d_x, ctx.workers, x_TD, gate_up_proj, down_proj, weight_R, token_R,
-                    grads)
+        _run_chunks(_backward_chunk, chunks, d_x, ctx.workers, ops, grads)
         return _sum(d_x), d_gate_up, d_down, d_weight_R, None, None
 
 
-def _forward_chunk(groups, out_TD, x_TD, gate_up_proj, down_proj, weight_R, token_R, keep):
-    if _grouped_chunk(groups, x_TD, gate_up_proj, down_proj):
-        return _forward_chunk_grouped(groups, out_TD, x_TD, gate_up_proj, down_proj, weight_R, token_R, keep)
+class _Operands(NamedTuple):
+    """One call's operands and their per-expert views. Each tuple of views is made by one call, so the loops over
+    experts issue only the ops that compute (every Python-level op takes the GIL, which the workers share)."""
+
+    x_TD: torch.Tensor
+    gate_up_proj: torch.Tensor
+    down_proj: torch.Tensor
+    weight_R: torch.Tensor
+    token_R: torch.Tensor
+    tokens: tuple[torch.Tensor, ...]
+    """token_R split per expert."""
+    weights: tuple[torch.Tensor, ...]
+    """weight_R split per expert, as (rows, 1) columns."""
+    gate_ups: tuple[torch.Tensor, ...]
+    """gate_up_proj[e] for every expert e."""
+    downs: tuple[torch.Tensor, ...]
+    """down_proj[e] for every expert e."""
+
+    @classmethod
+    def of(cls, x_TD, gate_up_proj, down_proj, weight_R, token_R, counts: list[int]) -> "_Operands":
+        return cls(x_TD, gate_up_proj, down_proj, weight_R, token_R, token_R.split(counts),
+                   weight_R.unsqueeze(-1).split(counts), gate_up_proj.unbind(0), down_proj.unbind(0))
+
+
+def _forward_chunk(groups, out_TD, ops: _Operands, keep):
+    if _grouped_chunk(groups, ops.x_TD, ops.gate_up_proj, ops.down_proj):
+        return _forward_chunk_grouped(groups, out_TD, ops, keep)
     saved = []
-    for e, s, t in groups:
-        tok_N, w_N1 = token_R[s:t], weight_R[s:t].unsqueeze(-1)
-        x_ND = x_TD.index_select(0, tok_N)
-        gu_N2F = torch.mm(x_ND, gate_up_proj[e].t())
-        out_TD.index_add_(0, tok_N, torch.mm(_silu_mul(gu_N2F).mul_(w_N1), down_proj[e].t()))
+    for e, _, _ in groups:
+        tok_N = ops.tokens[e]
+        gu_N2F = F.linear(ops.x_TD.index_select(0, tok_N), ops.gate_ups[e])
+        out_TD.index_add_(0, tok_N, F.linear(_silu_mul(gu_N2F).mul_(ops.weights[e]), ops.downs[e]))
         if keep:
             saved.append(gu_N2F)
     return saved
@@ -270,7 +294,7 @@ def _grouped_chunk(groups, x_TD, gate_up_proj, down_proj) -> bool:
     return _few_rows(groups) and grouped_mm_supported(x_TD, gate_up_proj, down_proj)
 
 
-def _forward_chunk_grouped(groups, out_TD, x_TD, gate_up_proj, down_proj, weight_R, token_R, keep):
+def _forward_chunk_grouped(groups, out_TD, ops: _Operands, keep):
     """The chunk's experts e0..e1 in one grouped GEMM per projection; saves per-expert views of the gate/up
     projection, so backward is the per-expert one."""
     (e0, r0, _), (e1, _, r1) = groups[0], groups[-1]
@@ -279,25 +303,25 @@ def _forward_chunk_grouped(groups, out_TD, x_TD, gate_up_proj, down_proj, weight
     for e in range(e0, e1 + 1):
         last = ends.get(e, last)
         offsets.append(last)
-    offs = torch.tensor(offsets, dtype=torch.int32, device=x_TD.device)
-    tok_N = token_R[r0:r1]
-    gu_N2F, y_ND = _grouped_swiglu_rows(x_TD, gate_up_proj[e0:e1 + 1], down_proj[e0:e1 + 1], weight_R[r0:r1], tok_N,
-                                        offs)
+    offs = torch.tensor(offsets, dtype=torch.int32, device=ops.x_TD.device)
+    tok_N = ops.token_R[r0:r1]
+    gu_N2F, y_ND = _grouped_swiglu_rows(ops.x_TD, ops.gate_up_proj[e0:e1 + 1], ops.down_proj[e0:e1 + 1],
+                                        ops.weight_R[r0:r1], tok_N, offs)
     out_TD.index_add_(0, tok_N, y_ND)
     return [gu_N2F[s - r0:t - r0] for _, s, t in groups] if keep else []
 
 
-def _backward_chunk(groups_saved, d_x_TD, x_TD, gate_up_proj, down_proj, weight_R, token_R, grads):
-    grad_TD, d_gate_up, d_down, d_weight_R = grads
-    for (e, s, t), gu_N2F in groups_saved:
-        tok_N, w_N1 = token_R[s:t], weight_R[s:t].unsqueeze(-1)
+def _backward_chunk(groups_saved, d_x_TD, ops: _Operands, grads):
+    grad_TD, d_gate_ups, d_downs, d_weights = grads
+    for (e, _, _), gu_N2F in groups_saved:
+        tok_N, w_N1 = ops.tokens[e], ops.weights[e]
         grad_ND = grad_TD.index_select(0, tok_N)
-        dh_NF = torch.mm(grad_ND, down_proj[e])  # gradient of w * h
+        dh_NF = torch.mm(grad_ND, ops.downs[e])  # gradient of w * h
         h_NF, d_gu_N2F = _swiglu_grad(gu_N2F, dh_NF.mul(w_N1))
-        torch.sum(dh_NF.mul_(h_NF), dim=-1, out=d_weight_R[s:t])
-        torch.mm(grad_ND.t(), h_NF.mul_(w_N1), out=d_down[e])
-        torch.mm(d_gu_N2F.t(), x_TD.index_select(0, tok_N), out=d_gate_up[e])
-        d_x_TD.index_add_(0, tok_N, torch.mm(d_gu_N2F, gate_up_proj[e]))
+        torch.sum(dh_NF.mul_(h_NF), dim=-1, out=d_weights[e])
+        torch.mm(grad_ND.t(), h_NF.mul_(w_N1), out=d_downs[e])
+        torch.mm(d_gu_N2F.t(), ops.x_TD.index_select(0, tok_N), out=d_gate_ups[e])
+        d_x_TD.index_add_(0, tok_N, torch.mm(d_gu_N2F, ops.gate_ups[e]))
 
 
 MIN_ROWS_PER_WORKER = 512
