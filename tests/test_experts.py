@@ -11,7 +11,8 @@ import torch
 
 from deepseekmoe import MoE, ModelConfig
 from deepseekmoe.model.experts import (
-    PARALLEL_MIN_ROWS, STRATEGIES, RoutedExperts, choose_strategy, experts_forward, experts_loop, grouped_mm_supported,
+    NO_GRAD_SLICES_MIN_ROWS, PARALLEL_MIN_ROWS, ROWS_MAX_PER_EXPERT, STRATEGIES, RoutedExperts, choose_strategy,
+    experts_forward, experts_loop, grouped_mm_supported,
 )
 
 FAST = [s for s in STRATEGIES if s != "loop"]
@@ -93,6 +94,48 @@ def test_bf16_forward_close_to_fp32_reference(strategy: str) -> None:
     torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("path", ["as_chosen", "one_row_gemv", "row_major_only", "on_workers"])
+def test_rows_paths_match_loop(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """"rows" (decode without autograd) runs each expert's rows weight-major (W @ x^T, one row doubled) or
+    row-major, in the calling thread or on the CPU workers; every combination equals the loop. The routing gives
+    experts 1, 2-7 and 8+ rows."""
+    from deepseekmoe.model import experts
+
+    x, _, weight, gate_up, down = _problem(12, 16, 8, 12, 2, "random", seed=3)
+    idx = torch.tensor([[0] * 9 + [1, 2, 2], [2, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5]]).t()  # rows 9, 1, 3, 3, 4, 4, 0, 0
+    if path == "one_row_gemv":
+        monkeypatch.setattr(experts, "PAD_ONE_ROW_MAX_BYTES", 0)
+    if path == "row_major_only":
+        monkeypatch.setattr(experts, "WEIGHT_MAJOR_MAX_ROWS", 0)
+        monkeypatch.setattr(experts, "PAD_ONE_ROW_MAX_BYTES", 0)
+    threads = torch.get_num_threads()
+    if path == "on_workers":
+        monkeypatch.setattr(experts, "ROWS_MIN_WEIGHT_BYTES_PER_WORKER", 1)
+        torch.set_num_threads(2)
+    calls = []
+    real = experts._run_chunks
+    monkeypatch.setattr(experts, "_run_chunks", lambda fn, chunks, outs, workers, *a: calls.append(workers) or
+                        real(fn, chunks, outs, workers, *a))
+    try:
+        with torch.no_grad():
+            got = experts_forward(x, idx, weight, gate_up, down, "rows")
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == [2 if path == "on_workers" else 0]
+    torch.testing.assert_close(got, experts_loop(x, idx, weight, gate_up, down), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["rows", "grouped_mm", "slices"])
+def test_sorted_strategies_under_cpu_autocast(strategy: str) -> None:
+    """Under bf16 autocast the experts' matmuls run in bf16 and the result comes back in the input's dtype."""
+    x, idx, weight, gate_up, down = _problem(40, 32, 8, 16, 2, "random")
+    ref = experts_loop(x, idx, weight, gate_up, down)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = experts_forward(x, idx, weight, gate_up, down, strategy)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+
+
 def test_hand_computed_single_expert() -> None:
     """One token, one expert, identity-like weights: y = w * down(silu(g) * u) by hand."""
     x = torch.tensor([[1.0, 2.0]])
@@ -121,9 +164,18 @@ def test_chooser_and_support() -> None:
     # CPU: enough rows to split over workers go to the worker path (benchmarks/README.md)
     many = torch.zeros(PARALLEL_MIN_ROWS // 3 + 1, 3, dtype=torch.long)
     assert choose_strategy(x, many, gate_up, down) == "slices"
+    # CPU without gradients: "rows" up to ROWS_MAX_PER_EXPERT rows per expert, then grouped_mm, then slices
+    e = gate_up.shape[0]
+    decode = torch.zeros(ROWS_MAX_PER_EXPERT * e // 2, 2, dtype=torch.long)
+    assert choose_strategy(x, decode, gate_up, down, needs_grad=False) == "rows"
+    assert choose_strategy(x, torch.zeros(decode.shape[0] + 1, 2, dtype=torch.long), gate_up, down,
+                           needs_grad=False) == ("grouped_mm" if has_gmm else "slices")
+    prefill = torch.zeros(NO_GRAD_SLICES_MIN_ROWS // 2, 2, dtype=torch.long)
+    assert choose_strategy(x, prefill, gate_up, down, needs_grad=False) == "slices"
     odd = _problem(*CASES["odd_sizes"])
     assert not grouped_mm_supported(odd[0], odd[3], odd[4])
     assert choose_strategy(odd[0], odd[1], odd[3], odd[4]) == "slices"
+    assert choose_strategy(odd[0], odd[1][:2], odd[3], odd[4], needs_grad=False) == "rows"  # plain matmuls
     with pytest.raises(ValueError, match="unknown experts strategy 'fast'"):
         experts_forward(x, idx, torch.ones(idx.shape), gate_up, down, "fast")
 
@@ -226,6 +278,27 @@ def test_cpu_workers_keep_one_intra_op_thread() -> None:
     finally:
         torch.set_num_threads(threads)
     assert counts == [1, 1, 1, 1]
+
+
+def test_releasing_the_openmp_team_keeps_the_thread_count() -> None:
+    """Before the workers start, the caller's OpenMP threads are let go (they would spin on a core the workers
+    need); the runtime is found on Linux builds, the caller keeps its thread count, and parallel ops still work."""
+    import sys
+
+    from deepseekmoe.model import experts
+
+    if sys.platform.startswith("linux"):
+        assert experts._OPENMP_PAUSE is not None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a = torch.randn(256, 256)
+        ref = a @ a
+        experts._release_openmp_team()
+        assert torch.get_num_threads() == 2
+        torch.testing.assert_close(a @ a, ref)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_run_chunks_runs_every_chunk_once_in_order_on_each_workers_own_buffer() -> None:

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..config import ModelConfig
 
-STRATEGIES = ("loop", "grouped_mm", "slices", "bmm")
+STRATEGIES = ("loop", "grouped_mm", "slices", "bmm", "rows")
 
 
 class RoutedExperts(nn.Module):
@@ -70,32 +70,48 @@ def experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_T
     """y_t = sum_k w_{t,k} * FFN_{idx_{t,k}}(x_t) with the named strategy (None: `choose_strategy`)."""
     if x_TD.shape[0] == 0:
         return torch.zeros_like(x_TD)
-    strategy = strategy or choose_strategy(x_TD, topk_idx_TK, gate_up_proj, down_proj)
+    needs_grad = _needs_grad(x_TD, topk_weight_TK, gate_up_proj, down_proj)
+    strategy = strategy or choose_strategy(x_TD, topk_idx_TK, gate_up_proj, down_proj, needs_grad)
     if strategy == "loop":
         return experts_loop(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj)
     if strategy == "bmm":
         return experts_bmm(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj)
-    if strategy in ("grouped_mm", "slices"):  # grouped_mm falls back to slices where the operands do not qualify
-        use_grouped_mm = strategy == "grouped_mm" and grouped_mm_supported(x_TD, gate_up_proj, down_proj)
-        return experts_sorted(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj, use_grouped_mm)
+    if strategy == "rows" and needs_grad:  # rows has no backward: the per-expert autograd Function instead
+        strategy = "slices"
+    if strategy == "grouped_mm" and not grouped_mm_supported(x_TD, gate_up_proj, down_proj):
+        strategy = "slices"
+    if strategy in ("rows", "grouped_mm", "slices"):
+        return experts_sorted(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj, strategy)
     raise ValueError(f"unknown experts strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
 
 
 def choose_strategy(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, gate_up_proj: torch.Tensor,
-                    down_proj: torch.Tensor) -> str:
-    """The fastest correct strategy for this call, as measured (benchmarks/README.md): "grouped_mm" where its
-    operands qualify, on CPU only for the fewest rows (decode of a few tokens: one C++ loop over a few experts,
-    each matmul multi-threaded); "slices" otherwise on CPU: experts in parallel on the CPU workers, as per-expert
-    matmuls (training sizes: small temporaries) or, for chunks of experts with few rows each, grouped GEMMs."""
+                    down_proj: torch.Tensor, needs_grad: bool = True) -> str:
+    """The fastest correct strategy for this call, as measured (benchmarks/README.md). On accelerators
+    "grouped_mm" wherever its operands qualify. On CPU without gradients: "rows" for up to ROWS_MAX_PER_EXPERT
+    rows per expert (decode), "grouped_mm" up to NO_GRAD_SLICES_MIN_ROWS (one C++ loop over the experts, each
+    matmul multi-threaded), "slices" above. On CPU with gradients: "grouped_mm" below PARALLEL_MIN_ROWS,
+    "slices" above (experts in parallel on the CPU workers, hand-written backward). "slices" wherever grouped_mm
+    does not accept the operands (strides that are not 16-byte multiples)."""
+    rows = topk_idx_TK.numel()
+    cpu = x_TD.device.type == "cpu"
+    if cpu and not needs_grad and rows <= ROWS_MAX_PER_EXPERT * gate_up_proj.shape[0]:
+        return "rows"
     if not grouped_mm_supported(x_TD, gate_up_proj, down_proj):
         return "slices"
-    if x_TD.device.type != "cpu":
+    if not cpu:
         return "grouped_mm"
-    return "grouped_mm" if topk_idx_TK.numel() < PARALLEL_MIN_ROWS else "slices"
+    return "grouped_mm" if rows < (PARALLEL_MIN_ROWS if needs_grad else NO_GRAD_SLICES_MIN_ROWS) else "slices"
 
 
 PARALLEL_MIN_ROWS = 64
-"""On CPU, below this many rows (tokens x K) one grouped GEMM beats splitting the experts over the workers."""
+"""On CPU with gradients, below this many rows (tokens x K) one grouped GEMM beats splitting the experts over the
+workers."""
+ROWS_MAX_PER_EXPERT = 4
+"""On CPU without gradients, "rows" up to this many rows per expert on average (decode: S1 shape up to ~40 tokens;
+at 64 tokens grouped_mm is ahead)..."""
+NO_GRAD_SLICES_MIN_ROWS = 6144
+"""... then "grouped_mm" below this many rows, "slices" from here (tie at 1,024 tokens x 6, slices 0.7x at 4,096)."""
 
 
 def _swiglu(x_RD: torch.Tensor, gate_up_2FD: torch.Tensor, down_DF: torch.Tensor) -> torch.Tensor:
@@ -129,6 +145,56 @@ def experts_bmm(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: t
     return y_TKD.sum(dim=1)
 
 
+def _rows_forward(x_TD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weight_R: torch.Tensor,
+                  token_R: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """"rows": only the experts that got rows, each as two matmuls in the operand order fastest for its row count
+    (`_expert_rows`), without autograd; in the calling thread or, where the chosen experts' weights are large
+    enough to pay for the hand-off, on the CPU workers (decode streams weights: two cores stream faster)."""
+    tokens, weights = token_R.split(counts), weight_R.split(counts)
+    used = [e for e, n in enumerate(counts) if n]
+    expert_bytes = (gate_up_proj[0].numel() + down_proj[0].numel()) * gate_up_proj.element_size()
+    workers = 0
+    if x_TD.device.type == "cpu" and torch.get_num_threads() > 1:
+        workers = min(torch.get_num_threads(), len(used) * expert_bytes // ROWS_MIN_WEIGHT_BYTES_PER_WORKER)
+        workers = workers if workers > 1 else 0
+    outs = [torch.zeros_like(x_TD) for _ in range(max(1, workers))]
+    _run_chunks(_rows_chunk, [[e] for e in used] if workers else [used], outs, workers, x_TD, gate_up_proj,
+                down_proj, tokens, weights)
+    return _sum(outs)
+
+
+ROWS_MIN_WEIGHT_BYTES_PER_WORKER = 64 << 20
+""""rows" hands experts to the CPU workers only from this many bytes of chosen expert weights per worker: below,
+the hand-off (~1 ms here, waking an idle core included) costs more than a second core streaming saves."""
+
+
+def _rows_chunk(experts, out_TD, x_TD, gate_up_proj, down_proj, tokens, weights) -> None:
+    for e in experts:
+        y_ND = _expert_rows(x_TD.index_select(0, tokens[e]), gate_up_proj[e], down_proj[e], weights[e])
+        out_TD.index_add_(0, tokens[e], y_ND)
+
+
+WEIGHT_MAJOR_MAX_ROWS = 7
+"""Up to this many rows an expert's matmuls run weight-major, W @ x^T: MKL's kernel for that operand order is
+2-3x faster than x @ W^T for 2-7 rows (benchmarks/README.md)..."""
+PAD_ONE_ROW_MAX_BYTES = 1 << 20
+"""... and a single row is doubled to run that way where the expert's gate/up matrix is at most this large
+(0.6x the time of a GEMV at the S1 shape's 512 KB; 1.4-1.6x at the 16B layer's 23 MB, where the GEMV wins)."""
+
+
+def _expert_rows(x_ND: torch.Tensor, gate_up_2FD: torch.Tensor, down_DF: torch.Tensor,
+                 w_N: torch.Tensor) -> torch.Tensor:
+    """w * SwiGLU(x) for one expert's rows, no autograd bookkeeping."""
+    n = x_ND.shape[0]
+    if n == 1 and gate_up_2FD.numel() * gate_up_2FD.element_size() <= PAD_ONE_ROW_MAX_BYTES:
+        return _expert_rows(x_ND.expand(2, -1).contiguous(), gate_up_2FD, down_DF, w_N.expand(2))[:1]
+    if 2 <= n <= WEIGHT_MAJOR_MAX_ROWS:
+        gate_FN, up_FN = torch.mm(gate_up_2FD, x_ND.t()).chunk(2, dim=0)
+        h_NF = F.silu(gate_FN).mul_(up_FN).mul_(w_N).t().contiguous()
+        return torch.mm(down_DF, h_NF.t()).t()
+    return F.linear(_silu_mul(F.linear(x_ND, gate_up_2FD)).mul_(w_N.unsqueeze(-1)), down_DF)
+
+
 # ---------------------------------------------------------------------------------------- sorted dispatch
 def grouped_mm_supported(x_TD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
     """torch's grouped_mm exists and accepts these operands: every stride a multiple of 16 bytes (CPU and CUDA
@@ -146,8 +212,9 @@ def grouped_mm_supported(x_TD: torch.Tensor, gate_up_proj: torch.Tensor, down_pr
 
 
 def experts_sorted(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                   gate_up_proj: torch.Tensor, down_proj: torch.Tensor, use_grouped_mm: bool) -> torch.Tensor:
-    """Dropless sorted dispatch: rows sorted by expert, per-expert (or grouped) GEMMs, scatter-add to tokens."""
+                   gate_up_proj: torch.Tensor, down_proj: torch.Tensor, strategy: str) -> torch.Tensor:
+    """Dropless sorted dispatch: rows sorted by expert, per-expert (or grouped) GEMMs, scatter-add to tokens.
+    strategy: "rows" (no autograd), "grouped_mm" (operands supported) or "slices"."""
     k = topk_idx_TK.shape[1]
     flat_idx_R = topk_idx_TK.reshape(-1)
     order_R = torch.argsort(flat_idx_R, stable=True)
@@ -160,10 +227,13 @@ def experts_sorted(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK
         x_TD, gate_up_proj, down_proj = x_TD.to(dtype), gate_up_proj.to(dtype), down_proj.to(dtype)
     weight_R = topk_weight_TK.reshape(-1)[order_R].to(x_TD.dtype)
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
-        if use_grouped_mm and device_type == "cpu" and not _needs_grad(x_TD, gate_up_proj, down_proj, weight_R):
+        if strategy == "rows":
+            y_TD = _rows_forward(x_TD, gate_up_proj, down_proj, weight_R, token_R, counts_E.tolist())
+        elif strategy == "grouped_mm" and device_type == "cpu" and not _needs_grad(x_TD, gate_up_proj, down_proj,
+                                                                                    weight_R):
             y_TD = _grouped_swiglu_no_grad(x_TD, gate_up_proj, down_proj, weight_R, token_R,
                                            counts_E.cumsum(0).to(torch.int32))
-        elif use_grouped_mm:
+        elif strategy == "grouped_mm":
             offsets_E = counts_E.cumsum(0).to(torch.int32)
             unsort_R = torch.empty_like(order_R).index_copy_(0, order_R, torch.arange(len(order_R), device=x_TD.device))
             y_TD = _GroupedSwiGLU.apply(x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E, unsort_R)
