@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import glob
 import json
 import platform
 import statistics
@@ -177,13 +178,33 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def cache_flusher(cache: str, device: str) -> Callable[[], None]:
+    """cache="cold": a call that streams twice the last-level cache through the cores, run before every timed call
+    (outside the timer), so each call finds its weights in memory, not in cache, as it would inside a model whose
+    other layers ran in between; "warm": nothing (contenders then find in cache what the previous one read: they
+    share weights). Accelerators are left as they are."""
+    if cache == "warm" or device != "cpu":
+        return lambda: None
+    buffer = torch.zeros(2 * _last_level_cache_bytes() // 4)
+    return lambda: buffer.add_(1.0)
+
+
+def _last_level_cache_bytes() -> int:
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = open(path).read().strip().upper()
+        sizes.append(int(text.rstrip("KM")) * (1 << 20 if text.endswith("M") else 1 << 10 if text.endswith("K") else 1))
+    return max(sizes, default=32 << 20)
+
+
 def time_interleaved(steps: dict[str, Callable], repeats: int, budget_s: float, device: str,
-                     log: Callable[[str], None]) -> dict[str, list[float]]:
-    """One warm-up call each, then `repeats` rounds in rotating order; a contender whose warm-up took longer than
-    budget_s / repeats gets fewer rounds (at least one)."""
+                     log: Callable[[str], None], flush: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """One warm-up call each, then `repeats` rounds in rotating order, `flush()` before every call; a contender
+    whose warm-up took longer than budget_s / repeats gets fewer rounds (at least one)."""
     warm: dict[str, float] = {}
     for name, step in steps.items():
         step.reset()  # type: ignore[attr-defined]
+        flush()
         t0 = time.perf_counter()
         step()
         _sync(device)
@@ -197,6 +218,7 @@ def time_interleaved(steps: dict[str, Callable], repeats: int, budget_s: float, 
             if len(times[name]) >= rounds[name]:
                 continue
             steps[name].reset()  # type: ignore[attr-defined]
+            flush()
             _sync(device)
             t0 = time.perf_counter()
             steps[name]()
@@ -272,7 +294,7 @@ def check_agreement(steps: dict[str, Callable], shape: Shape, x: torch.Tensor) -
 
 
 def run_shape(name: str, shape: Shape, impls: list[str], *, dtype: torch.dtype, device: str, repeats: int,
-              budget_s: float, memory: bool, log: Callable[[str], None]) -> list[dict[str, object]]:
+              budget_s: float, memory: bool, cache: str, log: Callable[[str], None]) -> list[dict[str, object]]:
     log(f"shape {name}: {shape}")
     calls = contenders(shape, impls, dtype, device)
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -281,7 +303,7 @@ def run_shape(name: str, shape: Shape, impls: list[str], *, dtype: torch.dtype, 
     agreement = check_agreement(calls, shape, x)
     steps = {n: make_step(c, shape, x, grad) for n, c in calls.items()}
     rounds = repeats * 10 if shape.mode == "infer" else repeats  # decode calls take ~1 ms: more samples
-    times = time_interleaved(steps, rounds, budget_s, device, log)
+    times = time_interleaved(steps, rounds, budget_s, device, log, cache_flusher(cache, device))
     rows = []
     for n, ts in times.items():
         med = statistics.median(ts)
@@ -322,7 +344,8 @@ def format_table(rows: list[dict[str, object]]) -> str:
 
 
 def run(*, shapes: str = DEFAULT_SHAPES, impls: str | None = None, repeats: int = 5, budget_s: float = 20.0,
-        dtype: str = "float32", device: str = "cpu", memory: bool = True, as_json: bool = False) -> int:
+        dtype: str = "float32", device: str = "cpu", memory: bool = True, cache: str = "cold",
+        as_json: bool = False) -> int:
     """Benchmark the shapes; print a table (or one JSON object with --json). Returns an exit code."""
     names = [s.strip() for s in shapes.split(",") if s.strip()]
     unknown = [s for s in names if s not in SHAPES]
@@ -332,6 +355,8 @@ def run(*, shapes: str = DEFAULT_SHAPES, impls: str | None = None, repeats: int 
     bad = [i for i in chosen if i not in ["dense", *OURS, *HF]]
     if bad:
         raise ValueError(f"unknown impl(s) {', '.join(bad)}; available: {', '.join(['dense', *OURS, *HF])}")
+    if cache not in ("cold", "warm"):
+        raise ValueError(f"cache={cache!r}: expected cold or warm")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda but no CUDA device is available")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
@@ -341,7 +366,7 @@ def run(*, shapes: str = DEFAULT_SHAPES, impls: str | None = None, repeats: int 
     rows: list[dict[str, object]] = []
     for name in names:
         rows += run_shape(name, SHAPES[name], chosen, dtype=torch_dtype, device=device, repeats=repeats,
-                          budget_s=budget_s, memory=memory, log=log)
+                          budget_s=budget_s, memory=memory, cache=cache, log=log)
     if as_json:
         print(json.dumps({"machine": info, "results": rows}, indent=1))
     else:
@@ -358,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
+    p.add_argument("--cache", default="cold", choices=["cold", "warm"],
+                   help="cold: stream 2x the last-level cache before every timed call (as between a model's "
+                        "layers); warm: contenders find what the previous one read (they share weights)")
     p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
     return run(**vars(p.parse_args(argv)))
 

@@ -29,7 +29,7 @@ def bench_command(benchmark: str, *, shapes: str | None = None, impls: str | Non
                   presets: str | None = None, repeats: int | None = None, batch: int | None = None,
                   seq: int | None = None, new_tokens: int | None = None, budget_s: float | None = None,
                   dtype: str | None = None, device: str | None = None, memory: bool = True,
-                  json: bool = False) -> int:
+                  cache: str | None = None, json: bool = False) -> int:
     """Run a benchmark: moe-layer (MoE block vs dense FFN vs transformers), train-step (tokens/s, MFU) or decode.
 
     Results print as a table, or as one JSON object with --json; benchmarks/README.md explains the method and
@@ -49,11 +49,13 @@ def bench_command(benchmark: str, *, shapes: str | None = None, impls: str | Non
         dtype: moe-layer: float32 or bfloat16.
         device: moe-layer: cpu or cuda.
         memory: moe-layer: measure peak memory (--no-memory skips it).
+        cache: moe-layer: cold (default: caches flushed before every timed call, as between a model's layers)
+            or warm.
         json: print one JSON object instead of a table.
     """
     module = _load(benchmark)
     given = {"shapes": shapes, "impls": impls, "presets": presets, "repeats": repeats, "batch": batch, "seq": seq,
-             "new_tokens": new_tokens, "budget_s": budget_s, "dtype": dtype, "device": device}
+             "new_tokens": new_tokens, "budget_s": budget_s, "dtype": dtype, "device": device, "cache": cache}
     given = {k: v for k, v in given.items() if v is not None}
     if not memory:
         given["memory"] = False

@@ -125,6 +125,45 @@ def test_rows_paths_match_loop(monkeypatch: pytest.MonkeyPatch, path: str) -> No
     torch.testing.assert_close(got, experts_loop(x, idx, weight, gate_up, down), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("on_workers", [False, True])
+def test_rows_adds_the_shared_experts(monkeypatch: pytest.MonkeyPatch, on_workers: bool) -> None:
+    """experts_forward(shared=...) adds the shared experts; "rows" runs them as one more chunk on the CPU workers
+    where it hands the routed experts to them, and in the calling thread otherwise."""
+    from deepseekmoe.model import experts
+    from deepseekmoe.model.layers import FeedForward
+
+    x, idx, weight, gate_up, down = _problem(5, 16, 8, 12, 2, "random")
+    shared = FeedForward(16, 24)
+    chunk_lists = []
+    real = experts._run_chunks
+    monkeypatch.setattr(experts, "_run_chunks", lambda fn, chunks, *a: chunk_lists.append(chunks) or
+                        real(fn, chunks, *a))
+    threads = torch.get_num_threads()
+    if on_workers:
+        monkeypatch.setattr(experts, "ROWS_MIN_WEIGHT_BYTES_PER_WORKER", 1)
+        torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            got = experts_forward(x, idx, weight, gate_up, down, "rows", shared)
+            ref = experts_loop(x, idx, weight, gate_up, down) + shared(x)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert ([shared] in chunk_lists[0]) == on_workers
+
+
+def test_shared_experts_keep_their_gradient_when_only_they_train() -> None:
+    """Frozen routed experts, trainable shared experts: "rows" is not taken (it has no autograd), so the shared
+    experts' weights still get their gradient."""
+    from deepseekmoe.model.layers import FeedForward
+
+    x, idx, weight, gate_up, down = _problem(5, 16, 8, 12, 2, "random")
+    shared = FeedForward(16, 24)
+    experts_forward(x, idx, weight, gate_up, down, None, shared).sum().backward()
+    ref = torch.autograd.grad(shared(x).sum(), shared.down_proj.weight)[0]
+    torch.testing.assert_close(shared.down_proj.weight.grad, ref)
+
+
 @pytest.mark.parametrize("strategy", ["rows", "grouped_mm", "slices"])
 def test_sorted_strategies_under_cpu_autocast(strategy: str) -> None:
     """Under bf16 autocast the experts' matmuls run in bf16 and the result comes back in the input's dtype."""

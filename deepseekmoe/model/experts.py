@@ -57,21 +57,38 @@ class RoutedExperts(nn.Module):
         self.strategy: str | None = None
         """Pin one of STRATEGIES (benchmarks, tests); None lets "grouped" choose per call."""
 
-    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
+                shared: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Routed experts' output, plus shared(x_TD) where given (see experts_forward)."""
         strategy = "loop" if self.impl == "loop" else self.strategy
-        return experts_forward(x_TD, topk_idx_TK, topk_weight_TK, self.gate_up_proj, self.down_proj, strategy)
+        return experts_forward(x_TD, topk_idx_TK, topk_weight_TK, self.gate_up_proj, self.down_proj, strategy,
+                               shared)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, impl={self.impl}, strategy={self.strategy or 'auto'}"
 
 
 def experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                    gate_up_proj: torch.Tensor, down_proj: torch.Tensor, strategy: str | None = None) -> torch.Tensor:
-    """y_t = sum_k w_{t,k} * FFN_{idx_{t,k}}(x_t) with the named strategy (None: `choose_strategy`)."""
+                    gate_up_proj: torch.Tensor, down_proj: torch.Tensor, strategy: str | None = None,
+                    shared: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """y_t = sum_k w_{t,k} * FFN_{idx_{t,k}}(x_t) with the named strategy (None: `choose_strategy`), plus
+    shared(x) where given (the shared experts: "rows" runs them on the CPU workers beside the routed experts
+    where it hands those to the workers; every other strategy adds them in place afterwards)."""
     if x_TD.shape[0] == 0:
-        return torch.zeros_like(x_TD)
+        return torch.zeros_like(x_TD) if shared is None else shared(x_TD)
     needs_grad = _needs_grad(x_TD, topk_weight_TK, gate_up_proj, down_proj)
     strategy = strategy or choose_strategy(x_TD, topk_idx_TK, gate_up_proj, down_proj, needs_grad)
+    if strategy == "rows" and not needs_grad and not _needs_grad(x_TD, *_parameters(shared)):
+        return experts_sorted(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj, strategy, shared)
+    y_TD = _routed(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj, strategy, needs_grad)
+    return y_TD if shared is None else y_TD.add_(shared(x_TD))  # in place: y_TD is a fresh tensor
+
+
+def _parameters(module) -> list[torch.Tensor]:
+    return list(module.parameters()) if isinstance(module, nn.Module) else []
+
+
+def _routed(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj, strategy: str, needs_grad: bool):
     if strategy == "loop":
         return experts_loop(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj)
     if strategy == "bmm":
@@ -81,7 +98,7 @@ def experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_T
     if strategy == "grouped_mm" and not grouped_mm_supported(x_TD, gate_up_proj, down_proj):
         strategy = "slices"
     if strategy in ("rows", "grouped_mm", "slices"):
-        return experts_sorted(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj, strategy)
+        return experts_sorted(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj, strategy, None)
     raise ValueError(f"unknown experts strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
 
 
@@ -146,21 +163,31 @@ def experts_bmm(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: t
 
 
 def _rows_forward(x_TD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weight_R: torch.Tensor,
-                  token_R: torch.Tensor, counts: list[int]) -> torch.Tensor:
+                  token_R: torch.Tensor, counts: list[int],
+                  shared: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
     """"rows": only the experts that got rows, each as two matmuls in the operand order fastest for its row count
-    (`_expert_rows`), without autograd; in the calling thread or, where the chosen experts' weights are large
-    enough to pay for the hand-off, on the CPU workers (decode streams weights: two cores stream faster)."""
+    (`_expert_rows`), without autograd, plus shared(x) where given. In the calling thread or, where the weights to
+    read are large enough to pay for the hand-off, on the CPU workers, the shared experts as one more chunk
+    (decode streams weights, and two cores stream faster than one: 16B layer, 1 token, ~0.65x transformers)."""
     tokens, weights = token_R.split(counts), weight_R.split(counts)
     used = [e for e, n in enumerate(counts) if n]
     expert_bytes = (gate_up_proj[0].numel() + down_proj[0].numel()) * gate_up_proj.element_size()
+    shared_bytes = _parameter_bytes(shared)
     workers = 0
     if x_TD.device.type == "cpu" and torch.get_num_threads() > 1:
-        workers = min(torch.get_num_threads(), len(used) * expert_bytes // ROWS_MIN_WEIGHT_BYTES_PER_WORKER)
-        workers = workers if workers > 1 else 0
+        workers = (len(used) * expert_bytes + shared_bytes) // ROWS_MIN_WEIGHT_BYTES_PER_WORKER
+        workers = min(torch.get_num_threads(), workers) if workers > 1 else 0
+    chunks: list[list] = [[e] for e in used] if workers else [used]
+    if shared is not None and workers:
+        chunks.insert(0, [shared])  # the largest chunk first
     outs = [torch.zeros_like(x_TD) for _ in range(max(1, workers))]
-    _run_chunks(_rows_chunk, [[e] for e in used] if workers else [used], outs, workers, x_TD, gate_up_proj,
-                down_proj, tokens, weights)
-    return _sum(outs)
+    _run_chunks(_rows_chunk, chunks, outs, workers, x_TD, gate_up_proj, down_proj, tokens, weights)
+    out_TD = _sum(outs)
+    return out_TD.add_(shared(x_TD)) if shared is not None and not workers else out_TD
+
+
+def _parameter_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in _parameters(module))
 
 
 ROWS_MIN_WEIGHT_BYTES_PER_WORKER = 64 << 20
@@ -169,7 +196,11 @@ the hand-off (~1 ms here, waking an idle core included) costs more than a second
 
 
 def _rows_chunk(experts, out_TD, x_TD, gate_up_proj, down_proj, tokens, weights) -> None:
+    """experts: routed expert ids, or [shared] (the shared experts, on every token with weight 1)."""
     for e in experts:
+        if not isinstance(e, int):
+            out_TD.add_(e(x_TD))
+            continue
         y_ND = _expert_rows(x_TD.index_select(0, tokens[e]), gate_up_proj[e], down_proj[e], weights[e])
         out_TD.index_add_(0, tokens[e], y_ND)
 
@@ -212,9 +243,10 @@ def grouped_mm_supported(x_TD: torch.Tensor, gate_up_proj: torch.Tensor, down_pr
 
 
 def experts_sorted(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                   gate_up_proj: torch.Tensor, down_proj: torch.Tensor, strategy: str) -> torch.Tensor:
+                   gate_up_proj: torch.Tensor, down_proj: torch.Tensor, strategy: str,
+                   shared: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
     """Dropless sorted dispatch: rows sorted by expert, per-expert (or grouped) GEMMs, scatter-add to tokens.
-    strategy: "rows" (no autograd), "grouped_mm" (operands supported) or "slices"."""
+    strategy: "rows" (no autograd; adds shared(x) where given), "grouped_mm" (operands supported) or "slices"."""
     k = topk_idx_TK.shape[1]
     flat_idx_R = topk_idx_TK.reshape(-1)
     order_R = torch.argsort(flat_idx_R, stable=True)
@@ -228,7 +260,7 @@ def experts_sorted(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK
     weight_R = topk_weight_TK.reshape(-1)[order_R].to(x_TD.dtype)
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         if strategy == "rows":
-            y_TD = _rows_forward(x_TD, gate_up_proj, down_proj, weight_R, token_R, counts_E.tolist())
+            y_TD = _rows_forward(x_TD, gate_up_proj, down_proj, weight_R, token_R, counts_E.tolist(), shared)
         elif strategy == "grouped_mm" and device_type == "cpu" and not _needs_grad(x_TD, gate_up_proj, down_proj,
                                                                                     weight_R):
             y_TD = _grouped_swiglu_no_grad(x_TD, gate_up_proj, down_proj, weight_R, token_R,
