@@ -99,22 +99,22 @@ def test_rows_paths_match_loop(monkeypatch: pytest.MonkeyPatch, path: str) -> No
     """"rows" (decode without autograd) runs each expert's rows weight-major (W @ x^T, one row doubled) or
     row-major, in the calling thread or on the CPU workers; every combination equals the loop. The routing gives
     experts 1, 2-7 and 8+ rows."""
-    from deepseekmoe.model import experts
+    from deepseekmoe.model import cpu_workers, experts_rows
 
     x, _, weight, gate_up, down = _problem(12, 16, 8, 12, 2, "random", seed=3)
     idx = torch.tensor([[0] * 9 + [1, 2, 2], [2, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5]]).t()  # rows 9, 1, 3, 3, 4, 4, 0, 0
     if path == "one_row_gemv":
-        monkeypatch.setattr(experts, "PAD_ONE_ROW_MAX_BYTES", 0)
+        monkeypatch.setattr(experts_rows, "PAD_ONE_ROW_MAX_BYTES", 0)
     if path == "row_major_only":
-        monkeypatch.setattr(experts, "WEIGHT_MAJOR_MAX_ROWS", 0)
-        monkeypatch.setattr(experts, "PAD_ONE_ROW_MAX_BYTES", 0)
+        monkeypatch.setattr(experts_rows, "WEIGHT_MAJOR_MAX_ROWS", 0)
+        monkeypatch.setattr(experts_rows, "PAD_ONE_ROW_MAX_BYTES", 0)
     threads = torch.get_num_threads()
     if path == "on_workers":
-        monkeypatch.setattr(experts, "ROWS_MIN_WEIGHT_BYTES_PER_WORKER", 1)
+        monkeypatch.setattr(experts_rows, "ROWS_MIN_WEIGHT_BYTES_PER_WORKER", 1)
         torch.set_num_threads(2)
     calls = []
-    real = experts._run_chunks
-    monkeypatch.setattr(experts, "_run_chunks", lambda fn, chunks, outs, workers, *a: calls.append(workers) or
+    real = cpu_workers.run_chunks
+    monkeypatch.setattr(experts_rows, "run_chunks", lambda fn, chunks, outs, workers, *a: calls.append(workers) or
                         real(fn, chunks, outs, workers, *a))
     try:
         with torch.no_grad():
@@ -129,18 +129,18 @@ def test_rows_paths_match_loop(monkeypatch: pytest.MonkeyPatch, path: str) -> No
 def test_rows_adds_the_shared_experts(monkeypatch: pytest.MonkeyPatch, on_workers: bool) -> None:
     """experts_forward(shared=...) adds the shared experts; "rows" runs them as one more chunk on the CPU workers
     where it hands the routed experts to them, and in the calling thread otherwise."""
-    from deepseekmoe.model import experts
+    from deepseekmoe.model import cpu_workers, experts_rows
     from deepseekmoe.model.layers import FeedForward
 
     x, idx, weight, gate_up, down = _problem(5, 16, 8, 12, 2, "random")
     shared = FeedForward(16, 24)
     chunk_lists = []
-    real = experts._run_chunks
-    monkeypatch.setattr(experts, "_run_chunks", lambda fn, chunks, *a: chunk_lists.append(chunks) or
+    real = cpu_workers.run_chunks
+    monkeypatch.setattr(experts_rows, "run_chunks", lambda fn, chunks, *a: chunk_lists.append(chunks) or
                         real(fn, chunks, *a))
     threads = torch.get_num_threads()
     if on_workers:
-        monkeypatch.setattr(experts, "ROWS_MIN_WEIGHT_BYTES_PER_WORKER", 1)
+        monkeypatch.setattr(experts_rows, "ROWS_MIN_WEIGHT_BYTES_PER_WORKER", 1)
         torch.set_num_threads(2)
     try:
         with torch.no_grad():
@@ -304,7 +304,7 @@ def test_split_balances_rows() -> None:
 def test_cpu_workers_keep_one_intra_op_thread() -> None:
     """Each expert worker runs its ops on one thread, also after ops that set up OpenMP (a worker that took the
     caller's thread count would fork a team of its own: 2 workers x 2 threads on 2 cores)."""
-    from deepseekmoe.model.experts import _run_chunks
+    from deepseekmoe.model.cpu_workers import run_chunks
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -312,7 +312,7 @@ def test_cpu_workers_keep_one_intra_op_thread() -> None:
         def fn(chunk, out):
             out.add_(torch.ones(1 << 16).sum())  # a parallel op, then the count it ran under
             return torch.get_num_threads()
-        counts = _run_chunks(fn, [[i] for i in range(4)], [torch.zeros(1), torch.zeros(1)], 2)
+        counts = run_chunks(fn, [[i] for i in range(4)], [torch.zeros(1), torch.zeros(1)], 2)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
@@ -324,16 +324,16 @@ def test_releasing_the_openmp_team_keeps_the_thread_count() -> None:
     need); the runtime is found on Linux builds, the caller keeps its thread count, and parallel ops still work."""
     import sys
 
-    from deepseekmoe.model import experts
+    from deepseekmoe.model import cpu_workers
 
     if sys.platform.startswith("linux"):
-        assert experts._OPENMP_PAUSE is not None
+        assert cpu_workers._OPENMP_PAUSE is not None
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         a = torch.randn(256, 256)
         ref = a @ a
-        experts._release_openmp_team()
+        cpu_workers.release_openmp_team()
         assert torch.get_num_threads() == 2
         torch.testing.assert_close(a @ a, ref)
     finally:
@@ -345,7 +345,7 @@ def test_run_chunks_runs_every_chunk_once_in_order_on_each_workers_own_buffer() 
     each worker accumulates into its own buffer (so the sum over the buffers is the sum over the chunks)."""
     import threading
 
-    from deepseekmoe.model.experts import _run_chunks
+    from deepseekmoe.model.cpu_workers import run_chunks
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -363,8 +363,8 @@ def test_run_chunks_runs_every_chunk_once_in_order_on_each_workers_own_buffer() 
             return (chunk[0], threading.current_thread().name)
         chunks = [[i] for i in range(8)]
         outs = [torch.zeros(3), torch.zeros(3)]
-        results = _run_chunks(fn, chunks, outs, 2, 2.0)
-        serial = _run_chunks(fn, chunks, [torch.zeros(3)], 0, 2.0)
+        results = run_chunks(fn, chunks, outs, 2, 2.0)
+        serial = run_chunks(fn, chunks, [torch.zeros(3)], 0, 2.0)
     finally:
         torch.set_num_threads(threads)
     assert [r[0] for r in results] == list(range(8)) and sorted(seen[:8]) == list(range(8))

@@ -17,23 +17,24 @@ Implementations (`config.experts_impl` picks "loop" or "grouped"; "grouped" choo
                   (E, 2F, D) tensor per expert), the gate weights scale h before down_proj so d(gate) = <dh, h>,
                   and h = silu(g) * u is recomputed from the saved gate/up projection. One host sync (the counts).
                   On CPU the experts run on single-threaded workers that take chunks of experts as they go; a
-                  chunk of experts with few rows each (decode) runs as grouped GEMMs over its expert range.
+                  chunk of experts with few rows each runs as grouped GEMMs over its expert range.
   * "grouped_mm"  the same function (`_GroupedSwiGLU`), each matmul one `torch.nn.functional.grouped_mm` over
                   the per-expert row offsets: no host sync, no Python loop, but R-row temporaries. Needs 16-byte
                   aligned strides (`grouped_mm_supported`). The choice on accelerators.
   * "bmm"         batched matmul over a copy of each row's expert weights: no sort, no host sync; only for a
                   handful of rows (decode), since it copies R weight matrices.
+  * "rows"        decode without autograd (with gradients it runs as "slices"): only the experts that got rows,
+                  each as two plain matmuls in the operand order fastest for its row count (weight-major W @ x^T
+                  for 1-7 rows), in the calling thread, or on the CPU workers where the weights to stream are
+                  large (the shared experts then run there too, as one more chunk).
+The shared experts are added by `experts_forward(..., shared=)`, after the routed ones or, for "rows" on the
+workers, beside them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import glob
 import itertools
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, NamedTuple
 
 import torch
@@ -41,6 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import cpu_workers
+from .experts_rows import _parameters, _silu_mul, _sum, rows_forward
 
 STRATEGIES = ("loop", "grouped_mm", "slices", "bmm", "rows")
 
@@ -82,10 +85,6 @@ def experts_forward(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_T
         return experts_sorted(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj, strategy, shared)
     y_TD = _routed(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj, strategy, needs_grad)
     return y_TD if shared is None else y_TD.add_(shared(x_TD))  # in place: y_TD is a fresh tensor
-
-
-def _parameters(module) -> list[torch.Tensor]:
-    return list(module.parameters()) if isinstance(module, nn.Module) else []
 
 
 def _routed(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj, strategy: str, needs_grad: bool):
@@ -162,70 +161,6 @@ def experts_bmm(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: t
     return y_TKD.sum(dim=1)
 
 
-def _rows_forward(x_TD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weight_R: torch.Tensor,
-                  token_R: torch.Tensor, counts: list[int],
-                  shared: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
-    """"rows": only the experts that got rows, each as two matmuls in the operand order fastest for its row count
-    (`_expert_rows`), without autograd, plus shared(x) where given. In the calling thread or, where the weights to
-    read are large enough to pay for the hand-off, on the CPU workers, the shared experts as one more chunk
-    (decode streams weights, and two cores stream faster than one: 16B layer, 1 token, ~0.65x transformers)."""
-    tokens, weights = token_R.split(counts), weight_R.split(counts)
-    used = [e for e, n in enumerate(counts) if n]
-    expert_bytes = (gate_up_proj[0].numel() + down_proj[0].numel()) * gate_up_proj.element_size()
-    shared_bytes = _parameter_bytes(shared)
-    workers = 0
-    if x_TD.device.type == "cpu" and torch.get_num_threads() > 1:
-        workers = (len(used) * expert_bytes + shared_bytes) // ROWS_MIN_WEIGHT_BYTES_PER_WORKER
-        workers = min(torch.get_num_threads(), workers) if workers > 1 else 0
-    chunks: list[list] = [[e] for e in used] if workers else [used]
-    if shared is not None and workers:
-        chunks.insert(0, [shared])  # the largest chunk first
-    outs = [torch.zeros_like(x_TD) for _ in range(max(1, workers))]
-    _run_chunks(_rows_chunk, chunks, outs, workers, x_TD, gate_up_proj, down_proj, tokens, weights)
-    out_TD = _sum(outs)
-    return out_TD.add_(shared(x_TD)) if shared is not None and not workers else out_TD
-
-
-def _parameter_bytes(module) -> int:
-    return sum(p.numel() * p.element_size() for p in _parameters(module))
-
-
-ROWS_MIN_WEIGHT_BYTES_PER_WORKER = 64 << 20
-""""rows" hands experts to the CPU workers only from this many bytes of chosen expert weights per worker: below,
-the hand-off (~1 ms here, waking an idle core included) costs more than a second core streaming saves."""
-
-
-def _rows_chunk(experts, out_TD, x_TD, gate_up_proj, down_proj, tokens, weights) -> None:
-    """experts: routed expert ids, or [shared] (the shared experts, on every token with weight 1)."""
-    for e in experts:
-        if not isinstance(e, int):
-            out_TD.add_(e(x_TD))
-            continue
-        y_ND = _expert_rows(x_TD.index_select(0, tokens[e]), gate_up_proj[e], down_proj[e], weights[e])
-        out_TD.index_add_(0, tokens[e], y_ND)
-
-
-WEIGHT_MAJOR_MAX_ROWS = 7
-"""Up to this many rows an expert's matmuls run weight-major, W @ x^T: MKL's kernel for that operand order is
-2-3x faster than x @ W^T for 2-7 rows (benchmarks/README.md)..."""
-PAD_ONE_ROW_MAX_BYTES = 1 << 20
-"""... and a single row is doubled to run that way where the expert's gate/up matrix is at most this large
-(0.6x the time of a GEMV at the S1 shape's 512 KB; 1.4-1.6x at the 16B layer's 23 MB, where the GEMV wins)."""
-
-
-def _expert_rows(x_ND: torch.Tensor, gate_up_2FD: torch.Tensor, down_DF: torch.Tensor,
-                 w_N: torch.Tensor) -> torch.Tensor:
-    """w * SwiGLU(x) for one expert's rows, no autograd bookkeeping."""
-    n = x_ND.shape[0]
-    if n == 1 and gate_up_2FD.numel() * gate_up_2FD.element_size() <= PAD_ONE_ROW_MAX_BYTES:
-        return _expert_rows(x_ND.expand(2, -1).contiguous(), gate_up_2FD, down_DF, w_N.expand(2))[:1]
-    if 2 <= n <= WEIGHT_MAJOR_MAX_ROWS:
-        gate_FN, up_FN = torch.mm(gate_up_2FD, x_ND.t()).chunk(2, dim=0)
-        h_NF = F.silu(gate_FN).mul_(up_FN).mul_(w_N).t().contiguous()
-        return torch.mm(down_DF, h_NF.t()).t()
-    return F.linear(_silu_mul(F.linear(x_ND, gate_up_2FD)).mul_(w_N.unsqueeze(-1)), down_DF)
-
-
 # ---------------------------------------------------------------------------------------- sorted dispatch
 def grouped_mm_supported(x_TD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> bool:
     """torch's grouped_mm exists and accepts these operands: every stride a multiple of 16 bytes (CPU and CUDA
@@ -260,7 +195,7 @@ def experts_sorted(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK
     weight_R = topk_weight_TK.reshape(-1)[order_R].to(x_TD.dtype)
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         if strategy == "rows":
-            y_TD = _rows_forward(x_TD, gate_up_proj, down_proj, weight_R, token_R, counts_E.tolist(), shared)
+            y_TD = rows_forward(x_TD, gate_up_proj, down_proj, weight_R, token_R, counts_E.tolist(), shared)
         elif strategy == "grouped_mm" and device_type == "cpu" and not _needs_grad(x_TD, gate_up_proj, down_proj,
                                                                                     weight_R):
             y_TD = _grouped_swiglu_no_grad(x_TD, gate_up_proj, down_proj, weight_R, token_R,
@@ -293,11 +228,6 @@ def _grouped_swiglu_no_grad(x_TD, gate_up_proj, down_proj, weight_R, token_R, of
     return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)
 
 
-def _silu_mul(gu_N2F: torch.Tensor) -> torch.Tensor:
-    gate_NF, up_NF = gu_N2F.chunk(2, dim=-1)
-    return F.silu(gate_NF).mul_(up_NF)
-
-
 def _swiglu_grad(gu_N2F: torch.Tensor, dh_NF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(h = silu(g) * u, d h / d[g, u] for the upstream gradient dh as one (N, 2F) tensor)."""
     gate_NF, up_NF = gu_N2F.chunk(2, dim=-1)
@@ -317,7 +247,7 @@ class _SlicedSwiGLU(torch.autograd.Function):
     Keeps each expert's gate/up projection for backward (R x 2F in all, against the R x (2D + 4F) that autograd
     through the plain ops would keep); backward gathers the inputs again and recomputes the SwiGLU.
     With several CPU threads the experts are cut into contiguous chunks of about equal row counts, a few per
-    single-threaded worker, and the workers take the next chunk as they finish one (`_run_chunks`): experts run
+    single-threaded worker, and the workers take the next chunk as they finish one (`cpu_workers.run_chunks`): experts run
     in parallel instead of each small op forking and joining, and a worker slowed down by the machine does less.
     """
 
@@ -329,7 +259,7 @@ class _SlicedSwiGLU(torch.autograd.Function):
         keep = any(ctx.needs_input_grad)  # nothing to keep for backward under no_grad
         ops = _Operands.of(x_TD, gate_up_proj, down_proj, weight_R, token_R, counts)
         outs = [torch.zeros_like(x_TD) for _ in range(max(1, workers))]
-        saved = _run_chunks(_forward_chunk, chunks, outs, workers, ops, keep)
+        saved = cpu_workers.run_chunks(_forward_chunk, chunks, outs, workers, ops, keep)
         ctx.save_for_backward(x_TD, gate_up_proj, down_proj, weight_R, token_R)
         ctx.chunks, ctx.saved, ctx.workers, ctx.counts = chunks, saved, workers, counts
         return _sum(outs)
@@ -344,7 +274,7 @@ class _SlicedSwiGLU(torch.autograd.Function):
         grads = (grad_TD.contiguous(), d_gate_up.unbind(0), d_down.unbind(0), d_weight_R.split(ctx.counts))
         chunks = [list(zip(chunk, saved)) for chunk, saved in zip(ctx.chunks, ctx.saved)]
         d_x = [torch.zeros_like(x_TD) for _ in range(max(1, ctx.workers))]
-        _run_chunks(_backward_chunk, chunks, d_x, ctx.workers, ops, grads)
+        cpu_workers.run_chunks(_backward_chunk, chunks, d_x, ctx.workers, ops, grads)
         return _sum(d_x), d_gate_up, d_down, d_weight_R, None, None
 
 
@@ -444,9 +374,6 @@ def _chunks_per_worker(groups: list) -> int:
     return GROUPED_CHUNKS_PER_WORKER if _few_rows(groups) else CHUNKS_PER_WORKER
 
 
-_POOL: ThreadPoolExecutor | None = None
-
-
 def _num_workers(x_TD: torch.Tensor, num_rows: int, weight_bytes: int) -> int:
     """CPU workers to run the experts on: 0 runs them in the calling thread (accelerators, one CPU thread).
     One per intra-op thread where there are enough rows to compute or enough expert weights to stream (decode is
@@ -473,84 +400,6 @@ def _split(groups: list, parts: int) -> list[list]:
             runs.append([])
         runs[-1].append(g)
     return runs
-
-
-def _run_chunks(fn, chunks: list, outs: list[torch.Tensor], workers: int, *args) -> list:
-    """[fn(chunk, out, *args) for chunk in chunks], on `workers` single-threaded CPU workers that each take the
-    next chunk when done with one and accumulate into their own buffer outs[w] (allocated by the caller); workers=0
-    runs every chunk in the calling thread with outs[0]. Even one worker beats the calling thread when that has
-    several intra-op threads: small ops such as a 1-row index_add_ would pay a fork/join each (25 ms apiece on a
-    busy machine)."""
-    if workers == 0:
-        return [fn(chunk, outs[0], *args) for chunk in chunks]
-    _release_openmp_team()
-    inference = torch.is_inference_mode_enabled()
-    results: list = [None] * len(chunks)
-    next_chunk = itertools.count()  # next() on a count is atomic under the GIL
-
-    def run(out):
-        with torch.inference_mode(inference), torch.no_grad():
-            while (i := next(next_chunk)) < len(chunks):
-                results[i] = fn(chunks[i], out, *args)
-    for f in [_worker_pool(torch.get_num_threads()).submit(run, out) for out in outs[:workers]]:
-        f.result()
-    return results
-
-
-def _find_openmp_pause() -> Callable[[int], int] | None:
-    """`omp_pause_resource_all` of the OpenMP runtime that torch's CPU ops run on (None where there is none)."""
-    try:
-        lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
-        bundled = [p for pattern in ("libgomp*.so*", "libiomp5*.so*", "libomp*.so*", "libomp*.dylib")
-                   for p in glob.glob(os.path.join(lib_dir, pattern))]
-        pause = (ctypes.CDLL(bundled[0]) if bundled else ctypes.CDLL(None)).omp_pause_resource_all
-    except (OSError, AttributeError, TypeError):
-        return None
-    pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
-    return pause
-
-
-_OPENMP_PAUSE = _find_openmp_pause()
-_OMP_PAUSE_SOFT = 1
-
-
-def _release_openmp_team() -> None:
-    """Let the calling thread's OpenMP threads go before the CPU workers start. After a parallel op an OpenMP
-    thread spins for the next one (GNU OpenMP: ~300,000 spins, several ms); on a machine with as many cores as
-    workers it would take a core from a worker for all that time (measured: 2 workers running 7 ms of GEMMs took
-    13-15 ms right after a parallel op, 7 ms after this call). The threads are made again by the next parallel
-    op (~0.1 ms each way)."""
-    if _OPENMP_PAUSE is not None and torch.get_num_threads() > 1:
-        _OPENMP_PAUSE(_OMP_PAUSE_SOFT)
-
-
-def _worker_pool(size: int) -> ThreadPoolExecutor:
-    """A process-wide pool of `size` threads, each with one intra-op thread (so workers never oversubscribe)."""
-    global _POOL
-    if _POOL is None or _POOL._max_workers < size:  # type: ignore[attr-defined]
-        ready = threading.Barrier(size + 1)
-        _POOL = ThreadPoolExecutor(size, thread_name_prefix="experts")
-        for _ in range(size):  # start every worker now and make it single-threaded
-            _POOL.submit(_single_threaded, ready)
-        ready.wait()
-        torch.set_num_threads(size)  # set_num_threads in a worker also changed the default of new threads
-    return _POOL
-
-
-def _single_threaded(ready: threading.Barrier) -> None:
-    """Give this worker thread one intra-op thread for good. A thread takes the process-wide thread count on its
-    first parallel op (`get_num_threads` does that lazy set-up), so that comes first: otherwise the count set here
-    would be replaced by the calling thread's later one, and each worker would fork an OpenMP team of its own."""
-    torch.get_num_threads()
-    torch.set_num_threads(1)
-    ready.wait()
-
-
-def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
-    out = tensors[0]
-    for t in tensors[1:]:
-        out.add_(t)
-    return out
 
 
 def _zero_unused(d_gate_up: torch.Tensor, d_down: torch.Tensor, groups: list) -> tuple[torch.Tensor, torch.Tensor]:
