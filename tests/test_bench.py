@@ -16,6 +16,10 @@ def test_unknown_benchmark_and_foreign_option(capsys: pytest.CaptureFixture[str]
     assert "--shapes do not apply to benchmark decode" in capsys.readouterr().err
     assert main(["bench", "moe-layer", "--shapes", "huge"]) == 2
     assert "unknown shape(s) huge" in capsys.readouterr().err
+    assert main(["bench", "moe-layer", "--cache", "hot"]) == 2
+    assert "cache='hot': expected cold or warm" in capsys.readouterr().err
+    assert main(["bench", "train-step", "--cache", "warm"]) == 2
+    assert "--cache do not apply to benchmark train-step" in capsys.readouterr().err
 
 
 def test_moe_layer_decode_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -27,3 +31,17 @@ def test_moe_layer_decode_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert out["machine"]["torch"]
     assert rows["ours:loop"]["max_rel_diff"] < 1e-5 and rows["hf:eager"]["max_rel_diff"] < 1e-5  # same function
     assert rows["dense"]["x_dense"] == 1.0 and rows["ours:auto"]["runs"] == 10
+
+
+def test_cache_flusher_streams_twice_the_last_level_cache() -> None:
+    """cache="cold" streams a buffer of twice the last-level cache (read from sysfs where it exists) before every
+    timed call; "warm" does nothing."""
+    from deepseekmoe.bench import _load
+
+    moe_layer = _load("moe-layer")
+    flush = moe_layer.cache_flusher("cold", "cpu")
+    flush()
+    buffer = flush.__closure__[0].cell_contents  # type: ignore[union-attr]
+    assert buffer.numel() * 4 == 2 * moe_layer._last_level_cache_bytes() and float(buffer[0]) == 1.0
+    assert moe_layer._last_level_cache_bytes() >= 1 << 20
+    assert moe_layer.cache_flusher("warm", "cpu")() is None
