@@ -99,15 +99,15 @@ def test_rows_paths_match_loop(monkeypatch: pytest.MonkeyPatch, path: str) -> No
     """"rows" (decode without autograd) runs each expert's rows weight-major (W @ x^T, one row doubled) or
     row-major, in the calling thread or on the CPU workers; every combination equals the loop. The routing gives
     experts 1, 2-7 and 8+ rows."""
-    from deepseekmoe.model import cpu_workers, experts_rows
+    from deepseekmoe.model import cpu_workers, experts_rows, layers
 
     x, _, weight, gate_up, down = _problem(12, 16, 8, 12, 2, "random", seed=3)
     idx = torch.tensor([[0] * 9 + [1, 2, 2], [2, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5]]).t()  # rows 9, 1, 3, 3, 4, 4, 0, 0
     if path == "one_row_gemv":
-        monkeypatch.setattr(experts_rows, "PAD_ONE_ROW_MAX_BYTES", 0)
+        monkeypatch.setattr(layers, "PAD_ONE_ROW_MAX_BYTES", 0)
     if path == "row_major_only":
-        monkeypatch.setattr(experts_rows, "WEIGHT_MAJOR_MAX_ROWS", 0)
-        monkeypatch.setattr(experts_rows, "PAD_ONE_ROW_MAX_BYTES", 0)
+        monkeypatch.setattr(layers, "WEIGHT_MAJOR_MAX_ROWS", 0)
+        monkeypatch.setattr(layers, "PAD_ONE_ROW_MAX_BYTES", 0)
     threads = torch.get_num_threads()
     if path == "on_workers":
         monkeypatch.setattr(experts_rows, "ROWS_MIN_WEIGHT_BYTES_PER_WORKER", 1)

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from . import cpu_workers
-from .experts_rows import _parameters, _silu_mul, _sum, rows_forward
+from .experts_rows import _parameters, _sum, rows_forward
 
 STRATEGIES = ("loop", "grouped_mm", "slices", "bmm", "rows")
 
@@ -226,6 +226,11 @@ def _grouped_swiglu_no_grad(x_TD, gate_up_proj, down_proj, weight_R, token_R, of
     dominate); rows are summed into their tokens by index_add_ (CPU only: on GPUs that would not be deterministic)."""
     _, y_RD = _grouped_swiglu_rows(x_TD, gate_up_proj, down_proj, weight_R, token_R, offsets_E)
     return torch.zeros_like(x_TD).index_add_(0, token_R, y_RD)
+
+
+def _silu_mul(gu_N2F: torch.Tensor) -> torch.Tensor:
+    gate_NF, up_NF = gu_N2F.chunk(2, dim=-1)
+    return F.silu(gate_NF).mul_(up_NF)
 
 
 def _swiglu_grad(gu_N2F: torch.Tensor, dh_NF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """The "rows" strategy of the routed experts: decode without autograd.
 
 Only the experts that got rows run, each as two plain matmuls in the operand order that is fastest for its row
-count, in the calling thread or, where the weights to stream are large, on the CPU workers together with the
+count (`layers.linear_rows`), in the calling thread or, where the weights to stream are large, on the CPU workers together with the
 shared experts. Shape legend as in experts.py.
 """
 
@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu_workers import run_chunks
+from .layers import linear_rows
 
 
 def rows_forward(x_TD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weight_R: torch.Tensor,
                  token_R: torch.Tensor, counts: list[int],
                  shared: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
     """"rows": only the experts that got rows, each as two matmuls in the operand order fastest for its row count
-    (`_expert_rows`), without autograd, plus shared(x) where given. In the calling thread or, where the weights to
+    (`layers.linear_rows`), without autograd, plus shared(x) where given. In the calling thread or, where the weights to
     read are large enough to pay for the hand-off, on the CPU workers, the shared experts as one more chunk
     (decode streams weights, and two cores stream faster than one: 16B layer, 1 token, ~0.65x transformers)."""
     tokens, weights = token_R.split(counts), weight_R.split(counts)
@@ -59,30 +60,11 @@ def _rows_chunk(experts, out_TD, x_TD, gate_up_proj, down_proj, tokens, weights)
         out_TD.index_add_(0, tokens[e], y_ND)
 
 
-WEIGHT_MAJOR_MAX_ROWS = 7
-"""Up to this many rows an expert's matmuls run weight-major, W @ x^T: MKL's kernel for that operand order is
-2-3x faster than x @ W^T for 2-7 rows (benchmarks/README.md)..."""
-PAD_ONE_ROW_MAX_BYTES = 1 << 20
-"""... and a single row is doubled to run that way where the expert's gate/up matrix is at most this large
-(0.6x the time of a GEMV at the S1 shape's 512 KB; 1.4-1.6x at the 16B layer's 23 MB, where the GEMV wins)."""
-
-
 def _expert_rows(x_ND: torch.Tensor, gate_up_2FD: torch.Tensor, down_DF: torch.Tensor,
                  w_N: torch.Tensor) -> torch.Tensor:
     """w * SwiGLU(x) for one expert's rows, no autograd bookkeeping."""
-    n = x_ND.shape[0]
-    if n == 1 and gate_up_2FD.numel() * gate_up_2FD.element_size() <= PAD_ONE_ROW_MAX_BYTES:
-        return _expert_rows(x_ND.expand(2, -1).contiguous(), gate_up_2FD, down_DF, w_N.expand(2))[:1]
-    if 2 <= n <= WEIGHT_MAJOR_MAX_ROWS:
-        gate_FN, up_FN = torch.mm(gate_up_2FD, x_ND.t()).chunk(2, dim=0)
-        h_NF = F.silu(gate_FN).mul_(up_FN).mul_(w_N).t().contiguous()
-        return torch.mm(down_DF, h_NF.t()).t()
-    return F.linear(_silu_mul(F.linear(x_ND, gate_up_2FD)).mul_(w_N.unsqueeze(-1)), down_DF)
-
-
-def _silu_mul(gu_N2F: torch.Tensor) -> torch.Tensor:
-    gate_NF, up_NF = gu_N2F.chunk(2, dim=-1)
-    return F.silu(gate_NF).mul_(up_NF)
+    gate_NF, up_NF = linear_rows(x_ND, gate_up_2FD).chunk(2, dim=-1)
+    return linear_rows(F.silu(gate_NF).mul_(up_NF).mul_(w_N.unsqueeze(-1)), down_DF)
 
 
 def _sum(tensors: list[torch.Tensor]) -> torch.Tensor:
