@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RotaryEmbedding, apply_rotary
+from .layers import apply_rotary
 
 
 class KVCache(nn.Module):
