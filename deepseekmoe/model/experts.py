@@ -252,8 +252,9 @@ class _SlicedSwiGLU(torch.autograd.Function):
     Keeps each expert's gate/up projection for backward (R x 2F in all, against the R x (2D + 4F) that autograd
     through the plain ops would keep); backward gathers the inputs again and recomputes the SwiGLU.
     With several CPU threads the experts are cut into contiguous chunks of about equal row counts, a few per
-    single-threaded worker, and the workers take the next chunk as they finish one (`cpu_workers.run_chunks`): experts run
-    in parallel instead of each small op forking and joining, and a worker slowed down by the machine does less.
+    single-threaded worker, and the workers take the next chunk as they finish one (`cpu_workers.run_chunks`):
+    experts run in parallel instead of each small op forking and joining, and a worker slowed down by the machine
+    does less.
     """
 
     @staticmethod

@@ -1,8 +1,8 @@
 """The "rows" strategy of the routed experts: decode without autograd.
 
 Only the experts that got rows run, each as two plain matmuls in the operand order that is fastest for its row
-count (`layers.linear_rows`), in the calling thread or, where the weights to stream are large, on the CPU workers together with the
-shared experts. Shape legend as in experts.py.
+count (`layers.linear_rows`), in the calling thread or, where the weights to stream are large, on the CPU workers
+together with the shared experts. Shape legend as in experts.py.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ def rows_forward(x_TD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torc
                  token_R: torch.Tensor, counts: list[int],
                  shared: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
     """"rows": only the experts that got rows, each as two matmuls in the operand order fastest for its row count
-    (`layers.linear_rows`), without autograd, plus shared(x) where given. In the calling thread or, where the weights to
-    read are large enough to pay for the hand-off, on the CPU workers, the shared experts as one more chunk
-    (decode streams weights, and two cores stream faster than one: 16B layer, 1 token, ~0.65x transformers)."""
+    (`layers.linear_rows`), without autograd, plus shared(x) where given. In the calling thread or, where the
+    weights to read are large enough to pay for the hand-off, on the CPU workers, the shared experts as one more
+    chunk (decode streams weights, and two cores stream faster than one: 16B layer, 1 token, ~0.65x transformers)."""
     tokens, weights = token_R.split(counts), weight_R.split(counts)
     used = [e for e, n in enumerate(counts) if n]
     expert_bytes = (gate_up_proj[0].numel() + down_proj[0].numel()) * gate_up_proj.element_size()
