@@ -8,6 +8,8 @@ Every contender computes the same function on the same weights: ours and transfo
 tensors (outputs are checked to agree), routing is the softmax top-k of a random router (near-uniform load).
 Timing: after one warm-up call each, the contenders run interleaved (the order rotates every repeat), one call per
 turn; the table reports the median and the minimum, and ratios as the median over rounds of the same-round ratio.
+Before every timed call (outside the timer) `--cache cold`, the default, streams twice the last-level cache through
+the cores, so weights come from memory as they do inside a model; `--cache warm` skips that.
 "train" shapes time forward + backward of the block output (gradients set to None before each call, as
 `zero_grad(set_to_none=True)` does); "infer" shapes time a forward under `torch.no_grad()`.
 GFLOP/s counts the activated expert FLOPs only (2 x 3 x D x F x (K + shared) per token, x3 for training), the same
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -192,7 +195,7 @@ def cache_flusher(cache: str, device: str) -> Callable[[], None]:
 def _last_level_cache_bytes() -> int:
     sizes = []
     for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
-        text = open(path).read().strip().upper()
+        text = Path(path).read_text().strip().upper()
         sizes.append(int(text.rstrip("KM")) * (1 << 20 if text.endswith("M") else 1 << 10 if text.endswith("K") else 1))
     return max(sizes, default=32 << 20)
 
