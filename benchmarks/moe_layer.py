@@ -40,7 +40,8 @@ from typing import Callable
 import torch
 
 from deepseekmoe import MoE, ModelConfig
-from deepseekmoe.model.experts import STRATEGIES
+from deepseekmoe.model.experts import choose_kernel
+from deepseekmoe.runtime.cpu import CpuRuntime
 from deepseekmoe.model.layers import FeedForward
 
 
@@ -74,9 +75,9 @@ SHAPES: dict[str, Shape] = {
     "16b-2k": _16b(2048, "train"), "16b-4k": _16b(4096, "train"),
 }
 DEFAULT_SHAPES = "decode-1,decode-4,decode-16,train-1k,s1,train-16k,16b-decode-1,16b-decode-16"
-OURS = ["ours:auto"] + [f"ours:{s}" for s in STRATEGIES]
+OURS = ["ours:auto", "ours:grouped_mm", "ours:per_expert", "ours:workers", "ours:loop"]
 HF = ["hf:eager", "hf:grouped_mm", "hf:batched_mm"]
-BATCHED_MM_MAX_BYTES = 2 << 30  # hf:batched_mm and ours:bmm copy one expert's weights per row; skipped above
+BATCHED_MM_MAX_BYTES = 2 << 30  # hf:batched_mm copies one expert's weights per row; skipped above
 
 
 def build_ours(shape: Shape, dtype: torch.dtype, device: str) -> MoE:
@@ -118,6 +119,8 @@ def build_dense(shape: Shape, dtype: torch.dtype, device: str) -> FeedForward:
 def contenders(shape: Shape, impls: list[str], dtype: torch.dtype, device: str) -> dict[str, Callable]:
     """name -> a module call on (1, T, D) input returning the block output; skips what cannot run here."""
     ours = build_ours(shape, dtype, device)
+    expert_bytes = ours.experts.gate_up_proj[0].nbytes + ours.experts.down_proj[0].nbytes
+    runtime = CpuRuntime(torch.get_num_threads(), expert_bytes) if device == "cpu" else None
     hf = build_hf(ours, shape) if any(i.startswith("hf:") for i in impls) else None
     dense = build_dense(shape, dtype, device) if "dense" in impls else None
     calls: dict[str, Callable] = {}
@@ -126,18 +129,30 @@ def contenders(shape: Shape, impls: list[str], dtype: torch.dtype, device: str) 
         kind, _, impl = name.partition(":")
         if kind == "dense":
             calls[name] = dense
-        elif impl in ("bmm", "batched_mm") and weight_copies > BATCHED_MM_MAX_BYTES:
+        elif impl == "batched_mm" and weight_copies > BATCHED_MM_MAX_BYTES:
             continue  # one expert weight copy per row: would not fit
+        elif impl == "grouped_mm" and kind == "ours" and choose_kernel(device, dtype, shape.hidden, shape.width) != impl:
+            continue  # torch's grouped GEMM does not take these operands
+        elif impl == "workers" and runtime is None:
+            continue  # the CPU runtime is for CPUs
         elif kind == "ours":
-            calls[name] = _ours_call(ours, None if impl == "auto" else impl)
+            calls[name] = _ours_call(ours, impl, runtime)
         elif kind == "hf" and hf is not None:
             calls[name] = _hf_call(hf, impl)
     return calls
 
 
-def _ours_call(moe: MoE, strategy: str | None) -> Callable:
+def _ours_call(moe: MoE, variant: str, runtime: CpuRuntime | None) -> Callable:
+    """variant: "auto" (what the commands run here: `runtime.for_device`, the CPU runtime where there are 2+
+    threads), "grouped_mm" / "per_expert" (that kernel in the calling thread), "workers" (the CPU runtime), "loop"."""
+    use_runtime = variant == "workers" or (variant == "auto" and runtime is not None and runtime.workers > 1)
+
     def call(x: torch.Tensor) -> torch.Tensor:
-        moe.experts.strategy = strategy
+        CpuRuntime.remove(moe)
+        moe.experts.impl = "loop" if variant == "loop" else "grouped"
+        moe.experts.pinned_kernel = variant if variant in ("grouped_mm", "per_expert") else None
+        if use_runtime:
+            runtime.attach(moe)
         return moe(x)[0]
     call.module = moe  # type: ignore[attr-defined]
     return call

@@ -218,25 +218,3 @@ def test_sequence_beyond_max_positions_is_rejected(make_config):
     model = Transformer(make_config(max_position_embeddings=8))
     with pytest.raises(ValueError, match="max_position_embeddings=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
-
-
-@pytest.mark.parametrize("rows", [1, 2, 5, 7, 8, 13])
-@pytest.mark.parametrize("pad_one_row", [True, False])
-def test_feed_forward_decode_path_equals_autograd_path(monkeypatch: pytest.MonkeyPatch, rows: int,
-                                                       pad_one_row: bool) -> None:
-    """Without gradients and with a handful of rows the FFN runs its matmuls weight-major (`linear_rows`, one row
-    doubled or as a GEMV); the numbers equal the plain path, for (B, S, D) inputs too."""
-    from deepseekmoe.model import layers
-
-    if not pad_one_row:
-        monkeypatch.setattr(layers, "PAD_ONE_ROW_MAX_BYTES", 0)
-    torch.manual_seed(0)
-    ffn = FeedForward(24, 40)
-    x = torch.randn(1, rows, 24)
-    ref = ffn.down_proj(torch.nn.functional.silu(ffn.gate_proj(x)) * ffn.up_proj(x))
-    assert ffn._is_decode(x) is False  # gradients wanted: the autograd path
-    with torch.no_grad():
-        assert ffn._is_decode(x) == (rows <= layers.WEIGHT_MAJOR_MAX_ROWS)
-        got = ffn(x)
-    assert got.shape == x.shape
-    torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-6)

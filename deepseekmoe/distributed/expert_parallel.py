@@ -19,8 +19,6 @@ reduction of expert gradients never waits on a rank that skipped one.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -82,8 +80,7 @@ class ExpertParallelExperts(RoutedExperts):
         self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[block].clone())  # (L, 2F, D)
         self.down_proj = nn.Parameter(experts.down_proj.detach()[block].clone())  # (L, D, F)
 
-    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
-                shared: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         p, n_local = self.ep_size, self.num_local
         k = topk_idx_TK.shape[1]
         # 1. (token, slot) rows sorted by expert: the rows bound for EP rank j are contiguous
@@ -110,8 +107,7 @@ class ExpertParallelExperts(RoutedExperts):
         # 5. combine
         y_RD = all_to_all(y_QD, send, recv, self.group)
         y_RD = y_RD * topk_weight_TK.reshape(-1)[order_R].unsqueeze(-1).to(y_RD.dtype)
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_of_row_R, y_RD)
-        return y_TD if shared is None else y_TD.add_(shared(x_TD))
+        return torch.zeros_like(x_TD).index_add_(0, token_of_row_R, y_RD)
 
     def extra_repr(self) -> str:
         return f"experts [{self.first}, {self.first + self.num_local}) of {self.num_experts}, ep={self.ep_size}"

@@ -8,6 +8,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ..model import Transformer
+from ..runtime import for_device
 from ..train.checkpoint import TOKENIZER_FILE, load_model, resolve_checkpoint
 
 
@@ -33,4 +34,5 @@ def load_for_inference(path: str | Path, device: str | None = None) -> tuple[Tra
     except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
         raise ValueError(f"cannot read tokenizer {tokenizer_path}: {exc}") from None
     model, ckpt = load_model(ckpt, device=pick_device(device))
+    for_device(model, model.lm_head.weight.device)
     return model, tokenizer, ckpt

@@ -60,25 +60,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
 
 
-WEIGHT_MAJOR_MAX_ROWS = 7
-"""`linear_rows`: up to this many rows x @ W^T runs weight-major, as W @ x^T: MKL's kernel for that operand order
-is 2-3x faster than x @ W^T for 2-7 rows on the CPU measured (benchmarks/README.md)..."""
-PAD_ONE_ROW_MAX_BYTES = 1 << 20
-"""... and a single row is doubled to run that way where W is at most this large (0.6x the time of a GEMV for a
-512 KB matrix; 1.4-1.6x for a 23 MB one, where the GEMV wins)."""
-
-
-def linear_rows(x_NI: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
-    """x @ W^T for a handful of rows (decode), without autograd, in the operand order that is fastest for the row
-    count; other sizes are plain F.linear. The result may be a transposed view."""
-    n = x_NI.shape[0]
-    if n == 1 and weight_OI.numel() * weight_OI.element_size() <= PAD_ONE_ROW_MAX_BYTES:
-        return torch.mm(weight_OI, x_NI.expand(2, -1).contiguous().t())[:, :1].t()
-    if 2 <= n <= WEIGHT_MAJOR_MAX_ROWS:
-        return torch.mm(weight_OI, x_NI.contiguous().t()).t()  # B must be the transpose of a contiguous x
-    return F.linear(x_NI, weight_OI)
-
-
 class FeedForward(nn.Module):
     """SwiGLU FFN: down(silu(gate(x)) * up(x)). Dense layers and the (merged) shared experts."""
 
@@ -89,14 +70,4 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._is_decode(x):
-            x_NI = x.reshape(-1, x.shape[-1])
-            h = F.silu(linear_rows(x_NI, self.gate_proj.weight)).mul_(linear_rows(x_NI, self.up_proj.weight))
-            return linear_rows(h, self.down_proj.weight).reshape(x.shape)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-    def _is_decode(self, x: torch.Tensor) -> bool:
-        """A handful of rows on CPU with nothing to differentiate: `linear_rows` pays there."""
-        if x.device.type != "cpu" or x.numel() > WEIGHT_MAJOR_MAX_ROWS * x.shape[-1]:
-            return False
-        return not (torch.is_grad_enabled() and (x.requires_grad or self.gate_proj.weight.requires_grad))

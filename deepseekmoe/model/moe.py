@@ -43,8 +43,9 @@ class MoE(nn.Module):
         x_TD = x.reshape(b * s, d)
         # 1. route: top-k routed experts and their gate weights (fp32)
         routing = self.gate(x_TD, batch_size=b, input_ids=input_ids)
-        # 2-4. dispatch tokens to their experts, run the experts, combine weighted by the gates;
-        # 5. + shared experts: always on, weight 1, on the unpermuted input. The experts' call adds them, so that
-        # decode on CPU can run them on the workers beside the routed experts (experts_forward).
-        y_TD = self.experts(x_TD, routing.topk_idx_TK, routing.topk_weight_TK, shared=self.shared_experts)
+        # 2-4. dispatch tokens to their experts, run the experts, combine weighted by the gates
+        y_TD = self.experts(x_TD, routing.topk_idx_TK, routing.topk_weight_TK)
+        # 5. + shared experts: always on, weight 1, on the unpermuted input
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.view(b, s, d), routing

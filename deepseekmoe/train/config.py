@@ -79,6 +79,9 @@ class TrainConfig:
     """auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
     precision: Precision = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16 (autocast; weights stay fp32)."""
+    deterministic: bool = False
+    """On CUDA, torch's deterministic algorithms (the experts' index_add_ without atomics, a fixed cuBLAS
+    workspace): the same bits on every run, at a cost not yet measured. CPU runs are deterministic without it."""
     log_every: int = 10
     """Write metrics every this many steps (and at the last step)."""
     eval_every: int = 140

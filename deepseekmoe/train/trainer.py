@@ -11,6 +11,7 @@ statistics are per micro-batch, which is not the same as over the whole step.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -32,6 +33,7 @@ from ..distributed.training import (NullLogger, device_load_record, gather_train
                                     shard_optimizer_state, single_process)
 from ..losses import total_loss
 from ..model import Transformer
+from ..runtime import describe as describe_experts, for_device
 from .checkpoint import list_checkpoints, load_model
 from .config import RunConfig, TrainConfig
 from .metrics import MetricsLogger, expert_load
@@ -157,6 +159,10 @@ class Trainer:
         self.device = parallel.device if parallel else pick_device(self.cfg.device)
         self.parallel = parallel or single_process(self.device)
         self.autocast = autocast_context(self.device, self.cfg.precision)
+        self.compute_dtype = self.autocast.fast_dtype if self.autocast is not None else torch.float32
+        if self.cfg.deterministic and self.device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS makes its handle
+            torch.use_deterministic_algorithms(True)
         meta = read_meta(data_dir)
         self.val_tokens = open_split(data_dir, "val")
         val = meta["splits"]["val"]
@@ -178,6 +184,7 @@ class Trainer:
         torch.manual_seed(self.cfg.seed)
         self.model = Transformer(self.run.model).to(self.device).train()
         self.module = parallelize(self.model, self.parallel)  # expert + data parallel under torchrun
+        self.runtime = for_device(self.model, self.device)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
         self.progress = Progress()
@@ -193,6 +200,7 @@ class Trainer:
             raise ValueError(f"--resume: the model config differs from the checkpoint's ({ckpts[-1]}); "
                              "model.* cannot change when resuming")
         self.module = parallelize(self.model, self.parallel)
+        self.runtime = for_device(self.model, self.device)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
         self.optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], self.optimizer, self.model))
@@ -345,6 +353,7 @@ def train_command(config: list[str] = (), *, preset: str | None = None, data: st
               f"{data_dir} -> {run_dir}, {trainer.device}, steps {trainer.progress.step}..{run.train.max_steps}"
               + (f", {parallel.world_size} processes (dp {parallel.dp} x ep {parallel.ep})"
                  if parallel.is_distributed else ""), flush=True)
+        print(f"routed experts: {describe_experts(trainer.model, trainer.device, trainer.compute_dtype)}", flush=True)
     logger = (MetricsLogger(run_dir, run.train.max_steps, trainer.progress.step, run.train.tensorboard)
               if main else NullLogger())
     with logger:

@@ -1,0 +1,30 @@
+"""Machine-specific ways to run a built model faster, applied from outside like expert parallelism.
+
+`for_device(model, device)` is what the commands call once, after building (and parallelising) a model: on a CPU
+with more than one intra-op thread it runs the routed experts on CPU worker threads (`cpu.CpuRuntime`: measured
+faster for training and far steadier beside a competing process, benchmarks/README.md); elsewhere it leaves the
+model as built. `describe(model, device, dtype)` says what runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..model.experts import RoutedExperts
+from .cpu import CpuRuntime
+
+
+def for_device(model: nn.Module, device: torch.device | str) -> CpuRuntime | None:
+    """Apply the runtime this device gets (see the module docstring); returns it, or None."""
+    if torch.device(device).type != "cpu" or torch.get_num_threads() < 2:
+        return None
+    if not any(isinstance(m, RoutedExperts) and m.impl == "grouped" for m in model.modules()):
+        return None
+    return CpuRuntime.apply(model)
+
+
+def describe(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> str:
+    """The routed experts' implementation on this device at this compute dtype, e.g. "grouped (grouped_mm)"."""
+    experts = next((m for m in model.modules() if isinstance(m, RoutedExperts)), None)
+    return "none (dense)" if experts is None else experts.describe(torch.device(device).type, dtype)

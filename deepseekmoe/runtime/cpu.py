@@ -1,0 +1,185 @@
+"""The CPU runtime: worker threads for the routed experts and small-row matmuls, applied to a built model.
+
+    runtime = CpuRuntime.apply(model)   # routed experts on the workers, FFNs with small-row matmuls
+    ...
+    runtime.close()                     # or `with CpuRuntime.apply(model):`
+
+The per-expert kernel (model/experts.py) hands its experts to a runner. This one cuts them into contiguous chunks
+of about equal row counts and lets single-threaded worker threads take the next chunk as they finish one: experts
+run in parallel instead of each small op forking and joining OpenMP threads, and a worker that the machine slows
+down (another process on the cores) simply takes fewer chunks. Every chunk writes rows and weight gradients of its
+own experts only, so the result does not depend on which worker ran what: the same bits every time.
+
+Without gradients, a handful of rows (decode) run weight-major (`linear_rows`), in the routed experts and in every
+FeedForward (dense layers, shared experts).
+
+Nothing happens at import; the pool belongs to the runtime object and is shut down by `close`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.experts import INLINE, RoutedExperts
+from ..model.layers import FeedForward
+
+MIN_ROWS = 1024
+"""Rows below which the experts run in the calling thread (threads cost more than they give)..."""
+MIN_WEIGHT_BYTES = 64 << 20
+"""... unless the chosen experts' weights are at least this large (decode of large experts is bound by reading
+them, and two cores read faster than one; below, the hand-off costs more than it saves)."""
+CHUNKS_PER_WORKER = 16
+"""Chunks per worker: enough that a worker finishing early waits at most a small share of the work."""
+
+
+class CpuRuntime:
+    """A runner for RoutedExperts (model.experts.SegmentRunner) on `workers` single-threaded CPU threads."""
+
+    def __init__(self, workers: int, expert_bytes: int = 0, min_rows: int = MIN_ROWS,
+                 min_weight_bytes: int = MIN_WEIGHT_BYTES) -> None:
+        if workers < 1:
+            raise ValueError(f"workers={workers} must be at least 1")
+        self.workers, self.expert_bytes = workers, expert_bytes
+        self.min_rows, self.min_weight_bytes = min_rows, min_weight_bytes
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def apply(cls, model: nn.Module, workers: int | None = None, **thresholds: int) -> "CpuRuntime":
+        """A new runtime with `workers` threads (default: the intra-op thread count; `thresholds`: min_rows,
+        min_weight_bytes), attached to `model`."""
+        experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
+        expert_bytes = max((m.gate_up_proj[0].nbytes + m.down_proj[0].nbytes for m in experts), default=0)
+        return cls(workers or torch.get_num_threads(), expert_bytes, **thresholds).attach(model)
+
+    def attach(self, model: nn.Module) -> "CpuRuntime":
+        """Run every RoutedExperts of `model` on this runtime, and its FeedForwards with small-row matmuls."""
+        for m in model.modules():
+            if isinstance(m, RoutedExperts):
+                m.runner = self
+            elif type(m) is FeedForward:
+                m.__class__ = SmallRowsFeedForward
+        return self
+
+    @staticmethod
+    def remove(model: nn.Module) -> None:
+        """Undo `apply`: experts in the calling thread, in expert order (model.experts.INLINE); plain FFNs."""
+        for m in model.modules():
+            if isinstance(m, RoutedExperts):
+                m.runner = INLINE
+            elif type(m) is SmallRowsFeedForward:
+                m.__class__ = FeedForward
+
+    def run(self, fn: Callable[[list[int]], None], experts: list[int], rows: list[int]) -> None:
+        """fn over chunks of the experts on the workers; in the calling thread where there is too little work."""
+        total = sum(rows)
+        if total < self.min_rows and len(experts) * self.expert_bytes < self.min_weight_bytes:
+            fn(experts)
+            return
+        chunks = split(experts, rows, self.workers * CHUNKS_PER_WORKER)
+        next_chunk = itertools.count()  # next() on a count is atomic under the GIL
+        inference = torch.is_inference_mode_enabled()
+
+        def work() -> None:
+            with torch.inference_mode(inference), torch.no_grad():
+                while (i := next(next_chunk)) < len(chunks):
+                    fn(chunks[i])
+        for f in [self._executor().submit(work) for _ in range(min(self.workers, len(chunks)))]:
+            f.result()
+
+    def linear(self, x_NI: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
+        return linear_rows(x_NI, weight_OI)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = _single_threaded_pool(self.workers)
+                weakref.finalize(self, self._pool.shutdown, wait=False)  # a runtime dropped with its model
+            return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+
+    def __enter__(self) -> "CpuRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"cpu workers x{self.workers}"
+
+
+def split(experts: list[int], rows: list[int], parts: int) -> list[list[int]]:
+    """Contiguous runs of experts with about equal row counts (at most `parts` runs, none empty)."""
+    total = sum(rows)
+    runs: list[list[int]] = [[]]
+    done = 0
+    for e, n in zip(experts, rows):
+        if runs[-1] and done >= total * len(runs) / parts:
+            runs.append([])
+        runs[-1].append(e)
+        done += n
+    return runs
+
+
+def _single_threaded_pool(size: int) -> ThreadPoolExecutor:
+    """`size` threads with one intra-op thread each (so workers never oversubscribe the cores). A thread takes the
+    process-wide default count on its first parallel op, and setting a thread's count also sets that default, so
+    each worker does the lazy set-up first, then goes down to one, and the caller's count is put back after."""
+    caller_threads = torch.get_num_threads()
+    ready = threading.Barrier(size + 1)
+
+    def single_threaded() -> None:
+        torch.get_num_threads()
+        torch.set_num_threads(1)
+        ready.wait()
+    pool = ThreadPoolExecutor(size, thread_name_prefix="experts")
+    for _ in range(size):
+        pool.submit(single_threaded)
+    ready.wait()
+    torch.set_num_threads(caller_threads)
+    return pool
+
+
+WEIGHT_MAJOR_MAX_ROWS = 7
+"""`linear_rows`: up to this many rows x @ W^T runs weight-major, as W @ x^T: MKL's kernel for that operand order
+is 2-3x faster than x @ W^T for 2-7 rows on the CPU measured (benchmarks/README.md)..."""
+PAD_ONE_ROW_MAX_BYTES = 1 << 20
+"""... and a single row is doubled to run that way where W is at most this large (0.6x the time of a GEMV for a
+512 KB matrix; 1.4-1.6x for a 23 MB one, where the GEMV wins)."""
+
+
+def linear_rows(x_NI: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
+    """x @ W^T for a handful of rows (decode), without autograd, in the operand order that is fastest for the row
+    count; other sizes are plain F.linear. The result may be a transposed view."""
+    n = x_NI.shape[0]
+    if n == 1 and weight_OI.nbytes <= PAD_ONE_ROW_MAX_BYTES:
+        return torch.mm(weight_OI, x_NI.expand(2, -1).contiguous().t())[:, :1].t()
+    if 2 <= n <= WEIGHT_MAJOR_MAX_ROWS:
+        return torch.mm(weight_OI, x_NI.contiguous().t()).t()  # B must be the transpose of a contiguous x
+    return F.linear(x_NI, weight_OI)
+
+
+class SmallRowsFeedForward(FeedForward):
+    """FeedForward whose matmuls run through `linear_rows` where there is nothing to differentiate and only a
+    handful of rows (decode); the same numbers as FeedForward otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.gate_proj.weight.requires_grad)
+        if wants_grad or x.numel() > WEIGHT_MAJOR_MAX_ROWS * x.shape[-1]:
+            return super().forward(x)
+        x_NI = x.reshape(-1, x.shape[-1])
+        h_NF = F.silu(linear_rows(x_NI, self.gate_proj.weight)).mul_(linear_rows(x_NI, self.up_proj.weight))
+        return linear_rows(h_NF, self.down_proj.weight).reshape(x.shape)
