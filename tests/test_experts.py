@@ -229,9 +229,10 @@ def test_workers_keep_one_intra_op_thread_and_the_caller_keeps_its_count() -> No
     counts: list[int] = []
     try:
         with CpuRuntime(2, min_rows=1) as runtime:
-            def fn(chunk: list[int]) -> None:
+            def fn(chunk: list[int]):
                 torch.ones(1 << 16).sum()  # a parallel op, then the count it ran under
                 counts.append(torch.get_num_threads())
+                return lambda: None
             runtime.run(fn, list(range(8)), [10] * 8)
             assert torch.get_num_threads() == 2
     finally:
@@ -239,29 +240,32 @@ def test_workers_keep_one_intra_op_thread_and_the_caller_keeps_its_count() -> No
     assert counts and set(counts) == {1}
 
 
-def test_runner_runs_every_expert_once_and_a_slow_worker_does_less() -> None:
-    """Workers take chunks as they finish: every expert runs exactly once, and while one worker is held up on its
-    first chunk the other takes all the rest."""
+def test_runner_runs_every_expert_once_and_commits_in_order_while_a_slow_worker_does_less() -> None:
+    """Workers take chunks as they finish: every expert runs exactly once, while one worker is held up on its first
+    chunk the other computes all the rest, and yet the commits (the sums into shared outputs) run in chunk order."""
     seen: list[int] = []
+    committed: list[int] = []
     others_done = threading.Event()
     experts = list(range(32))
+    chunk_of_0 = split(experts, [1] * 32, 2 * 16)[0]
 
-    def fn(chunk: list[int]) -> None:
+    def fn(chunk: list[int]):
         if chunk[0] == 0:
             assert others_done.wait(30)
         seen.extend(chunk)
         if len(seen) == len(experts) - len(chunk_of_0):
             others_done.set()
-    chunk_of_0 = split(experts, [1] * 32, 2 * 16)[0]
+        return lambda: committed.extend(chunk)
     with CpuRuntime(2, min_rows=1) as runtime:
         runtime.run(fn, experts, [1] * 32)
-    assert sorted(seen) == experts
+    assert sorted(seen) == experts and seen[:len(chunk_of_0)] != chunk_of_0  # chunk 0 computed last
+    assert committed == experts
 
 
 def test_runner_runs_small_calls_in_the_calling_thread() -> None:
     threads: list[threading.Thread] = []
     with CpuRuntime(2) as runtime:  # default thresholds: 100 rows of small experts stay in the caller
-        runtime.run(lambda chunk: threads.append(threading.current_thread()), [0, 1], [50, 50])
+        runtime.run(lambda chunk: threads.append(threading.current_thread()) or (lambda: None), [0, 1], [50, 50])
     assert threads == [threading.main_thread()]
 
 

@@ -45,11 +45,16 @@ from ..config import ModelConfig
 Kernel = Literal["grouped_mm", "per_expert"]
 
 
-class SegmentRunner(Protocol):
-    """Runs fn(chunk) for every chunk of experts; each fn writes rows and weight gradients of its own experts only,
-    so any order or concurrency gives the same result. `linear` is the matmul x @ W^T the segments use."""
+Commit = Callable[[], None]
 
-    def run(self, fn: Callable[[list[int]], None], experts: list[int], rows: list[int]) -> None: ...
+
+class SegmentRunner(Protocol):
+    """Runs fn(chunk) for chunks of the experts, in expert order, and then the `Commit` each returns, in chunk
+    order. fn computes and writes only what belongs to its own experts (any order or concurrency gives the same
+    result); the commit adds its rows into the shared token output, so those sums always run in expert order.
+    `linear` is the matmul x @ W^T that segments use when nothing is differentiated."""
+
+    def run(self, fn: Callable[[list[int]], Commit], experts: list[int], rows: list[int]) -> None: ...
 
     def linear(self, x_NI: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor: ...
 
@@ -57,8 +62,8 @@ class SegmentRunner(Protocol):
 class InlineRunner:
     """Every expert in the calling thread, in expert order."""
 
-    def run(self, fn: Callable[[list[int]], None], experts: list[int], rows: list[int]) -> None:
-        fn(experts)
+    def run(self, fn: Callable[[list[int]], Commit], experts: list[int], rows: list[int]) -> None:
+        fn(experts)()
 
     linear = staticmethod(F.linear)
 
@@ -172,8 +177,7 @@ def experts_grouped(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_T
             y_TD = _GroupedExperts.apply(x_TD, gate_up_proj, down_proj, weight_R, token_R, segments, runner)
         else:  # the same forward without autograd's bookkeeping (decode: fixed costs dominate)
             ops = _Rows(x_TD, gate_up_proj, down_proj, weight_R, token_R, segments, runner)
-            y_RD, _ = _grouped_forward(ops, False) if ops.grouped else _per_expert_forward(ops, False)
-            y_TD = _combine(y_RD, token_R, x_TD.shape[0])
+            y_TD, _ = (_grouped_forward if ops.grouped else _per_expert_forward)(ops, False)
     return y_TD.to(out_dtype)
 
 
@@ -181,26 +185,25 @@ class _GroupedExperts(torch.autograd.Function):
     """out_TD = sum over rows r (sorted by expert) of w_r * SwiGLU_{e(r)}(x[token_r]).
 
     `segments` is the int32 tensor of cumulative row counts (the grouped_mm kernel) or the list of row counts (the
-    per-expert kernel, run by `runner`). Saves the gate/up projection (R, 2F) for backward, against the
+    per-expert kernel, run by `runner`). Keeps the gate/up projection (R x 2F in all) for backward, against the
     R x (2D + 4F) that autograd through the plain ops would keep; backward gathers the inputs again.
     """
 
     @staticmethod
     def forward(ctx, x_TD, gate_up_proj, down_proj, weight_R, token_R, segments, runner):  # type: ignore[override]
         ops = _Rows(x_TD, gate_up_proj, down_proj, weight_R, token_R, segments, runner)
-        keep = any(ctx.needs_input_grad)
-        y_RD, gu_R2F = _grouped_forward(ops, keep) if ops.grouped else _per_expert_forward(ops, keep)
-        ctx.save_for_backward(x_TD, gate_up_proj, down_proj, weight_R, token_R, gu_R2F)
+        y_TD, ctx.gu = (_grouped_forward if ops.grouped else _per_expert_forward)(ops, any(ctx.needs_input_grad))
+        ctx.save_for_backward(x_TD, gate_up_proj, down_proj, weight_R, token_R)
         ctx.segments, ctx.runner = segments, runner
-        return _combine(y_RD, token_R, x_TD.shape[0])
+        return y_TD
 
     @staticmethod
     def backward(ctx, grad_TD):  # type: ignore[override]
-        x_TD, gate_up_proj, down_proj, weight_R, token_R, gu_R2F = ctx.saved_tensors
-        ops = _Rows(x_TD, gate_up_proj, down_proj, weight_R, token_R, ctx.segments, ctx.runner)
+        ops = _Rows(*ctx.saved_tensors, ctx.segments, ctx.runner)
         grads = _grouped_backward if ops.grouped else _per_expert_backward
-        d_x_RD, d_gate_up, d_down, d_weight_R = grads(ops, grad_TD.contiguous(), gu_R2F)
-        return _combine(d_x_RD, token_R, x_TD.shape[0]), d_gate_up, d_down, d_weight_R, None, None, None
+        d_x_TD, d_gate_up, d_down, d_weight_R = grads(ops, grad_TD.contiguous(), ctx.gu)
+        del ctx.gu
+        return d_x_TD, d_gate_up, d_down, d_weight_R, None, None, None
 
 
 class _Rows(NamedTuple):
@@ -240,10 +243,12 @@ def _swiglu_grad(gu_N2F: torch.Tensor, dh_NF: torch.Tensor) -> tuple[torch.Tenso
 
 # ---------------------------------------------------------------------------------------- grouped_mm kernel
 def _grouped_forward(ops: _Rows, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y_TD, the (R, 2F) gate/up projection where `keep`)."""
     offs = ops.segments
     gu_R2F = F.grouped_mm(ops.x_TD.index_select(0, ops.token_R), ops.gate_up_proj.transpose(1, 2), offs=offs)
     hw_RF = _silu_mul(gu_R2F).mul_(ops.weight_R.unsqueeze(-1))
-    return F.grouped_mm(hw_RF, ops.down_proj.transpose(1, 2), offs=offs), gu_R2F if keep else None
+    y_RD = F.grouped_mm(hw_RF, ops.down_proj.transpose(1, 2), offs=offs)
+    return _combine(y_RD, ops.token_R, ops.x_TD.shape[0]), gu_R2F if keep else None
 
 
 def _grouped_backward(ops: _Rows, grad_TD: torch.Tensor, gu_R2F: torch.Tensor):
@@ -257,60 +262,61 @@ def _grouped_backward(ops: _Rows, grad_TD: torch.Tensor, gu_R2F: torch.Tensor):
     del grad_RD, h_RF
     d_gate_up = F.grouped_mm(d_gu_R2F.t(), ops.x_TD.index_select(0, ops.token_R), offs=offs)  # (E, 2F, D)
     d_x_RD = F.grouped_mm(d_gu_R2F, ops.gate_up_proj, offs=offs)
-    return d_x_RD, d_gate_up, d_down, d_weight_R
+    return _combine(d_x_RD, ops.token_R, ops.x_TD.shape[0]), d_gate_up, d_down, d_weight_R
 
 
 # ---------------------------------------------------------------------------------------- per-expert kernel
-def _bounds(counts: list[int]) -> list[tuple[int, int, int]]:
-    """(expert, first row, end row) of every expert with rows."""
+def _bounds(counts: list[int]) -> dict[int, tuple[int, int]]:
+    """expert -> (first row, end row), for every expert with rows."""
     ends = itertools.accumulate(counts)
-    return [(e, end - n, end) for e, (n, end) in enumerate(zip(counts, ends)) if n]
+    return {e: (end - n, end) for e, (n, end) in enumerate(zip(counts, ends)) if n}
 
 
-def _per_expert_forward(ops: _Rows, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each expert's rows through plain matmuls (with `keep`, written straight into the (R, 2F) and (R, D)
-    buffers; without, through the runner's `linear`, which may pick a faster operand order for a few rows)."""
-    r, (_, d, f) = ops.token_R.shape[0], ops.down_proj.shape
-    y_RD = ops.x_TD.new_empty(r, d)
-    gu_R2F = ops.x_TD.new_empty(r, 2 * f) if keep else None
-    bounds = {e: (s, t) for e, s, t in _bounds(ops.segments)}
-    linear = ops.runner.linear
+def _per_expert_forward(ops: _Rows, keep: bool) -> tuple[torch.Tensor, dict[int, torch.Tensor] | None]:
+    """(y_TD, each expert's gate/up projection where `keep`). Each expert's rows go through plain matmuls (without
+    `keep`, the runner's `linear`, which may pick a faster operand order for a few rows); a chunk's outputs are
+    added into y_TD by its commit. No (R, D) temporaries: on CPU a fresh buffer that large costs a page fault per
+    4 KB on first touch (13 ms for S1's 50 MB)."""
+    y_TD, bounds = torch.zeros_like(ops.x_TD), _bounds(ops.segments)
+    gus: dict[int, torch.Tensor] | None = {} if keep else None
+    linear = F.linear if keep else ops.runner.linear
 
-    def chunk(experts: list[int]) -> None:
+    def chunk(experts: list[int]) -> Commit:
+        outs = []
         for e in experts:
-            s, t = bounds[e]
-            x_ND, w_N1 = ops.x_TD.index_select(0, ops.token_R[s:t]), ops.weight_R[s:t, None]
-            if keep:
-                gu_N2F = torch.mm(x_ND, ops.gate_up_proj[e].t(), out=gu_R2F[s:t])
-                torch.mm(_silu_mul(gu_N2F).mul_(w_N1), ops.down_proj[e].t(), out=y_RD[s:t])
-            else:
-                y_RD[s:t] = linear(_silu_mul(linear(x_ND, ops.gate_up_proj[e])).mul_(w_N1), ops.down_proj[e])
+            tok_N = ops.token_R[bounds[e][0]:bounds[e][1]]
+            gu_N2F = linear(ops.x_TD.index_select(0, tok_N), ops.gate_up_proj[e])
+            if gus is not None:
+                gus[e] = gu_N2F
+            h_NF = _silu_mul(gu_N2F).mul_(ops.weight_R[bounds[e][0]:bounds[e][1], None])
+            outs.append((tok_N, linear(h_NF, ops.down_proj[e])))
+        return lambda: [y_TD.index_add_(0, tok_N, y_ND) for tok_N, y_ND in outs]
 
     ops.runner.run(chunk, list(bounds), [t - s for s, t in bounds.values()])
-    return y_RD, gu_R2F
+    return y_TD, gus
 
 
-def _per_expert_backward(ops: _Rows, grad_TD: torch.Tensor, gu_R2F: torch.Tensor):
-    x_TD = ops.x_TD
-    bounds = {e: (s, t) for e, s, t in _bounds(ops.segments)}
+def _per_expert_backward(ops: _Rows, grad_TD: torch.Tensor, gus: dict[int, torch.Tensor]):
+    x_TD, bounds = ops.x_TD, _bounds(ops.segments)
     d_gate_up, d_down = torch.empty_like(ops.gate_up_proj), torch.empty_like(ops.down_proj)
     for e in set(range(d_gate_up.shape[0])) - set(bounds):  # experts without rows; the others are overwritten
         d_gate_up[e].zero_()
         d_down[e].zero_()
-    d_x_RD = x_TD.new_empty(ops.token_R.shape[0], x_TD.shape[1])
-    d_weight_R = torch.empty_like(ops.weight_R)
+    d_x_TD, d_weight_R = torch.zeros_like(x_TD), torch.empty_like(ops.weight_R)
 
-    def chunk(experts: list[int]) -> None:
+    def chunk(experts: list[int]) -> Commit:
+        outs = []
         for e in experts:
             s, t = bounds[e]
             tok_N, w_N1 = ops.token_R[s:t], ops.weight_R[s:t, None]
             grad_ND = grad_TD.index_select(0, tok_N)
             dh_NF = torch.mm(grad_ND, ops.down_proj[e])  # gradient of w * h
-            h_NF, d_gu_N2F = _swiglu_grad(gu_R2F[s:t], dh_NF.mul(w_N1))
+            h_NF, d_gu_N2F = _swiglu_grad(gus[e], dh_NF.mul(w_N1))
             torch.sum(dh_NF.mul_(h_NF), dim=-1, out=d_weight_R[s:t])
             torch.mm(grad_ND.t(), h_NF.mul_(w_N1), out=d_down[e])
             torch.mm(d_gu_N2F.t(), x_TD.index_select(0, tok_N), out=d_gate_up[e])
-            torch.mm(d_gu_N2F, ops.gate_up_proj[e], out=d_x_RD[s:t])
+            outs.append((tok_N, torch.mm(d_gu_N2F, ops.gate_up_proj[e])))
+        return lambda: [d_x_TD.index_add_(0, tok_N, d_x_ND) for tok_N, d_x_ND in outs]
 
     ops.runner.run(chunk, list(bounds), [t - s for s, t in bounds.values()])
-    return d_x_RD, d_gate_up, d_down, d_weight_R
+    return d_x_TD, d_gate_up, d_down, d_weight_R

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.experts import INLINE, RoutedExperts
+from ..model.experts import INLINE, Commit, RoutedExperts
 from ..model.layers import FeedForward
 
 MIN_ROWS = 1024
@@ -78,20 +78,28 @@ class CpuRuntime:
             elif type(m) is SmallRowsFeedForward:
                 m.__class__ = FeedForward
 
-    def run(self, fn: Callable[[list[int]], None], experts: list[int], rows: list[int]) -> None:
-        """fn over chunks of the experts on the workers; in the calling thread where there is too little work."""
-        total = sum(rows)
-        if total < self.min_rows and len(experts) * self.expert_bytes < self.min_weight_bytes:
-            fn(experts)
+    def run(self, fn: Callable[[list[int]], Commit], experts: list[int], rows: list[int]) -> None:
+        """fn over chunks of the experts on the workers, and each chunk's commit in chunk order, by whichever
+        worker completes the run of finished chunks; all in the calling thread where there is too little work."""
+        if sum(rows) < self.min_rows and len(experts) * self.expert_bytes < self.min_weight_bytes:
+            fn(experts)()
             return
         chunks = split(experts, rows, self.workers * CHUNKS_PER_WORKER)
         next_chunk = itertools.count()  # next() on a count is atomic under the GIL
+        done: dict[int, Commit] = {}
+        committed = [0]
+        lock = threading.Lock()
         inference = torch.is_inference_mode_enabled()
 
         def work() -> None:
             with torch.inference_mode(inference), torch.no_grad():
                 while (i := next(next_chunk)) < len(chunks):
-                    fn(chunks[i])
+                    commit = fn(chunks[i])
+                    with lock:  # commits run one at a time, in chunk order
+                        done[i] = commit
+                        while committed[0] in done:
+                            done.pop(committed[0])()
+                            committed[0] += 1
         for f in [self._executor().submit(work) for _ in range(min(self.workers, len(chunks)))]:
             f.result()
 

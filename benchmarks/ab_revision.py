@@ -1,0 +1,155 @@
+"""This checkout against an earlier git revision, side by side in one process: training step, decode, MoE layer.
+
+    python benchmarks/ab_revision.py --baseline REV [--what train,decode,layer] [--presets tiny-deepseekmoe]
+                                     [--rounds 6] [--compete]
+
+The package as it was at REV is extracted (`git archive`) into a temporary directory and imported under another
+name, so both versions run in the same process on the same machine state, alternating call by call (the order
+rotates every round); the table reports medians and the median of same-round ratios (this / baseline).
+Each side runs as its own commands run it: this checkout through `deepseekmoe.runtime.for_device`; the baseline as
+its model was built (revisions before the CPU runtime chose their strategies inside the model).
+--compete starts a second process doing 2-thread matmuls for the whole run: a busy machine, as users' are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPETITOR = ("import torch, time\na, b = torch.randn(256, 256), torch.randn(256, 256)\ntorch.set_num_threads(2)\n"
+              "while True:\n    a @ b\n    (a * b).sum()\n")
+
+
+def load_revision(rev: str, into: Path):
+    """The deepseekmoe package at git revision `rev`, importable as `deepseekmoe_<rev>`."""
+    name = "deepseekmoe_" + "".join(c if c.isalnum() else "_" for c in rev)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "deepseekmoe"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    (into / "deepseekmoe").rename(into / name)
+    sys.path.insert(0, str(into))
+    return importlib.import_module(name)
+
+
+def _prepare(pkg, preset: str, current: bool) -> "torch.nn.Module":
+    torch.manual_seed(0)
+    model = pkg.Transformer(pkg.load_preset(preset))
+    if current:
+        from deepseekmoe.runtime import for_device
+        for_device(model, "cpu")
+    return model
+
+
+def train_call(pkg, preset: str, current: bool, batch: int = 8, seq: int = 256):
+    model = _prepare(pkg, preset, current)
+    loss_fn = importlib.import_module(pkg.__name__ + ".losses").total_loss
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
+
+    def step() -> float:
+        out = model(ids[:, :-1])
+        loss = loss_fn(out.logits, ids[:, 1:], out.router_outputs, model.config).total
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return batch * seq
+    return step
+
+
+def decode_call(pkg, preset: str, current: bool, prompt_len: int = 32, new_tokens: int = 64):
+    model = _prepare(pkg, preset, current).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+
+    @torch.inference_mode()
+    def decode() -> float:
+        caches = model.new_kv_caches(1, prompt_len + new_tokens)
+        tok = model(prompt, 0, caches).logits[:, -1].argmax(-1, keepdim=True)
+        for pos in range(prompt_len, prompt_len + new_tokens):
+            tok = model(tok, pos, caches).logits[:, -1].argmax(-1, keepdim=True)
+        return new_tokens
+    return decode
+
+
+def layer_call(pkg, shape: str, current: bool):
+    """Forward + backward of one MoE block at a benchmarks/moe_layer.py shape (S1: T=4096, D=512, 64 x 128)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from moe_layer import SHAPES
+    s = SHAPES[shape]
+    cfg = pkg.ModelConfig(hidden_size=s.hidden, n_routed_experts=s.experts, moe_intermediate_size=s.width,
+                          n_shared_experts=s.shared, num_experts_per_tok=s.top_k)
+    torch.manual_seed(0)
+    moe = importlib.import_module(pkg.__name__ + ".model.moe").MoE(cfg)
+    if current:
+        from deepseekmoe.runtime import for_device
+        for_device(moe, "cpu")
+    x = torch.randn(1, s.tokens, s.hidden, generator=torch.Generator().manual_seed(1))
+
+    def call() -> float:
+        for p in moe.parameters():
+            p.grad = None
+        if s.mode == "train":
+            moe(x.clone().requires_grad_())[0].sum().backward()
+        else:
+            with torch.no_grad():
+                moe(x)
+        return s.tokens
+    return call
+
+
+def run(baseline: str, what: list[str], presets: list[str], shapes: list[str], rounds: int) -> list[dict]:
+    import deepseekmoe
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        old = load_revision(baseline, Path(tmp))
+        jobs = [(f"train {p}", train_call, p) for p in presets if "train" in what]
+        jobs += [(f"decode {p}", decode_call, p) for p in presets if "decode" in what]
+        jobs += [(f"layer {s}", layer_call, s) for s in shapes if "layer" in what]
+        for label, make, arg in jobs:
+            calls = {"this": make(deepseekmoe, arg, True), baseline: make(old, arg, False)}
+            for c in calls.values():
+                c()
+            times: dict[str, list[float]] = {n: [] for n in calls}
+            units = 0.0
+            for r in range(rounds):
+                for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+                    t0 = time.perf_counter()
+                    units = calls[name]()
+                    times[name].append(time.perf_counter() - t0)
+            ratio = statistics.median(a / b for a, b in zip(times["this"], times[baseline]))
+            row = {"what": label, "this_per_s": units / statistics.median(times["this"]),
+                   "baseline_per_s": units / statistics.median(times[baseline]), "time_ratio": ratio}
+            print(f"{label:<28} this {row['this_per_s']:>9.1f}/s  {baseline} {row['baseline_per_s']:>9.1f}/s  "
+                  f"time this/baseline {ratio:.3f}", flush=True)
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--baseline", required=True, help="git revision to compare against")
+    p.add_argument("--what", default="train,decode,layer")
+    p.add_argument("--presets", default="tiny-deepseekmoe")
+    p.add_argument("--shapes", default="s1", help="moe_layer.py shapes for --what layer")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--compete", action="store_true", help="a competing 2-thread matmul process for the whole run")
+    a = p.parse_args(argv)
+    competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if a.compete else None
+    try:
+        run(a.baseline, a.what.split(","), a.presets.split(","), a.shapes.split(","), a.rounds)
+    finally:
+        if competitor is not None:
+            competitor.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
