@@ -9,12 +9,16 @@ rotates every round); the table reports medians and the median of same-round rat
 Each side runs as its own commands run it: this checkout through `deepseekmoe.runtime.for_device`; the baseline as
 its model was built (revisions before the CPU runtime chose their strategies inside the model).
 --compete starts a second process doing 2-thread matmuls for the whole run: a busy machine, as users' are.
+--isolate runs each side in a process of its own (this, baseline, this, baseline, ... --rounds calls each), for
+code that changes process-wide OpenMP state (revisions up to d261fef release the calling thread's OpenMP threads
+before every experts call, which would also hit the other side in a shared process); the ratio is then of medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import statistics
 import subprocess
 import sys
@@ -105,26 +109,50 @@ def layer_call(pkg, shape: str, current: bool):
     return call
 
 
-def run(baseline: str, what: list[str], presets: list[str], shapes: list[str], rounds: int) -> list[dict]:
+def _measure(calls: dict, rounds: int) -> tuple[dict[str, list[float]], float]:
+    for c in calls.values():
+        c()
+    times: dict[str, list[float]] = {n: [] for n in calls}
+    units = 0.0
+    for r in range(rounds):
+        for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
+            t0 = time.perf_counter()
+            units = calls[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times, units
+
+
+def run(baseline: str, what: list[str], presets: list[str], shapes: list[str], rounds: int, isolate: bool,
+        side: str | None = None) -> list[dict]:
     import deepseekmoe
     rows = []
+    jobs = [(f"train {p}", train_call, p) for p in presets if "train" in what]
+    jobs += [(f"decode {p}", decode_call, p) for p in presets if "decode" in what]
+    jobs += [(f"layer {s}", layer_call, s) for s in shapes if "layer" in what]
     with tempfile.TemporaryDirectory() as tmp:
-        old = load_revision(baseline, Path(tmp))
-        jobs = [(f"train {p}", train_call, p) for p in presets if "train" in what]
-        jobs += [(f"decode {p}", decode_call, p) for p in presets if "decode" in what]
-        jobs += [(f"layer {s}", layer_call, s) for s in shapes if "layer" in what]
+        old = load_revision(baseline, Path(tmp)) if side != "this" else None
         for label, make, arg in jobs:
-            calls = {"this": make(deepseekmoe, arg, True), baseline: make(old, arg, False)}
-            for c in calls.values():
-                c()
-            times: dict[str, list[float]] = {n: [] for n in calls}
-            units = 0.0
-            for r in range(rounds):
-                for name in (list(calls) if r % 2 == 0 else list(calls)[::-1]):
-                    t0 = time.perf_counter()
-                    units = calls[name]()
-                    times[name].append(time.perf_counter() - t0)
-            ratio = statistics.median(a / b for a, b in zip(times["this"], times[baseline]))
+            if side is not None:  # one side of an isolated run: print the call times for the parent
+                pkg, current = (deepseekmoe, True) if side == "this" else (old, False)
+                times, units = _measure({side: make(pkg, arg, current)}, rounds)
+                print(json.dumps({"units": units, "times": times[side]}), flush=True)
+                continue
+            if isolate:
+                times = {"this": [], baseline: []}
+                for _ in range(2):
+                    for name in ("this", baseline):
+                        out = subprocess.run([sys.executable, __file__, "--baseline", baseline,
+                                              "--side", "this" if name == "this" else "baseline",
+                                              "--what", label.split()[0], "--presets", arg, "--shapes", arg,
+                                              "--rounds", str(rounds)], check=True, capture_output=True, text=True)
+                        got = json.loads(out.stdout.strip().splitlines()[-1])
+                        times[name] += got["times"]
+                        units = got["units"]
+                ratio = statistics.median(times["this"]) / statistics.median(times[baseline])
+            else:
+                times, units = _measure({"this": make(deepseekmoe, arg, True), baseline: make(old, arg, False)},
+                                        rounds)
+                ratio = statistics.median(a / b for a, b in zip(times["this"], times[baseline]))
             row = {"what": label, "this_per_s": units / statistics.median(times["this"]),
                    "baseline_per_s": units / statistics.median(times[baseline]), "time_ratio": ratio}
             print(f"{label:<28} this {row['this_per_s']:>9.1f}/s  {baseline} {row['baseline_per_s']:>9.1f}/s  "
@@ -141,10 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", default="s1", help="moe_layer.py shapes for --what layer")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--compete", action="store_true", help="a competing 2-thread matmul process for the whole run")
+    p.add_argument("--isolate", action="store_true", help="each side in a process of its own")
+    p.add_argument("--side", choices=["this", "baseline"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.side is not None:
+        run(a.baseline, a.what.split(","), a.presets.split(","), a.shapes.split(","), a.rounds, False, a.side)
+        return 0
     competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if a.compete else None
     try:
-        run(a.baseline, a.what.split(","), a.presets.split(","), a.shapes.split(","), a.rounds)
+        run(a.baseline, a.what.split(","), a.presets.split(","), a.shapes.split(","), a.rounds, a.isolate)
     finally:
         if competitor is not None:
             competitor.kill()

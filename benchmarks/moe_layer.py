@@ -40,7 +40,6 @@ from typing import Callable
 import torch
 
 from deepseekmoe import MoE, ModelConfig
-from deepseekmoe.model.experts import choose_kernel
 from deepseekmoe.runtime.cpu import CpuRuntime
 from deepseekmoe.model.layers import FeedForward
 
@@ -121,6 +120,7 @@ def contenders(shape: Shape, impls: list[str], dtype: torch.dtype, device: str) 
     ours = build_ours(shape, dtype, device)
     expert_bytes = ours.experts.gate_up_proj[0].nbytes + ours.experts.down_proj[0].nbytes
     runtime = CpuRuntime(torch.get_num_threads(), expert_bytes) if device == "cpu" else None
+    every_call = CpuRuntime(torch.get_num_threads(), expert_bytes, min_expert_work=0) if device == "cpu" else None
     hf = build_hf(ours, shape) if any(i.startswith("hf:") for i in impls) else None
     dense = build_dense(shape, dtype, device) if "dense" in impls else None
     calls: dict[str, Callable] = {}
@@ -131,12 +131,13 @@ def contenders(shape: Shape, impls: list[str], dtype: torch.dtype, device: str) 
             calls[name] = dense
         elif impl == "batched_mm" and weight_copies > BATCHED_MM_MAX_BYTES:
             continue  # one expert weight copy per row: would not fit
-        elif impl == "grouped_mm" and kind == "ours" and choose_kernel(device, dtype, shape.hidden, shape.width) != impl:
+        elif impl == "grouped_mm" and kind == "ours" and any(w * dtype.itemsize % 16 for w in (shape.hidden,
+                                                                                                shape.width)):
             continue  # torch's grouped GEMM does not take these operands
-        elif impl == "workers" and runtime is None:
+        elif impl.startswith("workers") and runtime is None:
             continue  # the CPU runtime is for CPUs
         elif kind == "ours":
-            calls[name] = _ours_call(ours, impl, runtime)
+            calls[name] = _ours_call(ours, impl, every_call if impl == "workers" else runtime)
         elif kind == "hf" and hf is not None:
             calls[name] = _hf_call(hf, impl)
     return calls
@@ -144,8 +145,9 @@ def contenders(shape: Shape, impls: list[str], dtype: torch.dtype, device: str) 
 
 def _ours_call(moe: MoE, variant: str, runtime: CpuRuntime | None) -> Callable:
     """variant: "auto" (what the commands run here: `runtime.for_device`, the CPU runtime where there are 2+
-    threads), "grouped_mm" / "per_expert" (that kernel in the calling thread), "workers" (the CPU runtime), "loop"."""
-    use_runtime = variant == "workers" or (variant == "auto" and runtime is not None and runtime.workers > 1)
+    threads), "grouped_mm" / "per_expert" (that kernel in the calling thread), "workers" (the CPU runtime's workers
+    on every call, whatever its size), "loop"."""
+    use_runtime = variant.startswith("workers") or (variant == "auto" and runtime is not None and runtime.workers > 1)
 
     def call(x: torch.Tensor) -> torch.Tensor:
         CpuRuntime.remove(moe)

@@ -20,8 +20,8 @@ from deepseekmoe.runtime.cpu import CpuRuntime, SmallRowsFeedForward, linear_row
 
 @pytest.fixture(scope="module")
 def workers():
-    """A runtime that hands every call to 2 workers, however few rows (min_rows=1)."""
-    with CpuRuntime(2, min_rows=1) as runtime:
+    """A runtime that hands every call to 2 workers, however little work (min_expert_work=0)."""
+    with CpuRuntime(2, min_expert_work=0) as runtime:
         yield runtime
 
 
@@ -66,7 +66,9 @@ def _run(variant: str, runtime: CpuRuntime, x, idx, weight, gate_up, down, grad_
 
 
 def _skip_unsupported(variant: str, x: torch.Tensor, gate_up: torch.Tensor) -> None:
-    if variant == "grouped_mm" and choose_kernel("cpu", x.dtype, x.shape[1], gate_up.shape[1] // 2) != "grouped_mm":
+    """torch's grouped GEMM (used on CUDA; it runs on CPU too) needs every row stride a multiple of 16 bytes."""
+    widths = (x.shape[1], gate_up.shape[1] // 2)
+    if variant == "grouped_mm" and any(w * x.element_size() % 16 for w in widths):
         pytest.skip("grouped_mm does not take these operands")
 
 
@@ -121,15 +123,16 @@ def _moe_pair(impl_runtime: bool, n_shared: int = 2, d: int = 16, f: int = 8):
     return ref, fast
 
 
-@pytest.mark.parametrize("variant", ["inline_aligned", "inline_odd", "runtime"])
+@pytest.mark.parametrize("variant", ["per_expert", "grouped_mm", "runtime"])
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("tokens", [2, 40])
 def test_moe_block_matches_loop(variant: str, autocast: bool, tokens: int) -> None:
     """The whole block (router + routed + shared experts) equals experts_impl="loop" in outputs and gradients,
-    under fp32 and under CPU bf16 autocast (the same casts on both sides), inline (grouped_mm where the widths
-    allow it, per_expert where not) and on the CPU runtime."""
-    ref, fast = _moe_pair(variant == "runtime", f=6 if variant == "inline_odd" else 8)
-    runtime = CpuRuntime.apply(fast, 2, min_rows=1) if variant == "runtime" else None
+    under fp32 and under CPU bf16 autocast (the same casts on both sides), with either kernel in the calling
+    thread and on the CPU runtime's workers."""
+    ref, fast = _moe_pair(variant == "runtime")
+    fast.experts.pinned_kernel = "grouped_mm" if variant == "grouped_mm" else None
+    runtime = CpuRuntime.apply(fast, 2, min_expert_work=0) if variant == "runtime" else None
     x = torch.randn(1, tokens, 16)
     outs = []
     for m in (ref, fast):
@@ -155,17 +158,17 @@ def test_moe_block_no_grad_under_bf16_autocast(tokens: int) -> None:
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want, _ = ref(x)
         got_inline, _ = fast(x)
-        with CpuRuntime.apply(fast, 2, min_rows=1):
+        with CpuRuntime.apply(fast, 2, min_expert_work=0):
             got_runtime, _ = fast(x)
     for got in (got_inline, got_runtime):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_same_bits_every_run_on_the_workers() -> None:
-    """Chunks go to whichever worker is free, yet every reduction has a fixed order: 20 runs of a training-sized
-    call on 2 workers (many chunks each) give bit-identical outputs and gradients."""
+    """Chunks go to whichever worker is free, yet every reduction has a fixed order: 20 runs of a call on 2 workers
+    (16 chunks each) give bit-identical outputs and gradients."""
     problem = _problem(600, 32, 16, 16, 4, "random")
-    with CpuRuntime(2, min_rows=1) as runtime:
+    with CpuRuntime(2, min_expert_work=0) as runtime:
         first = _run("per_expert_workers", runtime, *problem)
         for _ in range(20):
             again = _run("per_expert_workers", runtime, *problem)
@@ -173,30 +176,54 @@ def test_same_bits_every_run_on_the_workers() -> None:
                 assert torch.equal(a, b)
 
 
+def test_training_on_the_workers_repeats_bit_for_bit(make_config) -> None:
+    """A few AdamW steps of a small Transformer whose experts run on 2 workers (every call, however small): two runs
+    from the same seed give the same losses and weights bit for bit."""
+    def run() -> tuple[list[float], torch.Tensor]:
+        torch.manual_seed(0)
+        model = Transformer(make_config(n_routed_experts=16, num_experts_per_tok=4))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        ids = torch.randint(0, model.config.vocab_size, (4, 33), generator=torch.Generator().manual_seed(1))
+        losses = []
+        with CpuRuntime.apply(model, 2, min_expert_work=0):
+            for _ in range(4):
+                logits = model(ids[:, :-1]).logits
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        return losses, model.layers[0].mlp.experts.gate_up_proj.detach().clone()
+    (a, wa), (b, wb) = run(), run()
+    assert a == b and torch.equal(wa, wb)
+
+
 def test_choose_kernel() -> None:
-    """grouped_mm on CUDA in bf16 (the trainer's autocast dtype) and on CPU, where the 16-byte strides allow it;
-    per_expert otherwise. Decided from the device description alone, so it is checked here without a GPU."""
+    """grouped_mm on CUDA in bf16 (the trainer's autocast dtype) where the 16-byte strides allow it; per_expert
+    otherwise (CPU: measured faster). Decided from the device description alone, so it is checked without a GPU."""
     assert choose_kernel("cuda", torch.bfloat16, 2048, 1408) == "grouped_mm"  # the 16B shape under bf16 autocast
     assert choose_kernel("cuda", torch.float32, 2048, 1408) == "per_expert"   # fp32 grouped_mm is a slow fallback
-    assert choose_kernel("cpu", torch.float32, 512, 128) == "grouped_mm"
-    assert choose_kernel("cpu", torch.float32, 128, 86) == "per_expert"       # 86 x 4 bytes: not a 16-byte multiple
-    assert choose_kernel("cpu", torch.bfloat16, 128, 88) == "grouped_mm"
-    assert choose_kernel("mps", torch.float32, 512, 128) == "per_expert"
+    assert choose_kernel("cuda", torch.bfloat16, 128, 86) == "per_expert"     # 86 x 2 bytes: not a 16-byte multiple
+    assert choose_kernel("cpu", torch.float32, 512, 128) == "per_expert"
+    assert choose_kernel("cpu", torch.bfloat16, 512, 128) == "per_expert"
+    assert choose_kernel("mps", torch.bfloat16, 512, 128) == "per_expert"
 
 
-def test_the_kernel_follows_the_compute_dtype_after_autocast() -> None:
-    """The chosen kernel uses the dtype the matmuls run in: fp32 weights under bf16 autocast count as bf16."""
-    experts = RoutedExperts(ModelConfig(hidden_size=128, n_routed_experts=4, moe_intermediate_size=84,
-                                        num_experts_per_tok=2))
-    assert experts.describe("cpu", torch.float32) == "grouped (grouped_mm)"           # 84 x 4 = 336 bytes
-    assert experts.describe("cpu", torch.bfloat16) == "grouped (per_expert, inline)"  # 84 x 2 = 168 bytes
-    assert experts.describe("cuda", torch.float32) == "grouped (per_expert, inline)"
+def test_cuda_training_under_bf16_autocast_chooses_grouped_mm() -> None:
+    """The trainer's default on CUDA is bf16 autocast over fp32 weights: the kernel follows the compute dtype after
+    autocast (bf16), not the weights' dtype (fp32), so the 16B model trains on grouped_mm there."""
+    from deepseekmoe import load_preset
     from deepseekmoe.model.experts import compute_dtype
 
-    x = torch.randn(2, 128)
+    with torch.device("meta"):
+        model = Transformer(load_preset("deepseekmoe-16b"))
+    x = torch.randn(2, 2048)
     assert compute_dtype(x) == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert compute_dtype(x) == torch.bfloat16
+    assert describe(model, "cuda", torch.bfloat16) == "grouped (grouped_mm)"
+    assert describe(model, "cuda", torch.float32) == "grouped (per_expert, inline)"
+    assert describe(model, "cpu", torch.float32) == "grouped (per_expert, inline)"
 
 
 def test_runtime_for_device_and_describe(make_config) -> None:
@@ -209,10 +236,10 @@ def test_runtime_for_device_and_describe(make_config) -> None:
         assert for_device(model, "cuda") is None
         runtime = for_device(model, "cpu")
         assert isinstance(runtime, CpuRuntime)
-        assert describe(model, "cpu", torch.float32) == "grouped (per_expert, cpu workers x2)"
+        assert describe(model, "cpu", torch.float32) == "grouped (per_expert, cpu runtime: 2 workers)"
         assert any(type(m) is SmallRowsFeedForward for m in model.modules())
         CpuRuntime.remove(model)
-        assert describe(model, "cpu", torch.float32) != "grouped (per_expert, cpu workers x2)"
+        assert describe(model, "cpu", torch.float32) == "grouped (per_expert, inline)"
         assert not any(type(m) is SmallRowsFeedForward for m in model.modules())
         runtime.close()
     finally:
@@ -228,7 +255,7 @@ def test_workers_keep_one_intra_op_thread_and_the_caller_keeps_its_count() -> No
     torch.set_num_threads(2)
     counts: list[int] = []
     try:
-        with CpuRuntime(2, min_rows=1) as runtime:
+        with CpuRuntime(2, min_expert_work=0) as runtime:
             def fn(chunk: list[int]):
                 torch.ones(1 << 16).sum()  # a parallel op, then the count it ran under
                 counts.append(torch.get_num_threads())
@@ -256,7 +283,7 @@ def test_runner_runs_every_expert_once_and_commits_in_order_while_a_slow_worker_
         if len(seen) == len(experts) - len(chunk_of_0):
             others_done.set()
         return lambda: committed.extend(chunk)
-    with CpuRuntime(2, min_rows=1) as runtime:
+    with CpuRuntime(2, min_expert_work=0) as runtime:
         runtime.run(fn, experts, [1] * 32)
     assert sorted(seen) == experts and seen[:len(chunk_of_0)] != chunk_of_0  # chunk 0 computed last
     assert committed == experts
@@ -264,7 +291,7 @@ def test_runner_runs_every_expert_once_and_commits_in_order_while_a_slow_worker_
 
 def test_runner_runs_small_calls_in_the_calling_thread() -> None:
     threads: list[threading.Thread] = []
-    with CpuRuntime(2) as runtime:  # default thresholds: 100 rows of small experts stay in the caller
+    with CpuRuntime(2, expert_bytes=1 << 20) as runtime:  # default thresholds: 50 rows of 1 MB experts, in the caller
         runtime.run(lambda chunk: threads.append(threading.current_thread()) or (lambda: None), [0, 1], [50, 50])
     assert threads == [threading.main_thread()]
 

@@ -318,9 +318,8 @@ def test_every_recipe_loads(recipe: str) -> None:
 @pytest.mark.slow
 def test_main_job_model_is_bit_reproducible_on_two_threads(tmp_path: Path, monkeypatch, capsys) -> None:
     """The default main-job recipe (tiny-deepseekmoe: 63 routed experts, 8 x 256 tokens a step) on 2 intra-op
-    threads, so the routed experts run as chunks on the CPU runtime's 2 workers (14,336 rows a layer): two 20-step
-    runs give the same losses and gradient norms bit for bit, and a run stopped after its step-10 checkpoint and
-    resumed to 20 repeats them too."""
+    threads, with the CPU runtime the command applies: two 20-step runs give the same losses and gradient norms
+    bit for bit, and a run stopped after its step-10 checkpoint and resumed to 20 repeats them too."""
     data = make_data_dir(tmp_path / "data", train_docs=400)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -333,7 +332,7 @@ def test_main_job_model_is_bit_reproducible_on_two_threads(tmp_path: Path, monke
         return main(args + (["--resume"] if resume else []))
     try:
         assert run("a") == 0
-        assert "routed experts: grouped (per_expert, cpu workers x2)" in capsys.readouterr().out
+        assert "routed experts: grouped (per_expert, cpu runtime: 2 workers)" in capsys.readouterr().out
         assert run("b") == 0
 
         def crash(parts):

@@ -13,21 +13,21 @@ Weights (HF-transformers v5 layout, nn.Linear convention out x in):
   * "grouped"  dropless sorted dispatch (`experts_grouped`):
                  1. flatten the R (token, slot) pairs and stable-sort them by expert: each expert's rows are one
                     contiguous segment;
-                 2. run each expert's SwiGLU on its segment, scaled by the gate weights, into one (R, D) buffer, with
-                    the kernel `choose_kernel` picks from the device and the compute dtype (after autocast):
-                    "grouped_mm" (torch's grouped GEMM over the segment offsets: no host sync, no Python loop) or
-                    "per_expert" (plain matmuls segment by segment: any dtype and width);
-                 3. combine: add the rows into their tokens in sorted order (`index_add_`).
+                 2. run each expert's SwiGLU on its segment, scaled by the gate weights, with the kernel
+                    `choose_kernel` picks from the device and the compute dtype (after autocast): "grouped_mm"
+                    (torch's grouped GEMM over the segment offsets: no host sync, no Python loop) or "per_expert"
+                    (plain matmuls segment by segment, any dtype and width; one host sync for the counts);
+                 3. combine: add the rows into their tokens (`index_add_`), in sorted order.
                Backward is hand-written (`_GroupedExperts`): weight gradients are written per expert (autograd
                through `weight[e]` would zero-fill a full (E, 2F, D) tensor per expert), the gates scale h before
                down_proj so d(gate) = <dh, h>, and h = silu(g) * u is recomputed from the saved gate/up projection.
 
-Every sum has a fixed order: an expert's rows are written to rows of their own, and the combine adds each token's K
-rows in sorted order, so the same inputs give the same bits however the segments are scheduled. `index_add_` is
-sequential on CPU; on CUDA it uses atomics unless `torch.use_deterministic_algorithms(True)` is on.
-
-The per-expert kernel takes a `SegmentRunner`: by default the segments run one after another in the calling thread;
-a runtime applied from outside (`deepseekmoe.runtime.cpu`) hands them to worker threads instead.
+The per-expert kernel hands its segments to a `SegmentRunner`: by default they run one after another in the calling
+thread (`INLINE`); a runtime applied from outside (`deepseekmoe.runtime.cpu`) runs chunks of experts on worker
+threads. Either way every sum has a fixed order: a chunk writes only its own experts' weight gradients and rows,
+and its outputs are added into the shared token tensor by a commit that the runner runs in expert order. So the
+same inputs give the same bits however the chunks are scheduled. `index_add_` is sequential on CPU; on CUDA it
+uses atomics unless `torch.use_deterministic_algorithms(True)` is on (`train.deterministic`).
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ from torch import nn
 from ..config import ModelConfig
 
 Kernel = Literal["grouped_mm", "per_expert"]
-
-
 Commit = Callable[[], None]
 
 
@@ -126,11 +124,11 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def choose_kernel(device_type: str, dtype: torch.dtype, hidden_size: int, intermediate_size: int) -> Kernel:
-    """"grouped_mm" where torch's grouped GEMM takes the operands: CUDA in bf16 (fp32 there is a slow fallback) or
-    CPU in any float dtype, every row stride a multiple of 16 bytes; "per_expert" otherwise."""
-    if not hasattr(F, "grouped_mm") or device_type not in ("cpu", "cuda"):
-        return "per_expert"
-    if device_type == "cuda" and dtype != torch.bfloat16:
+    """"grouped_mm" on CUDA in bf16 where every row stride is a multiple of 16 bytes (torch's grouped GEMM: no host
+    sync, no Python loop; in fp32 it is a slow fallback there), "per_expert" elsewhere. torch's CPU grouped GEMM
+    takes fp32 and bf16 too, but is the slower kernel on the CPU measured (S1 training 1.34x the dense FFN against
+    1.25x per expert; decode of the small preset 65 against 79 tokens/s: benchmarks/README.md)."""
+    if not hasattr(F, "grouped_mm") or device_type != "cuda" or dtype != torch.bfloat16:
         return "per_expert"
     align = 16 // torch.empty((), dtype=dtype, device="meta").element_size()
     return "grouped_mm" if hidden_size % align == 0 and intermediate_size % align == 0 else "per_expert"

@@ -4,11 +4,14 @@
     ...
     runtime.close()                     # or `with CpuRuntime.apply(model):`
 
-The per-expert kernel (model/experts.py) hands its experts to a runner. This one cuts them into contiguous chunks
-of about equal row counts and lets single-threaded worker threads take the next chunk as they finish one: experts
-run in parallel instead of each small op forking and joining OpenMP threads, and a worker that the machine slows
-down (another process on the cores) simply takes fewer chunks. Every chunk writes rows and weight gradients of its
-own experts only, so the result does not depend on which worker ran what: the same bits every time.
+The per-expert kernel (model/experts.py) hands its experts to a runner. Where the experts have much work each
+(`MIN_EXPERT_WORK`: S1-sized training) or many bytes of weights to read (`MIN_WEIGHT_BYTES`: decode of 16B-sized
+experts), this one cuts them into contiguous chunks of about equal row counts and lets single-threaded worker
+threads take the next chunk as they finish one: experts run in parallel instead of each op forking and joining
+OpenMP threads, and a worker that the machine slows down (another process on the cores) simply takes fewer chunks.
+Each chunk writes rows and weight gradients of its own experts only and its sums into the token output are
+committed in expert order, so the result does not depend on which worker ran what: the same bits every time.
+Smaller calls run in the calling thread.
 
 Without gradients, a handful of rows (decode) run weight-major (`linear_rows`), in the routed experts and in every
 FeedForward (dense layers, shared experts).
@@ -31,10 +34,14 @@ from torch import nn
 from ..model.experts import INLINE, Commit, RoutedExperts
 from ..model.layers import FeedForward
 
-MIN_ROWS = 1024
-"""Rows below which the experts run in the calling thread (threads cost more than they give)..."""
+MIN_EXPERT_WORK = 128 << 20
+"""The workers take a call whose experts average at least this much work (rows x weight bytes per expert;
+S1 training, 384 rows of 768 KB experts: 302 MB; the small preset's training: 268 MB). Below it the calling thread
+runs the experts (tiny's training, 228 rows of 129 KB experts: 29 MB; train-1k: 75 MB): there the workers bring
+nothing on an idle machine, and beside a competing process their many small ops, each taking the GIL, slow them
+down (benchmarks/README.md)..."""
 MIN_WEIGHT_BYTES = 64 << 20
-"""... unless the chosen experts' weights are at least this large (decode of large experts is bound by reading
+"""... or whose chosen experts' weights are at least this large (decode of large experts is bound by reading
 them, and two cores read faster than one; below, the hand-off costs more than it saves)."""
 CHUNKS_PER_WORKER = 16
 """Chunks per worker: enough that a worker finishing early waits at most a small share of the work."""
@@ -43,19 +50,19 @@ CHUNKS_PER_WORKER = 16
 class CpuRuntime:
     """A runner for RoutedExperts (model.experts.SegmentRunner) on `workers` single-threaded CPU threads."""
 
-    def __init__(self, workers: int, expert_bytes: int = 0, min_rows: int = MIN_ROWS,
+    def __init__(self, workers: int, expert_bytes: int = 0, min_expert_work: int = MIN_EXPERT_WORK,
                  min_weight_bytes: int = MIN_WEIGHT_BYTES) -> None:
         if workers < 1:
             raise ValueError(f"workers={workers} must be at least 1")
         self.workers, self.expert_bytes = workers, expert_bytes
-        self.min_rows, self.min_weight_bytes = min_rows, min_weight_bytes
+        self.min_expert_work, self.min_weight_bytes = min_expert_work, min_weight_bytes
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def apply(cls, model: nn.Module, workers: int | None = None, **thresholds: int) -> "CpuRuntime":
-        """A new runtime with `workers` threads (default: the intra-op thread count; `thresholds`: min_rows,
-        min_weight_bytes), attached to `model`."""
+        """A new runtime with `workers` threads (default: the intra-op thread count; `thresholds`:
+        min_expert_work, min_weight_bytes), attached to `model`."""
         experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
         expert_bytes = max((m.gate_up_proj[0].nbytes + m.down_proj[0].nbytes for m in experts), default=0)
         return cls(workers or torch.get_num_threads(), expert_bytes, **thresholds).attach(model)
@@ -81,7 +88,7 @@ class CpuRuntime:
     def run(self, fn: Callable[[list[int]], Commit], experts: list[int], rows: list[int]) -> None:
         """fn over chunks of the experts on the workers, and each chunk's commit in chunk order, by whichever
         worker completes the run of finished chunks; all in the calling thread where there is too little work."""
-        if sum(rows) < self.min_rows and len(experts) * self.expert_bytes < self.min_weight_bytes:
+        if not self.parallel(rows):
             fn(experts)()
             return
         chunks = split(experts, rows, self.workers * CHUNKS_PER_WORKER)
@@ -102,6 +109,11 @@ class CpuRuntime:
                             committed[0] += 1
         for f in [self._executor().submit(work) for _ in range(min(self.workers, len(chunks)))]:
             f.result()
+
+    def parallel(self, rows: list[int]) -> bool:
+        """Whether a call with these rows per expert goes to the workers (see MIN_EXPERT_WORK)."""
+        work_per_expert = sum(rows) * self.expert_bytes // max(len(rows), 1)
+        return work_per_expert >= self.min_expert_work or len(rows) * self.expert_bytes >= self.min_weight_bytes
 
     def linear(self, x_NI: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
         return linear_rows(x_NI, weight_OI)
@@ -126,7 +138,7 @@ class CpuRuntime:
         self.close()
 
     def __repr__(self) -> str:
-        return f"cpu workers x{self.workers}"
+        return f"cpu runtime: {self.workers} workers"
 
 
 def split(experts: list[int], rows: list[int], parts: int) -> list[list[int]]:
