@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_layer import machine  # noqa: E402
 
 from deepseekmoe import Transformer, load_preset  # noqa: E402
+from deepseekmoe.runtime import for_device  # noqa: E402
 
 
 def make_decode(preset: str, impl: str, batch: int, prompt_len: int, new_tokens: int):
@@ -30,6 +31,7 @@ def make_decode(preset: str, impl: str, batch: int, prompt_len: int, new_tokens:
     cfg.experts_impl = impl  # type: ignore[assignment]
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
+    for_device(model, "cpu")  # as `deepseekmoe generate` runs it (the CPU runtime where there are 2+ threads)
     prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
 
     @torch.inference_mode()

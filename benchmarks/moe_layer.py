@@ -1,5 +1,5 @@
-"""MoE layer benchmark: our MoE block (every expert strategy) vs the dense-equivalent SwiGLU FFN vs transformers'
-DeepseekV2Moe (every experts implementation usable on the device), side by side in one process.
+"""MoE layer benchmark: our MoE block (each experts kernel and runtime) vs the dense-equivalent SwiGLU FFN vs
+transformers' DeepseekV2Moe (every experts implementation usable on the device), side by side in one process.
 
     python benchmarks/moe_layer.py [--shapes s1,decode-1] [--impls dense,ours:auto,hf:grouped_mm] [--json]
     deepseekmoe bench moe-layer [same options]

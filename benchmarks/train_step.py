@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_layer import machine  # noqa: E402
 
 from deepseekmoe import Transformer, load_preset  # noqa: E402
+from deepseekmoe.runtime import for_device  # noqa: E402
 from deepseekmoe.accounting import count, estimate_mfu  # noqa: E402
 from deepseekmoe.losses import total_loss  # noqa: E402
 
@@ -46,6 +47,7 @@ def build(preset: str, impl: str, seed: int = 0) -> tuple[Transformer, torch.opt
     cfg.experts_impl = impl  # type: ignore[assignment]
     torch.manual_seed(seed)
     model = Transformer(cfg)
+    for_device(model, "cpu")  # as `deepseekmoe train` runs it (the CPU runtime where there are 2+ threads)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     return model, opt
 

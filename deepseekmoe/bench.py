@@ -38,7 +38,7 @@ def bench_command(benchmark: str, *, shapes: str | None = None, impls: str | Non
     Args:
         benchmark: moe-layer, train-step or decode.
         shapes: moe-layer: comma-separated shape names (s1, decode-1, 16b-2k, ...).
-        impls: moe-layer: contenders (dense, ours:auto, ours:slices, hf:grouped_mm, ...); train-step/decode:
+        impls: moe-layer: contenders (dense, ours:auto, ours:per_expert, hf:grouped_mm, ...); train-step/decode:
             experts_impl values (grouped,loop).
         presets: train-step/decode: comma-separated preset names.
         repeats: timed repeats per contender.

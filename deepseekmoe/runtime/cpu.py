@@ -58,6 +58,7 @@ class CpuRuntime:
         self.min_expert_work, self.min_weight_bytes = min_expert_work, min_weight_bytes
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._executor()  # start the workers now, not in a model's forward
 
     @classmethod
     def apply(cls, model: nn.Module, workers: int | None = None, **thresholds: int) -> "CpuRuntime":
