@@ -29,8 +29,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPETITOR = ("import torch, time\na, b = torch.randn(256, 256), torch.randn(256, 256)\ntorch.set_num_threads(2)\n"
-              "while True:\n    a @ b\n    (a * b).sum()\n")
 
 
 def load_revision(rev: str, into: Path):
@@ -175,12 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.side is not None:
         run(a.baseline, a.what.split(","), a.presets.split(","), a.shapes.split(","), a.rounds, False, a.side)
         return 0
-    competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if a.compete else None
-    try:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from moe_layer import competing_process
+    with competing_process(a.compete):
         run(a.baseline, a.what.split(","), a.presets.split(","), a.shapes.split(","), a.rounds, a.isolate)
-    finally:
-        if competitor is not None:
-            competitor.kill()
     return 0
 
 

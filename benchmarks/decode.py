@@ -27,11 +27,16 @@ from deepseekmoe.runtime import for_device  # noqa: E402
 
 
 def make_decode(preset: str, impl: str, batch: int, prompt_len: int, new_tokens: int):
+    """impl: grouped (as `deepseekmoe generate` runs it: runtime.for_device, the CPU runtime where there are 2+
+    threads), grouped-inline (no runtime: plain matmuls in the calling thread), loop (the reference)."""
+    if impl not in ("grouped", "grouped-inline", "loop"):
+        raise ValueError(f"unknown impl {impl!r}; expected grouped, grouped-inline or loop")
     cfg = load_preset(preset)
-    cfg.experts_impl = impl  # type: ignore[assignment]
+    cfg.experts_impl = "loop" if impl == "loop" else "grouped"
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
-    for_device(model, "cpu")  # as `deepseekmoe generate` runs it (the CPU runtime where there are 2+ threads)
+    if impl == "grouped":
+        for_device(model, "cpu")
     prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
 
     @torch.inference_mode()
@@ -66,16 +71,16 @@ def run(*, presets: str = "tiny-deepseekmoe,small-deepseekmoe", impls: str = "gr
     if as_json:
         print(json.dumps({"machine": info, "results": rows}, indent=1))
         return 0
-    print(f"{'preset':<20} {'impl':<8} {'batch':>5} {'tokens/s':>10}")
+    print(f"{'preset':<20} {'impl':<14} {'batch':>5} {'tokens/s':>10}")
     for r in rows:
-        print(f"{r['preset']:<20} {r['experts_impl']:<8} {r['batch']:>5} {r['tokens_per_s']:>10.1f}")
+        print(f"{r['preset']:<20} {r['experts_impl']:<14} {r['batch']:>5} {r['tokens_per_s']:>10.1f}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="tiny-deepseekmoe,small-deepseekmoe")
-    p.add_argument("--impls", default="grouped,loop", help="experts_impl values to compare")
+    p.add_argument("--impls", default="grouped,loop", help="comma-separated, from: grouped, grouped-inline, loop")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)

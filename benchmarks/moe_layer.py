@@ -17,13 +17,14 @@ FLOPs the dense-equivalent FFN does; the router's 2 x D x E per token is not cou
 Peak memory: a separate call per contender; on CPU every tensor allocation and free of the step is read from the
 torch profiler's allocation events and the peak of their running sum is reported (bytes held before the step,
 such as parameters and inputs, are not counted). That call runs with one intra-op thread so that all allocations
-happen on the profiled thread (with more threads our per-expert path adds one T x D partial sum per extra CPU
-worker). On CUDA: max_memory_allocated above the starting level.
+happen on the profiled thread, and the CPU runtime keeps the experts there too (`in_calling_thread`; on its workers
+a chunk's outputs wait for their commit, a little more). On CUDA: max_memory_allocated above the starting level.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import glob
@@ -157,6 +158,7 @@ def _ours_call(moe: MoE, variant: str, runtime: CpuRuntime | None) -> Callable:
             runtime.attach(moe)
         return moe(x)[0]
     call.module = moe  # type: ignore[attr-defined]
+    call.runtime = runtime if use_runtime else None  # type: ignore[attr-defined]
     return call
 
 
@@ -247,8 +249,9 @@ def time_interleaved(steps: dict[str, Callable], repeats: int, budget_s: float, 
     return times
 
 
-def peak_memory(step: Callable[[], torch.Tensor], device: str) -> int:
-    """Peak bytes allocated during one step above what was allocated before it."""
+def peak_memory(step: Callable[[], torch.Tensor], device: str, runtime: CpuRuntime | None = None) -> int:
+    """Peak bytes allocated during one step above what was allocated before it (on CPU with the experts in the
+    calling thread, the profiled one)."""
     step.reset()  # type: ignore[attr-defined]
     if device == "cuda":
         torch.cuda.synchronize()
@@ -263,7 +266,8 @@ def peak_memory(step: Callable[[], torch.Tensor], device: str) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # every allocation on this (profiled) thread: no expert worker threads
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof, \
+                (runtime.in_calling_thread() if runtime is not None else contextlib.nullcontext()):
             step()
     finally:
         torch.set_num_threads(threads)
@@ -279,6 +283,22 @@ def peak_memory(step: Callable[[], torch.Tensor], device: str) -> int:
         current += size
         peak = max(peak, current)
     return peak
+
+
+COMPETITOR = ("import torch\ntorch.set_num_threads(2)\na, b = torch.randn(256, 256), torch.randn(256, 256)\n"
+              "while True:\n    a @ b\n    (a * b).sum()\n")
+
+
+@contextlib.contextmanager
+def competing_process(enabled: bool = True):
+    """A second process running 2-thread 256 x 256 matmuls for the duration: a busy machine, as users' are."""
+    proc = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if enabled else None
+    try:
+        yield
+    finally:
+        if proc is not None:
+            proc.kill()
+            proc.wait()
 
 
 def machine() -> dict[str, object]:
@@ -332,7 +352,7 @@ def run_shape(name: str, shape: Shape, impls: list[str], *, dtype: torch.dtype, 
                      "runs": len(ts), "gflops": shape.flops() / med / 1e9,
                      "max_rel_diff": agreement.get(n)})
         if memory:
-            rows[-1]["peak_mb"] = peak_memory(steps[n], device) / 2**20
+            rows[-1]["peak_mb"] = peak_memory(steps[n], device, getattr(calls[n], "runtime", None)) / 2**20
     hf_best = min((r for r in rows if str(r["impl"]).startswith("hf:")), key=lambda r: r["median_ms"], default=None)
     for r in rows:
         r["x_dense"] = paired_ratio(times[r["impl"]], times["dense"]) if "dense" in times else None
@@ -407,7 +427,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="cold: stream 2x the last-level cache before every timed call (as between a model's "
                         "layers); warm: contenders find what the previous one read (they share weights)")
     p.add_argument("--json", dest="as_json", action="store_true", help="print one JSON object")
-    return run(**vars(p.parse_args(argv)))
+    p.add_argument("--compete", action="store_true", help="a competing 2-thread matmul process throughout")
+    args = vars(p.parse_args(argv))
+    with competing_process(args.pop("compete")):
+        return run(**args)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_layer import machine  # noqa: E402
+from moe_layer import competing_process, machine  # noqa: E402
 
 from deepseekmoe import Transformer, load_preset  # noqa: E402
 from deepseekmoe.runtime import for_device  # noqa: E402
+from deepseekmoe.runtime.cpu import CpuRuntime  # noqa: E402
 from deepseekmoe.accounting import count, estimate_mfu  # noqa: E402
 from deepseekmoe.losses import total_loss  # noqa: E402
 
@@ -42,12 +43,23 @@ def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
+IMPLS = ("grouped", "grouped-inline", "grouped-workers", "loop")
+"""grouped: as `deepseekmoe train` runs it (runtime.for_device: the CPU runtime where there are 2+ threads);
+grouped-inline: no runtime, the experts in the calling thread; grouped-workers: the CPU runtime's workers on every
+call, however small; loop: the reference."""
+
+
 def build(preset: str, impl: str, seed: int = 0) -> tuple[Transformer, torch.optim.Optimizer]:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {', '.join(IMPLS)}")
     cfg = load_preset(preset)
-    cfg.experts_impl = impl  # type: ignore[assignment]
+    cfg.experts_impl = "loop" if impl == "loop" else "grouped"
     torch.manual_seed(seed)
     model = Transformer(cfg)
-    for_device(model, "cpu")  # as `deepseekmoe train` runs it (the CPU runtime where there are 2+ threads)
+    if impl == "grouped":
+        for_device(model, "cpu")
+    elif impl == "grouped-workers":
+        CpuRuntime.apply(model, min_expert_work=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     return model, opt
 
@@ -97,9 +109,9 @@ def run(*, presets: str = "tiny-deepseekmoe,small-deepseekmoe", impls: str = "gr
     if as_json:
         print(json.dumps({"machine": info, "results": rows}, indent=1))
         return 0
-    print(f"{'preset':<20} {'impl':<8} {'step s':>8} {'tokens/s':>10} {'MFU':>7}")
+    print(f"{'preset':<20} {'impl':<16} {'step s':>8} {'tokens/s':>10} {'MFU':>7}")
     for r in rows:
-        print(f"{r['preset']:<20} {r['experts_impl']:<8} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
+        print(f"{r['preset']:<20} {r['experts_impl']:<16} {r['step_s']:>8.3f} {r['tokens_per_s']:>10.0f} "
               f"{r['mfu']:>7.1%}")
     return 0
 
@@ -107,12 +119,15 @@ def run(*, presets: str = "tiny-deepseekmoe,small-deepseekmoe", impls: str = "gr
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="tiny-deepseekmoe,small-deepseekmoe")
-    p.add_argument("--impls", default="grouped,loop", help="experts_impl values to compare")
+    p.add_argument("--impls", default="grouped,loop", help=f"comma-separated, from: {', '.join(IMPLS)}")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", dest="as_json", action="store_true")
-    return run(**vars(p.parse_args(argv)))
+    p.add_argument("--compete", action="store_true", help="a competing 2-thread matmul process throughout")
+    args = vars(p.parse_args(argv))
+    with competing_process(args.pop("compete")):
+        return run(**args)
 
 
 if __name__ == "__main__":

@@ -58,10 +58,12 @@ class SegmentRunner(Protocol):
 
 
 class InlineRunner:
-    """Every expert in the calling thread, in expert order."""
+    """Every expert in the calling thread, in expert order, each committed at once (so no more than one expert's
+    outputs wait for their commit)."""
 
     def run(self, fn: Callable[[list[int]], Commit], experts: list[int], rows: list[int]) -> None:
-        fn(experts)()
+        for e in experts:
+            fn([e])()
 
     linear = staticmethod(F.linear)
 
@@ -126,8 +128,8 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def choose_kernel(device_type: str, dtype: torch.dtype, hidden_size: int, intermediate_size: int) -> Kernel:
     """"grouped_mm" on CUDA in bf16 where every row stride is a multiple of 16 bytes (torch's grouped GEMM: no host
     sync, no Python loop; in fp32 it is a slow fallback there), "per_expert" elsewhere. torch's CPU grouped GEMM
-    takes fp32 and bf16 too, but is the slower kernel on the CPU measured (S1 training 1.34x the dense FFN against
-    1.25x per expert; decode of the small preset 65 against 79 tokens/s: benchmarks/README.md)."""
+    takes fp32 and bf16 too, but is the slower kernel on the CPU measured (S1 training 1.39x the dense FFN against
+    1.18x per expert: benchmarks/README.md)."""
     if not hasattr(F, "grouped_mm") or device_type != "cuda" or dtype != torch.bfloat16:
         return "per_expert"
     align = 16 // torch.empty((), dtype=dtype, device="meta").element_size()

@@ -21,11 +21,12 @@ Nothing happens at import; the pool belongs to the runtime object and is shut do
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +37,10 @@ from ..model.layers import FeedForward
 
 MIN_EXPERT_WORK = 128 << 20
 """The workers take a call whose experts average at least this much work (rows x weight bytes per expert;
-S1 training, 384 rows of 768 KB experts: 302 MB; the small preset's training: 268 MB). Below it the calling thread
-runs the experts (tiny's training, 228 rows of 129 KB experts: 29 MB; train-1k: 75 MB): there the workers bring
-nothing on an idle machine, and beside a competing process their many small ops, each taking the GIL, slow them
-down (benchmarks/README.md)..."""
+S1 training, 384 rows of 768 KB experts: 302 MB, 1.08x the dense FFN on the workers against 1.18x in the calling
+thread, 1.26x against 1.74x beside a competing process; the small preset's training: 268 MB). Below it the calling
+thread runs the experts (tiny's training, 228 rows of 129 KB experts: 29 MB, 6% faster there; train-1k: 75 MB, a
+tie): benchmarks/README.md..."""
 MIN_WEIGHT_BYTES = 64 << 20
 """... or whose chosen experts' weights are at least this large (decode of large experts is bound by reading
 them, and two cores read faster than one; below, the hand-off costs more than it saves)."""
@@ -90,7 +91,7 @@ class CpuRuntime:
         """fn over chunks of the experts on the workers, and each chunk's commit in chunk order, by whichever
         worker completes the run of finished chunks; all in the calling thread where there is too little work."""
         if not self.parallel(rows):
-            fn(experts)()
+            INLINE.run(fn, experts, rows)
             return
         chunks = split(experts, rows, self.workers * CHUNKS_PER_WORKER)
         next_chunk = itertools.count()  # next() on a count is atomic under the GIL
@@ -110,6 +111,17 @@ class CpuRuntime:
                             committed[0] += 1
         for f in [self._executor().submit(work) for _ in range(min(self.workers, len(chunks)))]:
             f.result()
+
+    @contextlib.contextmanager
+    def in_calling_thread(self) -> Iterator[None]:
+        """Every call in the calling thread for the duration (the benchmarks' memory profile, which sees one
+        thread)."""
+        saved = self.min_expert_work, self.min_weight_bytes
+        self.min_expert_work = self.min_weight_bytes = 1 << 62
+        try:
+            yield
+        finally:
+            self.min_expert_work, self.min_weight_bytes = saved
 
     def parallel(self, rows: list[int]) -> bool:
         """Whether a call with these rows per expert goes to the workers (see MIN_EXPERT_WORK)."""
