@@ -202,7 +202,6 @@ class _GroupedExperts(torch.autograd.Function):
         ops = _Rows(*ctx.saved_tensors, ctx.segments, ctx.runner)
         grads = _grouped_backward if ops.grouped else _per_expert_backward
         d_x_TD, d_gate_up, d_down, d_weight_R = grads(ops, grad_TD.contiguous(), ctx.gu)
-        del ctx.gu
         return d_x_TD, d_gate_up, d_down, d_weight_R, None, None, None
 
 
