@@ -235,6 +235,10 @@ def test_cli_argument_errors(hf_dir: Path, tmp_path: Path, capsys):
     (tmp_path / "full" / "keep.txt").write_text("mine")
     assert cli.main(["convert", "--from-hf", str(hf_dir), "--out", str(tmp_path / "full")]) == 2
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    capsys.readouterr()
+    files = sorted(p.name for p in hf_dir.iterdir())  # an --out that contains the source, even with --overwrite
+    assert cli.main(["convert", "--from-hf", str(hf_dir), "--out", str(tmp_path), "--overwrite"]) == 2
+    assert "contains the source" in capsys.readouterr().err and sorted(p.name for p in hf_dir.iterdir()) == files
 
 
 def test_sizes_and_greedy_shards():

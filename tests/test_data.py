@@ -310,6 +310,41 @@ def test_bad_input_gives_one_clear_line(tmp_path, capsys, case, message):
     assert [p.name for p in tmp_path.iterdir()] == ["src"] or case == "not-data-dir"
 
 
+@pytest.mark.parametrize("case", ["notes-beside-data", "source-inside-out", "out-is-source"])
+def test_prepare_never_deletes_what_it_did_not_write(tmp_path, capsys, case):
+    """A data directory that also holds other files, or an --out that contains the corpus, is refused with one
+    line, and every file is still there."""
+    src = tmp_path / "corpus"
+    src.mkdir()
+    for i in range(4):
+        (src / f"doc{i}.txt").write_text(f"document {i} " * 30 + "\n")
+    out = tmp_path / "data"
+    if case == "notes-beside-data":
+        assert run_cli(capsys, str(src), "--out", str(out), "--vocab-size", "300")[0] == 0
+        (out / "NOTES.md").write_text("mine")
+        (src / "doc0.txt").write_text("changed " * 30)  # so the run would rebuild
+    elif case == "source-inside-out":
+        out = tmp_path
+    else:
+        out = src
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    rc, _, err = run_cli(capsys, str(src), "--out", str(out), "--vocab-size", "300")
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("deepseekmoe: error:"), err
+    assert ("NOTES.md" if case == "notes-beside-data" else "is not a data directory") in lines[0]
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_an_output_containing_an_input_is_refused(tmp_path):
+    """Even a directory that holds only data files is not replaced when an input lies inside it."""
+    from deepseekmoe.data.corpus import InputFile
+
+    inside = InputFile(tmp_path / "out" / "sub" / "a.txt", "text")
+    with pytest.raises(ValueError, match="contains the input"):
+        prepare_mod.check_inputs_outside(tmp_path / "out", [inside])
+    prepare_mod.check_inputs_outside(tmp_path / "other", [inside])  # elsewhere: fine
+
+
 def deepseek_style_tokenizer(path: Path) -> Path:
     """A byte-level tokenizer with 70,000 ids and the DeepSeek special token names (ids above 65,535)."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())

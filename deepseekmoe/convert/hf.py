@@ -352,6 +352,9 @@ def convert_command(*, from_hf: str | None = None, to_hf: str | None = None, out
         raise FileNotFoundError(f"no such directory: {src}")
     if dst.resolve() == src.resolve():
         raise ValueError(f"--out {dst} is the source directory; choose another path")
+    if dst.resolve() in src.resolve().parents:
+        raise ValueError(f"--out {dst} contains the source {src}; replacing it would delete the source: "
+                         "choose another path")
     if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
         raise ValueError(f"--out {dst} already exists and is not empty (pass --overwrite to replace it)")
     if from_hf is not None:

@@ -111,13 +111,33 @@ def is_up_to_date(out: Path, input_fingerprint: str) -> bool:
     return files_present and meta.get("input_fingerprint") == input_fingerprint
 
 
+DATA_FILES = frozenset({META_FILE, "tokenizer.json", "train.bin", "val.bin"})
+"""Everything prepare writes into a data directory: the final rename replaces `out` as a whole, so a directory
+holding anything else is never replaced."""
+
+
 def check_output_dir(out: Path) -> None:
-    """Refuse to replace anything that is not a data directory (the final rename replaces `out` as a whole)."""
+    """Refuse to replace anything but a data directory holding only what prepare writes."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / META_FILE).is_file():
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / META_FILE).is_file():
         raise ValueError(f"--out {out} exists and is not a data directory (no {META_FILE}); "
                          "choose a new or empty directory")
+    others = sorted(p.name for p in out.iterdir() if p.name not in DATA_FILES)
+    if others:
+        listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise ValueError(f"--out {out} also holds files prepare did not write ({listed}); move them or choose "
+                         "another directory (prepare replaces the directory as a whole)")
+
+
+def check_inputs_outside(out: Path, inputs: list[InputFile]) -> None:
+    """Refuse an output directory that contains an input (replacing it would delete the corpus)."""
+    target = out.resolve()
+    inside = next((f.path for f in inputs if target in f.path.resolve().parents), None)
+    if inside is not None:
+        raise ValueError(f"--out {out} contains the input {inside}; choose a directory outside the sources")
 
 
 def write_meta(directory: Path, meta: dict) -> None:
@@ -185,6 +205,7 @@ def prepare(sources: list[str], out: str | Path, *, vocab_size: int = 8192, toke
     out = Path(out).expanduser()
     _check_arguments(out, tokenizer, vocab_size, val_fraction)
     inputs = resolve_inputs(sources, builtin_max_bytes)
+    check_inputs_outside(out, inputs)
     options = {"vocab_size": None if tokenizer else vocab_size, "val_fraction": val_fraction,
                "tokenizer_sha256": file_sha256(_tokenizer_file(tokenizer)) if tokenizer else None,
                "tokenizer_train_bytes": None if tokenizer else tokenizer_train_bytes,
