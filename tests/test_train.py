@@ -160,14 +160,20 @@ def test_resume_after_crash_is_bit_exact(data_dir: Path, tmp_path: Path, monkeyp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ctrl_c_saves_and_resume_continues_exactly(data_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_stop_signal_saves_and_resume_continues_exactly(data_dir: Path, tmp_path: Path, monkeypatch, capsys,
+                                                           sig: str) -> None:
+    """Ctrl-C, and what schedulers (SIGTERM) and closed terminals (SIGHUP) send: finish the step, save, exit with
+    128 + the signal number."""
+    signum = getattr(signal, sig)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     assert train(data_dir, tmp_path / "straight", save_every=0) == 0
-    monkeypatch.setattr(trainer_module, "total_loss", on_call(2, lambda p: os.kill(os.getpid(), signal.SIGINT)))
-    assert train(data_dir, tmp_path / "run", save_every=0) == 130  # Ctrl-C during step 2: finish it, save, stop
+    monkeypatch.setattr(trainer_module, "total_loss", on_call(2, lambda p: os.kill(os.getpid(), signum)))
+    assert train(data_dir, tmp_path / "run", save_every=0) == 128 + signum  # during step 2: finish it, save, stop
     monkeypatch.undo()
-    assert "interrupted: saved step 2" in capsys.readouterr().err
+    assert f"interrupted ({sig}): saved step 2" in capsys.readouterr().err
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
     assert train(data_dir, tmp_path / "run", resume=True, save_every=0) == 0
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")
 

@@ -126,26 +126,28 @@ def evaluate(model: Transformer, val_tokens: Any, cfg: TrainConfig, bytes_per_to
 
 
 class StopRequest:
-    """While active, the first SIGINT (Ctrl-C) sets `requested`, so the loop can save and stop between steps; a
-    second one interrupts at once."""
+    """While active, the first SIGINT (Ctrl-C), SIGTERM or SIGHUP (what schedulers and closed terminals send) sets
+    `requested` to the signal, so the loop can save and stop between steps; a second one interrupts at once."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        if self.requested is not None:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested = signum
 
 
 class Trainer:
@@ -241,8 +243,9 @@ class Trainer:
                            f"{good or 'none'}; try a lower train.lr")
 
     # ------------------------------------------------------------------------------------------ the loop
-    def fit(self, logger: MetricsLogger) -> bool:
-        """Train to max_steps; returns False when stopped early by Ctrl-C (after saving)."""
+    def fit(self, logger: MetricsLogger) -> int | None:
+        """Train to max_steps; returns the signal that stopped it early (after saving), None when it ran to the
+        end."""
         cfg, p = self.cfg, self.progress
         window_time, window_steps = 0.0, 0
         with StopRequest() as stop:
@@ -262,13 +265,14 @@ class Trainer:
                     logger.log({"kind": "val", "step": p.step, **self.validate()})
                 if cfg.save_every and p.step % cfg.save_every == 0:
                     self.save()
-                if stop.requested:
+                if stop.requested is not None:
                     self.save()
-                    logger.message(f"interrupted: saved step {p.step} to {self.last_saved}")
-                    return False
+                    logger.message(f"interrupted ({signal.Signals(stop.requested).name}): saved step {p.step} to "
+                                   f"{self.last_saved}")
+                    return stop.requested
         if self.saved_step != p.step:
             self.save()
-        return True
+        return None
 
     def _train_record(self, r: StepResult, seconds: float, steps: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -317,7 +321,7 @@ def train_command(config: list[str] = (), *, preset: str | None = None, data: st
     """Train a model with the paper's recipe; with no arguments, tiny-deepseekmoe on the built-in corpus (~5 min).
 
     Writes RUN_DIR (default runs/<preset>): config.yaml (the resolved config), metrics.jsonl, checkpoints/.
-    At the end prints the validation loss and a short sample. Ctrl-C saves a checkpoint and stops; --resume
+    At the end prints the validation loss and a short sample. Ctrl-C (or SIGTERM, SIGHUP) saves a checkpoint and stops; --resume
     continues exactly where the last checkpoint left off.
 
     Args:
@@ -357,8 +361,9 @@ def train_command(config: list[str] = (), *, preset: str | None = None, data: st
     logger = (MetricsLogger(run_dir, run.train.max_steps, trainer.progress.step, run.train.tensorboard)
               if main else NullLogger())
     with logger:
-        if not trainer.fit(logger):
-            return 130
+        stopped_by = trainer.fit(logger)
+        if stopped_by is not None:
+            return 128 + stopped_by  # the shell's code for a process ended by that signal
         final = trainer.validate(final=True)
         logger.log({"kind": "val", "step": trainer.progress.step, **final})
     if main:
