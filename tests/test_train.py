@@ -153,6 +153,8 @@ def test_resume_after_crash_is_bit_exact(data_dir: Path, tmp_path: Path, monkeyp
         train(data_dir, tmp_path / "resumed")
     monkeypatch.undo()
     assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step_00000003"]
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 5, "lo')  # a record cut short (full disk, kill)
     assert train(data_dir, tmp_path / "resumed", resume=True) == 0
 
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # bit for bit, steps 1..6, no repeats
@@ -176,6 +178,16 @@ def test_a_stop_signal_saves_and_resume_continues_exactly(data_dir: Path, tmp_pa
     assert {s: signal.getsignal(s) for s in before} == before  # handlers restored
     assert train(data_dir, tmp_path / "run", resume=True, save_every=0) == 0
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")
+
+
+def test_a_damaged_metrics_line_before_the_last_names_the_file(data_dir: Path, tmp_path: Path, capsys) -> None:
+    assert train(data_dir, tmp_path / "run", max_steps=3) == 0
+    path = tmp_path / "run" / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "{garbage", *lines[1:]]) + "\n")
+    capsys.readouterr()
+    assert train(data_dir, tmp_path / "run", "train.max_steps=4", resume=True, max_steps=4) == 2
+    assert f"{path} line 2 is not a JSON record" in _one_error_line(capsys)
 
 
 def test_resume_can_extend_the_run(data_dir: Path, tmp_path: Path) -> None:

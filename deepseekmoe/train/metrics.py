@@ -36,12 +36,23 @@ def expert_load(counts_LE: torch.Tensor) -> tuple[list[float], list[int]]:
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
-    """Drop records after `last_step` (written after the checkpoint a resumed run restarts from)."""
+    """Drop records after `last_step` (written after the checkpoint a resumed run restarts from), and a partial
+    last line (a write cut short by a full disk or a kill); a damaged line before the last one is an error."""
     path = run_dir / METRICS_FILE
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path} line {number} is not a JSON record; repair or remove that line") from None
+            print(f"warning: {path}: dropped an incomplete last line", file=sys.stderr)
+            continue
+        if record.get("step", 0) <= last_step:
+            kept.append(line)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)

@@ -321,8 +321,8 @@ def train_command(config: list[str] = (), *, preset: str | None = None, data: st
     """Train a model with the paper's recipe; with no arguments, tiny-deepseekmoe on the built-in corpus (~5 min).
 
     Writes RUN_DIR (default runs/<preset>): config.yaml (the resolved config), metrics.jsonl, checkpoints/.
-    At the end prints the validation loss and a short sample. Ctrl-C (or SIGTERM, SIGHUP) saves a checkpoint and stops; --resume
-    continues exactly where the last checkpoint left off.
+    At the end prints the validation loss and a short sample. Ctrl-C (or SIGTERM, SIGHUP) saves a checkpoint and
+    stops; --resume continues exactly where the last checkpoint left off.
 
     Args:
         config: an optional CONFIG.yaml (see configs/), then dotted overrides such as train.lr=1e-3
