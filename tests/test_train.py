@@ -180,6 +180,23 @@ def test_a_stop_signal_saves_and_resume_continues_exactly(data_dir: Path, tmp_pa
     assert losses(tmp_path / "run") == losses(tmp_path / "straight")
 
 
+@pytest.mark.parametrize("damaged", ["model.safetensors", "trainer_state.pt"])
+def test_resume_falls_back_past_a_damaged_latest_checkpoint(data_dir: Path, tmp_path: Path, capsys,
+                                                            damaged: str) -> None:
+    """The newest checkpoint truncated (a full disk, a crash outside the atomic save): --resume warns, continues
+    from the one before, and ends with the uninterrupted run's losses and weights."""
+    assert train(data_dir, tmp_path / "straight") == 0
+    assert train(data_dir, tmp_path / "run") == 0
+    path = tmp_path / "run" / "checkpoints" / "step_00000006" / damaged
+    path.write_bytes(path.read_bytes()[:100])
+    capsys.readouterr()
+    assert train(data_dir, tmp_path / "run", "train.max_steps=6", resume=True) == 0
+    assert f"checkpoint {path.parent} cannot be read" in capsys.readouterr().err
+    assert losses(tmp_path / "run") == losses(tmp_path / "straight")
+    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "run")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_damaged_metrics_line_before_the_last_names_the_file(data_dir: Path, tmp_path: Path, capsys) -> None:
     assert train(data_dir, tmp_path / "run", max_steps=3) == 0
     path = tmp_path / "run" / "metrics.jsonl"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -192,14 +193,10 @@ class Trainer:
         self.progress = Progress()
 
     def _restore(self) -> None:
-        ckpts = list_checkpoints(self.run_dir)
-        if not ckpts:
-            raise FileNotFoundError(f"--resume: {self.run_dir} holds no checkpoint to resume from")
-        state = load_training_state(ckpts[-1])
-        self.model, _ = load_model(ckpts[-1], device=self.device)
+        ckpt, state, self.model = self._newest_readable_checkpoint()
         self.model.train()
         if self.model.config != self.run.model:
-            raise ValueError(f"--resume: the model config differs from the checkpoint's ({ckpts[-1]}); "
+            raise ValueError(f"--resume: the model config differs from the checkpoint's ({ckpt}); "
                              "model.* cannot change when resuming")
         self.module = parallelize(self.model, self.parallel)
         self.runtime = for_device(self.model, self.device)
@@ -209,7 +206,28 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.progress = state["progress"]
-        self.last_saved, self.saved_step = ckpts[-1], self.progress.step
+        self.last_saved, self.saved_step = ckpt, self.progress.step
+
+    def _newest_readable_checkpoint(self) -> tuple[Path, dict[str, Any], Transformer]:
+        """The newest checkpoint whose training state and weights load; a damaged newer one (a file truncated by a
+        full disk or a crash outside the atomic save) is skipped with a warning."""
+        ckpts = list_checkpoints(self.run_dir)
+        if not ckpts:
+            raise FileNotFoundError(f"--resume: {self.run_dir} holds no checkpoint to resume from")
+        problem = ""
+        for ckpt in reversed(ckpts):
+            try:
+                state = load_training_state(ckpt)
+                model, _ = load_model(ckpt, device=self.device)
+            except FileNotFoundError:
+                raise
+            except Exception as exc:  # safetensors, torch.load and zip readers raise their own types
+                problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                print(f"warning: --resume: checkpoint {ckpt} cannot be read ({problem}); trying an older one",
+                      file=sys.stderr, flush=True)
+                continue
+            return ckpt, state, model
+        raise ValueError(f"--resume: no checkpoint in {self.run_dir} can be read (the oldest: {problem})")
 
     # ------------------------------------------------------------------------------------------ one step
     def next_micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
