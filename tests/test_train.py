@@ -207,6 +207,24 @@ def test_a_damaged_metrics_line_before_the_last_names_the_file(data_dir: Path, t
     assert f"{path} line 2 is not a JSON record" in _one_error_line(capsys)
 
 
+def test_resume_before_the_first_checkpoint_starts_over(data_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Killed before its first checkpoint, a run directory holds a config and some metrics: --resume starts it from
+    step 0 (instead of refusing, while a fresh start refuses the non-empty directory) and repeats the straight run."""
+    assert train(data_dir, tmp_path / "straight") == 0
+
+    def crash(parts):
+        raise RuntimeError("power cut")
+    monkeypatch.setattr(trainer_module, "total_loss", on_call(2, crash))
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(data_dir, tmp_path / "run")
+    monkeypatch.undo()
+    assert not list_checkpoints(tmp_path / "run")
+    capsys.readouterr()
+    assert train(data_dir, tmp_path / "run", resume=True) == 0
+    assert "has no checkpoint yet; starting from step 0" in capsys.readouterr().err
+    assert losses(tmp_path / "run") == losses(tmp_path / "straight")
+
+
 def test_resume_can_extend_the_run(data_dir: Path, tmp_path: Path) -> None:
     assert train(data_dir, tmp_path / "run", max_steps=3) == 0
     assert train(data_dir, tmp_path / "run", "train.max_steps=4", resume=True, max_steps=3) == 0

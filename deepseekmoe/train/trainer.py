@@ -178,7 +178,9 @@ class Trainer:
         self.peak_flops *= self.parallel.world_size  # tokens/s are counted over all processes
         self.last_saved: Path | None = None
         self.saved_step: int | None = None
-        if resume:
+        if resume and not list_checkpoints(run_dir):  # stopped before its first checkpoint: nothing to restore
+            print(f"note: --resume: {run_dir} has no checkpoint yet; starting from step 0", file=sys.stderr)
+        if resume and list_checkpoints(run_dir):
             self._restore()
         else:
             self._fresh()
