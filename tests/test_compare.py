@@ -89,10 +89,26 @@ def test_run_states_and_resume_decisions(tmp_path, monkeypatch):
 
 def test_a_changed_recipe_is_refused(tmp_path):
     recipe = {"steps": 2, "seeds": 1, "batch_size": 2}
+    compare._record_recipe(tmp_path, recipe)
     compare._check_recipe(tmp_path, recipe)
     compare._check_recipe(tmp_path, {**recipe, "seeds": 3})  # more seeds only add runs
     with pytest.raises(CliError, match="different recipe .*steps=2"):
         compare._check_recipe(tmp_path, {**recipe, "steps": 5})
+
+
+def test_a_refused_command_leaves_no_recipe_behind(tmp_path, capsys):
+    """A bad argument that the trainer refuses before writing anything leaves no recipe.json, so the corrected
+    command (another recipe) is not refused as a different recipe."""
+    from deepseekmoe.cli import main
+
+    data = make_data_dir(tmp_path / "data")
+    out = tmp_path / "cmp"
+    args = ["compare", "--models", "tiny-dense", "--seeds", "1", "--steps", "2", "--data", str(data),
+            "--out", str(out), "--no-analyze"]
+    assert main([*args, "--seq-len", "100000"]) == 2  # beyond the model's context: refused before any write
+    assert "deepseekmoe: error:" in capsys.readouterr().err
+    assert not (out / compare.RECIPE_JSON).exists()
+    compare._check_recipe(out, {"steps": 2, "seq_len": 32})  # the corrected recipe is accepted
 
 
 @pytest.mark.slow

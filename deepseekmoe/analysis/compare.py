@@ -142,9 +142,15 @@ def _check_recipe(out: Path, recipe: dict[str, Any]) -> None:
         old = json.loads(path.read_text())
         changed = sorted(k for k in recipe if k != "seeds" and old.get(k) != recipe[k])
         if changed:
-            raise CliError(f"{out} holds runs made with a different recipe ({', '.join(f'{k}={old.get(k)}' for k in changed)}); "
-                           "use another --out")
-    write_json(path, recipe)
+            listed = ", ".join(f"{k}={old.get(k)}" for k in changed)
+            raise CliError(f"{out} holds runs made with a different recipe ({listed}); use another --out")
+
+
+def _record_recipe(out: Path, recipe: dict[str, Any]) -> None:
+    """Write recipe.json once a run has written something: a command refused before that (a bad argument) leaves
+    nothing behind, so the corrected command is not refused as a different recipe."""
+    if not (out / RECIPE_JSON).is_file():
+        write_json(out / RECIPE_JSON, recipe)
 
 
 def _run_all(jobs: list[tuple[str, int]], out: Path, recipe: dict[str, Any]) -> bool:
@@ -160,7 +166,12 @@ def _run_all(jobs: list[tuple[str, int]], out: Path, recipe: dict[str, Any]) -> 
         if status == "new" and run_dir.exists():
             shutil.rmtree(run_dir)  # started but never checkpointed: nothing to keep
         print(f"{head}: {'resuming' if status == 'partial' else 'training'}", file=sys.stderr, flush=True)
-        if train_run(preset, seed, run_dir, recipe, resume=status == "partial") != 0:
+        try:
+            code = train_run(preset, seed, run_dir, recipe, resume=status == "partial")
+        finally:
+            if run_dir.exists():
+                _record_recipe(out, recipe)
+        if code != 0:
             print(f"{head}: interrupted; run the same command again to resume", file=sys.stderr)
             return False
         trained += 1
