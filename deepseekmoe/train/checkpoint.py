@@ -5,7 +5,9 @@
     tokenizer.json      the run's tokenizer, when it has one
 
 A run directory keeps checkpoints under RUN_DIR/checkpoints/step_XXXXXXXX/; `resolve_checkpoint` accepts either.
-Directories are written aside (name.tmp-*) and renamed into place, so a crash never leaves a half-written one.
+Directories are written aside (name.tmp-*), flushed to disk (fsync of every file and of the directory), and
+renamed into place, the parent directory flushed after: a kill or a power loss leaves the old directory or the
+new one, complete, never a half-written or renamed-but-empty one.
 """
 
 from __future__ import annotations
@@ -51,8 +53,34 @@ def atomic_directory(final: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
 
 
+def _fsync(path: Path) -> None:
+    if os.name == "nt" and path.is_dir():  # Windows cannot open a directory to flush it
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(directory: Path) -> None:
+    """fsync every file under `directory` and the directories themselves (data on disk before any rename)."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
+
+
 def commit_directory(tmp: Path, final: Path) -> None:
-    """Move a fully written temporary directory into place, replacing any old one."""
+    """Move a fully written temporary directory into place, replacing any old one; flushed before and after."""
+    sync_tree(tmp)
+    try:
+        _commit(tmp, final)
+    finally:
+        _fsync(final.parent)
+
+
+def _commit(tmp: Path, final: Path) -> None:
     if final.exists():
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
