@@ -402,3 +402,18 @@ def test_main_job_model_is_bit_reproducible_on_two_threads(tmp_path: Path, monke
     assert len(first) == 20
     assert losses(tmp_path / "b") == first
     assert losses(tmp_path / "resumed") == first
+
+
+def test_a_second_trainer_in_the_same_run_directory_is_refused(data_dir: Path, tmp_path: Path, capsys) -> None:
+    """A run directory another trainer holds (train.lock) is refused with one line and left as it was; once the
+    holder is gone the run resumes."""
+    fcntl = pytest.importorskip("fcntl")
+    assert train(data_dir, tmp_path / "run", max_steps=3) == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with open(tmp_path / "run" / "train.lock", "a+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        assert train(data_dir, tmp_path / "run", "train.max_steps=4", resume=True, max_steps=4) == 2
+        assert "is in use by another trainer" in _one_error_line(capsys)
+        assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    assert train(data_dir, tmp_path / "run", "train.max_steps=4", resume=True, max_steps=4) == 0

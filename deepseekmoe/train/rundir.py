@@ -5,6 +5,7 @@ RUN_DIR/
     metrics.jsonl     one JSON object per log step / validation (see metrics.py)
     tensorboard/      when the tensorboard package is installed
     checkpoints/step_XXXXXXXX/   the newest train.keep_last checkpoints (see state.py)
+    train.lock        held (flock) by the trainer working in the directory; a second one is refused
 
 The default RUN_DIR is runs/<preset> (relative to the working directory). Starting into a non-empty RUN_DIR
 without --resume is an error, so a finished run is never overwritten by accident.
@@ -12,14 +13,42 @@ without --resume is an error, so a finished run is never overwritten by accident
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
+from typing import Iterator
 
 from ..cli import CliError
 from .config import RunConfig, load_config
 
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = "train.lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold RUN_DIR/train.lock for the duration: a second trainer in the same directory (which would interleave
+    checkpoints and metrics) is refused with one line. The operating system lets the lock go when the holder
+    exits, however it ends, so a killed run never leaves a stale lock. Not on Windows (no flock)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise CliError(f"run directory {run_dir} is in use by another trainer ({holder}); wait for it or "
+                           "use another --out") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        yield
 
 
 def split_config_args(args: list[str] | tuple[str, ...]) -> tuple[str | None, list[str]]:

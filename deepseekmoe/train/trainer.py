@@ -357,9 +357,7 @@ def train_command(config: list[str] = (), *, preset: str | None = None, data: st
             train.batch_size is the global batch, split over the N processes.
     """
     from ..data.dataset import read_meta
-    from .rundir import (bind_to_data, data_directory, option_overrides, resolve_run, split_config_args,
-                         write_config)
-    from .metrics import truncate_metrics
+    from .rundir import bind_to_data, data_directory, option_overrides, resolve_run, run_lock, split_config_args
 
     path, overrides = split_config_args(config)
     run, run_dir = resolve_run(path, option_overrides(preset, data, out, max_steps) + overrides, resume)
@@ -368,6 +366,16 @@ def train_command(config: list[str] = (), *, preset: str | None = None, data: st
         data_dir = data_directory(run)
     run = bind_to_data(run, read_meta(data_dir))
     trainer = Trainer(run, run_dir, data_dir, resume=resume, parallel=parallel)  # checks before writing
+    with run_lock(run_dir) if parallel.is_main else nullcontext():
+        return _train(trainer, run, run_dir, data_dir, resume, parallel)
+
+
+def _train(trainer: Trainer, run: RunConfig, run_dir: Path, data_dir: Path, resume: bool,
+           parallel: Parallel) -> int:
+    """train_command once the run is set up and its directory locked: write, train, report."""
+    from .metrics import truncate_metrics
+    from .rundir import write_config
+
     main = parallel.is_main
     if main:
         write_config(run_dir, run)
