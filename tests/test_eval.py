@@ -135,3 +135,27 @@ def test_eval_command_errors_are_one_line(tmp_path, make_config, capsys):
         assert code == 2, argv
         assert out == ""
         assert err.count("\n") == 1 and err.startswith("deepseekmoe: error:") and needle in err, err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_checkpoint_is_one_line_in_every_command(tmp_path, make_config, capsys, damage):
+    """A truncated or garbage model.safetensors: eval, generate, analyze and convert each print one line naming
+    the file (no SafetensorError traceback) and exit 2."""
+    import shutil
+
+    ckpt, _, _ = make_checkpoint(tmp_path, make_config)
+    path = ckpt / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-64] if damage == "truncated" else b"not a safetensors file at all")
+    (tmp_path / "t.txt").write_text(TEXT)
+    commands = [
+        ["eval", ckpt, "--data", tmp_path / "t.txt"],
+        ["generate", ckpt, "--prompt", "The", "--max-new-tokens", 2],
+        ["analyze", ckpt, "--data", tmp_path / "t.txt", "--out", tmp_path / "an"],
+        ["convert", "--to-hf", ckpt, "--out", tmp_path / "hf"],
+    ]
+    for argv in commands:
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 2, argv
+        assert err.count("\n") == 1 and err.startswith("deepseekmoe: error:") and str(path) in err, (argv, err)
+    assert not (tmp_path / "hf").exists()
+    shutil.rmtree(tmp_path / "an", ignore_errors=True)

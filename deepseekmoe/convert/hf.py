@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 
 from ..config import ModelConfig
+from ..train.checkpoint import open_safetensors
 from .stream import DTYPES, SafetensorsWriter
 
 CONFIG_FILE = "config.json"
@@ -161,7 +161,7 @@ def weight_files(hf_dir: Path) -> dict[str, list[str]]:
     single = hf_dir / SINGLE_FILE
     if not single.is_file():
         raise FileNotFoundError(f"{hf_dir}: neither {INDEX_FILE} nor {SINGLE_FILE}")
-    with safe_open(str(single), framework="pt") as f:
+    with open_safetensors(str(single)) as f:
         return {SINGLE_FILE: list(f.keys())}
 
 
@@ -177,7 +177,7 @@ def is_hf_directory(path: str | Path) -> bool:
         return True
     if not (p / SINGLE_FILE).is_file():
         return False
-    with safe_open(str(p / SINGLE_FILE), framework="pt") as f:
+    with open_safetensors(str(p / SINGLE_FILE)) as f:
         return any(k.startswith("model.") for k in f.keys())
 
 
@@ -192,7 +192,7 @@ def _check_keys(hf_dir: Path, files: dict[str, list[str]], layout: dict[str, Sha
     unexpected = [k for k in present if k not in layout and not _is_tied_head(k, layout)]
     if unexpected:
         key, name = unexpected[0], present[unexpected[0]]
-        with safe_open(str(hf_dir / name), framework="pt") as f:
+        with open_safetensors(str(hf_dir / name)) as f:
             shape = f.get_slice(key).get_shape() if key in f.keys() else "?"
         raise ValueError(f"{hf_dir / name}: unexpected tensor {key} with shape {_fmt(shape)} (not in the model "
                          f"config.json describes; {len(unexpected)} unexpected in all)")
@@ -207,7 +207,7 @@ def _scan(hf_dir: Path, files: dict[str, list[str]], layout: dict[str, Shape]) -
     """Check every stored tensor against the layout from the shard headers alone -> {HF key: dtype}."""
     dtypes: dict[str, torch.dtype] = {}
     for name, keys in files.items():
-        with safe_open(str(hf_dir / name), framework="pt") as f:
+        with open_safetensors(str(hf_dir / name)) as f:
             stored = set(f.keys())
             for key in keys:
                 if _is_tied_head(key, layout):
@@ -254,7 +254,7 @@ def _stream(hf_dir: Path, files: dict[str, list[str]], layout: dict[str, Shape],
     for n, (name, keys) in enumerate(files.items(), 1):
         if progress:
             print(f"reading {name} ({n}/{len(files)}, {len(keys)} tensors)", file=sys.stderr, flush=True)
-        with safe_open(str(hf_dir / name), framework="pt", device=str(device)) as f:
+        with open_safetensors(str(hf_dir / name), str(device)) as f:
             for key in keys:
                 if not _is_tied_head(key, layout):
                     t = f.get_tensor(key)

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..config import ModelConfig
+from ..train.checkpoint import open_safetensors
 from .hf import (AUTO_MAP, CONFIG_FILE, INDEX_FILE, SINGLE_FILE, Shape, _copy_side_files, _fmt, _our_source,
                  hf_layout, is_hf_directory, our_entries)
 from .stream import DTYPES, SafetensorsWriter
@@ -98,7 +98,7 @@ def _write_shards(source: Path, config: ModelConfig, layout: dict[str, Shape], d
         if progress:
             print(f"writing {name} ({len(keys)} tensors)", file=sys.stderr, flush=True)
         entries = {k: (dtypes[k], layout[k]) for k in keys}
-        with safe_open(str(source), framework="pt") as f, \
+        with open_safetensors(str(source)) as f, \
                 SafetensorsWriter(out / name, entries, metadata={"format": "pt"}) as writer:
             for k in keys:
                 writer.write(k, _read_hf_tensor(f, k, config))
@@ -132,7 +132,7 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str |
     config = ModelConfig.from_dict(json.loads((ckpt / CONFIG_FILE).read_text()))
     layout = hf_layout(config)
     with written_atomically(out) as tmp:
-        with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
+        with open_safetensors(str(ckpt / MODEL_FILE)) as f:
             dtypes = _check_our_checkpoint(ckpt / MODEL_FILE, f, config, layout)
         _write_shards(ckpt / MODEL_FILE, config, layout, dtypes, tmp, max_bytes, progress)
         dtype = dtypes["model.embed_tokens.weight"]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig
@@ -30,6 +31,24 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 STEP_PREFIX = "step_"
+
+
+@contextmanager
+def open_safetensors(path: str | Path, device: str = "cpu") -> Iterator:
+    """safe_open(path), with a damaged file (truncated, garbage) reported as one ValueError naming it."""
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            yield f
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc}); it may be truncated") from None
+
+
+def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (see open_safetensors)."""
+    try:
+        return load_file(str(path), device=device)
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors file ({exc}); it may be truncated") from None
 
 
 def model_state(model: Transformer) -> dict[str, torch.Tensor]:
@@ -152,7 +171,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         model = Transformer(config)
     model.to_empty(device=device)
     model.init_weights()  # rebuilds non-persistent tables (rotary, hash); weights are overwritten below
-    state = load_file(str(ckpt / MODEL_FILE), device=str(device))
+    state = read_safetensors(ckpt / MODEL_FILE, device=str(device))
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     missing, unexpected = model.load_state_dict(state, strict=False)
