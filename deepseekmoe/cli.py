@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"deepseekmoe: error: {msg}", file=sys.stderr)
         return 2
+    except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:  # a path the user gave
+        print(f"deepseekmoe: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("deepseekmoe: interrupted", file=sys.stderr)
         return 130

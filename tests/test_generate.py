@@ -212,3 +212,15 @@ def test_generate_command_errors_are_one_line(tmp_path, make_config, capsys):
         assert code == 2, argv
         assert out == ""  # nothing half-written
         assert err.count("\n") == 1 and err.startswith("deepseekmoe: error:") and needle in err, err
+
+
+def test_a_bad_device_is_one_line(tmp_path, make_config, capsys):
+    import torch
+
+    ckpt, _, _ = make_checkpoint(tmp_path, make_config)
+    cases = [("foo", "--device 'foo' is not a device")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda", "no CUDA device is available"))
+    for device, needle in cases:
+        code, out, err = run_cli(capsys, "generate", ckpt, "--prompt", "The", "--device", device)
+        assert code == 2 and err.count("\n") == 1 and needle in err, err

@@ -417,3 +417,20 @@ def test_a_second_trainer_in_the_same_run_directory_is_refused(data_dir: Path, t
         assert "is in use by another trainer" in _one_error_line(capsys)
         assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
     assert train(data_dir, tmp_path / "run", "train.max_steps=4", resume=True, max_steps=4) == 0
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["train.device=foo"], "train.device='foo' is not a device"),
+    (["train.step_decay_at=[a"], "train.step_decay_at='[a' is invalid"),
+])
+def test_more_bad_settings_are_one_line(data_dir: Path, tmp_path: Path, capsys, extra, needle) -> None:
+    assert train(data_dir, tmp_path / "run", *extra) == 2
+    assert needle in _one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_that_is_not_utf8_names_itself(data_dir: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"train:\n  lr: \xff\xfe\n")
+    assert main(["train", str(bad), "--data", str(data_dir), "--out", str(tmp_path / "run")]) == 2
+    assert f"{bad}: not UTF-8 text" in _one_error_line(capsys)

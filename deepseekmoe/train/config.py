@@ -237,7 +237,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                              f"{', '.join(map(repr, get_args(tp)))}")
         return value
     if origin is list:
-        items = yaml.safe_load(value) if isinstance(value, str) else value
+        try:
+            items = yaml.safe_load(value) if isinstance(value, str) else value
+        except yaml.YAMLError:
+            raise ValueError(f"{key}={value!r} is invalid: expected a list such as [0.8, 0.9]") from None
         if not isinstance(items, (list, tuple)):
             raise ValueError(f"{key}={value!r} is invalid: expected a list such as [0.8, 0.9]")
         return [coerce(v, get_args(tp)[0], key) for v in items]
@@ -315,7 +318,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); a config file is YAML text") from None
     return _mapping(data or {}, str(path))
