@@ -218,7 +218,7 @@ def test_a_bad_device_is_one_line(tmp_path, make_config, capsys):
     import torch
 
     ckpt, _, _ = make_checkpoint(tmp_path, make_config)
-    cases = [("foo", "--device 'foo' is not a device")]
+    cases = [("foo", "--device='foo' is not a device")]
     if not torch.cuda.is_available():
         cases.append(("cuda", "no CUDA device is available"))
     for device, needle in cases:

@@ -8,21 +8,13 @@ import torch
 from tokenizers import Tokenizer
 
 from ..model import Transformer
-from ..runtime import for_device
+from ..runtime import for_device, parse_device
 from ..train.checkpoint import TOKENIZER_FILE, load_model, resolve_checkpoint
 
 
 def pick_device(device: str | None) -> torch.device:
     """The requested device, or CUDA when available, else CPU."""
-    if not device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r} is not a device: expected cpu, cuda or cuda:N") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r} but no CUDA device is available")
-    return chosen
+    return parse_device(device, "--device")
 
 
 def load_for_inference(path: str | Path, device: str | None = None) -> tuple[Transformer, Tokenizer, Path]:

@@ -15,6 +15,20 @@ from ..model.experts import RoutedExperts
 from .cpu import CpuRuntime
 
 
+def parse_device(name: str | None, setting: str) -> torch.device:
+    """The device `name` names (None or "auto": CUDA when available, else CPU); an unknown name or CUDA on a
+    machine without it is a ValueError naming `setting` (the option or config key it came from)."""
+    if not name or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{setting}={name!r} is not a device: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{setting}={name!r} but no CUDA device is available")
+    return device
+
+
 def for_device(model: nn.Module, device: torch.device | str) -> CpuRuntime | None:
     """Apply the runtime this device gets (see the module docstring); returns it, or None."""
     if torch.device(device).type != "cpu" or torch.get_num_threads() < 2:

@@ -34,7 +34,7 @@ from ..distributed.training import (NullLogger, device_load_record, gather_train
                                     shard_optimizer_state, single_process)
 from ..losses import total_loss
 from ..model import Transformer
-from ..runtime import describe as describe_experts, for_device
+from ..runtime import describe as describe_experts, for_device, parse_device
 from .checkpoint import list_checkpoints, load_model
 from .config import RunConfig, TrainConfig
 from .metrics import MetricsLogger, expert_load
@@ -321,15 +321,7 @@ class Trainer:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"train.device={name!r} is not a device: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but no CUDA device is available")
-    return device
+    return parse_device(name, "train.device")
 
 
 def autocast_context(device: torch.device, precision: str) -> ContextManager | None:
