@@ -206,6 +206,9 @@ def test_generate_command_errors_are_one_line(tmp_path, make_config, capsys):
         (["generate", ckpt], "--prompt"),
         (["generate", ckpt, "--prompt", "x", "--top-p", 0], "top_p"),
         (["generate", ckpt, "--prompt-file", tmp_path / "nope.txt"], "prompt file not found"),
+        (["generate", ckpt, "--prompt", "x", "--max-new-tokens", -5], "max_new_tokens=-5 must be at least 1"),
+        (["generate", ckpt, "--prompt", "x", "--temperature", "nan"], "temperature=nan must be a finite number"),
+        (["generate", ckpt, "--prompt", "x", "--temperature", "inf"], "temperature=inf must be a finite number"),
     ]
     for argv, needle in cases:
         code, out, err = run_cli(capsys, *argv)

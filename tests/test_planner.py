@@ -86,6 +86,14 @@ def test_parse_size():
         parse_size("80XB")
 
 
+@pytest.mark.parametrize("option, value", [("--flops", "0"), ("--flops", "nan"), ("--flops", "-5"),
+                                           ("--link-bandwidth", "0GB/s"), ("--seq-len", "0")])
+def test_non_positive_rates_and_sizes_are_one_line(capsys, option, value):
+    assert main(["plan", "--preset", "deepseekmoe-16b", option, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"deepseekmoe: error: {option} ") and "must be a positive" in err[0]
+
+
 def test_cli_json_and_errors(capsys):
     assert main(["plan", "--preset", "deepseekmoe-16b", "--gpu-memory", "40GB", "--inference", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -31,6 +31,8 @@ Sizes: "GB" is 10^9 bytes, "GiB" 2^30 (an "A100 40GB" has 40 GiB, so 40GB is the
 
 from __future__ import annotations
 
+import math
+
 import json as jsonlib
 import re
 from dataclasses import asdict, dataclass, field
@@ -228,9 +230,15 @@ def plan_command(*, preset: str | None = None, config: str | None = None, gpus: 
 
     if (preset is None) == (config is None):
         raise CliError("give exactly one of --preset NAME or --config FILE")
+    bandwidth = parse_size(link_bandwidth, "link_bandwidth")
+    for name, value, given in (("--flops", flops, flops), ("--link-bandwidth", bandwidth, link_bandwidth),
+                               ("--gpus", gpus, gpus), ("--ep", ep, ep), ("--micro-batch", micro_batch, micro_batch),
+                               ("--seq-len", seq_len, seq_len)):
+        if value is not None and (not math.isfinite(value) or value <= 0):
+            raise CliError(f"{name} {given} must be a positive number")
     cfg = load_preset(preset) if preset else ModelConfig.load(config)  # type: ignore[arg-type]
     p = plan(cfg, gpus=gpus, gpu_memory=parse_size(gpu_memory, "gpu_memory"), ep=ep, micro_batch=micro_batch,
-             seq_len=seq_len, dtype=dtype, flops=flops, link_bandwidth=parse_size(link_bandwidth, "link_bandwidth"),
+             seq_len=seq_len, dtype=dtype, flops=flops, link_bandwidth=bandwidth,
              global_batch=global_batch, inference=inference, recompute=recompute)
     name = preset or config
     if json:

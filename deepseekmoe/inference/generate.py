@@ -164,6 +164,8 @@ def encode_prompt(tokenizer: Tokenizer, text: str, bos_token_id: int | None) -> 
 
 def fit_new_tokens(model: Transformer, prompt_len: int, max_new_tokens: int) -> int:
     """max_new_tokens, lowered to what still fits the context; a prompt that does not fit is an error."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
     limit = model.config.max_position_embeddings
     if prompt_len > limit:
         raise ValueError(f"the prompt is {prompt_len} tokens long; the model's context is "

@@ -7,16 +7,18 @@ them in the usual order: temperature, then top-k, then top-p on what is left.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ValueError naming the first out-of-range setting."""
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 means greedy)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k={top_k} must be >= 1")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if top_p is not None and not 0.0 < top_p <= 1.0:  # also refuses nan
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
 
 
