@@ -434,3 +434,15 @@ def test_a_config_file_that_is_not_utf8_names_itself(data_dir: Path, tmp_path: P
     bad.write_bytes(b"train:\n  lr: \xff\xfe\n")
     assert main(["train", str(bad), "--data", str(data_dir), "--out", str(tmp_path / "run")]) == 2
     assert f"{bad}: not UTF-8 text" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("drop", ["splits", "vocab_size"])
+def test_a_meta_json_missing_a_field_names_file_and_field(tmp_path: Path, capsys, drop: str) -> None:
+    import json
+
+    data = make_data_dir(tmp_path / "data")
+    meta = json.loads((data / "meta.json").read_text())
+    del meta[drop]
+    (data / "meta.json").write_text(json.dumps(meta))
+    assert train(data, tmp_path / "run") == 2
+    assert f"{data / 'meta.json'} lacks {drop}" in _one_error_line(capsys)

@@ -40,6 +40,14 @@ def read_meta(data_dir: str | Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise ValueError(f"{path}: unsupported data format {found!r} (this version reads format {FORMAT})")
+    missing = [k for k in ("vocab_size", "dtype", "splits") if k not in meta]
+    splits = meta.get("splits")
+    whole = isinstance(splits, dict) and all(isinstance(splits.get(s), dict) and "tokens" in splits[s]
+                                             for s in ("train", "val"))
+    if not missing and not whole:
+        missing = ["splits.train.tokens / splits.val.tokens"]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}; recreate the directory with `deepseekmoe prepare`")
     return meta
 
 
