@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from moe_layer import SHAPES, competing_process  # noqa: E402
 
 
 def load_revision(rev: str, into: Path):
@@ -83,8 +85,6 @@ def decode_call(pkg, preset: str, current: bool, prompt_len: int = 32, new_token
 
 def layer_call(pkg, shape: str, current: bool):
     """Forward + backward of one MoE block at a benchmarks/moe_layer.py shape (S1: T=4096, D=512, 64 x 128)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from moe_layer import SHAPES
     s = SHAPES[shape]
     cfg = pkg.ModelConfig(hidden_size=s.hidden, n_routed_experts=s.experts, moe_intermediate_size=s.width,
                           n_shared_experts=s.shared, num_experts_per_tok=s.top_k)
@@ -173,8 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     if a.side is not None:
         run(a.baseline, a.what.split(","), a.presets.split(","), a.shapes.split(","), a.rounds, False, a.side)
         return 0
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from moe_layer import competing_process
     with competing_process(a.compete):
         run(a.baseline, a.what.split(","), a.presets.split(","), a.shapes.split(","), a.rounds, a.isolate)
     return 0

@@ -283,11 +283,12 @@ def _per_expert_forward(ops: _Rows, keep: bool) -> tuple[torch.Tensor, dict[int,
     def chunk(experts: list[int]) -> Commit:
         outs = []
         for e in experts:
-            tok_N = ops.token_R[bounds[e][0]:bounds[e][1]]
+            s, t = bounds[e]
+            tok_N = ops.token_R[s:t]
             gu_N2F = linear(ops.x_TD.index_select(0, tok_N), ops.gate_up_proj[e])
             if gus is not None:
                 gus[e] = gu_N2F
-            h_NF = _silu_mul(gu_N2F).mul_(ops.weight_R[bounds[e][0]:bounds[e][1], None])
+            h_NF = _silu_mul(gu_N2F).mul_(ops.weight_R[s:t, None])
             outs.append((tok_N, linear(h_NF, ops.down_proj[e])))
         return lambda: [y_TD.index_add_(0, tok_N, y_ND) for tok_N, y_ND in outs]
 

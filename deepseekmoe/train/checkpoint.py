@@ -40,7 +40,7 @@ def open_safetensors(path: str | Path, device: str = "cpu") -> Iterator:
         with safe_open(str(path), framework="pt", device=device) as f:
             yield f
     except SafetensorError as exc:
-        raise ValueError(f"{path} is not a readable safetensors file ({exc}); it may be truncated") from None
+        raise _unreadable(path, exc) from None
 
 
 def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -48,7 +48,11 @@ def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.T
     try:
         return load_file(str(path), device=device)
     except SafetensorError as exc:
-        raise ValueError(f"{path} is not a readable safetensors file ({exc}); it may be truncated") from None
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: str | Path, exc: Exception) -> ValueError:
+    return ValueError(f"{path} is not a readable safetensors file ({exc}); it may be truncated")
 
 
 def model_state(model: Transformer) -> dict[str, torch.Tensor]:

@@ -180,7 +180,8 @@ class Trainer:
         self.saved_step: int | None = None
         if resume and not list_checkpoints(run_dir):  # stopped before its first checkpoint: nothing to restore
             print(f"note: --resume: {run_dir} has no checkpoint yet; starting from step 0", file=sys.stderr)
-        if resume and list_checkpoints(run_dir):
+            resume = False
+        if resume:
             self._restore()
         else:
             self._fresh()
@@ -213,11 +214,8 @@ class Trainer:
     def _newest_readable_checkpoint(self) -> tuple[Path, dict[str, Any], Transformer]:
         """The newest checkpoint whose training state and weights load; a damaged newer one (a file truncated by a
         full disk or a crash outside the atomic save) is skipped with a warning."""
-        ckpts = list_checkpoints(self.run_dir)
-        if not ckpts:
-            raise FileNotFoundError(f"--resume: {self.run_dir} holds no checkpoint to resume from")
         problem = ""
-        for ckpt in reversed(ckpts):
+        for ckpt in reversed(list_checkpoints(self.run_dir)):
             try:
                 state = load_training_state(ckpt)
                 model, _ = load_model(ckpt, device=self.device)
