@@ -53,6 +53,10 @@ def bench_command(benchmark: str, *, shapes: str | None = None, impls: str | Non
             or warm.
         json: print one JSON object instead of a table.
     """
+    for name, value in {"repeats": repeats, "batch": batch, "seq": seq, "new_tokens": new_tokens,
+                        "budget_s": budget_s}.items():
+        if value is not None and not value > 0:  # also catches NaN
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     module = _load(benchmark)
     given = {"shapes": shapes, "impls": impls, "presets": presets, "repeats": repeats, "batch": batch, "seq": seq,
              "new_tokens": new_tokens, "budget_s": budget_s, "dtype": dtype, "device": device, "cache": cache}

@@ -13,8 +13,6 @@ DATA_DIR/val.bin), so numbers are comparable across checkpoints that share a tok
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -22,7 +20,9 @@ from typing import Any, Callable
 
 import torch
 
+from ..fileio import check_output_dir
 from ..model import Transformer
+from .results import write_json
 from .specialization import Batch, disable_top_experts, evaluate_loss, shared_expert_swap, vary_top_k
 from .stats import RoutingStats
 
@@ -115,12 +115,6 @@ def write_plots(results: list[dict[str, Any]], out: Path) -> dict[str, str]:
     return files
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def analyze_command(checkpoints: list[str], *, data: str | None = None, out: str = "analysis",
                     batches: int = 16, batch_size: int = 8, seq_len: int = 256, top_tokens: int = 10) -> int:
     """Routing statistics and the paper's expert-specialization experiments (Figs. 4-5) for checkpoints.
@@ -136,8 +130,8 @@ def analyze_command(checkpoints: list[str], *, data: str | None = None, out: str
     """
     from ..train.checkpoint import load_model
 
+    out_dir = check_output_dir(out)
     data_dir = Path(data) if data else _builtin_data()
-    out_dir = Path(out)
     models = [load_model(c) for c in checkpoints]  # fail early, before any long work, on a bad path
     decoders = [_decoder(ckpt, data_dir) for _, ckpt in models]  # ... or on a tokenizer mismatch
     length = min([seq_len] + [m.config.max_position_embeddings for m, _ in models])
@@ -151,7 +145,7 @@ def analyze_command(checkpoints: list[str], *, data: str | None = None, out: str
         results.append({"name": name, "checkpoint": str(ckpt), **r})
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad argument leaves nothing behind
     files = write_plots(results, out_dir)
-    _write_json(out_dir / "analysis.json", {"data": str(data_dir), "seq_len": length, "batches": len(val),
+    write_json(out_dir / "analysis.json", {"data": str(data_dir), "seq_len": length, "batches": len(val),
                                             "checkpoints": results, "plots": files})
     print(f"wrote {out_dir / 'analysis.json'} and {len(files)} plots", file=sys.stderr)
     return 0

@@ -31,6 +31,7 @@ from typing import Any
 from ..accounting import count
 from ..cli import CliError
 from ..config import ModelConfig
+from ..fileio import check_output_dir
 from ..presets import load_preset
 from ..train.checkpoint import list_checkpoints
 from .results import RESULTS_JSON, read_records, read_run, table_markdown, write_json
@@ -307,15 +308,17 @@ def compare_command(*, suite: str = "table1", data: str | None = None, steps: in
         eval_batches: validation batches (fixed windows) for the final loss.
         analyze: also run the routing analysis on seed 0's final checkpoints.
     """
-    if seeds < 1 or (steps is not None and steps < 1):
-        raise ValueError("--seeds and --steps must be at least 1")
+    for name, value in {"seeds": seeds, "steps": steps, "batch-size": batch_size, "seq-len": seq_len,
+                        "eval-batches": eval_batches}.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}")
     suites = resolve_suites(suite, scale, models)
     n_steps = steps or DEFAULT_STEPS.get(scale, 300)
     recipe = {"steps": n_steps, "seeds": seeds, "batch_size": batch_size, "seq_len": seq_len,
               "eval_batches": eval_batches, "warmup_steps": max(1, min(50, n_steps // 10)),
               "save_every": max(1, n_steps // 10), "data": str(Path(data).resolve()) if data else None,
               "scale": scale}
-    out_dir = Path(out)
+    out_dir = check_output_dir(out)
     _check_recipe(out_dir, recipe)
     jobs = list(dict.fromkeys((p, s) for _, presets in suites.values() for p in presets.values()
                               for s in range(seeds)))

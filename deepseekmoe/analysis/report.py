@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from ..fileio import check_output_file, write_text_atomically
 from .results import HEADERS, RESULTS_JSON, load_history, read_records, read_run, recipe_line, table_rows
 
 CSS = """
@@ -226,10 +227,8 @@ def report_command(directory: str, *, out: str | None = None) -> int:
     src = Path(directory)
     if not src.is_dir():
         raise FileNotFoundError(f"no such directory: {src}")
+    dest = check_output_file(out if out else src / "report.html")
     page = build_report(src)
-    dest = Path(out) if out else src / "report.html"
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(dest)
+    write_text_atomically(dest, page)
     print(f"wrote {dest} ({len(page) / 1e6:.1f} MB)", file=sys.stderr)
     return 0

@@ -10,10 +10,11 @@ A run directory's metrics.jsonl (written by the trainer, see deepseekmoe/train/m
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from pathlib import Path
 from typing import Any
+
+from ..fileio import write_text_atomically
 
 RESULTS_JSON = "results.json"
 HEADERS = ("model", "total params", "activated params", "FLOPs/token", "val loss (nats/token)", "bits/byte",
@@ -22,10 +23,7 @@ HEADERS = ("model", "total params", "activated params", "FLOPs/token", "val loss
 
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (aside, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(obj, indent=1) + "\n")
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
