@@ -125,6 +125,14 @@ class PackedBatches:
         return data[:, :-1], data[:, 1:]
 
 
+def check_eval_windows(tokens: np.ndarray, seq_len: int, what: str = "the evaluation split") -> int:
+    """The number of evaluation windows of `seq_len` in `tokens`; ValueError when there is not even one."""
+    num_windows = (len(tokens) - 1) // seq_len
+    if num_windows < 1:
+        raise _windows_error(tokens, seq_len + 1, what)
+    return num_windows
+
+
 def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
                  max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Sequential evaluation batches (inputs, targets), int64 (b, seq_len) with b <= batch_size in the last one.
@@ -134,9 +142,7 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
     """
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
-    num_windows = (len(tokens) - 1) // seq_len
-    if num_windows < 1:
-        raise _windows_error(tokens, seq_len + 1, "the evaluation split")
+    num_windows = check_eval_windows(tokens, seq_len)
     for n, first in enumerate(range(0, num_windows, batch_size)):
         if max_batches is not None and n >= max_batches:
             return

@@ -168,6 +168,8 @@ def heldout_tokens(data: Path, tokenizer: Tokenizer, bos_token_id: int | None,
     if not data.is_file():
         raise FileNotFoundError(f"no such data directory or text file: {data}")
     text = data.read_text(encoding="utf-8", errors="replace")
+    if not text:
+        raise ValueError(f"{data} is empty: there is no text to evaluate")
     bos = [bos_token_id] if bos_token_id is not None else []
     eos = [eos_token_id] if eos_token_id is not None else []
     return np.asarray(bos + tokenizer.encode(text, add_special_tokens=False).ids + eos, dtype=np.int64)

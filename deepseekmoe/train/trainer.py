@@ -156,7 +156,7 @@ class Trainer:
 
     def __init__(self, run: RunConfig, run_dir: Path, data_dir: Path, resume: bool = False,
                  parallel: Parallel | None = None) -> None:
-        from ..data.dataset import PackedBatches, open_split, read_meta
+        from ..data.dataset import PackedBatches, check_eval_windows, open_split, read_meta
 
         self.run, self.cfg, self.run_dir, self.data_dir = run, run.train, run_dir, data_dir
         self.device = parallel.device if parallel else pick_device(self.cfg.device)
@@ -168,6 +168,7 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         meta = read_meta(data_dir)
         self.val_tokens = open_split(data_dir, "val")
+        check_eval_windows(self.val_tokens, self.cfg.seq_len, f"the validation split of {data_dir}")
         val = meta["splits"]["val"]
         self.bytes_per_token = val["bytes"] / max(val["tokens"], 1)
         self.batches = PackedBatches(open_split(data_dir, "train"), self.cfg.batch_size, self.cfg.seq_len,
