@@ -25,6 +25,7 @@ pages plus one tensor, whatever the model size. Dtypes are kept (bf16 stays bf16
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -144,6 +145,14 @@ def read_hf_config(hf_dir: Path) -> ModelConfig:
         raise ValueError(f"{path}: {exc}") from None
 
 
+def _inside(name: object) -> bool:
+    """A relative path that stays inside its directory (no absolute path, no climbing out with '..')."""
+    if not isinstance(name, str) or not name or os.path.isabs(name):
+        return False
+    parts = Path(os.path.normpath(name)).parts
+    return bool(parts) and parts[0] != ".."
+
+
 def weight_files(hf_dir: Path) -> dict[str, list[str]]:
     """{shard file name: [keys]} from the index (or the single model.safetensors), in file order."""
     index = hf_dir / INDEX_FILE
@@ -155,6 +164,8 @@ def weight_files(hf_dir: Path) -> dict[str, list[str]]:
         for key, name in weight_map.items():
             files.setdefault(name, []).append(key)
         for name in files:
+            if not _inside(name):  # judged on the name alone: hub caches link shards to blobs elsewhere
+                raise ValueError(f"{index} names the shard {name!r}, which is not a file inside {hf_dir}")
             if not (hf_dir / name).is_file():
                 raise FileNotFoundError(f"{index} names {name}, which does not exist")
         return dict(sorted(files.items()))

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig
+from ..fileio import as_disk_full
 from ..model import Transformer
 
 MODEL_FILE = "model.safetensors"
@@ -71,7 +72,7 @@ def write_model_files(model: Transformer, directory: Path, tokenizer_path: str |
 
 
 def atomic_directory(final: Path) -> Path:
-    """A fresh temporary sibling of `final`; pass it to `commit_directory` once fully written."""
+    """A fresh temporary sibling of `final`, to fill, flush (`sync_tree`) and pass to `commit_directory`."""
     final.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
 
@@ -95,8 +96,7 @@ def sync_tree(directory: Path) -> None:
 
 
 def commit_directory(tmp: Path, final: Path) -> None:
-    """Move a fully written temporary directory into place, replacing any old one; flushed before and after."""
-    sync_tree(tmp)
+    """Move a fully written, flushed (`sync_tree`) temporary directory into place, replacing any old one."""
     try:
         _commit(tmp, final)
     finally:
@@ -120,8 +120,12 @@ def written_atomically(final: Path) -> Iterator[Path]:
     tmp = atomic_directory(final)
     try:
         yield tmp
-    except BaseException:
+        sync_tree(tmp)  # a full disk may show only here (delayed allocation)
+    except BaseException as exc:
+        full = as_disk_full(exc, final)  # judged before the partial files are removed and free their space
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from exc
         raise
     commit_directory(tmp, final)
 
@@ -160,6 +164,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{p} holds no checkpoint ({MODEL_FILE} or checkpoints/{STEP_PREFIX}*)")
 
 
+def _check_shapes(state: dict[str, torch.Tensor], model: Transformer, ckpt: Path) -> None:
+    """Every tensor has the shape its config.json implies; else one error naming the tensor and both shapes."""
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(f"{ckpt / MODEL_FILE}: {key} has shape {list(tensor.shape)}, but {ckpt / CONFIG_FILE} "
+                             f"implies {list(expected[key].shape)}")
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[Transformer, Path]:
     """Load a checkpoint (or a run's latest) -> (model in eval mode, checkpoint directory).
@@ -178,6 +191,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     state = read_safetensors(ckpt / MODEL_FILE, device=str(device))
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
+    _check_shapes(state, model, ckpt)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{ckpt / MODEL_FILE}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
