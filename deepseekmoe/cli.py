@@ -12,8 +12,10 @@ printed as one line `deepseekmoe: error: ...` with exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import inspect
+import os
 import re
 import sys
 import types
@@ -35,6 +37,10 @@ COMMANDS: dict[str, str] = {
     "plan": "deepseekmoe.distributed.planner:plan_command",
     "bench": "deepseekmoe.bench:bench_command",
 }
+
+
+# a full disk, a quota, a read-only file system: the user can fix these, so they are one line, not a traceback
+USER_FIXABLE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 class CliError(Exception):
@@ -114,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="deepseekmoe", description="DeepSeekMoE: fine-grained + shared-expert Mixture-of-Experts LMs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.set_defaults(_commands=sub.choices)
     for name, target in COMMANDS.items():
         fn = _resolve(target)
         p = sub.add_parser(name, help=_summary(fn), description=inspect.getdoc(fn).split("Args:")[0]
@@ -123,9 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, Any]:
+    """Parse a command line; a subcommand's positional arguments may come before, between or after its options
+    (`train train.lr=1e-3 --out r model.experts_impl=loop`)."""
+    commands = parser.get_default("_commands")
+    if argv and argv[0] in commands:
+        args = vars(commands[argv[0]].parse_intermixed_args(argv[1:]))
+        args["command"] = argv[0]
+    else:  # --help, no command, an unknown command: the top-level parser says what is wrong
+        args = vars(parser.parse_args(argv))
+    args.pop("_commands", None)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    args = parse(parser, sys.argv[1:] if argv is None else list(argv))
     fn = args.pop("_fn")
     args.pop("command")
     try:
@@ -136,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:  # a path the user gave
         print(f"deepseekmoe: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader went away (`deepseekmoe info | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        if exc.errno not in USER_FIXABLE_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"deepseekmoe: error: {where}{exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("deepseekmoe: interrupted", file=sys.stderr)

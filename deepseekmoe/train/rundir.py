@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..cli import CliError
+from ..fileio import write_text_atomically
 from .config import RunConfig, load_config
 
 CONFIG_FILE = "config.yaml"
@@ -81,7 +82,7 @@ def resolve_run(path: str | None, overrides: list[str], resume: bool) -> tuple[R
         run = load_config(path, overrides, base=saved)
         if run.run_dir != run_dir:  # the directory was found by its new name: record that one
             run = dataclasses.replace(run, out=str(run_dir))
-    elif run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+    elif run_dir.exists() and (not run_dir.is_dir() or not _holds_only_leftovers(run_dir)):
         raise CliError(f"run directory {run_dir} is not empty: pass --resume to continue that run, or --out DIR "
                        "for a new one")
     return run, run_dir
@@ -106,9 +107,13 @@ def bind_to_data(run: RunConfig, meta: dict) -> RunConfig:
     return dataclasses.replace(run, model=model)
 
 
+def _holds_only_leftovers(run_dir: Path) -> bool:
+    """Nothing but what a trainer killed before writing its config leaves (its lock, a temporary config file):
+    such a directory is as good as empty for a fresh start."""
+    return all(p.name == LOCK_FILE or (p.name.startswith(CONFIG_FILE + ".") and p.name.endswith(".tmp"))
+               for p in run_dir.iterdir())
+
+
 def write_config(run_dir: Path, run: RunConfig) -> None:
     """Write RUN_DIR/config.yaml atomically."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (CONFIG_FILE + ".tmp")
-    tmp.write_text(run.to_yaml())
-    os.replace(tmp, run_dir / CONFIG_FILE)
+    write_text_atomically(run_dir / CONFIG_FILE, run.to_yaml())
