@@ -36,6 +36,15 @@ def test_load_statistics_hand_case():
     assert s.token_entropy() is None  # no probabilities given
 
 
+def test_gate_mass_is_the_mean_summed_top_k_weight():
+    s = LayerRoutingStats(4)
+    counts = torch.tensor([2, 1, 1, 0])
+    s.update(RouterOutput(torch.tensor([[0, 1], [0, 2]]), torch.tensor([[0.5, 0.25], [0.125, 0.125]]), None, None,
+                          counts, 1))
+    assert s.gate_mass() == pytest.approx((0.75 + 0.25) / 2)
+    assert s.summary()["gate_mass"] == pytest.approx(0.5)
+
+
 def test_coactivation_counts_exactly():
     s = LayerRoutingStats(5)
     s.update(_routing(IDX))

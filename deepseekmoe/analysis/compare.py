@@ -283,10 +283,29 @@ def analyze_finals(out: Path, results: dict[str, Any], recipe: dict[str, Any]) -
                                                     "plots": files})
 
 
+def make_recipe(*, steps: int, seeds: int, batch_size: int, seq_len: int, eval_batches: int, data: str | None,
+                scale: str) -> dict[str, Any]:
+    """The one recipe of a comparison: every model trains with it (schedule derived from the step count)."""
+    return {"steps": steps, "seeds": seeds, "batch_size": batch_size, "seq_len": seq_len,
+            "eval_batches": eval_batches, "warmup_steps": max(1, min(50, steps // 10)),
+            "save_every": max(1, steps // 10), "data": str(Path(data).resolve()) if data else None, "scale": scale}
+
+
+def _scaling(suite: str, out: str, budgets: str | None, steps: int | None, models: list[str] | None, scale: str,
+             common: dict[str, Any]) -> int:
+    from .scaling import DEFAULT_BUDGETS, parse_budgets, scaling_command
+
+    if suite != "scaling":
+        raise ValueError("--budgets applies to --suite scaling only")
+    if steps is not None or models:
+        raise ValueError("--steps and --models do not apply to --suite scaling: --budgets sets the steps")
+    return scaling_command(check_output_dir(out), parse_budgets(budgets or DEFAULT_BUDGETS), scale, **common)
+
+
 def compare_command(*, suite: str = "table1", data: str | None = None, steps: int | None = None, seeds: int = 2,
                     scale: str = "tiny", out: str = "compare", models: list[str] | None = None,
                     batch_size: int = 8, seq_len: int = 256, eval_batches: int = 16,
-                    analyze: bool = True) -> int:
+                    analyze: bool = True, budgets: str | None = None) -> int:
     """Train the paper's comparison suites with one recipe and write results.json, results.md, loss_curves.png.
 
     Each model of the suite is trained on the same data with the same recipe, seeds and token budget; the table
@@ -296,7 +315,8 @@ def compare_command(*, suite: str = "table1", data: str | None = None, steps: in
 
     Args:
         suite: table1 (Dense, Hash, Switch, GShard, DeepSeekMoE), ablation (Fig. 3), shared-ratio, upper-bound
-            (Table 2: GShard x1.5, Dense x16), or all.
+            (Table 2: GShard x1.5, Dense x16), all (those four), or scaling (table1 at every --budgets; see
+            deepseekmoe/analysis/scaling.py).
         data: prepared data directory (default: the built-in corpus).
         steps: optimizer steps per run (default: 400; small scale is about 10x slower per step than tiny).
         seeds: runs per model, seeds 0..N-1 (two or more to judge gaps against seed noise).
@@ -306,18 +326,20 @@ def compare_command(*, suite: str = "table1", data: str | None = None, steps: in
         batch_size: sequences per step.
         seq_len: tokens per sequence.
         eval_batches: validation batches (fixed windows) for the final loss.
-        analyze: also run the routing analysis on seed 0's final checkpoints.
+        analyze: also run the routing analysis on seed 0's final checkpoints (not for scaling).
+        budgets: scaling: training tokens per run, comma-separated (default 0.5M,1M,2M,4M,8M); each budget is
+            its own full run with its own schedule, in OUT/budget_<tokens>/.
     """
     for name, value in {"seeds": seeds, "steps": steps, "batch-size": batch_size, "seq-len": seq_len,
                         "eval-batches": eval_batches}.items():
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be at least 1, got {value}")
+    common = {"seeds": seeds, "batch_size": batch_size, "seq_len": seq_len, "eval_batches": eval_batches,
+              "data": data}
+    if suite == "scaling" or budgets is not None:
+        return _scaling(suite, out, budgets, steps, models, scale, common)
     suites = resolve_suites(suite, scale, models)
-    n_steps = steps or DEFAULT_STEPS.get(scale, 300)
-    recipe = {"steps": n_steps, "seeds": seeds, "batch_size": batch_size, "seq_len": seq_len,
-              "eval_batches": eval_batches, "warmup_steps": max(1, min(50, n_steps // 10)),
-              "save_every": max(1, n_steps // 10), "data": str(Path(data).resolve()) if data else None,
-              "scale": scale}
+    recipe = make_recipe(steps=steps or DEFAULT_STEPS.get(scale, 300), scale=scale, **common)
     out_dir = check_output_dir(out)
     _check_recipe(out_dir, recipe)
     jobs = list(dict.fromkeys((p, s) for _, presets in suites.values() for p in presets.values()

@@ -163,3 +163,29 @@ def _fraction_label(x: float) -> str:
         return "0"
     n = round(x * 16)
     return f"{n}/16" if abs(n / 16 - x) < 1e-9 else f"{x:.3g}"
+
+
+def scaling_curves(summary: dict[str, Any], path: str | Path) -> Path:
+    """Four panels over the token budgets of a scaling summary (analysis/scaling.py), one line per model: loss
+    against tokens and against training FLOPs (error bars: std over seeds), routing entropy and gate mass."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    panels = ((axes[0][0], "tokens", "loss_mean", "validation loss (nats/token)"),
+              (axes[0][1], "training_flops", "loss_mean", "validation loss (nats/token)"),
+              (axes[1][0], "tokens", "token_entropy_normalized", "per-token routing entropy / log(E)"),
+              (axes[1][1], "tokens", "gate_mass", "routed experts' gate mass per token"))
+    for ax, xkey, ykey, ylabel in panels:
+        for sfx, label in summary["labels"].items():
+            pts = [(row["tokens"] if xkey == "tokens" else row["models"][sfx]["training_flops"],
+                    row["models"][sfx][ykey], row["models"][sfx]["loss_std"] if ykey == "loss_mean" else None)
+                   for row in summary["budgets"] if sfx in row["models"] and row["models"][sfx][ykey] is not None]
+            if not pts:
+                continue
+            xs, ys, errs = zip(*pts)
+            ax.errorbar(xs, ys, yerr=[e or 0.0 for e in errs], marker="o", capsize=3, label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens per run" if xkey == "tokens" else "training FLOPs per run")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("The Table 1 models across token budgets")
+    return _save(fig, path)

@@ -9,6 +9,9 @@ Definitions (all over the tokens seen so far):
   load_entropy      entropy (nats) of load/sum(load); normalised by log(E) so 1.0 is uniform
   token_entropy     mean over tokens of the entropy (nats) of the routing distribution s_{.,t}: how decided the
                     router is per token (log(E) = undecided); None for routers without probabilities (hash)
+  gate_mass         mean over tokens of the summed gate weights of the chosen routed experts (sum of the top-k
+                    weights): the routed experts' share of the MoE output, K/E for a uniform softmax router without
+                    renormalisation, 1.0 for hash routing or renormalised gates
   dead_experts      experts that received no token at all
   coactivation_EE   C[i, j] = tokens that selected both i and j (i != j); C[i, i] = tokens that selected i
   top tokens        per expert, the token ids routed to it most consistently: share = (occurrences of the token
@@ -38,6 +41,7 @@ class LayerRoutingStats:
         self.token_count_V = torch.zeros(vocab_size or 0, dtype=torch.long)
         self.num_tokens = 0
         self._entropy_sum = 0.0
+        self._gate_mass_sum = 0.0
         self._has_probs = True
 
     def update(self, r: RouterOutput, input_ids: torch.Tensor | None = None) -> None:
@@ -46,6 +50,7 @@ class LayerRoutingStats:
         t = idx_TK.shape[0]
         self.num_tokens += t
         self.load_E += r.expert_counts_E.detach().cpu().long()
+        self._gate_mass_sum += float(r.topk_weight_TK.detach().double().sum())
         chosen_TE = torch.zeros(t, self.num_experts, dtype=torch.long).scatter_(1, idx_TK, 1)
         self.coactivation_EE += chosen_TE.t() @ chosen_TE
         if r.probs_TE is None:
@@ -80,6 +85,9 @@ class LayerRoutingStats:
             return None
         return self._entropy_sum / self.num_tokens
 
+    def gate_mass(self) -> float:
+        return self._gate_mass_sum / self.num_tokens if self.num_tokens else float("nan")
+
     def dead_experts(self) -> list[int]:
         return torch.nonzero(self.load_E == 0).flatten().tolist()
 
@@ -110,6 +118,7 @@ class LayerRoutingStats:
             "load_entropy": self.load_entropy(),
             "load_entropy_normalized": self.load_entropy() / math.log(e) if e > 1 else 1.0,
             "token_entropy": self.token_entropy(),
+            "gate_mass": self.gate_mass(),
             "dead_experts": self.dead_experts(),
             "coactivation": self.coactivation_EE.tolist(),
         }

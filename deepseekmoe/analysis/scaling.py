@@ -1,0 +1,268 @@
+"""`deepseekmoe compare --suite scaling`: the Table 1 models at several token budgets, and where the paper's
+ordering appears.
+
+Every budget is a full comparison of its own (its own steps and LR schedule, nothing reused from another budget),
+kept in OUT/budget_<tokens>/ with the layout of any `compare` directory (recipe.json, runs/, results.json), so it
+resumes and can be read by `compare` and `report` alone. The budgets run smallest first, seed 0 of every model
+before seed 1, so the first results come early. Layout of OUT:
+
+    budget_<tokens>/              one table1 comparison per budget
+    scaling.json, scaling.md      per budget: each model's loss (mean ± std), the paper's pairwise claims judged
+                                  against 2 x the pooled seed noise, routing entropy and gate mass; the trend
+    scaling.png                   loss against tokens and against training FLOPs, entropy and gate mass
+
+A claim "A < B" holds at a budget when B's mean loss exceeds A's by more than 2 x sqrt((s_A^2 + s_B^2) / 2) (sample
+std over seeds), is reversed when A's exceeds B's by as much, and is within noise otherwise. The trend of each gap
+is a least-squares line in log2(tokens); where a claim does not hold yet and its gap is shrinking, the budget at
+which the line crosses zero is given, as an extrapolation and nothing more.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from .compare import (SUITES, _check_recipe, _run_all, make_recipe, preset_for, run_dir_for, run_status,
+                      write_results)
+from .results import write_json
+
+DEFAULT_BUDGETS = "0.5M,1M,2M,4M,8M"
+# the paper's pairwise claims (Table 1): (better, worse) by preset suffix
+CLAIMS = (("deepseekmoe", "gshard"), ("gshard", "switch"), ("gshard", "hash"), ("switch", "dense"),
+          ("hash", "dense"), ("deepseekmoe", "dense"))
+ROUTING_JSON = "routing.json"
+ROUTING_BATCHES = 4
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9}
+
+
+def parse_budgets(text: str) -> list[int]:
+    """'0.5M,1M,2M' -> [500000, 1000000, 2000000] training tokens per run, sorted, without repeats."""
+    budgets = set()
+    for item in text.split(","):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMB]?)\s*", item, flags=re.IGNORECASE)
+        if not m or float(m.group(1)) <= 0:
+            raise ValueError(f"--budgets: {item.strip()!r} is not a token count such as 500K, 0.5M or 2M")
+        budgets.add(int(float(m.group(1)) * _UNITS[m.group(2).upper()]))
+    return sorted(budgets)
+
+
+def budget_label(tokens: int) -> str:
+    for unit in ("B", "M", "K"):
+        if tokens >= _UNITS[unit]:
+            return f"{tokens / _UNITS[unit]:g}{unit}"
+    return str(tokens)
+
+
+def budget_recipes(budgets: list[int], **recipe_args: Any) -> list[tuple[int, Path, dict[str, Any]]]:
+    """(tokens, directory name, recipe) per budget: steps = tokens / (batch x seq_len), at least 1."""
+    per_step = recipe_args["batch_size"] * recipe_args["seq_len"]
+    out = []
+    for tokens in budgets:
+        steps = max(1, round(tokens / per_step))
+        out.append((tokens, Path(f"budget_{budget_label(tokens)}"), make_recipe(steps=steps, **recipe_args)))
+    return out
+
+
+def scaling_command(out: Path, budgets: list[int], scale: str, **recipe_args: Any) -> int:
+    suite = SUITES["table1"]
+    presets = {sfx: preset_for(scale, sfx) for _, sfx in suite.models}
+    plan = budget_recipes(budgets, scale=scale, **recipe_args)
+    for _, name, recipe in plan:  # every budget's recipe checked before any training
+        _check_recipe(out / name, recipe)
+    seeds = recipe_args["seeds"]
+    jobs = [(presets[sfx], s) for s in range(seeds) for _, sfx in suite.models]
+    finished = True
+    for i, (tokens, name, recipe) in enumerate(plan):
+        print(f"budget {i + 1}/{len(plan)}: {budget_label(tokens)} tokens per run ({recipe['steps']} steps)",
+              file=sys.stderr, flush=True)
+        finished = _run_all(jobs, out / name, recipe)
+        write_results(out / name, recipe, {"table1": (suite, presets)})
+        if not finished:
+            break
+    summary = summarize(out, plan, presets)
+    write_summary(out, summary)
+    print((out / "scaling.md").read_text())
+    return 0 if finished else 130
+
+
+# ------------------------------------------------------------------------------------------------ routing
+def routing_health(run_dir: Path, recipe: dict[str, Any]) -> dict[str, float] | None:
+    """Mean normalised per-token routing entropy and gate mass over the MoE layers of a finished run's final
+    checkpoint, on the first validation batches; cached in the run directory. None for a model without routing."""
+    cache = run_dir / ROUTING_JSON
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("step") == recipe["steps"]:
+            return saved["health"]
+    health = _measure_routing(run_dir, recipe)
+    write_json(cache, {"step": recipe["steps"], "health": health})
+    return health
+
+
+def _measure_routing(run_dir: Path, recipe: dict[str, Any]) -> dict[str, float] | None:
+    import torch
+
+    from ..data.builtin import ensure_builtin_data
+    from ..train.checkpoint import load_model
+    from .analyze import validation_batches
+    from .stats import RoutingStats
+
+    model, _ = load_model(run_dir)
+    layers = sum(1 for i in range(model.config.num_hidden_layers) if model.config.is_moe_layer(i))
+    if layers == 0:
+        return None
+    data = Path(recipe["data"]) if recipe["data"] else Path(ensure_builtin_data())
+    stats = RoutingStats(model.config.n_routed_experts, layers)
+    with torch.no_grad():
+        for inputs, _ in validation_batches(data, recipe["batch_size"], recipe["seq_len"], ROUTING_BATCHES):
+            stats.update(model(inputs).router_outputs)
+    entropies = [s.token_entropy() for s in stats.layers]
+    log_e = math.log(model.config.n_routed_experts)
+    return {"token_entropy_normalized": (None if None in entropies else
+                                         sum(entropies) / len(entropies) / log_e),
+            "gate_mass": sum(s.gate_mass() for s in stats.layers) / layers}
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def summarize(out: Path, plan: list[tuple[int, Path, dict[str, Any]]], presets: dict[str, str]) -> dict[str, Any]:
+    rows = []
+    for tokens, name, recipe in plan:
+        results = json.loads((out / name / "results.json").read_text()) if (out / name / "results.json").is_file() \
+            else None
+        if results is None:
+            continue
+        models = {}
+        for m in results["suites"][0]["models"]:
+            models[m["suffix"]] = _model_row(m, tokens, out / name, recipe)
+        claims = [judge(models[a], models[b]) | {"better": a, "worse": b} for a, b in CLAIMS]
+        rows.append({"tokens": tokens, "label": budget_label(tokens), "steps": recipe["steps"], "models": models,
+                     "claims": claims, "full_ordering": all(c["verdict"] == "holds" for c in claims)})
+    first = next((r["label"] for r in rows if r["full_ordering"]), None)
+    return {"recipe": {k: v for k, v in plan[0][2].items() if k != "steps"}, "budgets": rows,
+            "labels": {m["suffix"]: m["label"] for m in _labels()}, "first_full_ordering": first,
+            "trends": trends(rows)}
+
+
+def _labels() -> list[dict[str, str]]:
+    return [{"suffix": sfx, "label": label} for label, sfx in SUITES["table1"].models]
+
+
+def _model_row(m: dict[str, Any], tokens: int, budget_dir: Path, recipe: dict[str, Any]) -> dict[str, Any]:
+    healths = [routing_health(run_dir_for(budget_dir, m["preset"], s), recipe) for s in range(recipe["seeds"])
+               if run_status(run_dir_for(budget_dir, m["preset"], s), recipe["steps"]) == "done"]
+    healths = [h for h in healths if h]
+    entropy = [h["token_entropy_normalized"] for h in healths if h["token_entropy_normalized"] is not None]
+    return {"label": m["label"], "preset": m["preset"], "loss_mean": m["val_loss_mean"], "loss_std": m["val_loss_std"],
+            "seeds": m["num_seeds"], "training_flops": m["flops_per_token"] * tokens,
+            "token_entropy_normalized": sum(entropy) / len(entropy) if entropy else None,
+            "gate_mass": sum(h["gate_mass"] for h in healths) / len(healths) if healths else None}
+
+
+def judge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Is a's loss below b's beyond 2 x the pooled seed noise? gap = loss(a) - loss(b) (negative: a is better)."""
+    if a["loss_mean"] is None or b["loss_mean"] is None:
+        return {"gap": None, "noise": None, "verdict": "no data"}
+    gap = a["loss_mean"] - b["loss_mean"]
+    if a["loss_std"] is None or b["loss_std"] is None:
+        return {"gap": gap, "noise": None, "verdict": "n/a (1 seed)"}
+    noise = 2 * math.sqrt((a["loss_std"] ** 2 + b["loss_std"] ** 2) / 2)
+    verdict = "holds" if gap < -noise else "reversed" if gap > noise else "within noise"
+    return {"gap": gap, "noise": noise, "verdict": verdict}
+
+
+def trends(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per claim: the gap's least-squares slope per doubling of tokens and, when it does not hold yet but is
+    shrinking, the budget at which the fitted line crosses zero."""
+    out = []
+    for a, b in CLAIMS:
+        points = [(math.log2(r["tokens"]), c["gap"]) for r in rows for c in r["claims"]
+                  if c["better"] == a and c["worse"] == b and c["gap"] is not None]
+        entry: dict[str, Any] = {"better": a, "worse": b, "slope_per_doubling": None, "crossing_tokens": None}
+        if len(points) >= 2:
+            slope, intercept = _fit(points)
+            entry["slope_per_doubling"] = slope
+            last_gap = points[-1][1]
+            if last_gap > 0 and slope < 0:
+                entry["crossing_tokens"] = 2 ** min(-intercept / slope, 70)  # 70: beyond any budget (1e21)
+        out.append(entry)
+    return out
+
+
+def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return slope, my - slope * mx
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    from . import plots
+
+    write_json(out / "scaling.json", summary)
+    (out / "scaling.md").write_text(summary_markdown(summary))
+    if summary["budgets"]:
+        plots.scaling_curves(summary, out / "scaling.png")
+
+
+def _pm(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.4f} ± {std:.4f}" if std is not None else f"{mean:.4f}"
+
+
+def _claim_cell(c: dict[str, Any]) -> str:
+    if c["gap"] is None:
+        return "–"
+    noise = f" (noise {c['noise']:.4f})" if c["noise"] is not None else ""
+    return f"{c['gap']:+.4f}{noise}: {c['verdict']}"
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    labels, rows = summary["labels"], summary["budgets"]
+    r = summary["recipe"]
+    lines = ["# Scaling: the Table 1 models at several token budgets", "",
+             f"Batches of {r['batch_size']} x {r['seq_len']} tokens, seeds 0..{r['seeds'] - 1}, validation on "
+             f"{r['eval_batches']} fixed batches; data: {r['data'] or 'built-in corpus'}; scale: {r['scale']}. "
+             "Each budget is its own run with its own schedule.", ""]
+    head = ["budget (tokens)", "steps"] + list(labels.values())
+    lines += ["## Validation loss (nats/token, mean ± std over seeds)", "", "| " + " | ".join(head) + " |",
+              "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [_pm(row["models"][sfx]["loss_mean"], row["models"][sfx]["loss_std"]) for sfx in labels]
+        lines.append(f"| {row['label']} | {row['steps']} | " + " | ".join(cells) + " |")
+    claim_names = [f"{labels[a]} < {labels[b]}" for a, b in CLAIMS]
+    lines += ["", "## The paper's claims (gap = loss of the first minus the second; holds when below -2 x pooled "
+              "seed std)", "", "| budget | " + " | ".join(claim_names) + " | full ordering |",
+              "|" + "---|" * (len(CLAIMS) + 2)]
+    for row in rows:
+        lines.append(f"| {row['label']} | " + " | ".join(_claim_cell(c) for c in row["claims"])
+                     + f" | {'yes' if row['full_ordering'] else 'no'} |")
+    routed = [sfx for sfx in labels if sfx != "dense"]
+    lines += ["", "## Routing: mean per-token entropy / log(E), and the routed experts' gate mass", "",
+              "| budget | " + " | ".join(labels[s] for s in routed) + " |", "|" + "---|" * (len(routed) + 1)]
+    for row in rows:
+        cells = [_health(row["models"][sfx]) for sfx in routed]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    first = summary["first_full_ordering"]
+    lines += ["", f"Smallest budget with the full ordering: {first or 'none of the budgets run'}.", "",
+              "## Trend of each gap (least squares in log2 tokens; an extrapolation)", ""]
+    for t in summary["trends"]:
+        name = f"{labels[t['better']]} < {labels[t['worse']]}"
+        if t["slope_per_doubling"] is None:
+            lines.append(f"- {name}: needs two budgets")
+            continue
+        cross = (f"; the line crosses zero near {budget_label(int(t['crossing_tokens']))} tokens"
+                 if t["crossing_tokens"] else "")
+        lines.append(f"- {name}: gap changes by {t['slope_per_doubling']:+.4f} per doubling{cross}")
+    return "\n".join(lines) + "\n"
+
+
+def _health(m: dict[str, Any]) -> str:
+    entropy = "–" if m["token_entropy_normalized"] is None else f"{m['token_entropy_normalized']:.3f}"
+    mass = "–" if m["gate_mass"] is None else f"{m['gate_mass']:.3f}"
+    return f"{entropy} / {mass}"

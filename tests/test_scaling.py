@@ -1,0 +1,89 @@
+"""compare --suite scaling: budgets, claim verdicts, gap trends, and a micro suite end to end (train, summary,
+routing health, resume)."""
+
+import json
+import math
+
+import pytest
+
+from deepseekmoe.analysis import compare, scaling
+from deepseekmoe.cli import main
+from train_helpers import make_data_dir, read_metrics
+
+
+def test_budgets_parse_to_sorted_token_counts():
+    assert scaling.parse_budgets("2M, 500K,0.5M,1m") == [500_000, 1_000_000, 2_000_000]
+    assert scaling.parse_budgets("4096") == [4096]
+    for bad in ("", "1X", "-1M", "0", "M"):
+        with pytest.raises(ValueError, match="--budgets"):
+            scaling.parse_budgets(bad)
+    assert [scaling.budget_label(t) for t in (500_000, 16_000_000, 1_500_000_000, 64)] == ["500K", "16M", "1.5B",
+                                                                                            "64"]
+
+
+def test_each_budget_gets_its_own_steps_and_schedule():
+    plan = scaling.budget_recipes([2048, 65536], seeds=3, batch_size=2, seq_len=32, eval_batches=2, data=None,
+                                  scale="tiny")
+    (t1, d1, r1), (t2, d2, r2) = plan
+    assert (d1.name, r1["steps"], r1["warmup_steps"], r1["save_every"]) == ("budget_2.048K", 32, 3, 3)
+    assert (d2.name, r2["steps"], r2["warmup_steps"], r2["save_every"]) == ("budget_65.536K", 1024, 50, 102)
+
+
+def _m(mean, std):
+    return {"loss_mean": mean, "loss_std": std}
+
+
+def test_a_claim_holds_only_beyond_twice_the_pooled_noise():
+    assert scaling.judge(_m(3.0, 0.1), _m(3.3, 0.1)) == {"gap": pytest.approx(-0.3), "noise": pytest.approx(0.2),
+                                                         "verdict": "holds"}
+    assert scaling.judge(_m(3.0, 0.1), _m(3.1, 0.1))["verdict"] == "within noise"
+    assert scaling.judge(_m(3.4, 0.1), _m(3.1, 0.1))["verdict"] == "reversed"
+    assert scaling.judge(_m(3.0, None), _m(3.3, None))["verdict"] == "n/a (1 seed)"
+    assert scaling.judge(_m(None, None), _m(3.3, 0.1))["verdict"] == "no data"
+
+
+def test_trend_is_a_least_squares_line_in_log2_tokens_and_gives_the_crossing():
+    # gap of the first claim: +0.3 at 1M, +0.2 at 2M, +0.1 at 4M: -0.1 per doubling, zero at 8M
+    rows = [{"tokens": t, "claims": [{"better": a, "worse": b, "gap": g if (a, b) == scaling.CLAIMS[0] else None}
+                                     for a, b in scaling.CLAIMS]}
+            for t, g in ((2**20, 0.3), (2**21, 0.2), (2**22, 0.1))]
+    first, *rest = scaling.trends(rows)
+    assert first["slope_per_doubling"] == pytest.approx(-0.1)
+    assert first["crossing_tokens"] == pytest.approx(2**23)
+    assert all(t["slope_per_doubling"] is None for t in rest)
+
+
+@pytest.mark.slow
+def test_micro_scaling_suite_end_to_end_and_resume(tmp_path, monkeypatch, capsys):
+    data = make_data_dir(tmp_path / "data")
+    out = tmp_path / "scaling"
+    argv = ["compare", "--suite", "scaling", "--budgets", "128,256", "--seeds", "2", "--data", str(data),
+            "--out", str(out), "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1"]
+    assert main(argv) == 0
+    summary = json.loads((out / "scaling.json").read_text())
+    assert [(b["label"], b["steps"]) for b in summary["budgets"]] == [("128", 2), ("256", 4)]
+    for budget in summary["budgets"]:
+        assert list(budget["models"]) == ["dense", "hash", "switch", "gshard", "deepseekmoe"]
+        assert [(c["better"], c["worse"]) for c in budget["claims"]] == list(scaling.CLAIMS)
+        for sfx, m in budget["models"].items():
+            finals = [read_metrics(out / f"budget_{budget['label']}" / "runs" / m["preset"] / f"seed{s}", "val")[-1]
+                      for s in range(2)]
+            losses = [f["val_loss"] for f in finals]
+            assert m["seeds"] == 2 and m["loss_mean"] == pytest.approx(sum(losses) / 2)
+            assert m["loss_std"] == pytest.approx(abs(losses[0] - losses[1]) / math.sqrt(2))
+        models = budget["models"]
+        assert models["dense"]["gate_mass"] is None  # no routing at all
+        assert models["hash"]["gate_mass"] == 1.0 and models["hash"]["token_entropy_normalized"] is None
+        for sfx in ("switch", "gshard", "deepseekmoe"):  # raw softmax gates: a share of the MoE output below 1
+            assert 0 < models[sfx]["gate_mass"] < 1 and 0 < models[sfx]["token_entropy_normalized"] <= 1
+        gap = models["deepseekmoe"]["loss_mean"] - models["gshard"]["loss_mean"]
+        assert budget["claims"][0]["gap"] == pytest.approx(gap)
+    assert (out / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "scaling.md").read_text()
+    assert "| 128 | 2 |" in md and "DeepSeekMoE < GShard" in md and "per doubling" in md
+    assert json.loads((out / "budget_256" / "results.json").read_text())["recipe"]["steps"] == 4
+
+    monkeypatch.setattr(compare, "train_run", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert json.loads((out / "scaling.json").read_text()) == summary
