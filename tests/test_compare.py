@@ -1,6 +1,7 @@
 """compare: suites, noise verdicts, run states, and a micro suite end to end (train, table, resume)."""
 
 import json
+import shutil
 
 import pytest
 
@@ -85,6 +86,15 @@ def test_run_states_and_resume_decisions(tmp_path, monkeypatch):
     assert not stale.exists()  # a run that never saved a checkpoint starts afresh
     monkeypatch.setattr(compare, "train_run", lambda *a, **k: 130)
     assert not compare._run_all([("tiny-hash", 0)], out, {"steps": 4})
+
+
+def test_a_finished_run_kept_without_its_checkpoints_is_still_done(tmp_path):
+    run = compare.run_dir_for(tmp_path, "tiny-dense", 0)
+    _fake_run(run, 4)
+    assert compare.final_checkpoint(run, 4) is not None
+    for ckpt in (run / "checkpoints").iterdir():
+        shutil.rmtree(ckpt)
+    assert compare.run_status(run, 4) == "done" and compare.final_checkpoint(run, 4) is None
 
 
 def test_a_changed_recipe_is_refused(tmp_path):

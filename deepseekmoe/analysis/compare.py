@@ -109,14 +109,19 @@ def run_dir_for(out: Path, preset: str, seed: int) -> Path:
 
 
 def run_status(run_dir: Path, steps: int) -> str:
-    """'done' (final checkpoint and final validation), 'partial' (has a checkpoint) or 'new'."""
-    ckpts = list_checkpoints(run_dir)
-    if not ckpts:
-        return "new"
-    if ckpts[-1].name.endswith(f"{steps:08d}") and any(
-            r.get("kind") == "val" and r.get("step") == steps for r in read_records(run_dir)):
+    """'done' (its final validation at the last step is recorded), 'partial' (has a checkpoint) or 'new'.
+
+    A finished run needs no checkpoint: its metrics.jsonl holds its results, so a suite's small files (metrics,
+    configs, results) kept without the checkpoints still resume as finished."""
+    if any(r.get("kind") == "val" and r.get("step") == steps for r in read_records(run_dir)):
         return "done"
-    return "partial"
+    return "partial" if list_checkpoints(run_dir) else "new"
+
+
+def final_checkpoint(run_dir: Path, steps: int) -> Path | None:
+    """The checkpoint of the last step, when the run still has it."""
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts and ckpts[-1].name.endswith(f"{steps:08d}") else None
 
 
 def recipe_overrides(recipe: dict[str, Any], seed: int) -> list[str]:
@@ -197,11 +202,16 @@ def model_results(preset: str, label: str, out: Path, recipe: dict[str, Any]) ->
 
 
 def run_model_config(run_dir: Path) -> ModelConfig | None:
-    """The model config a run actually trained (vocabulary bound to the data), from its latest checkpoint."""
+    """The model config a run actually trained (vocabulary bound to the data): its latest checkpoint's, else its
+    config.yaml's (a finished run kept without checkpoints)."""
     ckpts = list_checkpoints(run_dir)
-    if not ckpts:
-        return None
-    return ModelConfig.from_dict(json.loads((ckpts[-1] / "config.json").read_text()))
+    if ckpts:
+        return ModelConfig.from_dict(json.loads((ckpts[-1] / "config.json").read_text()))
+    if (run_dir / "config.yaml").is_file():
+        from ..train.config import load_config
+
+        return load_config(run_dir / "config.yaml").model
+    return None
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -270,11 +280,11 @@ def analyze_finals(out: Path, results: dict[str, Any], recipe: dict[str, Any]) -
             labels.setdefault(m["preset"], m["label"])
     checkpoints = []
     for preset, label in labels.items():
-        run_dir = run_dir_for(out, preset, 0)
-        if run_status(run_dir, recipe["steps"]) != "done":
+        ckpt = final_checkpoint(run_dir_for(out, preset, 0), recipe["steps"])
+        if ckpt is None:
             continue
         print(f"analyzing {preset} (seed 0)", file=sys.stderr, flush=True)
-        model, ckpt = load_model(run_dir)
+        model, ckpt = load_model(ckpt)
         checkpoints.append({"name": label, "checkpoint": str(ckpt),
                             **analyze_model(model, batches, _decoder(ckpt, data_dir))})
     files = analysis_plots(checkpoints, out / "analysis")

@@ -26,8 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .compare import (SUITES, _check_recipe, _run_all, make_recipe, preset_for, run_dir_for, run_status,
-                      write_results)
+from .compare import (SUITES, _check_recipe, _run_all, final_checkpoint, make_recipe, preset_for, run_dir_for,
+                      run_status, write_results)
 from .results import write_json
 
 DEFAULT_BUDGETS = "0.5M,1M,2M,4M,8M"
@@ -98,12 +98,15 @@ def routing_health(run_dir: Path, recipe: dict[str, Any]) -> dict[str, float] | 
         saved = json.loads(cache.read_text())
         if saved.get("step") == recipe["steps"]:
             return saved["health"]
-    health = _measure_routing(run_dir, recipe)
+    ckpt = final_checkpoint(run_dir, recipe["steps"])
+    if ckpt is None:  # finished, but its final checkpoint is gone: nothing to measure
+        return None
+    health = _measure_routing(ckpt, recipe)
     write_json(cache, {"step": recipe["steps"], "health": health})
     return health
 
 
-def _measure_routing(run_dir: Path, recipe: dict[str, Any]) -> dict[str, float] | None:
+def _measure_routing(ckpt: Path, recipe: dict[str, Any]) -> dict[str, float] | None:
     import torch
 
     from ..data.builtin import ensure_builtin_data
@@ -111,7 +114,7 @@ def _measure_routing(run_dir: Path, recipe: dict[str, Any]) -> dict[str, float] 
     from .analyze import validation_batches
     from .stats import RoutingStats
 
-    model, _ = load_model(run_dir)
+    model, _ = load_model(ckpt)
     layers = sum(1 for i in range(model.config.num_hidden_layers) if model.config.is_moe_layer(i))
     if layers == 0:
         return None
