@@ -15,7 +15,6 @@ from typing import Any, Iterator
 
 HUB_PREFIX = "hf:"
 BATCH_ROWS = 1024
-_BUILDERS = {"parquet": "parquet", "arrow": "arrow", "json": "json"}
 
 
 def import_datasets(what: str) -> Any:
@@ -107,11 +106,12 @@ def _texts(where: str, batches: Iterator[dict[str, list]], field: str) -> Iterat
 
 
 def table_documents(path: Path, builder: str, field: str) -> Iterator[str]:
-    """The text field of every row of a local Parquet / Arrow / JSON file, streamed."""
+    """The text field of every row of a local file, streamed by the datasets builder named `builder` (parquet,
+    arrow or json)."""
     datasets = import_datasets(str(path))
     try:
         with _quiet(datasets):
-            ds = datasets.load_dataset(_BUILDERS[builder], data_files=str(path), split="train", streaming=True)
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
             if ds.features is not None:
                 _check_field(str(path), list(ds.features), field)
             yield from _texts(str(path), ds.iter(batch_size=BATCH_ROWS), field)
