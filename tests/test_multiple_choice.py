@@ -1,11 +1,12 @@
 import json
+import re
 
 import pytest
 import torch
 
 from deepseekmoe import ModelConfig, Transformer
-from deepseekmoe.eval.multiple_choice import (Example, evaluate_multiple_choice, load_task, loglikelihoods,
-                                              parse_example)
+from deepseekmoe.eval.multiple_choice import (Example, encode_pair, evaluate_multiple_choice, load_task,
+                                              loglikelihoods, parse_example)
 
 
 def encode(text: str) -> list[int]:
@@ -56,17 +57,32 @@ def test_greedy_flag(model):
 
 
 def test_acc_and_acc_norm_by_hand(model, monkeypatch):
-    examples = [Example([("q", " a"), ("q", " bbbb")], 1), Example([("r", " cc"), ("r", " d")], 0)]
-    table = {" a": -2.0, " bbbb": -4.0, " cc": -3.0, " d": -1.0}
+    examples = [Example([("q", " a"), ("q", " bbbb")], 1, ["a", "bbbb"]),
+                Example([("r", " cc"), ("r", " d")], 0, ["cc", "d"]),
+                Example([("s", " é"), ("s", " ab")], 0, ["é", "ab"])]
+    table = {" a": -2.0, " bbbb": -4.0, " cc": -3.0, " d": -1.0, " é": -2.0, " ab": -3.0}
 
     def fake(model_, encode_, reqs, bos, bs):
         return [(table[c], False) for _, c in reqs]
 
     monkeypatch.setattr("deepseekmoe.eval.multiple_choice.loglikelihoods", fake)
     res = evaluate_multiple_choice(model, encode, examples)
-    # raw: ex1 picks " a" (wrong), ex2 picks " d" (wrong) -> 0; per byte: ex1 -2/2=-1 vs -4/5=-0.8 -> right;
-    # ex2 -3/3=-1 vs -1/2=-0.5 -> wrong
-    assert res["acc"] == 0.0 and res["acc_norm"] == 0.5 and res["examples"] == 2
+    # raw sums pick " a" (wrong), " d" (wrong), " é" (right); per character of the choice (no delimiter):
+    # -2/1 < -4/4 (right), -3/2 < -1/1 (wrong), -2/1 < -3/2 (wrong); per byte "é" is 2: -2/2 > -3/2 (right)
+    assert res == {"acc": 1 / 3, "acc_norm": 1 / 3, "acc_bytes": 2 / 3, "examples": 3}
+
+
+def word_encode(text: str) -> list[int]:
+    """A toy BPE-like tokenizer: a word with its leading space is one token, a lone run of spaces another."""
+    return [sum(map(ord, piece)) for piece in re.findall(r" ?\S+|\s+", text)]
+
+
+def test_encode_pair_moves_trailing_space_and_splits_the_joint_encoding():
+    # separately "ab " is [ab, " "] and "c" is [c]; lm-eval encodes "ab" and "ab c" and keeps [" c"]
+    assert encode_pair(word_encode, "ab ", "c") == (word_encode("ab"), word_encode(" c"))
+    assert encode_pair(word_encode, "ab\n ", " c") == (word_encode("ab"), word_encode("ab\n  c")[1:])
+    assert encode_pair(word_encode, "ab", " c") == (word_encode("ab"), word_encode(" c"))
+    assert encode_pair(word_encode, "", " c") == ([], word_encode(" c"))
 
 
 def test_formats(tmp_path):
@@ -81,9 +97,28 @@ def test_formats(tmp_path):
     path.write_text("\n".join(json.dumps(i) for i in items) + "\n")
     exs = load_task(path)
     assert [e.label for e in exs] == [1, 2, 0, 1, 1]
+    assert exs[0].requests == [("c", " x"), ("c", " y")] and exs[0].choices == ["x", "y"]
+    assert exs[2].requests == [("Question: g\nAnswer:", " s1"), ("Question: g\nAnswer:", " s2")]
     assert exs[4].requests == [("Tom gave Ann", " the ball."), ("Tom gave Bob", " the ball.")]
+    assert exs[4].choices == ["Tom gave Ann", "Tom gave Bob"]  # lm-eval normalises WinoGrande by the contexts
+    assert load_task(path, target_delimiter="")[0].requests == [("c", "x"), ("c", "y")]
     with pytest.raises(ValueError, match="unrecognised"):
         parse_example({"foo": 1})
+    with pytest.raises(ValueError, match="label 2 is not the index"):
+        parse_example({"context": "c", "choices": ["x", "y"], "label": 2})
+
+
+def test_hellaswag_rows_are_cleaned_like_lm_eval():
+    row = {"activity_label": "Baking", "ctx_a": "A man mixes flour.", "ctx_b": "then he", "ctx": "unused",
+           "endings": [" bakes [title] the bread. ", "eats  [step] it"], "label": "1"}
+    ex = parse_example(row)
+    assert ex.requests == [("Baking: A man mixes flour. Then he", " bakes. the bread."),
+                           ("Baking: A man mixes flour. Then he", " eats  it")]
+    assert ex.label == 1
+    datasets = pytest.importorskip("datasets")
+    process_docs = pytest.importorskip("lm_eval.tasks.hellaswag.utils").process_docs
+    doc = process_docs(datasets.Dataset.from_list([row]))[0]
+    assert ex.requests == [(doc["query"], " " + c) for c in doc["choices"]] and ex.choices == doc["choices"]
 
 
 def test_eval_task_command_matches_library(tmp_path, capsys):

@@ -111,7 +111,7 @@ def test_run_dir_holds_config_metrics_and_checkpoints(data_dir: Path, tmp_path: 
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     expected = {"kind", "step", "lr", "loss", "lm_loss", "expert_balance_loss", "device_balance_loss", "z_loss",
                 "grad_norm", "tokens_per_s", "mfu", "tokens", "skipped_steps", "expert_load_max_over_mean",
-                "dead_experts", "expert_load", "elapsed_s"}
+                "dead_experts", "expert_load", "expert_load_entropy", "elapsed_s"}
     assert set(records[0]) == expected
     r = records[-1]
     assert [sum(layer) for layer in r["expert_load"]] == [4 * 32 * 2] * 2  # every token picks K=2 experts

@@ -1,14 +1,18 @@
 """Reading a text corpus: expanding sources into input files, and input files into documents.
 
-A source is a file, a directory (searched recursively), or a glob pattern. Files found in directories or by globs are
-kept when their name ends in one of TEXT_SUFFIXES / JSONL_SUFFIXES (optionally followed by .gz); a file named
-explicitly is always read (as JSON lines when it ends in .jsonl or .jsonl.gz, else as text).
+A source is a file, a directory (searched recursively), a glob pattern, or `hf:NAME[:SPLIT]` (a hub dataset in the
+local HF datasets cache). Files found in directories or by globs are kept when their name ends in one of
+TEXT_SUFFIXES / JSONL_SUFFIXES (optionally followed by .gz) or TABLE_SUFFIXES; a file named explicitly is always
+read: as JSON lines when it ends in .jsonl(.gz), as a table through HF `datasets` when it ends in .parquet, .arrow
+or .json(.gz) (tables.py), else as text.
 
-A document is one JSON-lines record (its "text" field) or one piece of a text file: text files are cut at line
-boundaries (a blank line when there is one) into pieces of at most PIECE_CHARS characters, so a single large file
-still gives enough documents for a train/validation split and for parallel tokenization.
+A document is one JSON-lines record or table row (its text field, "text" unless told otherwise) or one piece of a
+text file: text files are cut at line boundaries (a blank line when there is one) into pieces of at most PIECE_CHARS
+characters, so a single large file still gives enough documents for a train/validation split and for parallel
+tokenization.
 
-Bytes that are not valid UTF-8 are replaced by U+FFFD and counted, never fatal.
+Bytes that are not valid UTF-8 are replaced by U+FFFD and counted; a file read as text that holds NUL bytes, or in
+which more than BINARY_REPLACED_FRACTION of the characters are invalid, is refused as binary.
 """
 
 from __future__ import annotations
@@ -26,23 +30,36 @@ from typing import Iterator, Literal
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 JSONL_SUFFIXES = (".jsonl",)
+TABLE_SUFFIXES = (".parquet", ".arrow")
+BINARY_REPLACED_FRACTION = 0.1
+_MAGIC = {b"PAR1": "a Parquet file (name it .parquet)", b"ARROW1": "an Arrow file (name it .arrow)",
+          b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image",
+          b"%PDF": "a PDF document", b"PK\x03\x04": "a zip archive", b"\x7fELF": "an executable"}
 PIECE_CHARS = 64 * 1024
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
-InputKind = Literal["text", "jsonl", "pydoc-topics"]
+InputKind = Literal["text", "jsonl", "parquet", "arrow", "json", "hf", "pydoc-topics"]
 
 
 @dataclass(frozen=True)
 class InputFile:
-    """One file to read; `kind` says how. ("pydoc-topics" is the built-in corpus's pydoc_data.topics module.)"""
+    """One file to read; `kind` says how. ("pydoc-topics" is the built-in corpus's pydoc_data.topics module; "hf" a
+    cached hub dataset, whose `path` is its `hf:NAME[:SPLIT]` source.)"""
 
     path: Path
     kind: InputKind
+    text_field: str = "text"
+    """The field of a JSON record or table row that holds the document."""
 
     def stat_key(self) -> list:
-        """What identifies this input's content for the no-op check: path, size and modification time."""
+        """What identifies this input's content for the no-op check: path, size and modification time (a hub
+        dataset's datasets fingerprint), and the text field."""
+        if self.kind == "hf":
+            from .tables import hub_identity
+
+            return [str(self.path), self.kind, self.text_field, hub_identity(str(self.path))]
         st = self.path.stat()
-        return [str(self.path.resolve()), self.kind, st.st_size, st.st_mtime_ns]
+        return [str(self.path.resolve()), self.kind, st.st_size, st.st_mtime_ns, self.text_field]
 
 
 @dataclass
@@ -62,9 +79,14 @@ def _strip_gz(name: str) -> str:
 
 def file_kind(path: Path, explicit: bool) -> InputKind | None:
     """How to read `path`, or None when a directory/glob match should be skipped."""
-    base = _strip_gz(path.name.lower())
+    name = path.name.lower()
+    base = _strip_gz(name)
     if base.endswith(JSONL_SUFFIXES):
         return "jsonl"
+    if name.endswith(TABLE_SUFFIXES):
+        return name.rsplit(".", 1)[1]  # type: ignore[return-value]
+    if base.endswith(".json") and explicit:
+        return "json"
     if base.endswith(TEXT_SUFFIXES) or explicit:
         return "text"
     return None
@@ -78,11 +100,13 @@ def _walk(directory: Path) -> list[Path]:
     return found
 
 
-def expand_source(source: str) -> list[InputFile]:
+def expand_source(source: str, text_field: str = "text") -> list[InputFile]:
     """The input files one source names, in a deterministic order. FileNotFoundError when it names nothing."""
+    if source.startswith("hf:"):
+        return [InputFile(Path(source), "hf", text_field)]
     path = Path(source).expanduser()
     if path.is_file():
-        return [InputFile(path, file_kind(path, explicit=True))]  # type: ignore[arg-type]
+        return [InputFile(path, file_kind(path, explicit=True), text_field)]  # type: ignore[arg-type]
     if path.is_dir():
         candidates = _walk(path)
     elif glob.has_magic(source):
@@ -92,23 +116,23 @@ def expand_source(source: str) -> list[InputFile]:
             candidates.extend(_walk(m) if m.is_dir() else [m])
     else:
         raise FileNotFoundError(f"no such file or directory: {source}")
-    inputs = [InputFile(p, kind) for p in candidates if p.is_file()
+    inputs = [InputFile(p, kind, text_field) for p in candidates if p.is_file()
               and (kind := file_kind(p, explicit=False)) is not None]
     if not inputs:
-        wanted = ", ".join(TEXT_SUFFIXES + JSONL_SUFFIXES)
+        wanted = ", ".join(TEXT_SUFFIXES + JSONL_SUFFIXES + TABLE_SUFFIXES)
         raise FileNotFoundError(f"{source} matches no readable files (looked for {wanted}, optionally .gz)")
     return inputs
 
 
-def expand_sources(sources: list[str]) -> list[InputFile]:
+def expand_sources(sources: list[str], text_field: str = "text") -> list[InputFile]:
     """All input files of several sources, each file once (first mention wins)."""
     if not sources:
-        raise ValueError("no sources given: name files, directories, globs or `builtin`")
-    seen: set[Path] = set()
+        raise ValueError("no sources given: name files, directories, globs, hf:NAME or `builtin`")
+    seen: set[Path | str] = set()
     inputs = []
     for source in sources:
-        for inp in expand_source(source):
-            key = inp.path.resolve()
+        for inp in expand_source(source, text_field):
+            key = str(inp.path) if inp.kind == "hf" else inp.path.resolve()
             if key not in seen:
                 seen.add(key)
                 inputs.append(inp)
@@ -150,9 +174,26 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
+def binary_reason(raw: bytes, text: str, replaced: int) -> str | None:
+    """Why these bytes are not text (a known binary format, NUL bytes, mostly invalid UTF-8), or None."""
+    kind = next((what for magic, what in _MAGIC.items() if raw.startswith(magic)), None)
+    if kind is not None:
+        return kind
+    if b"\x00" in raw:
+        return "it holds NUL bytes"
+    if replaced > BINARY_REPLACED_FRACTION * max(1, len(text)):
+        return f"{replaced} of its {len(text)} characters are invalid UTF-8"
+    return None
+
+
 def _text_documents(inp: InputFile, stats: ReadStats) -> Iterator[str]:
     with _open_binary(inp.path) as f:
-        text, bad = decode_utf8(f.read())
+        raw = f.read()
+    text, bad = decode_utf8(raw)
+    reason = binary_reason(raw, text, bad)
+    if reason is not None:
+        raise ValueError(f"{inp.path} is not text ({reason}); prepare reads text files, .jsonl, .json, .parquet "
+                         "and .arrow")
     if bad:
         stats.replaced[str(inp.path)] = bad
     if text.strip():
@@ -171,15 +212,24 @@ def _jsonl_documents(inp: InputFile, stats: ReadStats) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{inp.path}:{lineno}: invalid JSON ({exc.msg})") from None
-            text = record.get("text") if isinstance(record, dict) else None
+            except RecursionError:
+                raise ValueError(f"{inp.path}:{lineno}: JSON nested too deeply to read") from None
+            text = record.get(inp.text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise ValueError(f"{inp.path}:{lineno}: expected an object with a string field \"text\"")
+                raise ValueError(f"{inp.path}:{lineno}: expected an object with a string field "
+                                 f"\"{inp.text_field}\"" + _fields_hint(record))
             text, bad = _replace_surrogates(text)
             bad_total += bad
             if text.strip():
                 yield text
     if bad_total:
         stats.replaced[str(inp.path)] = bad_total
+
+
+def _fields_hint(record: object) -> str:
+    if not isinstance(record, dict):
+        return ""
+    return " (its fields: " + (", ".join(map(str, record)) or "none") + "; choose one with --text-field)"
 
 
 def _pydoc_topic_documents() -> Iterator[str]:
@@ -194,8 +244,18 @@ def read_documents(inp: InputFile, stats: ReadStats) -> Iterator[str]:
     if inp.kind == "pydoc-topics":
         yield from _pydoc_topic_documents()
         return
-    reader = _jsonl_documents if inp.kind == "jsonl" else _text_documents
+    if inp.kind == "hf":
+        from .tables import hub_documents
+
+        yield from hub_documents(str(inp.path), inp.text_field)
+        return
     try:
+        if inp.kind in ("parquet", "arrow", "json"):
+            from .tables import table_documents
+
+            yield from table_documents(inp.path, inp.kind, inp.text_field)
+            return
+        reader = _jsonl_documents if inp.kind == "jsonl" else _text_documents
         yield from reader(inp, stats)
     except (OSError, EOFError, zlib.error) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)

@@ -33,12 +33,12 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def resolve_inputs(sources: list[str], builtin_max_bytes: int) -> list[InputFile]:
+def resolve_inputs(sources: list[str], builtin_max_bytes: int, text_field: str = "text") -> list[InputFile]:
     """Input files of all sources; the source name `builtin` stands for the built-in corpus."""
     files = [s for s in sources if s != BUILTIN_SOURCE]
     inputs = builtin_inputs(builtin_max_bytes) if BUILTIN_SOURCE in sources else []
     if files or not inputs:
-        inputs += expand_sources(files)
+        inputs += expand_sources(files, text_field)
     return inputs
 
 
@@ -135,7 +135,7 @@ def check_output_dir(out: Path) -> None:
 def check_inputs_outside(out: Path, inputs: list[InputFile]) -> None:
     """Refuse an output directory that contains an input (replacing it would delete the corpus)."""
     target = out.resolve()
-    inside = next((f.path for f in inputs if target in f.path.resolve().parents), None)
+    inside = next((f.path for f in inputs if f.kind != "hf" and target in f.path.resolve().parents), None)
     if inside is not None:
         raise ValueError(f"--out {out} contains the input {inside}; choose a directory outside the sources")
 
@@ -200,11 +200,12 @@ def _write_data(tmp: Path, inputs: list[InputFile], keys: list[int], sizes: list
 
 def prepare(sources: list[str], out: str | Path, *, vocab_size: int = 8192, tokenizer: str | None = None,
             val_fraction: float = 0.01, builtin_max_bytes: int = DEFAULT_MAX_BYTES,
-            tokenizer_train_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES, force: bool = False) -> Path:
+            tokenizer_train_bytes: int = DEFAULT_TOKENIZER_TRAIN_BYTES, force: bool = False,
+            text_field: str = "text") -> Path:
     """Build (or confirm up to date) the data directory `out` from `sources`; returns its path."""
     out = Path(out).expanduser()
     _check_arguments(out, tokenizer, vocab_size, val_fraction)
-    inputs = resolve_inputs(sources, builtin_max_bytes)
+    inputs = resolve_inputs(sources, builtin_max_bytes, text_field)
     check_inputs_outside(out, inputs)
     options = {"vocab_size": None if tokenizer else vocab_size, "val_fraction": val_fraction,
                "tokenizer_sha256": file_sha256(_tokenizer_file(tokenizer)) if tokenizer else None,
@@ -250,18 +251,22 @@ def _tokenizer_file(tokenizer: str) -> Path:
 
 def prepare_command(sources: list[str], *, out: str, vocab_size: int = 8192, tokenizer: str | None = None,
                     val_fraction: float = 0.01, workers: int | None = None, builtin_max_mb: float = 16.0,
-                    tokenizer_train_mb: float = 16.0, force: bool = False) -> int:
+                    tokenizer_train_mb: float = 16.0, text_field: str = "text", force: bool = False) -> int:
     """Turn text into a training data directory: a byte-level BPE tokenizer, token files and meta.json.
 
     SOURCES are files, directories (searched recursively) and glob patterns ("data/**/*.txt", quoted); directories
     and globs contribute .txt .md .rst .py files and .jsonl files (one JSON object per line with a "text" field),
-    each optionally gzip-compressed (.gz). The source name `builtin` selects the built-in corpus: Python's own
-    standard library sources and pydoc topics, no download needed. Files are cut at blank lines into documents of
-    at most 64 KiB; a jsonl record is one document. Documents are split into train and validation by a hash of
-    their content (deterministic, whole documents). Invalid UTF-8 is replaced and counted. Running again on
-    unchanged input with the same options does nothing.
+    each optionally gzip-compressed (.gz), and .parquet and .arrow tables; a .json(.gz) file (JSON lines or an
+    array of objects) is read when named. Tables are read through HF `datasets` (pip install
+    'deepseekmoe[data]'), as is `hf:NAME[:SPLIT]`, a hub dataset already in the local datasets cache (offline,
+    split train by default). The source name `builtin` selects the built-in corpus: Python's own standard library
+    sources and pydoc topics, no download needed. Files are cut at blank lines into documents of at most 64 KiB; a
+    jsonl record or table row is one document. Documents are split into train and validation by a hash of their
+    content (deterministic, whole documents). Invalid UTF-8 is replaced and counted; a binary file (NUL bytes,
+    mostly invalid UTF-8, an image, a table not named as one) is refused. Running again on unchanged input with
+    the same options does nothing.
 
-    Example: deepseekmoe prepare books/ notes.md "web/*.jsonl.gz" --out data/mine --vocab-size 8192
+    Example: deepseekmoe prepare books/ notes.md "web/*.jsonl.gz" pages.parquet --out data/mine
 
     Args:
         sources: files, directories, globs, or `builtin`.
@@ -278,6 +283,7 @@ def prepare_command(sources: list[str], *, out: str, vocab_size: int = 8192, tok
             CPython 3.11, about 10 MB).
         tokenizer_train_mb: train the tokenizer on at most this many MB of the training documents
             (default 16).
+        text_field: the field of jsonl records and table rows that holds the text (default text).
         force: rebuild even when the data directory is up to date.
     """
     if workers is not None:
@@ -286,7 +292,7 @@ def prepare_command(sources: list[str], *, out: str, vocab_size: int = 8192, tok
         os.environ["RAYON_NUM_THREADS"] = str(workers)  # read when the tokenizers thread pool starts
     data_dir = prepare(sources, out, vocab_size=vocab_size, tokenizer=tokenizer, val_fraction=val_fraction,
                        builtin_max_bytes=int(builtin_max_mb * 1e6),
-                       tokenizer_train_bytes=int(tokenizer_train_mb * 1e6), force=force)
+                       tokenizer_train_bytes=int(tokenizer_train_mb * 1e6), force=force, text_field=text_field)
     meta = read_meta(data_dir)
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     print(f"{data_dir}: vocab {meta['vocab_size']} ({meta['dtype']}), train {train['tokens']:,} tokens in "

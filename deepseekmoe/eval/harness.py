@@ -27,8 +27,11 @@ batch_size (sequences per forward, default 8), device (default cuda when availab
 forward, default and at most the model's max_position_embeddings), dtype (float32, bfloat16 or float16).
 
 How requests are answered:
-  loglikelihood          deepseekmoe.eval.multiple_choice.loglikelihoods: bos + context + continuation in one
-                         forward, longest first in batches; (sum of continuation log-probs, is greedy).
+  loglikelihood          deepseekmoe.eval.multiple_choice.loglikelihoods: lm-eval's token split (the context's
+                         trailing whitespace moves to the continuation, the joint string is encoded once), then
+                         bos + context + continuation in one forward, longest first in batches; (sum of
+                         continuation log-probs, is greedy). `deepseekmoe eval --task` scores with the same
+                         functions, so both give the same numbers.
   loglikelihood_rolling  the document's tokens are cut into windows of max_length predictions; the first window is
                          conditioned on bos, later ones on the tokens just before them, so every token is scored once
                          with as much context as fits (lm-eval's rolling-window rule). All windows of all documents
@@ -61,7 +64,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..inference.generate import generate
 from ..inference.loading import load_for_inference
-from .multiple_choice import loglikelihoods, score_tokens
+from .multiple_choice import loglikelihoods, prefix_token_id, score_tokens
 
 logger = logging.getLogger(__name__)
 MODEL_NAME = "deepseekmoe"
@@ -112,7 +115,7 @@ class DeepSeekMoELM(LM):
         if self.max_length > limit:
             raise ValueError(f"max_length={self.max_length} exceeds the model's max_position_embeddings={limit}")
         cfg = self.model.config
-        self.prefix_token_id = cfg.bos_token_id if cfg.bos_token_id is not None else cfg.eos_token_id
+        self.prefix_token_id = prefix_token_id(cfg)
         if self.prefix_token_id is None:
             raise ValueError(f"{self.checkpoint}: the model config names neither bos_token_id nor eos_token_id; "
                              "lm-eval needs one to condition the first token on")

@@ -1,15 +1,22 @@
-"""Multiple-choice scoring by continuation log-likelihood (HellaSwag, PIQA, ARC, WinoGrande style).
+"""Multiple-choice scoring by continuation log-likelihood (HellaSwag, PIQA, ARC, WinoGrande style), by
+lm-evaluation-harness's rules, so `deepseekmoe eval --task` and `lm_eval` give the same numbers on the same items.
 
-Each example becomes a list of (context, continuation) pairs and a gold index. A choice's score is the sum of the
-log-probabilities of its continuation tokens given its context:
-  acc       argmax of the summed log-probability
-  acc_norm  argmax of the summed log-probability divided by the continuation's length in UTF-8 bytes
-WinoGrande-style items (a sentence with "_" and two options) substitute each option into the prefix and score the
-shared remainder, so the contexts differ and the continuation is the same.
+Each example becomes one (context, continuation) request per choice and a gold index:
+  requests    (context, target_delimiter + choice); WinoGrande-style items substitute each option into the
+              sentence's prefix and share the continuation target_delimiter + the rest of the sentence, stripped
+  tokens      trailing whitespace of the context moves to the front of the continuation; context + continuation is
+              encoded as one string and the continuation is what follows the context's own encoding; bos (eos when
+              the model has none) is prepended to the context
+  acc         argmax of the summed continuation log-probabilities
+  acc_norm    argmax of the sums divided by each choice's length in characters (the choice without the delimiter;
+              for WinoGrande the filled-in prefix, as lm-eval does)
+  acc_bytes   the same divided by the choice's length in UTF-8 bytes
+The first of equal scores wins.
 
 Local JSONL formats recognised (one object per line):
   generic     {"context": str, "choices": [str, ...], "label": int}
-  HellaSwag   {"ctx": str, "endings": [str, ...], "label": int|str}
+  HellaSwag   {"ctx": str, "endings": [str, ...], "label": int|str}; with "activity_label", "ctx_a" and "ctx_b"
+              (the released dataset's rows) the context and endings are cleaned as lm-eval's hellaswag task does
   PIQA        {"goal": str, "sol1": str, "sol2": str, "label": int}
   ARC         {"question": str, "choices": {"text": [...], "label": [...]}, "answerKey": str}
   WinoGrande  {"sentence": str with one "_", "option1": str, "option2": str, "answer": "1"|"2"}
@@ -18,13 +25,18 @@ Local JSONL formats recognised (one object per line):
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
+from ..config import ModelConfig
 from ..model import Transformer
+
+TARGET_DELIMITER = " "
 
 
 @dataclass
@@ -32,34 +44,50 @@ class Example:
     requests: list[tuple[str, str]]
     """(context, continuation) per choice."""
     label: int
+    choices: list[str]
+    """The text each choice's score is normalised by (acc_norm: characters, acc_bytes: UTF-8 bytes)."""
 
 
-def _generic(d: dict[str, Any]) -> Example:
-    return Example([(d["context"], " " + c.lstrip()) for c in d["choices"]], int(d["label"]))
+def _choices_after(context: str, choices: list[str], label: int, delimiter: str) -> Example:
+    return Example([(context, delimiter + c) for c in choices], label, list(choices))
 
 
-def _hellaswag(d: dict[str, Any]) -> Example:
-    return Example([(d["ctx"], " " + e.lstrip()) for e in d["endings"]], int(d["label"]))
+def _generic(d: dict[str, Any], delimiter: str) -> Example:
+    return _choices_after(d["context"], d["choices"], int(d["label"]), delimiter)
 
 
-def _piqa(d: dict[str, Any]) -> Example:
-    ctx = f"Question: {d['goal']}\nAnswer:"
-    return Example([(ctx, " " + d["sol1"]), (ctx, " " + d["sol2"])], int(d["label"]))
+def _clean_hellaswag(text: str) -> str:
+    """lm-eval's hellaswag cleaning: strip, WikiHow "[title]" markers become sentence ends, other [tags] go."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
 
 
-def _arc(d: dict[str, Any]) -> Example:
-    ctx = f"Question: {d['question']}\nAnswer:"
+def _hellaswag(d: dict[str, Any], delimiter: str) -> Example:
+    if {"activity_label", "ctx_a", "ctx_b"} <= d.keys():
+        context = _clean_hellaswag(f"{d['activity_label']}: {d['ctx_a']} {d['ctx_b'].capitalize()}")
+        return _choices_after(context, [_clean_hellaswag(e) for e in d["endings"]], int(d["label"]), delimiter)
+    return _choices_after(d["ctx"], d["endings"], int(d["label"]), delimiter)
+
+
+def _piqa(d: dict[str, Any], delimiter: str) -> Example:
+    return _choices_after(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], int(d["label"]), delimiter)
+
+
+def _arc(d: dict[str, Any], delimiter: str) -> Example:
     labels = list(d["choices"]["label"])
-    return Example([(ctx, " " + t) for t in d["choices"]["text"]], labels.index(d["answerKey"]))
+    return _choices_after(f"Question: {d['question']}\nAnswer:", list(d["choices"]["text"]),
+                          labels.index(d["answerKey"]), delimiter)
 
 
-def _winogrande(d: dict[str, Any]) -> Example:
-    prefix, suffix = d["sentence"].split("_", 1)
-    cont = " " + suffix.strip()
-    return Example([(prefix + d["option1"], cont), (prefix + d["option2"], cont)], int(d["answer"]) - 1)
+def _winogrande(d: dict[str, Any], delimiter: str) -> Example:
+    cut = d["sentence"].index("_")
+    prefix, rest = d["sentence"][:cut], d["sentence"][cut + 1:]
+    contexts = [prefix + d["option1"], prefix + d["option2"]]
+    cont = delimiter + rest.strip()
+    return Example([(c, cont) for c in contexts], int(d["answer"]) - 1, contexts)
 
 
-_FORMATS: list[tuple[set[str], Callable[[dict[str, Any]], Example]]] = [
+_FORMATS: list[tuple[set[str], Callable[[dict[str, Any], str], Example]]] = [
     ({"context", "choices", "label"}, _generic),
     ({"ctx", "endings", "label"}, _hellaswag),
     ({"goal", "sol1", "sol2", "label"}, _piqa),
@@ -68,15 +96,18 @@ _FORMATS: list[tuple[set[str], Callable[[dict[str, Any]], Example]]] = [
 ]
 
 
-def parse_example(d: dict[str, Any]) -> Example:
+def parse_example(d: dict[str, Any], target_delimiter: str = TARGET_DELIMITER) -> Example:
     for keys, parse in _FORMATS:
         if keys <= d.keys():
-            return parse(d)
+            example = parse(d, target_delimiter)
+            if not 0 <= example.label < len(example.requests):
+                raise ValueError(f"label {example.label} is not the index of one of {len(example.requests)} choices")
+            return example
     raise ValueError(f"unrecognised multiple-choice item with keys {sorted(d)}; expected one of "
                      + "; ".join("+".join(sorted(k)) for k, _ in _FORMATS))
 
 
-def load_task(path: str | Path) -> list[Example]:
+def load_task(path: str | Path, target_delimiter: str = TARGET_DELIMITER) -> list[Example]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"task file not found: {p}")
@@ -84,21 +115,26 @@ def load_task(path: str | Path) -> list[Example]:
     for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             try:
-                examples.append(parse_example(json.loads(line)))
-            except (json.JSONDecodeError, KeyError, IndexError, ValueError) as exc:
+                examples.append(parse_example(json.loads(line), target_delimiter))
+            except (json.JSONDecodeError, KeyError, IndexError, ValueError, TypeError, AttributeError) as exc:
                 raise ValueError(f"{p}:{n}: {exc}") from None
     if not examples:
         raise ValueError(f"{p}: no examples")
     return examples
 
 
-def _split_tokens(encode: Callable[[str], list[int]], context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """Context and continuation ids; the continuation is cut from the joint encoding when the context is a prefix."""
-    ctx = encode(context)
-    whole = encode(context + continuation)
-    if whole[:len(ctx)] == ctx and len(whole) > len(ctx):
-        return ctx, whole[len(ctx):]
-    return ctx, encode(continuation)
+def prefix_token_id(config: ModelConfig) -> int | None:
+    """The token every context is conditioned on: bos, or eos for a model without one."""
+    return config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
+
+
+def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation ids by lm-eval's rule: the context's trailing whitespace moves to the
+    continuation, the joint string is encoded once and the continuation is what follows the context's tokens."""
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    ctx = encode(stripped)
+    return ctx, encode(stripped + continuation)[len(ctx):]
 
 
 def loglikelihoods(model: Transformer, encode: Callable[[str], list[int]], requests: Sequence[tuple[str, str]],
@@ -107,17 +143,17 @@ def loglikelihoods(model: Transformer, encode: Callable[[str], list[int]], reque
                    progress: Callable[[int], object] | None = None) -> list[tuple[float, bool]]:
     """For each (context, continuation): (sum of continuation log-probs, whether it is the greedy continuation).
 
-    bos (if given) is prepended to the context; sequences are left-truncated to max_length positions (default
-    max_position_embeddings), so a continuation longer than that is scored on its last max_length tokens.
-    `progress` is passed on to score_tokens.
+    Tokens come from encode_pair; bos (if given) is prepended to the context; sequences are left-truncated to
+    max_length positions (default max_position_embeddings), so a continuation longer than that is scored on its
+    last max_length tokens. `progress` is passed on to score_tokens.
     """
     max_len = max_length or model.config.max_position_embeddings
     items = []
     for context, continuation in requests:
-        ctx, cont = _split_tokens(encode, context, continuation)
-        ids = ([bos_token_id] if bos_token_id is not None else []) + ctx + cont
+        ctx, cont = encode_pair(encode, context, continuation)
         if len(cont) == 0:
-            raise ValueError(f"empty continuation for context {context[:40]!r}")
+            raise ValueError(f"empty continuation {continuation!r} for context {context[:40]!r}")
+        ids = ([bos_token_id] if bos_token_id is not None else []) + ctx + cont
         ids = ids[-(max_len + 1):]
         items.append((ids, min(len(cont), len(ids) - 1)))
     return score_tokens(model, items, batch_size, progress)
@@ -154,18 +190,36 @@ def score_tokens(model: Transformer, items: Sequence[tuple[list[int], int]], bat
     return results
 
 
-def evaluate_multiple_choice(model: Transformer, encode: Callable[[str], list[int]], examples: list[Example],
-                             bos_token_id: int | None = None, batch_size: int = 8) -> dict[str, float]:
-    """acc and acc_norm (length-normalised by continuation bytes) over the examples."""
+def predictions(lls: Sequence[float], choices: Sequence[str]) -> dict[str, int]:
+    """Index of the chosen choice by raw sum (acc), per character (acc_norm) and per UTF-8 byte (acc_bytes)."""
+    scores = np.asarray(lls, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):  # an empty choice divides by zero, as in lm-eval
+        return {"acc": int(np.argmax(scores)),
+                "acc_norm": int(np.argmax(scores / np.array([float(len(c)) for c in choices]))),
+                "acc_bytes": int(np.argmax(scores / np.array([float(len(c.encode("utf-8"))) for c in choices])))}
+
+
+def score_examples(model: Transformer, encode: Callable[[str], list[int]], examples: list[Example],
+                   bos_token_id: int | None = None, batch_size: int = 8) -> list[dict[str, Any]]:
+    """One record per example: its requests, per-choice log-likelihoods, label, predictions and 0/1 metrics."""
     flat = [r for ex in examples for r in ex.requests]
     scores = [s for s, _ in loglikelihoods(model, encode, flat, bos_token_id, batch_size)]
-    correct = correct_norm = 0
-    pos = 0
-    for ex in examples:
-        n = len(ex.requests)
-        s = scores[pos:pos + n]
-        norm = [v / max(1, len(cont.encode("utf-8"))) for v, (_, cont) in zip(s, ex.requests)]
-        correct += int(max(range(n), key=s.__getitem__) == ex.label)
-        correct_norm += int(max(range(n), key=norm.__getitem__) == ex.label)
-        pos += n
-    return {"acc": correct / len(examples), "acc_norm": correct_norm / len(examples), "examples": len(examples)}
+    records, pos = [], 0
+    for doc_id, ex in enumerate(examples):
+        lls = scores[pos:pos + len(ex.requests)]
+        pos += len(ex.requests)
+        pred = predictions(lls, ex.choices)
+        records.append({"doc_id": doc_id, "arguments": [list(r) for r in ex.requests], "loglikelihoods": lls,
+                        "label": ex.label, "pred": pred, **{k: float(v == ex.label) for k, v in pred.items()}})
+    return records
+
+
+def evaluate_multiple_choice(model: Transformer, encode: Callable[[str], list[int]], examples: list[Example],
+                             bos_token_id: int | None = None, batch_size: int = 8) -> dict[str, float]:
+    """acc, acc_norm and acc_bytes (means over the examples) and the number of examples."""
+    return summarize(score_examples(model, encode, examples, bos_token_id, batch_size))
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
+    n = len(records)
+    return {**{k: sum(r[k] for r in records) / n for k in ("acc", "acc_norm", "acc_bytes")}, "examples": n}

@@ -177,9 +177,11 @@ def heldout_tokens(data: Path, tokenizer: Tokenizer, bos_token_id: int | None,
 
 def eval_command(checkpoint: str, *, data: str | None = None, task: str | None = None, json: bool = False,
                  batch_size: int = 8, seq_len: int | None = None, max_batches: int | None = None,
-                 device: str | None = None) -> int:
+                 device: str | None = None, target_delimiter: str = " ", samples: str | None = None) -> int:
     """Evaluate a trained model on held-out text: loss (nats/token), perplexity and bits per byte; or, with
-    --task, multiple-choice accuracy (acc, length-normalised acc_norm) on a local JSONL task.
+    --task, multiple-choice accuracy (acc, acc_norm per character, acc_bytes per byte) on a local JSONL task,
+    scored by lm-evaluation-harness's rules (deepseekmoe/eval/multiple_choice.py), so the numbers equal
+    `lm_eval`'s on the same items.
 
     The held-out token stream is cut into consecutive windows of --seq-len tokens (the trainer's validation
     windows); every token after the first is predicted once, up to the last full window. Bits per byte divides
@@ -191,6 +193,10 @@ def eval_command(checkpoint: str, *, data: str | None = None, task: str | None =
             directory recorded in the run's config.yaml
         task: a multiple-choice JSONL file (HellaSwag, PIQA, ARC, WinoGrande or generic
             {"context", "choices", "label"} items) scored by continuation log-likelihood
+        target_delimiter: with --task, the text between the context and each choice (lm-eval's
+            target_delimiter, default one space)
+        samples: with --task, also write one JSON line per item (its requests, per-choice log-likelihoods,
+            label, predictions) to this file
         json: print one JSON object (loss, perplexity, bits_per_byte, tokens, bytes) instead of text
         batch_size: windows per forward pass (default 8)
         seq_len: tokens of context per window (default: the run's training sequence length, else the model's
@@ -205,7 +211,7 @@ def eval_command(checkpoint: str, *, data: str | None = None, task: str | None =
             raise ValueError(f"--{name.replace('_', '-')}={value} must be >= 1")
     model, tokenizer, ckpt = load_for_inference(checkpoint, device)
     if task is not None:
-        return _task_command(model, tokenizer, task, batch_size, json)
+        return _task_command(model, tokenizer, task, batch_size, json, target_delimiter, samples)
     run = run_config(_run_dir_of(Path(checkpoint), ckpt))
     data_path = Path(data) if data else recorded_data(run)
     tokens = heldout_tokens(data_path, tokenizer, model.config.bos_token_id, model.config.eos_token_id)
@@ -221,14 +227,19 @@ def eval_command(checkpoint: str, *, data: str | None = None, task: str | None =
     return 0
 
 
-def _task_command(model, tokenizer, task: str, batch_size: int, as_json: bool) -> int:
-    from .multiple_choice import evaluate_multiple_choice, load_task
+def _task_command(model, tokenizer, task: str, batch_size: int, as_json: bool, target_delimiter: str,
+                  samples: str | None) -> int:
+    from .multiple_choice import load_task, prefix_token_id, score_examples, summarize
 
-    examples = load_task(task)
+    examples = load_task(task, target_delimiter)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
-    result = evaluate_multiple_choice(model, encode, examples, model.config.bos_token_id, batch_size)
+    records = score_examples(model, encode, examples, prefix_token_id(model.config), batch_size)
+    result = summarize(records)
+    if samples is not None:
+        Path(samples).write_text("".join(jsonlib.dumps(r) + "\n" for r in records), encoding="utf-8")
     if as_json:
         print(jsonlib.dumps({"task": task, **result}))
     else:
-        print(f"acc       {result['acc']:.4f}\nacc_norm  {result['acc_norm']:.4f}\nexamples  {result['examples']}")
+        print(f"acc        {result['acc']:.4f}\nacc_norm   {result['acc_norm']:.4f}\n"
+              f"acc_bytes  {result['acc_bytes']:.4f}\nexamples   {result['examples']}")
     return 0

@@ -3,13 +3,22 @@ tqdm bar with ETA on a tty, plain lines otherwise).
 
 metrics.jsonl holds one JSON object per line. Training records (every log step):
     kind "train", step, lr, loss (total), lm_loss, expert_balance_loss, device_balance_loss, z_loss, grad_norm,
-    tokens_per_s, mfu, tokens (seen so far), skipped_steps (non-finite so far),
-    expert_load_max_over_mean [one per MoE layer: max / mean of the step's per-expert assignment counts],
-    dead_experts [one per MoE layer: experts that received no token in the step],
-    expert_load [one list per MoE layer: the step's assignment count of every routed expert]
+    tokens_per_s, mfu, tokens (seen so far), skipped_steps (non-finite so far), and the routing health of the
+    logging interval (the steps since the previous train record; a resumed run's first interval starts at the
+    step it resumed from), one entry per MoE layer:
+    expert_load [the interval's assignment count of every routed expert],
+    expert_load_max_over_mean [max / mean of those counts: 1.0 is perfect balance],
+    dead_experts [experts that received no token in the interval],
+    expert_load_entropy [entropy (nats) of the counts' shares: log(E) is perfect balance, 0 one expert]
+    device_load [with expert parallelism or device groups: each device's share of the interval's assignments]
 Validation records: kind "val", step, val_loss (nats/token), val_bpb (bits per UTF-8 byte), val_tokens.
 Every record also has elapsed_s (seconds since this process started logging).
 Losses are the mean over the step's micro-batches.
+
+TensorBoard (RUN_DIR/tensorboard) gets every number of a record as the scalar KIND/KEY, and the routing health per
+MoE layer i (the lists' order) as the scalars routing/moe{i}/load_max_over_mean, routing/moe{i}/dead_experts,
+routing/moe{i}/load_entropy and the histogram routing/moe{i}/expert_load (one bucket per expert, expert e
+spanning [e, e+1), its height the expert's count), all equal to the metrics.jsonl values.
 """
 
 from __future__ import annotations
@@ -26,13 +35,22 @@ import torch
 METRICS_FILE = "metrics.jsonl"
 
 
-def expert_load(counts_LE: torch.Tensor) -> tuple[list[float], list[int]]:
-    """Per MoE layer: (max / mean assignment count, number of experts with zero assignments)."""
+ROUTING_SCALARS = {"expert_load_max_over_mean": "load_max_over_mean", "dead_experts": "dead_experts",
+                   "expert_load_entropy": "load_entropy"}
+"""Routing-health lists of a train record -> their TensorBoard names under routing/moe{i}/."""
+
+
+def routing_health(counts_LE: torch.Tensor) -> dict[str, list]:
+    """The routing-health fields of a train record from per-layer expert counts (L, E) of an interval."""
     if counts_LE.numel() == 0:
-        return [], []
+        return {"expert_load": [], "expert_load_max_over_mean": [], "dead_experts": [], "expert_load_entropy": []}
     counts = counts_LE.double()
     ratio = counts.max(dim=1).values / counts.mean(dim=1).clamp_min(1e-12)
-    return [round(float(x), 4) for x in ratio], [int(x) for x in (counts_LE == 0).sum(dim=1)]
+    share = counts / counts.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    entropy = -(share * share.clamp_min(1e-300).log()).sum(dim=1)  # 0 * log 0 counts as 0
+    return {"expert_load": counts_LE.tolist(), "expert_load_max_over_mean": [round(float(x), 4) for x in ratio],
+            "dead_experts": [int(x) for x in (counts_LE == 0).sum(dim=1)],
+            "expert_load_entropy": [round(float(x), 4) for x in entropy]}
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
@@ -104,10 +122,23 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "kind"):
-                    self.tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+            self._to_tensorboard(record)
         self.message(self._line(record))
+
+    def _to_tensorboard(self, record: dict[str, Any]) -> None:
+        step = record["step"]
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key not in ("step", "kind"):
+                self.tb.add_scalar(f"{record['kind']}/{key}", value, step)
+        for key, name in ROUTING_SCALARS.items():
+            for layer, value in enumerate(record.get(key, [])):
+                self.tb.add_scalar(f"routing/moe{layer}/{name}", value, step)
+        for layer, load in enumerate(record.get("expert_load", [])):
+            self.tb.add_histogram_raw(f"routing/moe{layer}/expert_load", min=0, max=len(load), num=sum(load),
+                                      sum=float(sum(e * n for e, n in enumerate(load))),
+                                      sum_squares=float(sum(e * e * n for e, n in enumerate(load))),
+                                      bucket_limits=[float(e + 1) for e in range(len(load))],
+                                      bucket_counts=[float(n) for n in load], global_step=step)
 
     def message(self, text: str) -> None:
         """A line for the person watching (above the bar on a terminal)."""

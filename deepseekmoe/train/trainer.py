@@ -37,7 +37,7 @@ from ..model import Transformer
 from ..runtime import describe as describe_experts, for_device, parse_device
 from .checkpoint import list_checkpoints, load_model
 from .config import RunConfig, TrainConfig
-from .metrics import MetricsLogger, expert_load
+from .metrics import MetricsLogger, routing_health
 from .optim import build_optimizer, build_scheduler, lr_at
 from .state import Progress, load_training_state, save_training_checkpoint, set_rng_state
 
@@ -266,20 +266,21 @@ class Trainer:
         """Train to max_steps; returns the signal that stopped it early (after saving), None when it ran to the
         end."""
         cfg, p = self.cfg, self.progress
-        window_time, window_steps = 0.0, 0
+        window_time, window_steps, window_counts = 0.0, 0, None
         with StopRequest() as stop:
             while p.step < cfg.max_steps:
                 started = time.perf_counter()
                 result = self.train_step()
                 window_time += time.perf_counter() - started
                 window_steps += 1
+                window_counts = result.counts_LE + (0 if window_counts is None else window_counts)
                 logger.advance(p.step, result.losses["lm_loss"])
                 if not result.finite:
                     logger.message(f"step {p.step}: non-finite loss, update skipped "
                                    f"({p.nonfinite_in_row} in a row)")
                 if p.step % cfg.log_every == 0 or p.step == cfg.max_steps:
-                    logger.log(self._train_record(result, window_time, window_steps))
-                    window_time, window_steps = 0.0, 0
+                    logger.log(self._train_record(result, window_time, window_steps, window_counts))
+                    window_time, window_steps, window_counts = 0.0, 0, None
                 if cfg.eval_every and p.step % cfg.eval_every == 0 and p.step < cfg.max_steps:
                     logger.log({"kind": "val", "step": p.step, **self.validate()})
                 if cfg.save_every and p.step % cfg.save_every == 0:
@@ -293,18 +294,16 @@ class Trainer:
             self.save()
         return None
 
-    def _train_record(self, r: StepResult, seconds: float, steps: int) -> dict[str, Any]:
+    def _train_record(self, r: StepResult, seconds: float, steps: int, counts_LE: torch.Tensor) -> dict[str, Any]:
+        """The step's losses; speed, routing health and device load over the `steps` since the last record."""
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
         tokens_per_s = tokens_per_step * steps / max(seconds, 1e-9)
-        load, dead = expert_load(r.counts_LE)
         return {"kind": "train", "step": self.progress.step, "lr": lr_at(self.progress.step - 1, cfg),
                 **r.losses, "grad_norm": r.grad_norm, "tokens_per_s": tokens_per_s,
                 "mfu": estimate_mfu(self.run.model, cfg.seq_len, tokens_per_s, self.peak_flops),
                 "tokens": self.progress.step * tokens_per_step, "skipped_steps": self.progress.nonfinite_total,
-                "expert_load_max_over_mean": load, "dead_experts": dead,
-                "expert_load": r.counts_LE.tolist(),
-                **device_load_record(r.counts_LE, self.model.config, self.parallel)}
+                **routing_health(counts_LE), **device_load_record(counts_LE, self.model.config, self.parallel)}
 
     def validate(self, final: bool = False) -> dict[str, float]:
         limit = self.cfg.final_eval_batches if final else self.cfg.eval_batches
