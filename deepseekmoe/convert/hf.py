@@ -42,10 +42,15 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Files carried across unchanged in both directions (tokenizer and generation defaults).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# An export's remote code: this project's standalone model files (deepseekmoe/hf/remote_code), copied verbatim,
+# and the auto_map naming them (the released one, plus the sequence-classification head).
+REMOTE_CODE_DIR = Path(__file__).resolve().parent.parent / "hf" / "remote_code"
+REMOTE_CODE_FILES = ("configuration_deepseek.py", "modeling_deepseek.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_deepseek.DeepseekConfig",
     "AutoModel": "modeling_deepseek.DeepseekModel",
     "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_deepseek.DeepseekForSequenceClassification",
 }
 
 # HF key -> our key, one tensor each; `{}` stands for a layer index.
