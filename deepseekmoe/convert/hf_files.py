@@ -8,8 +8,9 @@ defaults, as the released deepseek-moe-16b directories have them.
                            `trust_remote_code=True` loads the directory with only transformers installed.
   tokenizer_config.json    (when the checkpoint has a tokenizer.json and none of its own) bos/eos/pad tokens,
                            add_bos_token (AutoTokenizer then prepends bos as this project's CLI, server and
-                           harness do), model_max_length = max_position_embeddings, and the DeepSeek chat template
-                           (deepseekmoe.data.chat, the server's).
+                           harness do; the tokenizer.json gets the post-processor that does it), model_max_length =
+                           max_position_embeddings, and the DeepSeek chat template (deepseekmoe.data.chat, the
+                           server's). Tokenizer files an imported checkpoint brought are carried unchanged.
   generation_config.json   (when the checkpoint has none) bos/eos/pad ids.
 """
 
@@ -59,14 +60,17 @@ def write_hf_files(config: ModelConfig, dtype: torch.dtype, out: Path) -> None:
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(REMOTE_CODE_DIR / name, out / name)
     if (out / "tokenizer.json").is_file() and not (out / "tokenizer_config.json").is_file():
-        _write_tokenizer_config(config, pad, out)
+        _write_tokenizer_files(config, pad, out)
     if not (out / "generation_config.json").is_file():
         ids = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": pad}
         (out / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
 
 
-def _write_tokenizer_config(config: ModelConfig, pad: int | None, out: Path) -> None:
-    from tokenizers import Tokenizer
+def _write_tokenizer_files(config: ModelConfig, pad: int | None, out: Path) -> None:
+    """tokenizer_config.json, and a tokenizer.json post-processor that prepends bos: transformers 5 takes
+    add_bos_token from the post-processor alone when there is a tokenizer.json (this project encodes with
+    add_special_tokens=False everywhere, so it ignores the post-processor)."""
+    from tokenizers import Tokenizer, processors
 
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     d: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
@@ -74,6 +78,11 @@ def _write_tokenizer_config(config: ModelConfig, pad: int | None, out: Path) -> 
                            ("pad_token", pad)):
         if token_id is not None and tok.id_to_token(token_id) is not None:
             d[name] = tok.id_to_token(token_id)
+    if "bos_token" in d:
+        bos = d["bos_token"]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, config.bos_token_id)])
+        tok.save(str(out / "tokenizer.json"))
     d.update(add_bos_token="bos_token" in d, add_eos_token=False, clean_up_tokenization_spaces=False,
              model_max_length=config.max_position_embeddings, chat_template=CHAT_TEMPLATE)
     (out / "tokenizer_config.json").write_text(json.dumps(d, indent=2) + "\n")
