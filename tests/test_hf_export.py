@@ -151,3 +151,81 @@ def test_chat_template_renders_our_chat_prompt(exported, probed):
     tok = Tokenizer.from_file(str(exported[1] / "tokenizer.json"))
     assert result["chat_ids"] == tok.encode(expected, add_special_tokens=False).ids  # one bos, the template's
     assert result["chat_ids"].count(0) == 1
+
+
+MC_ITEMS = [("The cat sat on the", ["mat", "dog", "river"]), ("Rain fell on the", ["hills", "cat", "sea"]),
+            ("The quick brown", ["fox", "bird", "mat"]), ("A bird looked at", ["the sea", "green", "a dog"]),
+            ("User: hello", ["there", "fox", "rain"]), ("The lazy", ["dog", "the cat", "hills"])]
+# lm-eval's own CLI, entered as its `lm_eval` script enters it, in a process that cannot import this package
+LM_EVAL_CLI = BLOCK_IMPORTS + '''
+from lm_eval.__main__ import cli_evaluate
+sys.argv = ["lm_eval", *sys.argv[1:]]
+cli_evaluate()
+assert "deepseekmoe" not in sys.modules
+'''
+
+
+def _choice_scores(native, tok, context: str, choices: list[str]) -> list[float]:
+    """Sum of log p(choice tokens | bos + context) with lm-eval's split (the choice after a space)."""
+    ctx = tok.encode(context, add_special_tokens=False).ids
+    scores = []
+    for choice in choices:
+        whole = tok.encode(context + " " + choice, add_special_tokens=False).ids
+        ids = torch.tensor([[0, *whole]])
+        with torch.no_grad():
+            logprobs = native(ids).logits[0, :-1].log_softmax(-1)
+        targets = ids[0, 1:]
+        scores.append(logprobs[len(ctx):].gather(1, targets[len(ctx):, None]).sum().item())
+    return scores
+
+
+def _mc_task(root: Path, native, tok) -> Path:
+    """A local multiple-choice task whose labels are our model's best choice on every other item (acc 1/2)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n, (context, choices) in enumerate(MC_ITEMS):
+        scores = _choice_scores(native, tok, context, choices)
+        best = max(range(len(choices)), key=scores.__getitem__)
+        rows.append({"context": context, "choices": choices, "label": best if n % 2 == 0 else (best + 1) % 3})
+    data = root / "mc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "mc.yaml").write_text(
+        f"task: export_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        f"  cache_dir: {root / 'hf-cache'}\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{context}}'\ndoc_to_choice: choices\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+    return root
+
+
+def _our_adapter_run(ckpt: Path, tasks: Path) -> tuple[dict, list]:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from deepseekmoe.eval.harness import DeepSeekMoELM
+
+    lm = DeepSeekMoELM(pretrained=str(ckpt), batch_size=4, device="cpu")
+    out = lm_eval.simple_evaluate(model=lm, tasks=["export_mc"], log_samples=True, bootstrap_iters=0,
+                                  task_manager=TaskManager(include_path=str(tasks), include_defaults=False))
+    return out["results"]["export_mc"], out["samples"]["export_mc"]
+
+
+@pytest.mark.slow
+def test_lm_eval_hf_backend_on_the_export_equals_our_adapter(exported, tmp_path: Path):
+    pytest.importorskip("lm_eval")
+    from tokenizers import Tokenizer
+
+    native, hf_dir = exported
+    tasks = _mc_task(tmp_path / "tasks", native, Tokenizer.from_file(str(hf_dir / "tokenizer.json")))
+    ours, our_samples = _our_adapter_run(hf_dir.parent / "ckpt", tasks)
+    run_fresh(LM_EVAL_CLI, "run", "--model", "hf", "--model_args", f"pretrained={hf_dir},trust_remote_code=True",
+              "--tasks", "export_mc", "--include_path", str(tasks), "--device", "cpu", "--batch_size", "4",
+              "--output_path", str(tmp_path / "out"), "--log_samples", cwd=tmp_path,
+              timeout=600)
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["export_mc"]
+    samples = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_export_mc_*.jsonl")).open()]
+    assert ours["acc,none"] == 0.5  # the labels make it so: the comparison below is not between two zeros
+    assert results["acc,none"] == ours["acc,none"] and results["acc_norm,none"] == ours["acc_norm,none"]
+    theirs = {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in samples}
+    for sample in our_samples:  # every choice's log-likelihood, not only the argmax
+        mine = [float(r[0][0]) for r in sample["resps"]]
+        assert theirs[sample["doc_id"]] == pytest.approx(mine, rel=1e-4, abs=1e-4), sample["doc_id"]
