@@ -153,6 +153,30 @@ def test_chat_template_renders_our_chat_prompt(exported, probed):
     assert result["chat_ids"].count(0) == 1
 
 
+def test_importing_the_export_gives_our_checkpoint_back(exported, tmp_path: Path):
+    """convert --from-hf of an export is our checkpoint again; exporting that writes the same files."""
+    from tokenizers import Tokenizer
+
+    from deepseekmoe import cli
+    from deepseekmoe.train.checkpoint import load_model
+
+    native, hf_dir = exported
+    assert cli.main(["convert", "--from-hf", str(hf_dir), "--out", str(tmp_path / "ours")]) == 0
+    back, _ = load_model(tmp_path / "ours", dtype=torch.float32)
+    assert back.config == native.config
+    for key, tensor in native.state_dict().items():
+        assert torch.equal(back.state_dict()[key], tensor), key
+    mine, theirs = (Tokenizer.from_file(str(d / "tokenizer.json")) for d in (hf_dir.parent / "ckpt", tmp_path / "ours"))
+    text = "The quick brown fox, and a cat."
+    assert mine.encode(text, add_special_tokens=False).ids == theirs.encode(text, add_special_tokens=False).ids
+    assert cli.main(["convert", "--to-hf", str(tmp_path / "ours"), "--out", str(tmp_path / "again"),
+                     "--max-shard-size", "200000"]) == 0
+    names = sorted(p.name for p in hf_dir.iterdir())
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "again" / name).read_bytes() == (hf_dir / name).read_bytes(), name
+
+
 MC_ITEMS = [("The cat sat on the", ["mat", "dog", "river"]), ("Rain fell on the", ["hills", "cat", "sea"]),
             ("The quick brown", ["fox", "bird", "mat"]), ("A bird looked at", ["the sea", "green", "a dog"]),
             ("User: hello", ["there", "fox", "rain"]), ("The lazy", ["dog", "the cat", "hills"])]
