@@ -160,3 +160,18 @@ def test_config_validation_and_defaults():
     assert released.num_moe_layers == 27 and released.aux_loss_alpha == 0.001
     dense = DeepseekConfig(n_routed_experts=None, num_hidden_layers=2)
     assert dense.router == "none" and not _model_config(dense).is_moe
+
+
+@torch.no_grad()
+def test_the_released_layout_loads_natively_in_bf16(tmp_path: Path):
+    """A checkpoint written as deepseek-moe-16b ships (its config.json, per-expert bf16 tensors) loads with the
+    registered classes and computes what our loader's model computes."""
+    from deepseekmoe.train.checkpoint import load_model
+    from test_convert import write_official
+
+    official = write_official(tmp_path / "official")
+    model = AutoModelForCausalLM.from_pretrained(official, dtype=torch.bfloat16).eval()
+    assert type(model) is DeepseekForCausalLM and model.model.embed_tokens.weight.dtype == torch.bfloat16
+    ours, _ = load_model(official)
+    ids = torch.randint(0, 32, (2, 9))
+    torch.testing.assert_close(model.float()(ids).logits, ours.float()(ids).logits, rtol=RTOL, atol=ATOL)
