@@ -263,8 +263,6 @@ class DeepseekPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DeepseekDecoderLayer"]
     _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_attention_backend = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -317,13 +315,14 @@ class DeepseekModel(DeepseekPreTrainedModel):
                 output_router_logits: bool | None = None, **kwargs) -> MoeModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
+        cfg = self.config
         cache = kwargs.pop("past_key_values", None) if cache is None else cache
         kwargs.pop("return_dict", None)
-        cfg = self.config
         use_cache = (cfg.use_cache and not self.training) if use_cache is None else use_cache
+        want_attentions = bool(cfg.output_attentions if output_attentions is None else output_attentions)
+        want_hidden = bool(cfg.output_hidden_states if output_hidden_states is None else output_hidden_states)
+        cache = None if not use_cache else DynamicCache(config=cfg) if cache is None else cache
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if use_cache and cache is None:
-            cache = DynamicCache(config=cfg)
         if position_ids is None:
             start = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(start, start + x.shape[1], device=x.device)[None]
@@ -333,20 +332,15 @@ class DeepseekModel(DeepseekPreTrainedModel):
         hidden, attentions, router_logits = [], [], []
         for layer in self.layers:
             hidden.append(x)
-            x, weights, logits = layer(
-                x, rotary=rotary, mask=mask, input_ids=input_ids, cache=cache if use_cache else None,
-                output_attentions=bool(output_attentions if output_attentions is not None
-                                       else cfg.output_attentions), **kwargs)
+            x, weights, logits = layer(x, rotary=rotary, mask=mask, input_ids=input_ids, cache=cache,
+                                       output_attentions=want_attentions, **kwargs)
             attentions.append(weights)
-            if logits is not None:
-                router_logits.append(logits)
+            router_logits += [] if logits is None else [logits]
         x = self.norm(x)
-        want_hidden = output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states
-        return MoeModelOutputWithPast(
-            last_hidden_state=x, cache=cache if use_cache else None,
-            hidden_states=(*hidden, x) if want_hidden else None,
-            attentions=tuple(attentions) if attentions and attentions[0] is not None else None,
-            router_logits=tuple(router_logits) if output_router_logits else None)
+        return MoeModelOutputWithPast(last_hidden_state=x, cache=cache,
+                                      hidden_states=(*hidden, x) if want_hidden else None,
+                                      attentions=tuple(attentions) if want_attentions else None,
+                                      router_logits=tuple(router_logits) if output_router_logits else None)
 
 
 class DeepseekForCausalLM(DeepseekPreTrainedModel, GenerationMixin):
