@@ -40,7 +40,8 @@ sys.meta_path.insert(0, _Refuse())
 PROBE = BLOCK_IMPORTS + '''
 import json, warnings
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer)
 
 export, inputs, out = sys.argv[1:4]
 data = torch.load(inputs)
@@ -66,6 +67,12 @@ for checkpointing in (False, True):
     model(ids, labels=ids).loss.backward()
     grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
 result["grad_diff"] = max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0])
+base = AutoModel.from_pretrained(export, trust_remote_code=True).eval()
+head = AutoModelForSequenceClassification.from_pretrained(export, trust_remote_code=True, num_labels=2).eval()
+with torch.no_grad():
+    result["base_hidden"] = base(ids).last_hidden_state
+    result["head_logits"] = head(ids).logits
+result["head_classes"] = [type(base).__name__, type(head).__name__]
 result["tokens"] = tok(data["text"])["input_ids"]
 result["special"] = [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.model_max_length]
 result["chat_text"] = tok.apply_chat_template(data["messages"], add_generation_prompt=True, tokenize=False)
@@ -130,6 +137,9 @@ def test_remote_code_gives_our_logits_hidden_states_and_generations(exported, pr
     ours = generate(native, inputs["prompt"][0], 6, temperature=0)
     assert result["dynamic"].tolist() == result["static"].tolist() == ours
     assert result["grad_diff"] == 0.0  # gradient checkpointing changes nothing
+    assert result["head_classes"] == ["DeepseekModel", "DeepseekForSequenceClassification"]
+    torch.testing.assert_close(result["base_hidden"], result["hidden"][-1], rtol=0, atol=0)
+    assert result["head_logits"].shape == (2, 2)
 
 
 def test_auto_tokenizer_adds_bos_once_and_declares_pad(exported, probed):
