@@ -12,6 +12,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
 
 import deepseekmoe.hf  # noqa: F401  (registers model_type "deepseek")
@@ -98,12 +99,15 @@ def test_save_pretrained_writes_what_convert_writes(hf_model, native: Transforme
     for key, tensor in native.state_dict().items():
         assert torch.equal(state[key], tensor), key
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
-    assert saved == json.loads((hf_dir / "config.json").read_text())  # one config.json for both routes
+    exported = json.loads((hf_dir / "config.json").read_text())
+    # one config.json for both routes; each stamps its transformers version (convert: the one the code targets)
+    assert saved.pop("transformers_version") == transformers.__version__ and exported.pop("transformers_version")
+    assert saved == exported
     for name in ("configuration_deepseek.py", "modeling_deepseek.py"):
         assert (tmp_path / "saved" / name).read_bytes() == (hf_dir / name).read_bytes()
     fresh = DeepseekForCausalLM(hf_model.config)
     fresh.save_pretrained(tmp_path / "fresh")  # a model built in code, not loaded: the same auto_map
-    assert json.loads((tmp_path / "fresh" / "config.json").read_text())["auto_map"] == saved["auto_map"]
+    assert json.loads((tmp_path / "fresh" / "config.json").read_text())["auto_map"] == exported["auto_map"]
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
     ids = torch.randint(0, VOCAB, (1, 9))
     assert torch.equal(again(ids).logits, hf_model(ids).logits)
