@@ -130,8 +130,13 @@ def test_round_trip_is_exact(hf_dir: Path, tmp_path: Path):
     index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
     assert json.loads((back / "model.safetensors.index.json").read_text()) == index
     config = json.loads((back / "config.json").read_text())
-    assert {k: config[k] for k in HF_CONFIG if k != "transformers_version"} == {
-        k: v for k, v in HF_CONFIG.items() if k != "transformers_version"}
+    # the released fields, with the dtype under transformers 5's name and the remote code's auto_map (the released
+    # one plus the sequence-classification head)
+    expected = {k: v for k, v in HF_CONFIG.items() if k not in ("transformers_version", "torch_dtype")}
+    expected["auto_map"] = {**HF_CONFIG["auto_map"],
+                            "AutoModelForSequenceClassification": "modeling_deepseek.DeepseekForSequenceClassification"}
+    assert {k: config[k] for k in expected} == expected and config["dtype"] == "bfloat16"
+    assert "torch_dtype" not in config and config["transformers_version"] == "5.24.0"
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (back / name).read_bytes() == (hf_dir / name).read_bytes()
 

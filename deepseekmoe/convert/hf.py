@@ -3,6 +3,7 @@
 An HF directory (as deepseek-moe-16b-base/chat ship it, SPEC.md section 7):
 
     config.json                        model_type "deepseek", architectures DeepseekForCausalLM, auto_map
+    configuration_deepseek.py, modeling_deepseek.py   the remote code auto_map names
     model-0000k-of-0000n.safetensors   one tensor per HF key, nn.Linear weights as [out, in]
     model.safetensors.index.json       {"metadata": {"total_size": bytes}, "weight_map": {key: file}}
                                        (a single-file checkpoint is model.safetensors without an index)
@@ -43,10 +44,15 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Files carried across unchanged in both directions (tokenizer and generation defaults).
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# An export's remote code: this project's standalone model files (deepseekmoe/hf/remote_code), copied verbatim,
+# and the auto_map naming them (the released one, plus the sequence-classification head).
+REMOTE_CODE_DIR = Path(__file__).resolve().parent.parent / "hf" / "remote_code"
+REMOTE_CODE_FILES = ("configuration_deepseek.py", "modeling_deepseek.py")
 AUTO_MAP = {
     "AutoConfig": "configuration_deepseek.DeepseekConfig",
     "AutoModel": "modeling_deepseek.DeepseekModel",
     "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_deepseek.DeepseekForSequenceClassification",
 }
 
 # HF key -> our key, one tensor each; `{}` stands for a layer index.
@@ -347,7 +353,9 @@ def convert_command(*, from_hf: str | None = None, to_hf: str | None = None, out
     `--from-hf HF_DIR --out CHECKPOINT` imports a DeepseekForCausalLM directory (config.json, sharded safetensors
     with model.safetensors.index.json, tokenizer files), streaming shard by shard and keeping the dtype.
     `--to-hf CHECKPOINT --out HF_DIR` exports a checkpoint (or a run's latest) to that layout, sharded, with an
-    index, a config.json carrying the remote-code auto_map, and the tokenizer files.
+    index, a config.json whose auto_map names the model code written beside it (standalone: transformers loads the
+    directory with trust_remote_code=True, without this package), tokenizer files with the chat template, and
+    generation_config.json.
 
     Args:
         from_hf: an HF directory to import.

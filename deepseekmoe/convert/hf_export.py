@@ -1,5 +1,6 @@
-"""Export: our checkpoint -> the Hugging Face DeepSeekMoE layout (sharded safetensors + index, config.json with
-the remote-code auto_map, tokenizer files). Key names and shapes come from `hf.py`; this file only cuts and writes.
+"""Export: our checkpoint -> the Hugging Face DeepSeekMoE layout (sharded safetensors + index; config.json, remote
+code, tokenizer and generation files from `hf_files.py`). Key names and shapes come from `hf.py`; this file only
+cuts and writes.
 
 Shards are planned from the stored shapes and dtypes before anything is read, so files get their final
 `model-0000k-of-0000n` names at once; each tensor is then read (single experts out of the stacked tensors with
@@ -18,8 +19,9 @@ import torch
 
 from ..config import ModelConfig
 from ..train.checkpoint import open_safetensors
-from .hf import (AUTO_MAP, CONFIG_FILE, INDEX_FILE, SINGLE_FILE, Shape, _copy_side_files, _fmt, _our_source,
-                 hf_layout, is_hf_directory, our_entries)
+from .hf import (CONFIG_FILE, INDEX_FILE, SINGLE_FILE, Shape, _copy_side_files, _fmt, _our_source, hf_layout,
+                 is_hf_directory, our_entries)
+from .hf_files import write_hf_files
 from .stream import DTYPES, SafetensorsWriter
 
 def parse_size(text: str | int) -> int:
@@ -77,14 +79,6 @@ def _check_our_checkpoint(path: Path, f, config: ModelConfig, layout: dict[str, 
     return {k: DTYPES[f.get_slice(_our_source(k)[0]).get_dtype()] for k in layout}
 
 
-def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict:
-    """config.json for the HF directory: the official fields, the remote-code auto_map, the stored dtype."""
-    d = config.to_hf_dict()
-    d["auto_map"] = dict(AUTO_MAP)
-    d["torch_dtype"] = str(dtype).removeprefix("torch.")
-    return d
-
-
 def _write_shards(source: Path, config: ModelConfig, layout: dict[str, Shape], dtypes: dict[str, torch.dtype],
                   out: Path, max_bytes: int, progress: bool) -> None:
     """Cut the layout into shards and write them one tensor at a time, reading each from our file as written.
@@ -108,18 +102,6 @@ def _write_shards(source: Path, config: ModelConfig, layout: dict[str, Shape], d
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_tokenizer_config(config: ModelConfig, out: Path) -> None:
-    """A minimal tokenizer_config.json (when the checkpoint has a tokenizer.json but none), so AutoTokenizer loads."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
-    d: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
-    for name, token_id in (("bos_token", config.bos_token_id), ("eos_token", config.eos_token_id)):
-        if token_id is not None and tok.id_to_token(token_id) is not None:
-            d[name] = tok.id_to_token(token_id)
-    (out / "tokenizer_config.json").write_text(json.dumps(d, indent=2) + "\n")
-
-
 def convert_to_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str | int = "5GB",
                   progress: bool = False) -> Path:
     """Our checkpoint (or a run's latest) -> an HF directory in the official layout, atomically."""
@@ -135,11 +117,8 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str |
         with open_safetensors(str(ckpt / MODEL_FILE)) as f:
             dtypes = _check_our_checkpoint(ckpt / MODEL_FILE, f, config, layout)
         _write_shards(ckpt / MODEL_FILE, config, layout, dtypes, tmp, max_bytes, progress)
-        dtype = dtypes["model.embed_tokens.weight"]
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config_dict(config, dtype), indent=2) + "\n")
         _copy_side_files(ckpt, tmp)
-        if (tmp / "tokenizer.json").is_file() and not (tmp / "tokenizer_config.json").is_file():
-            _write_tokenizer_config(config, tmp)
+        write_hf_files(config, dtypes["model.embed_tokens.weight"], tmp)
     return out
 
 
