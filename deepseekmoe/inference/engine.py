@@ -3,9 +3,9 @@
 Shape legend: B running sequences, S prompt length, V vocabulary.
 
 One worker thread owns the model and a KV cache of `max_batch_size` rows, each as long as the model's context. At
-every step it first admits waiting requests into free rows (each prompt is prefilled alone, exactly as
-single-request generation does, and its keys/values copied into its row), then decodes one token for every running
-sequence in one forward, each row at its own position (`start_pos` as a (B,) tensor; see model/attention.py). A
+every step it first admits waiting requests into free rows (their prompts prefilled together in one right-padded
+forward, each row causal from position 0, and the keys/values copied into the rows), then decodes one token for
+every running sequence in one forward, each row at its own position (`start_pos` as a (B,) tensor; see model/attention.py). A
 sequence that finishes, is cancelled or passes its deadline leaves at once: the last row moves into its place, so
 rows 0..B-1 are always the ones in use. A short request is therefore never held behind a long one.
 
@@ -93,13 +93,13 @@ class Request:
 class _Sequence:
     """A running request: its row's length, the token to feed next, and incremental text with stop handling."""
 
-    def __init__(self, request: Request, tokenizer: Tokenizer, done_ids: set[int]) -> None:
+    def __init__(self, request: Request, tokenizer: Tokenizer, done_ids: set[int], device: torch.device) -> None:
         self.request, self.tokenizer, self.done_ids = request, tokenizer, done_ids
         self.length = len(request.prompt_ids)
         self.next_token = -1
         self.done = False
         seed = request.params.seed
-        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
 
     def push(self, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
         r, p = self.request, self.request.params
@@ -210,37 +210,50 @@ class Engine:
             r.sink(exc)
 
     def _admit(self) -> None:
-        while len(self._running) < self.max_batch_size:
-            with self._wake:
-                if not self._waiting:
-                    return
-                request = self._waiting.popleft()
-            if request.cancelled or request.expired:
-                self._end(request, "cancelled" if request.cancelled else "timeout")
-                continue
-            self._prefill(request)
+        """Move waiting requests into the free rows, prefilled together in one forward."""
+        new: list[Request] = []
+        with self._wake:
+            while self._waiting and len(self._running) + len(new) < self.max_batch_size:
+                new.append(self._waiting.popleft())
+        for r in [r for r in new if r.cancelled or r.expired]:
+            self._end(r, "cancelled" if r.cancelled else "timeout")
+        new = [r for r in new if r.finish_reason is None]
+        if new:
+            self._prefill(new)
 
     @torch.inference_mode()
-    def _prefill(self, request: Request) -> None:
+    def _prefill(self, requests: list[Request]) -> None:
+        """Right-padded prompts at per-row positions from 0: causal attention keeps every real token from seeing
+        the padding after it, and decoding overwrites a row's padding keys before any query can see them."""
         device = self.model.embed_tokens.weight.device
-        ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=device)
-        tmp = self.model.new_kv_caches(1, ids.shape[1])
-        logits_SV = self.model(ids, kv_caches=tmp).logits[0]
-        p = request.params
-        if p.prompt_logprobs is not None:
-            request.prompt_logprobs = self._prompt_logprobs(logits_SV, request.prompt_ids, p.prompt_logprobs)
-        self.metrics.prompt_tokens += ids.shape[1]
-        seq = _Sequence(request, self.tokenizer, self._done_ids(p))
-        if p.max_tokens == 0:
-            return self._end(request, "length")
-        row = len(self._running)
-        for cache, t in zip(self._caches, tmp):
-            cache.k[row, :, :ids.shape[1]] = t.k[0]
-            cache.v[row, :, :ids.shape[1]] = t.v[0]
-        self._choose(seq, logits_SV[-1])
-        if seq.done:
-            return self._end(request, request.finish_reason)
-        self._running.append(seq)
+        lengths = [len(r.prompt_ids) for r in requests]
+        ids = torch.zeros(len(requests), max(lengths), dtype=torch.long)
+        for b, r in enumerate(requests):
+            ids[b, :lengths[b]] = torch.tensor(r.prompt_ids)
+        tmp = self.model.new_kv_caches(len(requests), max(lengths))
+        start = torch.zeros(len(requests), dtype=torch.long, device=device)
+        logits_BSV = self.model(ids.to(device), start_pos=start, kv_caches=tmp).logits
+        self.metrics.prompt_tokens += sum(lengths)
+        seqs, last = [], []
+        for b, r in enumerate(requests):
+            p = r.params
+            if p.prompt_logprobs is not None:
+                r.prompt_logprobs = self._prompt_logprobs(logits_BSV[b, :lengths[b]], r.prompt_ids,
+                                                          p.prompt_logprobs)
+            if p.max_tokens == 0:
+                self._end(r, "length")
+                continue
+            row = len(self._running)
+            for cache, t in zip(self._caches, tmp):
+                cache.k[row, :, :lengths[b]] = t.k[b, :, :lengths[b]]
+                cache.v[row, :, :lengths[b]] = t.v[b, :, :lengths[b]]
+            seq = _Sequence(r, self.tokenizer, self._done_ids(p), device)
+            self._running.append(seq)
+            seqs.append(seq)
+            last.append(logits_BSV[b, lengths[b] - 1])
+        if seqs:
+            self._choose(seqs, torch.stack(last))
+            self._release()
 
     def _done_ids(self, p: SamplingParams) -> set[int]:
         ids = set(p.stop_token_ids)
@@ -263,20 +276,27 @@ class Engine:
         start = torch.tensor([s.length for s in self._running], device=device)
         logits_BV = self.model(tokens, start_pos=start, kv_caches=self._caches).logits[:, -1]
         self.metrics.observe_batch(len(self._running))
-        for i, seq in enumerate(self._running):
+        for seq in self._running:
             seq.length += 1
-            self._choose(seq, logits_BV[i])
+        self._choose(self._running, logits_BV)
         self._release()
 
-    def _choose(self, seq: _Sequence, logits_V: torch.Tensor) -> None:
-        r, p = seq.request, seq.request.params
-        logprobs_V = logits_V.float().log_softmax(-1)
-        if p.needs_history:
-            logits_V = process_logits(logits_V, p, r.prompt_ids, r.output_ids, sorted(seq.done_ids))
-        token = choose_token(logits_V, p, seq.generator)
-        top = _top(logprobs_V, p.logprobs) if p.logprobs else []
-        self.metrics.generation_tokens += 1
-        seq.push(token, float(logprobs_V[token]), top)
+    def _choose(self, seqs: list[_Sequence], logits_BV: torch.Tensor) -> None:
+        """The next token of every sequence: greedy rows without penalties in one argmax, the others one by one."""
+        logprobs_BV = logits_BV.float().log_softmax(-1)
+        tokens = logits_BV.argmax(-1).tolist()
+        for i, seq in enumerate(seqs):
+            r, p = seq.request, seq.request.params
+            if p.temperature != 0 or p.needs_history:
+                logits_V = logits_BV[i]
+                if p.needs_history:
+                    logits_V = process_logits(logits_V, p, r.prompt_ids, r.output_ids, sorted(seq.done_ids))
+                tokens[i] = choose_token(logits_V, p, seq.generator)
+        chosen = logprobs_BV.gather(1, torch.tensor(tokens, device=logits_BV.device)[:, None])[:, 0].tolist()
+        self.metrics.generation_tokens += len(seqs)
+        for i, seq in enumerate(seqs):
+            k = seq.request.params.logprobs
+            seq.push(tokens[i], chosen[i], _top(logprobs_BV[i], k) if k else [])
 
     def _release(self) -> None:
         """Drop finished rows; the last row moves into each freed one, so rows in use stay 0..B-1."""

@@ -142,7 +142,7 @@ async def _completions(api: OpenAIServer, body: CompletionRequest, http: HttpReq
         raise ApiError(400, "the prompt list is empty", "prompt")
     prompts = [api.prompt(p) for p in body.prompts()]
     logprobs = body.logprobs if body.logprobs is not None else (0 if candidates > n else None)
-    pending = Pending()
+    pending = Pending(body.stream)
     for prompt in prompts:
         max_tokens = api.max_tokens(body.max_tokens, 16, prompt, "max_tokens")
         if max_tokens == 0 and not body.echo:
@@ -191,7 +191,7 @@ async def _stream_completion(api: OpenAIServer, body: CompletionRequest, prompts
 
     async for i, item in pending.events():
         r, prompt = pending.requests[i], prompts[i // n]
-        if isinstance(item, Token) and len(pending.tokens[i]) == 1 and body.echo:
+        if isinstance(item, Token) and item is pending.tokens[i][0] and body.echo:
             yield chunk(i, prompt.text, _completion_logprobs(api, body, prompt, r, []))
         if isinstance(item, Token) and (item.text or body.logprobs is not None):
             lp = api.formatter.completion([item], [item.id]) if body.logprobs is not None else None
@@ -215,7 +215,7 @@ async def _chat(api: OpenAIServer, body: ChatRequest, http: HttpRequest) -> Any:
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    pending = Pending()
+    pending = Pending(body.stream)
     for j in range(body.n):
         pending.add(prompt.ids, body.sampling(max_tokens, logprobs, seed_offset=j), api.settings.request_timeout_s)
     api.submit(pending.requests)

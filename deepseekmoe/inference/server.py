@@ -139,9 +139,11 @@ class OpenAIServer:
 
 
 class Pending:
-    """The engine's events for a group of requests, delivered to the event loop as (index, Token | DONE)."""
+    """The engine's events for a group of requests, delivered to the event loop as (index, Token | DONE); without
+    streaming only DONE (the tokens are in `tokens`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream: bool = False) -> None:
+        self.stream = stream
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
         self.requests: list[Request] = []
@@ -155,6 +157,11 @@ class Pending:
         return r
 
     def _put(self, i: int, item: object) -> None:
+        """From the engine thread: tokens are kept here; the event loop is woken for each only when streaming."""
+        if isinstance(item, Token):
+            self.tokens[i].append(item)
+            if not self.stream:
+                return
         try:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, item))
         except RuntimeError:  # the event loop is gone (the server is shutting down)
@@ -175,8 +182,6 @@ class Pending:
                     raise item
                 if item is DONE:
                     remaining -= 1
-                else:
-                    self.tokens[i].append(item)
                 yield i, item
         finally:
             for r in self.requests:
