@@ -1,7 +1,7 @@
 """Serving under concurrency, this checkout's server against an earlier revision's, side by side in one process.
 
     python benchmarks/serve.py [--baseline 95c959d] [--preset tiny-deepseekmoe] [--clients 1,8,32]
-                               [--max-tokens 32] [--rounds 2] [--json]
+                               [--max-tokens 32] [--rounds 5] [--json]
 
 Both servers listen on loopback at once with the same weights (each revision builds its own model from the same
 preset and seed, wrapped by its own CPU runtime, as `deepseekmoe serve` does) and the same `max_batch_size` (the
@@ -9,8 +9,11 @@ serve default, 8). The baseline package is extracted with `git archive` (benchma
 under another name. Rounds alternate between the servers (the order flips every round).
 
   * concurrency: C clients at once, each one greedy completion of --max-tokens tokens over plain HTTP (the model
-    has no eos, so every request does the same work); completion tokens/s over the wall time of the round, and
-    p50 / p99 of the per-request latency over all rounds;
+    has no eos, so every request does the same work); completion tokens/s over the wall time of the round (median
+    over rounds; the ratio is the median of same-round ratios, this / baseline, robust to a machine whose load
+    drifts), and
+    p50 / p99 of the per-request latency over all rounds, and how many requests failed (a refused or reset
+    connection; the baseline's standard-library server listens with a backlog of 5);
   * behind long ones: 4 streaming requests of --long-tokens tokens start, and 0.3 s later a 2-token streaming
     request follows; its time to first token and its latency (a static-batch server holds it until the batch ends).
 """
@@ -111,11 +114,16 @@ def request(port: int, prompt: str, max_tokens: int, stream: bool = False) -> tu
     return latency, first if first is not None else latency
 
 
-def concurrency_round(port: int, clients: int, max_tokens: int) -> tuple[float, list[float]]:
+def concurrency_round(port: int, clients: int, max_tokens: int) -> tuple[float, list[float], int]:
+    """(completion tokens/s of the requests answered, their latencies, how many failed)."""
     latencies: list[float] = []
+    failed: list[BaseException] = []
 
     def call(i: int) -> None:
-        latencies.append(request(port, PROMPTS[i % len(PROMPTS)], max_tokens)[0])
+        try:
+            latencies.append(request(port, PROMPTS[i % len(PROMPTS)], max_tokens)[0])
+        except OSError as exc:  # a refused or reset connection: counted, not retried
+            failed.append(exc)
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(clients)]
     start = time.perf_counter()
@@ -123,7 +131,7 @@ def concurrency_round(port: int, clients: int, max_tokens: int) -> tuple[float, 
         t.start()
     for t in threads:
         t.join()
-    return clients * max_tokens / (time.perf_counter() - start), latencies
+    return len(latencies) * max_tokens / (time.perf_counter() - start), latencies, len(failed)
 
 
 def behind_long_round(port: int, long_tokens: int) -> tuple[float, float]:
@@ -148,14 +156,19 @@ def measure(servers: dict[str, int], args: argparse.Namespace) -> dict[str, dict
     for c in args.clients:
         rates: dict[str, list[float]] = {n: [] for n in servers}
         lats: dict[str, list[float]] = {n: [] for n in servers}
+        failed = dict.fromkeys(servers, 0)
         for r in range(args.rounds):
             for name in (order if r % 2 == 0 else order[::-1]):
-                rate, lat = concurrency_round(servers[name], c, args.max_tokens)
+                rate, lat, bad = concurrency_round(servers[name], c, args.max_tokens)
                 rates[name].append(rate)
                 lats[name].extend(lat)
+                failed[name] += bad
         for name in servers:
+            ratios = [a / b for a, b in zip(rates[name], rates[order[0]])]
             out[name]["concurrency"][c] = {"tokens_per_s": statistics.median(rates[name]),
-                                           "p50_s": percentile(lats[name], 0.5), "p99_s": percentile(lats[name], 0.99)}
+                                           "ratio_to_baseline": statistics.median(ratios),
+                                           "p50_s": percentile(lats[name], 0.5), "p99_s": percentile(lats[name], 0.99),
+                                           "failed": failed[name], "requests": c * args.rounds}
     for name in servers:
         ttft, lat = zip(*[behind_long_round(servers[name], args.long_tokens) for _ in range(args.rounds)])
         out[name]["behind_long"] = {"ttft_s": statistics.median(ttft), "latency_s": statistics.median(lat)}
@@ -165,12 +178,13 @@ def measure(servers: dict[str, int], args: argparse.Namespace) -> dict[str, dict
 def report(results: dict[str, dict], args: argparse.Namespace) -> None:
     old, new = results["baseline"], results["this"]
     print(f"{args.preset}, max_batch_size 8, {args.max_tokens} tokens per request, median of {args.rounds} rounds")
-    print("| clients | baseline tok/s | this tok/s | ratio | baseline p50 / p99 | this p50 / p99 |")
-    print("|---|---|---|---|---|---|")
+    print("| clients | baseline tok/s | this tok/s | ratio | baseline p50 / p99 | this p50 / p99 | failed (base / this) |")
+    print("|---|---|---|---|---|---|---|")
     for c in args.clients:
         o, n = old["concurrency"][c], new["concurrency"][c]
-        print(f"| {c} | {o['tokens_per_s']:.1f} | {n['tokens_per_s']:.1f} | {n['tokens_per_s'] / o['tokens_per_s']:.2f}x"
-              f" | {o['p50_s']:.2f} / {o['p99_s']:.2f} s | {n['p50_s']:.2f} / {n['p99_s']:.2f} s |")
+        print(f"| {c} | {o['tokens_per_s']:.1f} | {n['tokens_per_s']:.1f} | {n['ratio_to_baseline']:.2f}x"
+              f" | {o['p50_s']:.2f} / {o['p99_s']:.2f} s | {n['p50_s']:.2f} / {n['p99_s']:.2f} s"
+              f" | {o['failed']} / {n['failed']} of {o['requests']} |")
     o, n = old["behind_long"], new["behind_long"]
     print(f"2-token request behind 4 x {args.long_tokens}: time to first token {o['ttft_s']:.3f} s -> "
           f"{n['ttft_s']:.3f} s, latency {o['latency_s']:.3f} s -> {n['latency_s']:.3f} s")
@@ -183,7 +197,7 @@ def main() -> None:
     ap.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--long-tokens", type=int, default=250)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     tok = tokenizer(512)

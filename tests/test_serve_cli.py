@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 
 import pytest
@@ -67,15 +68,16 @@ def test_readme_serve_example_runs_as_written(tiny_run):
     proc = subprocess.Popen([sys.executable, "-m", "deepseekmoe", "serve", "runs/mine", "--port", str(port)],
                             cwd=tiny_run, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        body = '{"prompt": "import os", "max_tokens": 32}'
+        if shutil.which("curl"):  # at once, as the README runs it: the port listens before the model loads
+            time.sleep(0.5)
+            out = subprocess.run(["curl", "-s", f"localhost:{port}/v1/completions", "-d", body],
+                                 capture_output=True, text=True, timeout=120).stdout
+            assert '"text_completion"' in out and '"completion_tokens":32' in out.replace(" ", ""), out
         line = proc.stdout.readline()
         if f"http://127.0.0.1:{port}/v1" not in line:
             proc.wait(timeout=30)
             pytest.fail(f"the server did not start: {line}{proc.stderr.read()}")
-        body = '{"prompt": "import os", "max_tokens": 32}'
-        if shutil.which("curl"):
-            out = subprocess.run(["curl", "-s", f"localhost:{port}/v1/completions", "-d", body],
-                                 capture_output=True, text=True, timeout=120).stdout
-            assert '"text_completion"' in out and '"completion_tokens":32' in out.replace(" ", ""), out
         client = openai.OpenAI(base_url=f"http://localhost:{port}/v1", api_key="none")
         reply = client.chat.completions.create(model="runs/mine", max_tokens=8,
                                                messages=[{"role": "user", "content": "Write a haiku."}])
