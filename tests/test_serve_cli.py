@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 
 import pytest
@@ -70,8 +69,8 @@ def test_readme_serve_example_runs_as_written(tiny_run):
     try:
         body = '{"prompt": "import os", "max_tokens": 32}'
         if shutil.which("curl"):  # at once, as the README runs it: the port listens before the model loads
-            time.sleep(0.5)
-            out = subprocess.run(["curl", "-s", f"localhost:{port}/v1/completions", "-d", body],
+            out = subprocess.run(["curl", "-s", "--retry", "30", "--retry-connrefused",
+                                  f"localhost:{port}/v1/completions", "-d", body],
                                  capture_output=True, text=True, timeout=120).stdout
             assert '"text_completion"' in out and '"completion_tokens":32' in out.replace(" ", ""), out
         line = proc.stdout.readline()

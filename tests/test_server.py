@@ -207,6 +207,10 @@ def test_stop_strings_stop_tokens_eos_and_min_tokens(live):
     stop = next(tok.decode([t]) for t in gen[2:] if tok.decode([t]).strip() and "\ufffd" not in tok.decode([t]))
     out = greedy(live, "the quick", stop=[stop]).choices[0]
     assert out.text == full[:full.index(stop)] and out.finish_reason == "stop"
+    spanning = full[len(tok.decode(gen[:2])) - 1:len(tok.decode(gen[:4]))]  # over several tokens
+    cut = greedy(live, "the quick", stop=[spanning]).choices[0].text
+    streamed = greedy(live, "the quick", stop=[spanning], stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut == full[:full.index(spanning)]
     out = greedy(live, "the quick", extra_body={"stop_token_ids": [gen[3]]}).choices[0]
     assert out.text == tok.decode(gen[:gen.index(gen[3])]) and out.finish_reason == "stop"
     force_eos = {str(eos): 100}
@@ -369,6 +373,26 @@ def test_disconnect_cancels_and_frees_the_slot(live, caplog):
     assert live.engine.running == 0
     assert live.engine.metrics.finished.get("cancelled", 0) >= 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_disconnect_without_streaming_cancels_too(live):
+    live.api.settings.max_tokens = 120
+    slow = live.engine.model.register_forward_hook(lambda *_: time.sleep(0.01))  # 120 steps take over a second
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "the", "max_tokens": 120, "temperature": 0,
+                                                            "ignore_eos": True}))
+        cancelled = live.engine.metrics.finished.get("cancelled", 0)
+        while live.engine.running == 0:
+            time.sleep(0.005)
+        conn.close()
+        deadline = time.time() + 10
+        while live.engine.running and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        live.api.settings.max_tokens = 64
+        slow.remove()
+    assert live.engine.running == 0 and live.engine.metrics.finished.get("cancelled", 0) == cancelled + 1
 
 
 def test_timeout_and_full_queue():

@@ -105,19 +105,19 @@ class _Sequence:
         r, p = self.request, self.request.params
         r.cumulative_logprob += logprob
         r.first_token_at = r.first_token_at or time.perf_counter()
-        if token in self.done_ids:
-            r.output_ids.append(token)
-            return self._finish("stop", Token(token, "", logprob, top))
         r.output_ids.append(token)
-        self.next_token = token
         text = self.tokenizer.decode([t for t in r.output_ids if t not in self.done_ids])
+        if token in self.done_ids:  # what was held back goes out with it
+            return self._finish("stop", Token(token, self._delta(text), logprob, top))
+        self.next_token = token
         cuts = [i for i in (text.find(s, max(0, len(r.text) - len(s))) for s in p.stop) if i >= 0]
         if cuts:
             return self._finish("stop", Token(token, self._delta(text[:min(cuts)]), logprob, top))
         if len(r.output_ids) >= p.max_tokens:
             return self._finish("length", Token(token, self._delta(text), logprob, top))
         held = text.endswith("\ufffd")  # an incomplete multi-byte character waits for its last byte
-        r.sink(Token(token, "" if held else self._delta(text), logprob, top))
+        r.sink(Token(token, "" if held else self._delta(text[:len(text) - _stop_prefix(text, p.stop)]), logprob,
+                     top))
 
     def _delta(self, text: str) -> str:
         r = self.request
@@ -322,6 +322,12 @@ class Engine:
         for pos, token in enumerate(ids[1:]):
             out.append(Token(token, "", float(logprobs[pos, token]), _top(logprobs[pos], k) if k else []))
         return out
+
+
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that begins a stop string: held back, since it may become one."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
 
 
 def _top(logprobs_V: torch.Tensor, k: int) -> list[tuple[int, float]]:

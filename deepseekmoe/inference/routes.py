@@ -42,9 +42,28 @@ class JsonBodies:
         await self.app(scope, receive, send)
 
 
+class ApiKey:
+    """With --api-key set, /v1 requests need "Authorization: Bearer KEY" (a pure ASGI layer, so a client that goes
+    away is still seen by the route)."""
+
+    def __init__(self, app: Any, api: OpenAIServer) -> None:
+        self.app, self.api = app, api
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        key = self.api.settings.api_key
+        if key and scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if given != f"Bearer {key}":
+                response = error_response(ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
+                                                   None, "invalid_api_key"))
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def make_app(api: OpenAIServer) -> FastAPI:
     app = FastAPI(title="deepseekmoe", description="OpenAI-compatible API for a deepseekmoe checkpoint")
     app.add_middleware(JsonBodies)
+    app.add_middleware(ApiKey, api=api)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: HttpRequest, exc: ApiError) -> JSONResponse:
@@ -57,14 +76,6 @@ def make_app(api: OpenAIServer) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def _http(_: HttpRequest, exc: HTTPException) -> JSONResponse:
         return error_response(ApiError(exc.status_code, str(exc.detail)))
-
-    @app.middleware("http")
-    async def _auth(request: HttpRequest, call_next: Any) -> Any:
-        key = api.settings.api_key
-        if key and request.url.path.startswith("/v1") and request.headers.get("authorization") != f"Bearer {key}":
-            return error_response(ApiError(401, "a valid API key is required (Authorization: Bearer KEY)",
-                                           None, "invalid_api_key"))
-        return await call_next(request)
 
     _info_routes(app, api)
     _tokenizer_routes(app, api)

@@ -173,7 +173,7 @@ class Pending:
         try:
             while remaining:
                 try:
-                    i, item = await asyncio.wait_for(self.queue.get(), 0.5)
+                    i, item = await asyncio.wait_for(self.queue.get(), 0.1)
                 except asyncio.TimeoutError:
                     if http is not None and await http.is_disconnected():
                         return
