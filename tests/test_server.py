@@ -1,115 +1,21 @@
-"""The OpenAI-compatible server, exercised by the real `openai` client against a live uvicorn server on loopback.
+"""The OpenAI-compatible server's outputs, through the real `openai` client against a live uvicorn server.
 
 Every output is checked against an independent computation on the same random tiny model: plain full forwards
-(no KV cache) for greedy tokens, log-probabilities and the penalties' effect, and single-request generation.
+(no KV cache) for greedy tokens, log-probabilities and the penalties' effect, and single-request greedy decoding.
 """
 
 from __future__ import annotations
 
-import http.client
-import json
-import logging
 import threading
 import time
 
 import pytest
 import torch
-import uvicorn
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-from deepseekmoe import ModelConfig, Transformer
-from deepseekmoe.data.chat import render_chat
-from deepseekmoe.inference.engine import Engine
-from deepseekmoe.inference.routes import make_app
-from deepseekmoe.inference.server import OpenAIServer, Settings, bind
 
 openai = pytest.importorskip("openai")
 
-TEXT = "the quick brown fox jumps over the lazy dog. " * 20 + "héllo wörld — ünïcode. " * 10
-
-
-def tokenizer() -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([TEXT], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|bos|>", "<|eos|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return tok
-
-
-def tiny_model(tok: Tokenizer) -> Transformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
-                      num_experts_per_tok=2, max_position_embeddings=128, initializer_range=0.3,
-                      bos_token_id=tok.token_to_id("<|bos|>"), eos_token_id=tok.token_to_id("<|eos|>"))
-    return Transformer(cfg).eval()
-
-
-class Live:
-    """A uvicorn server in a thread on a free loopback port; `client` is an openai.OpenAI pointed at it."""
-
-    def __init__(self, engine: Engine, settings: Settings) -> None:
-        self.engine, self.api = engine, OpenAIServer(engine, settings)
-        sock = bind("127.0.0.1", 0)
-        self.port = sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(make_app(self.api), log_config=None, lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="unused", max_retries=0)
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-        self.engine.close()
-
-    def post(self, path: str, body: dict | None, raw: bytes | None = None, headers: dict | None = None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        conn.request("POST", path, body=raw if raw is not None else json.dumps(body), headers=headers or {})
-        resp = conn.getresponse()
-        data = resp.read().decode()
-        conn.close()
-        return resp.status, json.loads(data) if data.startswith(("{", "[")) else data
-
-    def get(self, path: str) -> tuple[int, str]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode()
-
-
-@pytest.fixture(scope="module")
-def live():
-    tok = tokenizer()
-    model = tiny_model(tok)
-    server = Live(Engine(model, tok, max_batch_size=8), Settings("tiny", 64))
-    yield server
-    server.close()
-
-
-def ids_of(live, text: str) -> list[int]:
-    return [live.api.bos] + live.api.tokenizer.encode(text, add_special_tokens=False).ids
-
-
-def reference(model, ids: list[int], n: int, adjust=None) -> list[int]:
-    """Greedy continuation by full forwards (no cache); `adjust(logits, generated)` edits the logits first."""
-    out: list[int] = []
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(torch.tensor([ids + out])).logits[0, -1].float()
-            if adjust is not None:
-                logits = adjust(logits, out)
-            out.append(int(logits.argmax()))
-            if out[-1] == model.config.eos_token_id:
-                break
-    return out
-
-
-def greedy(live, prompt, n: int = 10, **kw):
-    return live.client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0, **kw)
-
+from deepseekmoe.data.chat import render_chat  # noqa: E402
+from live_server import greedy, ids_of, live, reference  # noqa: E402, F401
 
 def test_models_retrieve_and_unknown_model(live):
     assert [m.id for m in live.client.models.list().data] == ["tiny"]
@@ -269,74 +175,6 @@ def test_completion_stream_matches_and_has_one_id(live):
     assert chunks[-1].usage.completion_tokens == 10
 
 
-@pytest.mark.parametrize("kwargs,param", [
-    ({"extra_body": {"foo": 1}}, "foo"),
-    ({"max_tokens": 65}, "max_tokens"),
-    ({"suffix": "x"}, "suffix"),
-    ({"extra_body": {"temperature": "hot"}}, "temperature"),
-    ({"extra_body": {"top_k": 2.5}}, "top_k"),
-    ({"n": 1, "best_of": 0}, "best_of"),
-    ({"prompt": "fox " * 130}, "prompt"),
-    ({"prompt": [5000]}, None),
-])
-def test_bad_completion_requests_are_400_naming_the_parameter(live, kwargs, param):
-    kw = {"model": "tiny", "prompt": "x", **kwargs}
-    with pytest.raises(openai.BadRequestError) as err:
-        live.client.completions.create(**kw)
-    assert err.value.body["param"] == param and err.value.body["message"]
-
-
-@pytest.mark.parametrize("kwargs,param", [
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
-])
-def test_bad_chat_requests_are_400_naming_the_parameter(live, kwargs, param):
-    kw = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], **kwargs}
-    with pytest.raises(openai.BadRequestError) as err:
-        live.client.chat.completions.create(**kw)
-    assert err.value.body["param"] == param
-
-
-def test_raw_http_bodies(live):
-    body = json.dumps({"prompt": "import os", "max_tokens": 3}).encode()
-    assert live.post("/v1/completions", None, body, {"Content-Type": "application/x-www-form-urlencoded"})[0] == 200
-    conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)
-    conn.request("POST", "/v1/completions", body=iter([body[:7], body[7:]]), encode_chunked=True)
-    assert conn.getresponse().status == 200
-    status, err = live.post("/v1/completions", None, b"{not json")
-    assert status == 400 and "JSON" in err["error"]["message"]
-    assert live.post("/v1/nothing", {})[0] == 404
-
-
-def test_api_key(live):
-    live.api.settings.api_key = "sesame"
-    try:
-        with pytest.raises(openai.AuthenticationError):
-            live.client.models.list()
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{live.port}/v1", api_key="sesame", max_retries=0)
-        assert client.models.list().data[0].id == "tiny"
-    finally:
-        live.api.settings.api_key = None
-
-
-def test_tokenize_detokenize_and_metrics(live):
-    status, out = live.post("/tokenize", {"prompt": "the fox", "add_special_tokens": False})
-    assert status == 200 and out["tokens"] == ids_of(live, "the fox")[1:] and out["max_model_len"] == 128
-    assert live.post("/tokenize", {"prompt": "the fox"})[1]["tokens"] == ids_of(live, "the fox")
-    assert live.post("/detokenize", {"tokens": out["tokens"]})[1] == {"prompt": "the fox"}
-    before = live.get("/metrics")[1]
-    greedy(live, "the", 3)
-    status, text = live.get("/metrics")
-    assert status == 200
-    value = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line[:1] != "#"}
-    old = {line.split()[0]: float(line.split()[1]) for line in before.splitlines() if line[:1] != "#"}
-    assert value["deepseekmoe_generation_tokens_total"] == old["deepseekmoe_generation_tokens_total"] + 3
-    assert value["deepseekmoe_request_latency_seconds_count"] > old["deepseekmoe_request_latency_seconds_count"]
-    assert "deepseekmoe_num_requests_waiting" in value and "deepseekmoe_batch_size_count" in value
-
-
 def test_short_request_is_not_held_behind_long_ones(live):
     """Continuous batching: a short request sent while long ones decode finishes first, with the tokens it gets
     alone."""
@@ -358,78 +196,3 @@ def test_short_request_is_not_held_behind_long_ones(live):
         t.join()
     assert busy == alone
     assert finished < min(long_done)
-
-
-def test_disconnect_cancels_and_frees_the_slot(live, caplog):
-    caplog.set_level(logging.INFO)
-    stream = greedy(live, "the", 64, stream=True, extra_body={"ignore_eos": True})
-    next(iter(stream))
-    while live.engine.running == 0:
-        time.sleep(0.005)
-    stream.response.close()
-    deadline = time.time() + 10
-    while live.engine.running and time.time() < deadline:
-        time.sleep(0.01)
-    assert live.engine.running == 0
-    assert live.engine.metrics.finished.get("cancelled", 0) >= 1
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
-
-
-def test_disconnect_without_streaming_cancels_too(live):
-    live.api.settings.max_tokens = 120
-    slow = live.engine.model.register_forward_hook(lambda *_: time.sleep(0.01))  # 120 steps take over a second
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)
-        conn.request("POST", "/v1/completions", json.dumps({"prompt": "the", "max_tokens": 120, "temperature": 0,
-                                                            "ignore_eos": True}))
-        cancelled = live.engine.metrics.finished.get("cancelled", 0)
-        while live.engine.running == 0:
-            time.sleep(0.005)
-        conn.close()
-        deadline = time.time() + 10
-        while live.engine.running and time.time() < deadline:
-            time.sleep(0.01)
-    finally:
-        live.api.settings.max_tokens = 64
-        slow.remove()
-    assert live.engine.running == 0 and live.engine.metrics.finished.get("cancelled", 0) == cancelled + 1
-
-
-def test_timeout_and_full_queue():
-    tok = tokenizer()
-    server = Live(Engine(tiny_model(tok), tok, max_batch_size=1, max_queue=1), Settings("tiny", 100))
-    try:
-        server.api.settings.request_timeout_s = 0.05
-        with pytest.raises(openai.APIStatusError) as err:
-            server.client.completions.create(model="tiny", prompt="x", max_tokens=100, extra_body={"ignore_eos": True})
-        assert err.value.status_code == 408
-        server.api.settings.request_timeout_s = 60
-        kw = dict(model="tiny", prompt="x", max_tokens=100, extra_body={"ignore_eos": True}, stream=True)
-        first = server.client.completions.create(**kw)
-        next(iter(first))  # running: the one row is taken
-        second = threading.Thread(target=lambda: list(server.client.completions.create(**kw)))
-        second.start()
-        while server.engine.waiting == 0:
-            time.sleep(0.005)
-        with pytest.raises(openai.RateLimitError):
-            server.client.completions.create(model="tiny", prompt="x", max_tokens=2)
-        first.response.close()
-        second.join()
-    finally:
-        server.close()
-
-
-def test_checkpoint_chat_template_is_used(tmp_path):
-    from deepseekmoe.inference.server import checkpoint_chat_template
-
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"}))
-    template = checkpoint_chat_template(tmp_path)
-    tok = tokenizer()
-    api = OpenAIServer(Engine(tiny_model(tok), tok), Settings("tiny", 8, chat_template=template))
-    from deepseekmoe.inference.protocol import Message
-
-    prompt = api.chat_prompt([Message(role="user", content="hi")])
-    assert prompt.ids == [api.bos] + tok.encode("<user>hi", add_special_tokens=False).ids
-    api.engine.close()
-    assert checkpoint_chat_template(tmp_path / "none") is None

@@ -24,7 +24,7 @@ from deepseekmoe.eval.harness import DeepSeekMoELM  # noqa: E402
 from deepseekmoe.inference.engine import Engine  # noqa: E402
 from deepseekmoe.inference.server import Settings  # noqa: E402
 from deepseekmoe.train.checkpoint import save_model  # noqa: E402
-from test_server import Live  # noqa: E402
+from live_server import Live  # noqa: E402
 
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "A cat sat on the mat and looked at the bird."] * 30
 ITEMS = [("The cat sat on the", ["mat", "dog", "river"]), ("The quick brown", ["fox", "bird", "mat"]),
