@@ -3,11 +3,12 @@
 Shape legend: B running sequences, S prompt length, V vocabulary.
 
 One worker thread owns the model and a KV cache of `max_batch_size` rows, each as long as the model's context. At
-every step it first admits waiting requests into free rows (their prompts prefilled together in one right-padded
-forward, each row causal from position 0, and the keys/values copied into the rows), then decodes one token for
-every running sequence in one forward, each row at its own position (`start_pos` as a (B,) tensor; see model/attention.py). A
-sequence that finishes, is cancelled or passes its deadline leaves at once: the last row moves into its place, so
-rows 0..B-1 are always the ones in use. A short request is therefore never held behind a long one.
+every step it admits waiting requests into free rows and decodes one token for every running sequence, each row at
+its own position (`start_pos` as a (B,) tensor; see model/attention.py). Prompts of up to FUSED_PROMPT_TOKENS
+tokens are prefilled in that same forward (right-padded rows from position 0, the running rows padded after their
+one token); longer ones, and any admitted while nothing runs, get a right-padded prefill forward of their own whose
+keys/values are copied into their rows. A sequence that finishes, is cancelled or passes its deadline leaves at once:
+the last row moves into its place, so rows 0..B-1 are always the ones in use. A short request is therefore never held behind a long one.
 
 Waiting requests sit in a bounded queue: `submit` raises `QueueFull` when it is full. Each request receives its
 output through `sink` (called from the worker thread) as `Token` events and then `DONE` (or the exception that
@@ -32,6 +33,8 @@ from .metrics import EngineMetrics
 from .params import SamplingParams, choose_token, process_logits
 
 DONE = object()
+FUSED_PROMPT_TOKENS = 32
+"""Prompts up to this long join the running batch inside its decode forward; longer ones get a forward of their own."""
 _ids = itertools.count()
 
 
@@ -194,9 +197,14 @@ class Engine:
                 if self._closed:
                     return
             try:
-                self._admit()
+                new = self._admit()
+                if new and self._running and self._fusable(new):
+                    self._step(new)
+                    continue
+                if new:
+                    self._prefill(new)
                 if self._running:
-                    self._step()
+                    self._step([])
             except BaseException as exc:  # deliver the failure to every client in flight
                 self._fail_all(exc)
 
@@ -209,17 +217,22 @@ class Engine:
             r.finish_reason = "error"
             r.sink(exc)
 
-    def _admit(self) -> None:
-        """Move waiting requests into the free rows, prefilled together in one forward."""
+    def _admit(self) -> list[Request]:
+        """The waiting requests that fit the free rows (those cancelled or past their deadline end here)."""
         new: list[Request] = []
         with self._wake:
             while self._waiting and len(self._running) + len(new) < self.max_batch_size:
                 new.append(self._waiting.popleft())
         for r in [r for r in new if r.cancelled or r.expired]:
             self._end(r, "cancelled" if r.cancelled else "timeout")
-        new = [r for r in new if r.finish_reason is None]
-        if new:
-            self._prefill(new)
+        return [r for r in new if r.finish_reason is None]
+
+    def _fusable(self, new: list[Request]) -> bool:
+        """Short prompts are prefilled inside the decode step's forward (the running rows padded to their length)
+        when every running row has room for that padding."""
+        width = max(len(r.prompt_ids) for r in new)
+        return (width <= FUSED_PROMPT_TOKENS and max(s.length for s in self._running) + width <= self.context
+                and all(r.params.max_tokens > 0 and r.params.prompt_logprobs is None for r in new))
 
     @torch.inference_mode()
     def _prefill(self, requests: list[Request]) -> None:
@@ -262,23 +275,32 @@ class Engine:
         return ids
 
     @torch.inference_mode()
-    def _step(self) -> None:
+    def _step(self, new: list[Request]) -> None:
+        """One forward: the next token of every running row, and the prompts of `new` (right-padded, as in
+        _prefill) in the rows after them; a running row's padding keys are overwritten before they are seen."""
         for i in reversed(range(len(self._running))):
             r = self._running[i].request
             if r.cancelled or r.expired:
                 self._running[i].done = True
                 r.finish_reason = "cancelled" if r.cancelled else "timeout"
         self._release()
-        if not self._running:
+        if not self._running and not new:
             return
         device = self.model.embed_tokens.weight.device
-        tokens = torch.tensor([[s.next_token] for s in self._running], device=device)
-        start = torch.tensor([s.length for s in self._running], device=device)
-        logits_BV = self.model(tokens, start_pos=start, kv_caches=self._caches).logits[:, -1]
-        self.metrics.observe_batch(len(self._running))
+        n, lengths = len(self._running), [len(r.prompt_ids) for r in new]
+        ids = torch.zeros(n + len(new), max([1, *lengths]), dtype=torch.long)
+        ids[:n, 0] = torch.tensor([s.next_token for s in self._running], dtype=torch.long)
+        for b, r in enumerate(new):
+            ids[n + b, :lengths[b]] = torch.tensor(r.prompt_ids)
+        start = torch.tensor([s.length for s in self._running] + [0] * len(new), device=device)
+        logits_BSV = self.model(ids.to(device), start_pos=start, kv_caches=self._caches).logits
+        self.metrics.observe_batch(n + len(new))
+        self.metrics.prompt_tokens += sum(lengths)
         for seq in self._running:
             seq.length += 1
-        self._choose(self._running, logits_BV)
+        self._running += [_Sequence(r, self.tokenizer, self._done_ids(r.params), device) for r in new]
+        last = torch.tensor([0] * n + [k - 1 for k in lengths], device=device)
+        self._choose(self._running, logits_BSV[torch.arange(n + len(new), device=device), last])
         self._release()
 
     def _choose(self, seqs: list[_Sequence], logits_BV: torch.Tensor) -> None:
