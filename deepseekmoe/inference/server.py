@@ -168,25 +168,31 @@ class Pending:
             self.requests[i].cancel()
 
     async def events(self, http: HttpRequest | None = None) -> AsyncIterator[tuple[int, object]]:
-        """Yield events until every request is done; on exit (also a disconnect) the unfinished are cancelled."""
+        """Yield events until every request is done; on exit the unfinished are cancelled. With `http` (a response
+        not streamed yet), a client that goes away cancels them too (a streamed response is cancelled by Starlette)."""
         remaining = len(self.requests)
+        watcher = asyncio.create_task(self._cancel_on_disconnect(http)) if http is not None else None
         try:
             while remaining:
-                try:
-                    i, item = await asyncio.wait_for(self.queue.get(), 0.1)
-                except asyncio.TimeoutError:
-                    if http is not None and await http.is_disconnected():
-                        return
-                    continue
+                i, item = await self.queue.get()
                 if isinstance(item, BaseException):
                     raise item
                 if item is DONE:
                     remaining -= 1
                 yield i, item
         finally:
+            if watcher is not None:
+                watcher.cancel()
             for r in self.requests:
                 if r.finish_reason is None:
                     r.cancel()
+
+    async def _cancel_on_disconnect(self, http: HttpRequest) -> None:
+        """Wait (without polling) for the client to go away; then the engine ends the requests as cancelled."""
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        for r in self.requests:
+            r.cancel()
 
     async def wait(self, http: HttpRequest) -> None:
         async for _ in self.events(http):
