@@ -1,230 +1,310 @@
-"""An OpenAI-compatible HTTP API over the batching engine (standard library HTTP server, one thread per client).
+"""An OpenAI-compatible HTTP API over the continuous-batching engine, on FastAPI + uvicorn (as vLLM's server).
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with "stream": true as
-server-sent events ending in `data: [DONE]`). Invalid requests get a 4xx with an OpenAI-style error object.
-Chat messages are rendered as the DeepSeek chat format: "User: ...\n\nAssistant: ..." turns (a system message first,
-as plain text), ending with "Assistant:" for the model to continue.
+Endpoints: POST /v1/completions, /v1/chat/completions (both stream as server-sent events ending in
+`data: [DONE]`), GET /v1/models, /v1/models/{id}, /health, /metrics (Prometheus text), /tokenizer_info,
+POST /tokenize, /detokenize; /docs is the interactive schema. Errors are OpenAI error objects
+`{"error": {"message", "type", "param", "code"}}`: 400 for an unknown, ill-typed or unsupported parameter (naming
+it), 401 for a wrong API key, 404 for an unknown model, 429 when the queue is full, 408 past the request timeout.
+
+Every prompt is conditioned on the bos token, as training saw documents begin: a text prompt gets it prepended, a
+token-id prompt too unless it starts with it, and a chat prompt is rendered by the chat template (which writes it).
+Echoed prompts and prompt log-probabilities cover the prompt as the client gave it, so its first token has a
+log-probability (conditioned on bos) unless the client sent bos itself.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
-import time
-import uuid
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
 
-from .engine import Engine, Request
-from .generate import encode_prompt
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..data.chat import CHAT_TEMPLATE, render_chat
+from .engine import DONE, Engine, QueueFull, Request, Token
+from .protocol import Message
+from .responses import LogprobFormatter
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.param = status, message, param
+        self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def render_chat(messages: Any) -> str:
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    parts = []
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise ApiError(400, "each message needs a string 'content'", "messages")
-        role = m.get("role")
-        if role == "system":
-            parts.append(m["content"] + "\n\n")
-        elif role == "user":
-            parts.append(f"User: {m['content']}\n\n")
-        elif role == "assistant":
-            parts.append(f"Assistant: {m['content']}\n\n")
-        else:
-            raise ApiError(400, f"unknown message role {role!r}", "messages")
-    return "".join(parts) + "Assistant:"
+def error_response(exc: ApiError) -> JSONResponse:
+    kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+        exc.status, "invalid_request_error" if exc.status < 500 else "server_error")
+    return JSONResponse({"error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.code}},
+                        status_code=exc.status)
 
 
-class Api:
-    """Request validation and response shapes; transport-free so it can be tested directly."""
+@dataclass
+class Settings:
+    model_name: str
+    max_tokens: int
+    """The largest max_tokens a request may ask for."""
+    api_key: str | None = None
+    request_timeout_s: float | None = 600.0
+    chat_template: str | None = None
 
-    def __init__(self, engine: Engine, model_name: str, max_tokens_limit: int, max_prompt_tokens: int) -> None:
-        self.engine, self.model_name = engine, model_name
-        self.max_tokens_limit, self.max_prompt_tokens = max_tokens_limit, max_prompt_tokens
 
-    def make_request(self, body: dict[str, Any], prompt: str) -> Request:
-        max_tokens = _number(body, "max_tokens", 16, int, 1, self.max_tokens_limit)
-        ids = encode_prompt(self.engine.tokenizer, prompt, self.engine.model.config.bos_token_id)
-        if len(ids) > self.max_prompt_tokens:
-            raise ApiError(400, f"prompt has {len(ids)} tokens; the limit is {self.max_prompt_tokens}", "prompt")
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise ApiError(400, "'stop' must be a string or a list of non-empty strings", "stop")
-        top_p = body.get("top_p")
-        req = Request(ids, max_tokens, temperature=_number(body, "temperature", 1.0, float, 0.0, 2.0),
-                      top_p=None if top_p is None else _number(body, "top_p", 1.0, float, 1e-6, 1.0),
-                      seed=_number(body, "seed", None, int, 0, 2**63 - 1), stop=stop)
-        try:
-            return self.engine.submit(req)
-        except ValueError as exc:
-            raise ApiError(400, str(exc), "max_tokens") from None
+@dataclass
+class Prompt:
+    ids: list[int]
+    shown: int
+    """Index of the first token the client gave (1 when bos was added for it)."""
+    text: str
+
+
+class OpenAIServer:
+    """Validation, prompt encoding and response shapes; the FastAPI routes in make_app only call into this."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine, self.settings = engine, settings
+        self.tokenizer = engine.tokenizer
+        cfg = engine.model.config
+        self.context, self.bos, self.eos = cfg.max_position_embeddings, cfg.bos_token_id, cfg.eos_token_id
+        self.template = settings.chat_template or CHAT_TEMPLATE
+        self.formatter = LogprobFormatter(self.tokenizer)
+
+    def token_text(self, token: int | None) -> str | None:
+        return None if token is None else self.tokenizer.id_to_token(token)
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.settings.model_name:
+            raise ApiError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
     def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
-                                            "owned_by": "deepseekmoe"}]}
+        return {"object": "list", "data": [self.model_card()]}
 
-    def completion_prompt(self, body: dict[str, Any]) -> str:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "'prompt' must be a string", "prompt")
-        return prompt
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.settings.model_name, "object": "model", "created": 0, "owned_by": "deepseekmoe",
+                "max_model_len": self.context}
 
-    def envelope(self, kind: str, choice: dict[str, Any], req: Request | None = None) -> dict[str, Any]:
-        out = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": kind, "created": int(time.time()),
-               "model": self.model_name, "choices": [{"index": 0, **choice}]}
-        if req is not None:
-            p = len(req.prompt_ids)
-            out["usage"] = {"prompt_tokens": p, "completion_tokens": req.completion_tokens,
-                            "total_tokens": p + req.completion_tokens}
-        return out
+    def prompt(self, prompt: str | list[int]) -> Prompt:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            text = prompt
+        else:
+            ids, text = list(prompt), self.tokenizer.decode(prompt)
+        if self.bos is not None and ids[:1] != [self.bos]:
+            return Prompt([self.bos] + ids, 1, text)
+        if not ids:
+            raise ApiError(400, "the prompt is empty", "prompt")
+        return Prompt(ids, 0, text)
+
+    def chat_prompt(self, messages: list[Message], add_generation_prompt: bool = True) -> Prompt:
+        from jinja2 import TemplateError
+
+        try:
+            text = render_chat([m.as_template_input() for m in messages], bos_token=self.token_text(self.bos) or "",
+                               eos_token=self.token_text(self.eos) or "", template=self.template,
+                               add_generation_prompt=add_generation_prompt)
+        except TemplateError as exc:
+            raise ApiError(400, f"the chat template cannot render these messages: {exc}", "messages") from None
+        return self.prompt(text)
+
+    def max_tokens(self, asked: int | None, default: int | None, prompt: Prompt, param: str) -> int:
+        room = self.context - len(prompt.ids)
+        if room < 1:
+            raise ApiError(400, f"the prompt has {len(prompt.ids)} tokens; the model's context is {self.context}",
+                           "prompt")
+        if asked is None:
+            return min(room, self.settings.max_tokens, default or room)
+        if asked > self.settings.max_tokens:
+            raise ApiError(400, f"'{param}'={asked} is above this server's limit of {self.settings.max_tokens}",
+                           param)
+        if asked > room:
+            raise ApiError(400, f"the prompt has {len(prompt.ids)} tokens, so '{param}' can be at most {room} "
+                           f"within the model's context of {self.context} tokens", param)
+        return asked
+
+    def submit(self, requests: list[Request]) -> None:
+        """Queue every request, or none: a full queue is a 429, an impossible request a 400."""
+        for i, r in enumerate(requests):
+            try:
+                self.engine.submit(r)
+            except (QueueFull, ValueError) as exc:
+                for done in requests[:i]:
+                    done.cancel()
+                if isinstance(exc, QueueFull):
+                    raise ApiError(429, str(exc), None, "queue_full") from None
+                raise ApiError(400, str(exc), None) from None
 
 
-def _number(body: dict[str, Any], key: str, default: Any, kind: type, lo: float, hi: float) -> Any:
-    value = body.get(key, default)
-    if value is None:
+class Pending:
+    """The engine's events for a group of requests, delivered to the event loop as (index, Token | DONE); without
+    streaming only DONE (the tokens are in `tokens`)."""
+
+    def __init__(self, stream: bool = False) -> None:
+        self.stream = stream
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, object]] = asyncio.Queue()
+        self.requests: list[Request] = []
+        self.tokens: list[list[Token]] = []
+
+    def add(self, ids: list[int], params: Any, timeout_s: float | None) -> Request:
+        i = len(self.requests)
+        r = Request(ids, params, timeout_s=timeout_s, sink=lambda item: self._put(i, item))
+        self.requests.append(r)
+        self.tokens.append([])
+        return r
+
+    def _put(self, i: int, item: object) -> None:
+        """From the engine thread: tokens are kept here; the event loop is woken for each only when streaming."""
+        if isinstance(item, Token):
+            self.tokens[i].append(item)
+            if not self.stream:
+                return
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (i, item))
+        except RuntimeError:  # the event loop is gone (the server is shutting down)
+            self.requests[i].cancel()
+
+    async def events(self, http: HttpRequest | None = None) -> AsyncIterator[tuple[int, object]]:
+        """Yield events until every request is done; on exit the unfinished are cancelled. With `http` (a response
+        not streamed yet), a client that goes away cancels them too (a streamed response is cancelled by Starlette)."""
+        remaining = len(self.requests)
+        watcher = asyncio.create_task(self._cancel_on_disconnect(http)) if http is not None else None
+        try:
+            while remaining:
+                i, item = await self.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is DONE:
+                    remaining -= 1
+                yield i, item
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            for r in self.requests:
+                if r.finish_reason is None:
+                    r.cancel()
+
+    async def _cancel_on_disconnect(self, http: HttpRequest) -> None:
+        """Wait (without polling) for the client to go away; then the engine ends the requests as cancelled."""
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        for r in self.requests:
+            r.cancel()
+
+    async def wait(self, http: HttpRequest) -> None:
+        async for _ in self.events(http):
+            pass
+        for r in self.requests:
+            if r.finish_reason == "timeout":
+                raise ApiError(408, "the request timed out", None, "timeout")
+            if r.finish_reason is None or r.finish_reason == "cancelled":
+                raise ApiError(499, "the client went away", None)
+
+
+def sse(obj: dict[str, Any] | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+
+
+def stream_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def stream_error(r: Request) -> str | None:
+    if r.finish_reason in ("timeout", "error"):
+        status = 408 if r.finish_reason == "timeout" else 500
+        return sse({"error": {"message": f"the request ended: {r.finish_reason}", "type": "server_error",
+                              "param": None, "code": status}})
+    return None
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or one error line naming what is wrong (before any model is loaded)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a TCP port (0-65535; 0 picks a free one)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        why = "the address is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise ValueError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def checkpoint_chat_template(ckpt: Path) -> str | None:
+    """The `chat_template` of the checkpoint's tokenizer_config.json, when it has one."""
+    path = ckpt / "tokenizer_config.json"
+    if not path.is_file():
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-        raise ApiError(400, f"'{key}' must be a {'integer' if kind is int else 'number'}", key)
-    if not lo <= value <= hi:
-        raise ApiError(400, f"'{key}'={value} is out of range [{lo}, {hi}]", key)
-    return kind(value)
+    try:
+        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a JSON object ({exc})") from None
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{path}: chat_template must be a string (named templates are not supported)")
+    return template
 
 
-class Handler(BaseHTTPRequestHandler):
-    api: Api  # set on the subclass made by make_server
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet by default
-        pass
-
-    def do_GET(self) -> None:
-        if self.path == "/health":
-            return self._json(200, {"status": "ok"})
-        if self.path == "/v1/models":
-            return self._json(200, self.api.models())
-        self._error(ApiError(404, f"no route GET {self.path}"))
-
-    def do_POST(self) -> None:
-        try:
-            body = self._body()
-            if self.path == "/v1/completions":
-                self._complete(body, chat=False)
-            elif self.path == "/v1/chat/completions":
-                self._complete(body, chat=True)
-            else:
-                raise ApiError(404, f"no route POST {self.path}")
-        except ApiError as exc:
-            self._error(exc)
-
-    def _body(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > 1 << 20:
-            raise ApiError(413, "request body over 1 MiB")
-        try:
-            body = json.loads(self.rfile.read(length) or b"null")
-        except json.JSONDecodeError:
-            raise ApiError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        return body
-
-    def _complete(self, body: dict[str, Any], chat: bool) -> None:
-        prompt = render_chat(body.get("messages")) if chat else self.api.completion_prompt(body)
-        req = self.api.make_request(body, prompt)
-        kind = "chat.completion" if chat else "text_completion"
-        if body.get("stream"):
-            return self._stream(req, chat, kind)
-        text = "".join(req.stream())
-        choice = ({"message": {"role": "assistant", "content": text}} if chat
-                  else {"text": text, "logprobs": None})
-        self._json(200, self.api.envelope(kind, {**choice, "finish_reason": req.finish_reason}, req))
-
-    def _stream(self, req: Request, chat: bool, kind: str) -> None:
-        kind = kind + ".chunk" if chat else kind
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        first = {"delta": {"role": "assistant", "content": ""}} if chat else None
-        if first:
-            self._event(self.api.envelope(kind, {**first, "finish_reason": None}))
-        for piece in req.stream():
-            choice = {"delta": {"content": piece}} if chat else {"text": piece, "logprobs": None}
-            self._event(self.api.envelope(kind, {**choice, "finish_reason": None}))
-        last = {"delta": {}} if chat else {"text": "", "logprobs": None}
-        self._event(self.api.envelope(kind, {**last, "finish_reason": req.finish_reason}, req))
-        self.wfile.write(b"data: [DONE]\n\n")
-        self.wfile.flush()
-
-    def _event(self, obj: dict[str, Any]) -> None:
-        self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
-        self.wfile.flush()
-
-    def _json(self, status: int, obj: dict[str, Any]) -> None:
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, exc: ApiError) -> None:
-        kind = "invalid_request_error" if exc.status < 500 else "server_error"
-        phrase = HTTPStatus(exc.status).phrase
-        self._json(exc.status, {"error": {"message": exc.message, "type": kind, "param": exc.param,
-                                          "code": phrase.lower().replace(" ", "_")}})
-
-
-def make_server(api: Api, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    handler = type("BoundHandler", (Handler,), {"api": api})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
-
-
-def serve_command(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8,
-                  max_tokens: int = 512, max_prompt_tokens: int | None = None, device: str | None = None) -> int:
-    """Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
-    /health). Concurrent requests are decoded together in batches. Listens on localhost unless told otherwise.
+def serve_command(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000,
+                  served_model_name: str | None = None, api_key: str | None = None, max_batch_size: int = 8,
+                  max_queue: int = 256, max_tokens: int | None = None, request_timeout: float = 600.0,
+                  device: str | None = None) -> int:
+    """Serve a checkpoint over an OpenAI-compatible HTTP API (FastAPI + uvicorn): /v1/completions,
+    /v1/chat/completions, /v1/models, /tokenize, /detokenize, /metrics, /health, /docs. Requests join and leave
+    the running batch at every decode step (continuous batching). Listens on localhost unless told otherwise.
 
     Args:
         checkpoint: a run directory (its latest checkpoint) or a checkpoint directory.
         host: address to bind (127.0.0.1 by default; 0.0.0.0 exposes the server to the network).
-        port: TCP port.
-        max_batch_size: most requests decoded together.
-        max_tokens: largest max_tokens a request may ask for.
-        max_prompt_tokens: longest prompt accepted (default: the model's context minus max_tokens).
+        port: TCP port (0 picks a free one).
+        served_model_name: the model name clients use (default: CHECKPOINT as given); others get a 404.
+        api_key: when set, /v1 requests need the header "Authorization: Bearer API_KEY".
+        max_batch_size: most sequences decoded together.
+        max_queue: most requests waiting for a place in the batch; more get a 429.
+        max_tokens: largest max_tokens a request may ask for (default: the model's context minus one).
+        request_timeout: seconds a request may take, waiting included, before it is ended.
         device: cpu, cuda, ... (default: cuda when available).
     """
-    from .loading import load_for_inference
+    import uvicorn
 
-    model, tokenizer, ckpt = load_for_inference(checkpoint, device)
-    context = model.config.max_position_embeddings
-    if max_tokens >= context:
-        raise ValueError(f"max_tokens={max_tokens} must be below the model's context of {context} tokens")
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size)
-    api = Api(engine, ckpt.name, max_tokens, max_prompt_tokens or context - max_tokens)
-    server = make_server(api, host, port)
-    print(f"serving {ckpt} on http://{host}:{server.server_address[1]}/v1 (Ctrl-C to stop)", flush=True)
+    from .loading import load_for_inference
+    from .routes import make_app
+
+    for name, value in (("--max-tokens", max_tokens), ("--max-batch-size", max_batch_size),
+                        ("--max-queue", max_queue)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} {value} must be at least 1")
+    if not request_timeout > 0:
+        raise ValueError(f"--request-timeout {request_timeout} must be a positive number of seconds")
+    sock = bind(host, port)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        model, tokenizer, ckpt = load_for_inference(checkpoint, device)
+        context = model.config.max_position_embeddings
+        if max_tokens is not None and max_tokens >= context:
+            raise ValueError(f"--max-tokens {max_tokens} must be below the model's context of {context} tokens")
+        settings = Settings(served_model_name or checkpoint, max_tokens or context - 1, api_key, request_timeout,
+                            checkpoint_chat_template(ckpt))
+    except BaseException:
+        sock.close()
+        raise
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue)
+    app = make_app(OpenAIServer(engine, settings))
+    bound = sock.getsockname()[1]
+    print(f"serving {ckpt} as {settings.model_name!r} on http://{host}:{bound}/v1 (Ctrl-C to stop)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    try:
+        server.run(sockets=[sock])
     finally:
-        server.server_close()
         engine.close()
+        sock.close()
     return 0

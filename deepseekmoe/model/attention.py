@@ -1,4 +1,10 @@
-"""Causal multi-head attention (GQA through num_key_value_heads) on PyTorch SDPA, with a static KV cache."""
+"""Causal multi-head attention (GQA through num_key_value_heads) on PyTorch SDPA, with a static KV cache.
+
+`start_pos` is an int (every row starts at the same absolute position) or a (B,) long tensor (row b starts at
+start_pos[b]: sequences of different lengths decoded together, each in its own cache row, as a serving engine
+does). With a tensor, the forward batch is the cache's first B rows and each query sees its own row's keys up to
+its own position.
+"""
 
 from __future__ import annotations
 
@@ -20,14 +26,39 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H_kv, S, hd) at positions [start, start+S); return all keys/values up to start+S."""
+    def update(self, start: int | torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H_kv, S, hd) at positions [start, start+S); return all keys/values up to start+S.
+
+        With a (B,) tensor `start`, row b is written at [start[b], start[b]+S) of cache row b, and the keys/values
+        of the first B rows are returned up to the furthest end (the caller masks what lies past each row's own).
+        """
+        if isinstance(start, torch.Tensor):
+            return self._update_rows(start, k, v)
         end = start + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} positions; asked to write up to {end}")
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def _update_rows(self, start_B: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s = k.shape[0], k.shape[2]
+        end = int(start_B.max()) + s
+        if end > self.k.shape[2] or b > self.k.shape[0]:
+            raise ValueError(f"KV cache holds {self.k.shape[0]} rows of {self.k.shape[2]} positions; asked to "
+                             f"write {b} rows up to {end}")
+        pos_BS = start_B[:, None] + torch.arange(s, device=start_B.device)
+        rows_B1 = torch.arange(b, device=start_B.device)[:, None]
+        self.k[rows_B1, :, pos_BS] = k.transpose(1, 2)  # (B, S, H_kv, hd)
+        self.v[rows_B1, :, pos_BS] = v.transpose(1, 2)
+        return self.k[:b, :, :end], self.v[:b, :, :end]
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of row src into row dst (compacting the rows in use)."""
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
 
 
 class Attention(nn.Module):
@@ -40,7 +71,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, hkv * hd, bias=False)
         self.o_proj = nn.Linear(h * hd, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor = 0,
                 cache: KVCache | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """key_mask (B, S_k) bool, True for real tokens: padding keys are hidden from every query."""
         b, s, _ = x.shape
@@ -50,7 +81,12 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
-        out = _causal_sdpa(q, k, v, start_pos) if key_mask is None else _masked_sdpa(q, k, v, start_pos, key_mask)
+        if isinstance(start_pos, torch.Tensor):
+            out = _per_row_sdpa(q, k, v, start_pos)
+        elif key_mask is None:
+            out = _causal_sdpa(q, k, v, start_pos)
+        else:
+            out = _masked_sdpa(q, k, v, start_pos, key_mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -76,4 +112,11 @@ def _masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: i
     k_pos = torch.arange(s_k, device=q.device)[None, :]
     mask = (q_pos >= k_pos) & key_mask[:, None, :s_k]  # (B, S_q, S_k)
     mask = mask | (q_pos == k_pos)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _per_row_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_B: torch.Tensor) -> torch.Tensor:
+    """Row b's query i sits at position start_B[b] + i and sees its row's keys at positions <= its own."""
+    q_pos_BS = start_B[:, None] + torch.arange(q.shape[2], device=q.device)
+    mask = q_pos_BS[:, :, None] >= torch.arange(k.shape[2], device=q.device)  # (B, S_q, S_k)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=q.shape[1] != k.shape[1])

@@ -45,7 +45,7 @@ class RotaryEmbedding(nn.Module):
         self.sin = emb.sin().to(device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (S,) -> cos, sin of shape (S, head_dim), float32."""
+        """positions (S,) or (B, S) -> cos, sin of shape positions.shape + (head_dim,), float32."""
         return self.cos[positions], self.sin[positions]
 
 
@@ -55,7 +55,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, S, hd); cos/sin (S, hd). Rotation in fp32, result in x's dtype."""
+    """x (B, H, S, hd); cos/sin (S, hd), or (B, 1, S, hd) per row. Rotation in fp32, result in x's dtype."""
     xf = x.float()
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
 

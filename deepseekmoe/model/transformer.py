@@ -35,7 +35,7 @@ class Block(nn.Module):
             MoE(config, layer_idx) if self.is_moe_layer else FeedForward(config.hidden_size, config.intermediate_size)
         )
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
                 cache: KVCache | None, input_ids: torch.Tensor,
                 key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, cache, key_mask)
@@ -86,7 +86,7 @@ class Transformer(nn.Module):
         return [KVCache(batch_size, c.num_kv_heads, max_len or c.max_position_embeddings, c.head_dim,
                         dtype or w.dtype, w.device) for _ in self.layers]
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int = 0, kv_caches: list[KVCache] | None = None,
+    def forward(self, input_ids: torch.Tensor, start_pos: int | torch.Tensor = 0, kv_caches: list[KVCache] | None = None,
                 attention_mask: torch.Tensor | None = None) -> TransformerOutput:
         """input_ids (B, S) at absolute positions [start_pos, start_pos + S) -> logits and routing.
 
@@ -94,13 +94,21 @@ class Transformer(nn.Module):
         different lengths: rotary attention depends only on relative positions, so a left-padded row gives the
         same logits for its real tokens as the unpadded sequence. Padding tokens still pass through the MoE
         layers (dropless routing treats tokens independently) but are routed and counted in RouterOutput.
+
+        start_pos may also be a (B,) long tensor: row b sits at [start_pos[b], start_pos[b] + S) and uses row b of
+        each cache (per-sequence cache rows, see attention.py); attention_mask is then not needed.
         """
         b, s = input_ids.shape
-        if start_pos + s > self.config.max_position_embeddings:
-            raise ValueError(f"sequence reaches position {start_pos + s}, beyond "
+        per_row = isinstance(start_pos, torch.Tensor)
+        end = (int(start_pos.max()) if per_row else start_pos) + s
+        if end > self.config.max_position_embeddings:
+            raise ValueError(f"sequence reaches position {end}, beyond "
                              f"max_position_embeddings={self.config.max_position_embeddings}")
-        positions = torch.arange(start_pos, start_pos + s, device=input_ids.device)
-        cos, sin = self.rotary(positions)
+        if per_row:
+            cos, sin = self.rotary(start_pos[:, None] + torch.arange(s, device=input_ids.device))
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, S, hd): one table per row, shared by the heads
+        else:
+            cos, sin = self.rotary(torch.arange(start_pos, start_pos + s, device=input_ids.device))
         x = self.embed_tokens(input_ids)
         router_outputs = []
         for i, layer in enumerate(self.layers):
