@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .quantized import QuantizedWeight, linear
 
 Kernel = Literal["grouped_mm", "per_expert"]
 Commit = Callable[[], None]
@@ -65,7 +66,7 @@ class InlineRunner:
         for e in experts:
             fn([e])()
 
-    linear = staticmethod(F.linear)
+    linear = staticmethod(linear)
 
     def __repr__(self) -> str:
         return "inline"
@@ -102,7 +103,7 @@ class RoutedExperts(nn.Module):
             return None
         if self.pinned_kernel is not None:
             return self.pinned_kernel
-        if self.runner is not INLINE:
+        if self.runner is not INLINE or isinstance(self.gate_up_proj, QuantizedWeight):
             return "per_expert"
         return choose_kernel(device_type, dtype, self.hidden_size, self.intermediate_size)
 
@@ -137,8 +138,8 @@ def choose_kernel(device_type: str, dtype: torch.dtype, hidden_size: int, interm
 
 
 def _swiglu(x_ND: torch.Tensor, gate_up_2FD: torch.Tensor, down_DF: torch.Tensor) -> torch.Tensor:
-    gate_NF, up_NF = F.linear(x_ND, gate_up_2FD).chunk(2, dim=-1)
-    return F.linear(F.silu(gate_NF) * up_NF, down_DF)
+    gate_NF, up_NF = linear(x_ND, gate_up_2FD).chunk(2, dim=-1)
+    return linear(F.silu(gate_NF) * up_NF, down_DF)
 
 
 def experts_loop(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..model.experts import INLINE, Commit, RoutedExperts
 from ..model.layers import FeedForward
+from ..model.quantized import QuantizedWeight, quantized_linear
 
 MIN_EXPERT_WORK = 128 << 20
 """The workers take a call whose experts average at least this much work (rows x weight bytes per expert;
@@ -128,7 +129,7 @@ class CpuRuntime:
         work_per_expert = sum(rows) * self.expert_bytes // max(len(rows), 1)
         return work_per_expert >= self.min_expert_work or len(rows) * self.expert_bytes >= self.min_weight_bytes
 
-    def linear(self, x_NI: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
+    def linear(self, x_NI: torch.Tensor, weight_OI: torch.Tensor | QuantizedWeight) -> torch.Tensor:
         return linear_rows(x_NI, weight_OI)
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -194,9 +195,11 @@ PAD_ONE_ROW_MAX_BYTES = 1 << 20
 512 KB matrix; 1.4-1.6x for a 23 MB one, where the GEMV wins)."""
 
 
-def linear_rows(x_NI: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
+def linear_rows(x_NI: torch.Tensor, weight_OI: torch.Tensor | QuantizedWeight) -> torch.Tensor:
     """x @ W^T for a handful of rows (decode), without autograd, in the operand order that is fastest for the row
-    count; other sizes are plain F.linear. The result may be a transposed view."""
+    count; other sizes are plain F.linear; a quantized W runs its own kernel. The result may be a transposed view."""
+    if isinstance(weight_OI, QuantizedWeight):
+        return quantized_linear(x_NI, weight_OI)
     n = x_NI.shape[0]
     if n == 1 and weight_OI.nbytes <= PAD_ONE_ROW_MAX_BYTES:
         return torch.mm(weight_OI, x_NI.expand(2, -1).contiguous().t())[:, :1].t()
