@@ -36,6 +36,8 @@ from ..train.checkpoint import CONFIG_FILE, MODEL_FILE, open_safetensors
 
 Entries = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 KEPT_IN_FLOAT = ("embed_tokens.weight", "mlp.gate.weight")
+BLOCK_ELEMENTS = 1 << 22
+"""Rows are quantized in blocks of about this many elements (the LM head would take 3 float32 copies of 0.8 GB)."""
 
 
 class Sink(Protocol):
@@ -99,10 +101,13 @@ class QuantizingWriter:
             return
         columns = shape[-1]
         kind, group = tensor_format(shape, self.fmt, self.group_size)
-        q, s = quantize(tensor.reshape(-1, columns), kind, group or 0)
-        first_row = start // columns
-        self.sink.write(name, q, first_row * q.shape[-1])
-        self.sink.write(name + SCALE_SUFFIX, s, first_row * (s.numel() // q.shape[0]))
+        rows = tensor.reshape(-1, columns)
+        step = max(1, BLOCK_ELEMENTS // columns)
+        for first in range(0, rows.shape[0], step):  # a block of rows at a time: its float32 copies stay small
+            q, s = quantize(rows[first:first + step], kind, group or 0)
+            row = start // columns + first
+            self.sink.write(name, q, row * q.shape[-1])
+            self.sink.write(name + SCALE_SUFFIX, s, row * (s.numel() // q.shape[0]))
 
 
 class MemorySink:

@@ -48,15 +48,18 @@ def load_for_inference(path: str | Path, device: str | None = None, quantize: st
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
     except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
         raise ValueError(f"cannot read tokenizer {tokenizer_path}: {exc}") from None
-    model = load_weights(ckpt, pick_device(device), quantize, group_size)
+    model = load_weights(ckpt, None if device is None else pick_device(device), quantize, group_size)
     for_device(model, model.lm_head.weight.device)
     return model, tokenizer, ckpt
 
 
-def load_weights(ckpt: Path, device: torch.device, quantize: str | None = None,
+def load_weights(ckpt: Path, device: torch.device | None = None, quantize: str | None = None,
                  group_size: int = 128) -> Transformer:
-    """The model of a checkpoint directory or HF directory: quantized where it is stored so or `quantize` asks."""
+    """The model of a checkpoint directory or HF directory: quantized where it is stored so or `quantize` asks.
+    device None: the CPU for quantized weights, else CUDA when available."""
     stored = None if is_hf_directory(ckpt) else read_quantized_checkpoint(ckpt)
+    if device is None:
+        device = torch.device("cpu") if stored is not None or quantize is not None else pick_device(None)
     if stored is not None and quantize is not None and quantize != stored[1]["format"]:
         raise ValueError(f"{ckpt} is stored in {stored[1]['format']}; --quantize {quantize} cannot requantize it")
     if stored is None and quantize is not None:

@@ -197,7 +197,8 @@ def make_server(api: Api, host: str = "127.0.0.1", port: int = 8000) -> Threadin
 
 
 def serve_command(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 8,
-                  max_tokens: int = 512, max_prompt_tokens: int | None = None, device: str | None = None) -> int:
+                  max_tokens: int = 512, max_prompt_tokens: int | None = None, device: str | None = None,
+                  quantize: str | None = None) -> int:
     """Serve a checkpoint over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /health). Concurrent requests are decoded together in batches. Listens on localhost unless told otherwise.
 
@@ -209,10 +210,12 @@ def serve_command(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000,
         max_tokens: largest max_tokens a request may ask for.
         max_prompt_tokens: longest prompt accepted (default: the model's context minus max_tokens).
         device: cpu, cuda, ... (default: cuda when available).
+        quantize: int8 or int4: quantize a float checkpoint or HF directory while loading it (CPU; a
+            checkpoint written by `convert --quantize` runs quantized without it)
     """
     from .loading import load_for_inference
 
-    model, tokenizer, ckpt = load_for_inference(checkpoint, device)
+    model, tokenizer, ckpt = load_for_inference(checkpoint, device, quantize)
     context = model.config.max_position_embeddings
     if max_tokens >= context:
         raise ValueError(f"max_tokens={max_tokens} must be below the model's context of {context} tokens")

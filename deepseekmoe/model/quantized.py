@@ -91,6 +91,10 @@ def int4_group_size(shape: tuple[int, ...], group_size: int) -> int | None:
 
 
 # -------------------------------------------------------------------------------------------- the weight
+ROW_BLOCK = 64
+"""Output rows of a weight split between workers come in multiples of this (the int4 kernel's row block)."""
+
+
 class QuantizedWeight:
     """A quantized (..., O, I) weight in the compute dtype `dtype`: indexable along the leading (expert)
     dimension like a stacked float weight; `linear(x, w)` multiplies by it. Never trained (requires_grad False).
@@ -131,6 +135,16 @@ class QuantizedWeight:
 
     def __getitem__(self, e: int) -> "QuantizedWeight":
         return QuantizedWeight(self.fmt, self.data[e], self.scales[e], self.shape[1:], self.group_size)
+
+    def rows(self, start: int, end: int) -> "QuantizedWeight":
+        """Output rows [start, end) of a 2-D weight, as views (int4: start a multiple of `ROW_BLOCK`, end too or
+        the last row: the kernel's layout packs blocks of 64 rows contiguously)."""
+        if self.fmt == "int8":
+            return QuantizedWeight("int8", self.data[start:end], self.scales[start:end], (end - start, self.shape[1]))
+        half = self.shape[1] // 2
+        data = self.data.view(-1)[start * half:end * half].view(end - start, half)
+        return QuantizedWeight("int4", data, self.scales[:, start:end].contiguous(), (end - start, self.shape[1]),
+                               self.group_size)
 
     def to(self, dtype: torch.dtype) -> "QuantizedWeight":
         """The same weight computing in `dtype` (its scales cast; the data is shared)."""
@@ -173,15 +187,18 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight) -> torch.Tensor:
 
 
 class QuantizedLinear(nn.Module):
-    """nn.Linear (no bias) with a QuantizedWeight: the attention projections, FFNs, shared experts, LM head."""
+    """nn.Linear (no bias) with a QuantizedWeight: the attention projections, FFNs, shared experts, LM head.
+    `matmul` is x @ W^T for 2-D x; a runtime applied from outside may replace it (deepseekmoe.runtime.cpu)."""
 
     def __init__(self, weight: QuantizedWeight) -> None:
         super().__init__()
         self.weight = weight
         self.out_features, self.in_features = weight.shape
+        self.matmul = quantized_linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight).to(x.dtype)
+        y = self.matmul(x.reshape(-1, self.in_features), self.weight)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return repr(self.weight)
