@@ -6,6 +6,7 @@ loading, prefill and decode, against this machine's memory bandwidth.
     python benchmarks/quant_16b.py convert /work/big16/hf /work/big16/int8 --quantize int8
     python benchmarks/quant_16b.py run /work/big16/int8            # load + prefill + decode, batch 1
     python benchmarks/quant_16b.py run /work/big16/hf --quantize int8
+    python benchmarks/quant_16b.py run random --device cuda        # bf16 16B built on the GPU (gpu_16b.sh)
 
 `convert` and `run` run the real commands' code in a child process while the parent samples its memory from
 /proc every 50 ms: peak RSS, and the anonymous part of it (RssAnon: what cannot be dropped; the rest is pages of
@@ -152,26 +153,52 @@ def activated_bytes(model) -> int:
     return total + model.embed_tokens.weight[0].nbytes
 
 
-def child_run(path: str, quantize: str | None, prompt_len: int, new_tokens: int) -> dict:
+def random_model(device: str, layers: int | None = None):
+    """The 16B (or its shape with fewer layers) with random bf16 weights built straight on `device`, no files."""
+    from deepseekmoe.model import Transformer
+    from deepseekmoe.runtime import for_device
+
+    config = load_preset("deepseekmoe-16b")
+    if layers:
+        config = type(config)(**{**config.to_dict(), "num_hidden_layers": layers})
+    with torch.device("meta"):
+        model = Transformer(config).to(torch.bfloat16)  # no float32 copy ever exists
+    model.to_empty(device=device)
+    model.init_weights()
+    for_device(model, device)
+    return model.eval()
+
+
+def _sync(device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def child_run(path: str, quantize: str | None, prompt_len: int, new_tokens: int, device: str = "cpu") -> dict:
     from deepseekmoe.inference.generate import decode_one_token, prefill
     from deepseekmoe.inference.loading import load_for_inference
+    from deepseekmoe.runtime import describe
 
     t0 = time.perf_counter()
-    model, _, _ = load_for_inference(path, "cpu", quantize)
-    load_s = time.perf_counter() - t0
+    model = random_model(device) if path == "random" else load_for_inference(path, device, quantize)[0]
+    load_s = _sync(device) - t0
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         caches = model.new_kv_caches(1, prompt_len + new_tokens)
-        t = time.perf_counter()
-        token = prefill(model, prompt, caches).argmax(-1)
-        prefill_s = time.perf_counter() - t
+        t = _sync(device)
+        token = prefill(model, prompt.to(device), caches).argmax(-1)
+        prefill_s = _sync(device) - t
         steps = []
         for i in range(new_tokens):
-            t = time.perf_counter()
+            t = _sync(device)
             token = decode_one_token(model, token, prompt_len + i, caches).argmax(-1)
-            steps.append(time.perf_counter() - t)
+            steps.append(_sync(device) - t)
     decode = sorted(steps[1:])  # the first decode step still faults weight pages in
-    return {"step": "run", "path": path, "quantize": quantize, "threads": torch.get_num_threads(),
+    gpu = ({"cuda_max_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2),
+            "gpu": torch.cuda.get_device_name()} if device.startswith("cuda") else {})
+    return {"step": "run", "path": path, "quantize": quantize, "device": device, **gpu,
+            "experts": describe(model, device, model.embed_tokens.weight.dtype), "threads": torch.get_num_threads(),
             "load_s": round(load_s, 1), "prefill_tokens": prompt_len,
             "prefill_tok_s": round(prompt_len / prefill_s, 2), "first_decode_s": round(steps[0], 2),
             "decode_tok_s_median": round(1 / decode[len(decode) // 2], 3), "decode_tok_s_best": round(1 / decode[0], 3),
@@ -195,6 +222,7 @@ def main() -> None:
     r.add_argument("--quantize")
     r.add_argument("--prompt-len", type=int, default=32)
     r.add_argument("--new-tokens", type=int, default=12)
+    r.add_argument("--device", default="cpu")
     for q in (c, r):
         q.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -207,9 +235,9 @@ def main() -> None:
                   else sampled(["convert", a.src, a.out, "--quantize", a.quantize, "--child"]))
     else:
         extra = ["--quantize", a.quantize] if a.quantize else []
-        result = (child_run(a.path, a.quantize, a.prompt_len, a.new_tokens) if a.child
+        result = (child_run(a.path, a.quantize, a.prompt_len, a.new_tokens, a.device) if a.child
                   else sampled(["run", a.path, *extra, "--prompt-len", str(a.prompt_len),
-                                "--new-tokens", str(a.new_tokens), "--child"]))
+                                "--new-tokens", str(a.new_tokens), "--device", a.device, "--child"]))
     result["machine"] = f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     print(json.dumps(result), flush=True)
 

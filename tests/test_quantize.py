@@ -82,6 +82,18 @@ def test_row_slices_multiply_like_the_whole(fmt):
     assert torch.equal(torch.cat(parts, dim=-1), quantized_linear(x, w))
 
 
+def test_an_unaligned_int8_weight_is_copied_before_the_kernel_reads_it():
+    q, s = quantize(torch.randn(64, 64), "int8")
+    buffer = torch.empty(64 * 64 + 1, dtype=torch.int8)
+    unaligned = buffer[1:].view(64, 64)
+    unaligned.copy_(q)
+    assert unaligned.data_ptr() % 64
+    w = QuantizedWeight.from_stored(unaligned, s, torch.bfloat16)
+    assert w.data.data_ptr() % 64 == 0 and torch.equal(w.data, q)
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    assert torch.equal(quantized_linear(x, w), quantized_linear(x, QuantizedWeight.from_stored(q, s, torch.bfloat16)))
+
+
 # ------------------------------------------------------------------------------------------------ experts
 def _quantized_experts(config: ModelConfig, fmt: str) -> tuple[RoutedExperts, RoutedExperts]:
     """(float experts holding the dequantized weights, the same experts quantized)."""
@@ -170,6 +182,7 @@ def test_quantized_checkpoint_layout(float_checkpoint, tmp_path: Path):
     raw_file = (out / "model.safetensors").read_bytes()
     header = json.loads(raw_file[8:8 + int.from_bytes(raw_file[:8], "little")])
     itemsize = {"F32": 4, "U8": 1, "I8": 1}
+    assert (8 + int.from_bytes(raw_file[:8], "little")) % 64 == 0  # the data starts 64-byte aligned
     assert all(v["data_offsets"][0] % itemsize[v["dtype"]] == 0 for k, v in header.items() if k != "__metadata__")
     assert min(v["data_offsets"][0] for v in header.values() if v.get("dtype") == "U8") > \
         max(v["data_offsets"][0] for v in header.values() if v.get("dtype") == "F32")

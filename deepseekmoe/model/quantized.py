@@ -91,6 +91,9 @@ def int4_group_size(shape: tuple[int, ...], group_size: int) -> int | None:
 
 
 # -------------------------------------------------------------------------------------------- the weight
+KERNEL_ALIGNMENT = 64
+"""`_weight_int8pack_mm` reads its weight with aligned vector loads: a weight not on a 64-byte boundary crashes it
+(a quantized checkpoint's tensors are aligned; others are copied at load)."""
 ROW_BLOCK = 64
 """Output rows of a weight split between workers come in multiples of this (the int4 kernel's row block)."""
 
@@ -113,7 +116,7 @@ class QuantizedWeight:
         """From the on-disk form (module docstring; the format is the data's dtype, the group size follows from
         the shapes): int8 data as is; int4 repacked for the kernel."""
         if data.dtype == torch.int8:
-            return cls("int8", data, scales.to(dtype), tuple(data.shape))
+            return cls("int8", _aligned(data), scales.to(dtype), tuple(data.shape))
         shape = (*data.shape[:-1], data.shape[-1] * 2)
         group_size = shape[-1] // scales.shape[-1]
         packed = _pack_for_kernel(data)
@@ -134,13 +137,14 @@ class QuantizedWeight:
         return self.data.nbytes + self.scales.nbytes
 
     def __getitem__(self, e: int) -> "QuantizedWeight":
-        return QuantizedWeight(self.fmt, self.data[e], self.scales[e], self.shape[1:], self.group_size)
+        return QuantizedWeight(self.fmt, _aligned(self.data[e]), self.scales[e], self.shape[1:], self.group_size)
 
     def rows(self, start: int, end: int) -> "QuantizedWeight":
         """Output rows [start, end) of a 2-D weight, as views (int4: start a multiple of `ROW_BLOCK`, end too or
         the last row: the kernel's layout packs blocks of 64 rows contiguously)."""
         if self.fmt == "int8":
-            return QuantizedWeight("int8", self.data[start:end], self.scales[start:end], (end - start, self.shape[1]))
+            return QuantizedWeight("int8", _aligned(self.data[start:end]), self.scales[start:end],
+                                   (end - start, self.shape[1]))
         half = self.shape[1] // 2
         data = self.data.view(-1)[start * half:end * half].view(end - start, half)
         return QuantizedWeight("int4", data, self.scales[:, start:end].contiguous(), (end - start, self.shape[1]),
@@ -159,6 +163,11 @@ class QuantizedWeight:
     def __repr__(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
         return f"QuantizedWeight({self.fmt}, shape={list(self.shape)}{group}, dtype={self.dtype})"
+
+
+def _aligned(data: torch.Tensor) -> torch.Tensor:
+    """data, or an aligned copy of it where it does not start on a KERNEL_ALIGNMENT boundary."""
+    return data.clone() if data.data_ptr() % KERNEL_ALIGNMENT else data
 
 
 def _pack_for_kernel(nibbles: torch.Tensor) -> torch.Tensor:
