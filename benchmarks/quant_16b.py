@@ -144,11 +144,11 @@ def activated_bytes(model) -> int:
     from deepseekmoe.model.experts import RoutedExperts
 
     total, c = 0, model.config
-    for name, m in model.named_modules():
+    for m in model.modules():
         if isinstance(m, RoutedExperts):
             per_expert = m.gate_up_proj[0].nbytes + m.down_proj[0].nbytes
             total += per_expert * c.num_experts_per_tok
-        elif hasattr(m, "weight") and not isinstance(m, torch.nn.Embedding) and "experts." not in name + ".":
+        elif hasattr(m, "weight") and not isinstance(m, torch.nn.Embedding):  # linears, router, norms
             total += m.weight.nbytes
     return total + model.embed_tokens.weight[0].nbytes
 
@@ -175,7 +175,22 @@ def _sync(device: str) -> float:
     return time.perf_counter()
 
 
-def child_run(path: str, quantize: str | None, prompt_len: int, new_tokens: int, device: str = "cpu") -> dict:
+def touch_weights(model) -> float:
+    """Read every weight once (pages of a memory-mapped file come in from disk): seconds taken."""
+    from deepseekmoe.model.experts import RoutedExperts
+
+    t = time.perf_counter()
+    for m in model.modules():
+        weights = [m.gate_up_proj, m.down_proj] if isinstance(m, RoutedExperts) else [getattr(m, "weight", None)]
+        for w in weights:
+            data = getattr(w, "data", w)
+            if isinstance(data, torch.Tensor):
+                data.view(-1)[::4096].sum()  # one byte per page
+    return time.perf_counter() - t
+
+
+def child_run(path: str, quantize: str | None, prompt_len: int, new_tokens: int, device: str = "cpu",
+              warm: bool = False) -> dict:
     from deepseekmoe.inference.generate import decode_one_token, prefill
     from deepseekmoe.inference.loading import load_for_inference
     from deepseekmoe.runtime import describe
@@ -183,6 +198,7 @@ def child_run(path: str, quantize: str | None, prompt_len: int, new_tokens: int,
     t0 = time.perf_counter()
     model = random_model(device) if path == "random" else load_for_inference(path, device, quantize)[0]
     load_s = _sync(device) - t0
+    warm_s = touch_weights(model) if warm else None
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         caches = model.new_kv_caches(1, prompt_len + new_tokens)
@@ -199,7 +215,7 @@ def child_run(path: str, quantize: str | None, prompt_len: int, new_tokens: int,
             "gpu": torch.cuda.get_device_name()} if device.startswith("cuda") else {})
     return {"step": "run", "path": path, "quantize": quantize, "device": device, **gpu,
             "experts": describe(model, device, model.embed_tokens.weight.dtype), "threads": torch.get_num_threads(),
-            "load_s": round(load_s, 1), "prefill_tokens": prompt_len,
+            "load_s": round(load_s, 1), "touch_weights_s": warm_s and round(warm_s, 1), "prefill_tokens": prompt_len,
             "prefill_tok_s": round(prompt_len / prefill_s, 2), "first_decode_s": round(steps[0], 2),
             "decode_tok_s_median": round(1 / decode[len(decode) // 2], 3), "decode_tok_s_best": round(1 / decode[0], 3),
             "activated_bytes_per_token": activated_bytes(model)}
@@ -223,6 +239,7 @@ def main() -> None:
     r.add_argument("--prompt-len", type=int, default=32)
     r.add_argument("--new-tokens", type=int, default=12)
     r.add_argument("--device", default="cpu")
+    r.add_argument("--warm", action="store_true", help="read every weight once before timing (steady state)")
     for q in (c, r):
         q.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -235,7 +252,8 @@ def main() -> None:
                   else sampled(["convert", a.src, a.out, "--quantize", a.quantize, "--child"]))
     else:
         extra = ["--quantize", a.quantize] if a.quantize else []
-        result = (child_run(a.path, a.quantize, a.prompt_len, a.new_tokens, a.device) if a.child
+        extra += ["--warm"] if a.warm else []
+        result = (child_run(a.path, a.quantize, a.prompt_len, a.new_tokens, a.device, a.warm) if a.child
                   else sampled(["run", a.path, *extra, "--prompt-len", str(a.prompt_len),
                                 "--new-tokens", str(a.new_tokens), "--device", a.device, "--child"]))
     result["machine"] = f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"

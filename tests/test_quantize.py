@@ -261,3 +261,26 @@ def test_quantized_logits_stay_within_the_bounds(preset):
         kl, top1 = _logit_agreement(model, _quantized_copy(model, fmt), ids)
         max_kl, min_top1 = BOUNDS[preset, fmt]
         assert kl <= max_kl and top1 >= min_top1, (fmt, kl, top1)
+
+
+def test_eval_runs_quantized_close_to_float(tmp_path: Path, capsys):
+    hf = write_official(tmp_path / "hf", _hf_config())
+    text = tmp_path / "heldout.txt"
+    text.write_text(" ".join(f"w{i % 60 + 2}" for i in range(400)))
+    losses = {}
+    for fmt in (None, "int8"):
+        extra = ["--quantize", fmt] if fmt else []
+        assert cli.main(["eval", str(hf), "--data", str(text), "--json", "--seq-len", "32", "--device", "cpu",
+                         *extra]) == 0
+        losses[fmt] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
+    assert abs(losses["int8"] - losses[None]) < 0.01 * losses[None]
+
+
+def test_the_16b_in_bf16_on_cuda_runs_the_grouped_gemm():
+    """The GPU path, checked without a GPU: the 16B's experts pick torch's grouped GEMM on CUDA in bf16 (and the
+    per-expert kernel on the CPU), quantized experts always the per-expert kernel."""
+    from deepseekmoe.model.experts import choose_kernel
+
+    c = load_preset("deepseekmoe-16b")
+    assert choose_kernel("cuda", torch.bfloat16, c.hidden_size, c.moe_intermediate_size) == "grouped_mm"
+    assert choose_kernel("cpu", torch.bfloat16, c.hidden_size, c.moe_intermediate_size) == "per_expert"
