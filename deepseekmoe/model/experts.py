@@ -22,6 +22,9 @@ Weights (HF-transformers v5 layout, nn.Linear convention out x in):
                through `weight[e]` would zero-fill a full (E, 2F, D) tensor per expert), the gates scale h before
                down_proj so d(gate) = <dh, h>, and h = silu(g) * u is recomputed from the saved gate/up projection.
 
+Both weights may instead be `QuantizedWeight`s (model/quantized.py, inference only): indexed per expert like the
+float stacks, multiplied by `quantized.linear`, always through the per-expert kernel (or the loop).
+
 The per-expert kernel hands its segments to a `SegmentRunner`: by default they run one after another in the calling
 thread (`INLINE`); a runtime applied from outside (`deepseekmoe.runtime.cpu`) runs chunks of experts on worker
 threads. Either way every sum has a fixed order: a chunk writes only its own experts' weight gradients and rows,
