@@ -6,6 +6,7 @@ loading, prefill and decode, against this machine's memory bandwidth.
     python benchmarks/quant_16b.py convert /work/big16/hf /work/big16/int8 --quantize int8
     python benchmarks/quant_16b.py run /work/big16/int8            # load + prefill + decode, batch 1
     python benchmarks/quant_16b.py run /work/big16/hf --quantize int8
+    python benchmarks/quant_16b.py decode-ab /work/big16/int8      # the quantized runtime against the float one
     python benchmarks/quant_16b.py run random --device cuda        # bf16 16B built on the GPU (gpu_16b.sh)
 
 `convert` and `run` run the real commands' code in a child process while the parent samples its memory from
@@ -221,6 +222,33 @@ def child_run(path: str, quantize: str | None, prompt_len: int, new_tokens: int,
             "activated_bytes_per_token": activated_bytes(model)}
 
 
+def decode_ab(path: str, new_tokens: int, rounds: int) -> dict:
+    """Decode tokens/s of a quantized model as `for_device` runs it (caller 1 thread, workers) against the float
+    model's runtime settings (caller with every intra-op thread, experts on the workers only from
+    MIN_WEIGHT_BYTES), alternating in one process, weights read once first."""
+    from deepseekmoe.inference.generate import decode_one_token, prefill
+    from deepseekmoe.inference.loading import load_for_inference
+    from deepseekmoe.runtime.cpu import MIN_WEIGHT_BYTES, CpuRuntime
+
+    model, _, _ = load_for_inference(path, "cpu")
+    touch_weights(model)
+    runtimes = {"quantized runtime": {}, "float runtime": {"min_weight_bytes": MIN_WEIGHT_BYTES, "caller_threads": None}}
+    speeds: dict[str, list[float]] = {k: [] for k in runtimes}
+    for _ in range(rounds):
+        for name, settings in runtimes.items():
+            CpuRuntime.remove(model)
+            runtime = CpuRuntime.apply(model, torch.get_num_threads() if settings else None, **settings)
+            with torch.inference_mode():
+                caches = model.new_kv_caches(1, 8 + new_tokens)
+                token = prefill(model, torch.arange(1, 9)[None], caches).argmax(-1)
+                t = time.perf_counter()
+                for i in range(new_tokens):
+                    token = decode_one_token(model, token, 8 + i, caches).argmax(-1)
+                speeds[name].append(new_tokens / (time.perf_counter() - t))
+            runtime.close()
+    return {"step": "decode-ab", "path": path, **{k: [round(v, 3) for v in vs] for k, vs in speeds.items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="step", required=True)
@@ -229,6 +257,10 @@ def main() -> None:
     m.add_argument("--layers", type=int)
     m.add_argument("--seed", type=int, default=0)
     sub.add_parser("bandwidth")
+    ab = sub.add_parser("decode-ab")
+    ab.add_argument("path")
+    ab.add_argument("--new-tokens", type=int, default=6)
+    ab.add_argument("--rounds", type=int, default=2)
     c = sub.add_parser("convert")
     c.add_argument("src")
     c.add_argument("out")
@@ -247,6 +279,8 @@ def main() -> None:
         result = make(a.out, a.layers, a.seed)
     elif a.step == "bandwidth":
         result = bandwidth()
+    elif a.step == "decode-ab":
+        result = decode_ab(a.path, a.new_tokens, a.rounds)
     elif a.step == "convert":
         result = (child_convert(a.src, a.out, a.quantize) if a.child
                   else sampled(["convert", a.src, a.out, "--quantize", a.quantize, "--child"]))

@@ -78,8 +78,9 @@ class CpuRuntime:
         A model with quantized weights runs its experts and its weight-only matmuls on the workers from
         QUANTIZED_MIN_WEIGHT_BYTES on (a matmul's output rows split between them), and the calling thread goes
         down to one intra-op thread until `close`: at decode its remaining ops are tiny, and on a machine whose
-        cores are shared an OpenMP team waits for a descheduled thread in every one of them (16B-shaped decode:
-        7x slower with two intra-op threads beside other work, benchmarks/README.md)."""
+        cores are shared an OpenMP team waits for a descheduled thread in every one of them (a 2-layer 16B-shaped
+        model decoded 7x slower with two intra-op threads at one busy moment; the full 16B tied at a quieter one:
+        benchmarks/README.md)."""
         experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
         expert_bytes = max((m.gate_up_proj[0].nbytes + m.down_proj[0].nbytes for m in experts), default=0)
         workers = workers or torch.get_num_threads()
