@@ -284,3 +284,12 @@ def test_the_16b_in_bf16_on_cuda_runs_the_grouped_gemm():
     c = load_preset("deepseekmoe-16b")
     assert choose_kernel("cuda", torch.bfloat16, c.hidden_size, c.moe_intermediate_size) == "grouped_mm"
     assert choose_kernel("cpu", torch.bfloat16, c.hidden_size, c.moe_intermediate_size) == "per_expert"
+
+
+def test_int4_is_repacked_in_row_blocks_like_at_once(monkeypatch):
+    import deepseekmoe.model.quantized as quantized
+
+    q, s = quantize(torch.randn(3 * 64 + 16, 128), "int4", 64)
+    whole = QuantizedWeight.from_stored(q, s, torch.float32)
+    monkeypatch.setattr(quantized, "PACK_ROWS", 64)
+    assert torch.equal(QuantizedWeight.from_stored(q, s, torch.float32).data, whole.data)

@@ -165,6 +165,10 @@ class QuantizedWeight:
         return f"QuantizedWeight({self.fmt}, shape={list(self.shape)}{group}, dtype={self.dtype})"
 
 
+PACK_ROWS = 4096
+"""int4 weights are repacked for the kernel this many rows at a time (a multiple of ROW_BLOCK)."""
+
+
 def _aligned(data: torch.Tensor) -> torch.Tensor:
     """data, or an aligned copy of it where it does not start on a KERNEL_ALIGNMENT boundary."""
     return data.clone() if data.data_ptr() % KERNEL_ALIGNMENT else data
@@ -172,8 +176,19 @@ def _aligned(data: torch.Tensor) -> torch.Tensor:
 
 def _pack_for_kernel(nibbles: torch.Tensor) -> torch.Tensor:
     """Stored nibbles (..., O, I/2) -> `_weight_int4pack_mm_for_cpu`'s packed layout, one matrix at a time."""
-    if nibbles.dim() > 2:
-        return torch.stack([_pack_for_kernel(n) for n in nibbles])
+    if nibbles.dim() > 2:  # experts: packed one at a time into one tensor (never two copies of the layer)
+        first = _pack_for_kernel(nibbles[0])
+        packed = torch.empty((nibbles.shape[0], *first.shape), dtype=first.dtype)
+        packed[0] = first
+        for e in range(1, nibbles.shape[0]):
+            packed[e] = _pack_for_kernel(nibbles[e])
+        return packed
+    if nibbles.shape[0] > PACK_ROWS:  # blocks of rows (the layout keeps 64-row blocks contiguous): small int32 copies
+        packed = torch.empty_like(nibbles)
+        for start in range(0, nibbles.shape[0], PACK_ROWS):
+            block = nibbles[start:start + PACK_ROWS]
+            packed[start:start + block.shape[0]] = _pack_for_kernel(block).view(block.shape)
+        return packed
     values = (unpack_int4(nibbles).to(torch.int32) + 8).contiguous()
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
 
