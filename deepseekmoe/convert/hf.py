@@ -346,8 +346,9 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
-def convert_command(*, from_hf: str | None = None, to_hf: str | None = None, out: str,
-                    max_shard_size: str = "5GB", overwrite: bool = False) -> int:
+def convert_command(*, from_hf: str | None = None, to_hf: str | None = None, from_checkpoint: str | None = None,
+                    out: str, quantize: str | None = None, group_size: int = 128, max_shard_size: str = "5GB",
+                    overwrite: bool = False) -> int:
     """Convert between the Hugging Face DeepSeekMoE layout and this project's checkpoint directory.
 
     `--from-hf HF_DIR --out CHECKPOINT` imports a DeepseekForCausalLM directory (config.json, sharded safetensors
@@ -356,17 +357,25 @@ def convert_command(*, from_hf: str | None = None, to_hf: str | None = None, out
     index, a config.json whose auto_map names the model code written beside it (standalone: transformers loads the
     directory with trust_remote_code=True, without this package), tokenizer files with the chat template, and
     generation_config.json.
+    `--quantize int8|int4` (with --from-hf, or --from-checkpoint CHECKPOINT) writes a weight-only quantized
+    checkpoint instead, quantizing tensor by tensor as it streams (int8: a scale per output channel; int4: a scale
+    per --group-size input columns); generate, eval and serve run it.
 
     Args:
         from_hf: an HF directory to import.
         to_hf: a checkpoint or run directory to export.
+        from_checkpoint: a float checkpoint or run directory to quantize (with --quantize).
+        quantize: int8 or int4: write a weight-only quantized checkpoint.
+        group_size: input columns per int4 scale: 32, 64, 128 (default) or 256.
         out: the directory to write (written aside and renamed into place when complete).
         max_shard_size: largest safetensors shard when exporting, e.g. 5GB, 500MB, 2GiB.
         overwrite: replace --out if it already exists.
     """
-    if (from_hf is None) == (to_hf is None):
-        raise ValueError("give exactly one of --from-hf HF_DIR or --to-hf CHECKPOINT")
-    src, dst = Path(from_hf or to_hf), Path(out)
+    if sum(p is not None for p in (from_hf, to_hf, from_checkpoint)) != 1:
+        raise ValueError("give exactly one of --from-hf HF_DIR, --to-hf CHECKPOINT or --from-checkpoint CHECKPOINT")
+    if (from_checkpoint is not None or to_hf is not None) and (quantize is None) == (to_hf is None):
+        raise ValueError("--from-checkpoint needs --quantize int8|int4; --to-hf exports float weights only")
+    src, dst = Path(from_hf or to_hf or from_checkpoint), Path(out)
     if not src.exists():
         raise FileNotFoundError(f"no such directory: {src}")
     if dst.resolve() == src.resolve():
@@ -376,7 +385,11 @@ def convert_command(*, from_hf: str | None = None, to_hf: str | None = None, out
                          "choose another path")
     if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
         raise ValueError(f"--out {dst} already exists and is not empty (pass --overwrite to replace it)")
-    if from_hf is not None:
+    if quantize is not None:
+        from .quantize import check_format, convert_quantized
+
+        convert_quantized(src, dst, check_format(quantize, group_size), group_size, progress=True)
+    elif from_hf is not None:
         convert_from_hf(src, dst, progress=True)
     else:
         from .hf_export import convert_to_hf, parse_size

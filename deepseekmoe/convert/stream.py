@@ -4,7 +4,8 @@
 header is written first, from names, dtypes and shapes alone; then each piece is written at its byte offset, in
 any order: a whole tensor, or a block of rows of one (one HF expert inside our stacked expert tensor). The
 format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}} padded with
-spaces to a multiple of 8, then the data, tensors back to back in header order.
+spaces (to a multiple of 8, as the format asks; here so that the data starts at a multiple of 64 bytes), then the
+data, tensors back to back in header order.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DATA_ALIGNMENT = 64
+"""The header is padded so the data starts at a multiple of this: a tensor whose offset is one too can be used
+straight from the memory-mapped file by kernels that need aligned rows (torch's CPU int8 weight matmul)."""
 
 
 class SafetensorsWriter:
@@ -37,7 +41,7 @@ class SafetensorsWriter:
             self._offsets[name] = (offset, dtype, numel)
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
-        text += b" " * (-len(text) % 8)
+        text += b" " * (-(8 + len(text)) % DATA_ALIGNMENT)
         self._data_start = 8 + len(text)
         self._file = open(path, "wb")
         self._file.write(struct.pack("<Q", len(text)) + text)

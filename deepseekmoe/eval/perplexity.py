@@ -177,7 +177,8 @@ def heldout_tokens(data: Path, tokenizer: Tokenizer, bos_token_id: int | None,
 
 def eval_command(checkpoint: str, *, data: str | None = None, task: str | None = None, json: bool = False,
                  batch_size: int = 8, seq_len: int | None = None, max_batches: int | None = None,
-                 device: str | None = None, target_delimiter: str = " ", samples: str | None = None) -> int:
+                 device: str | None = None, target_delimiter: str = " ", samples: str | None = None,
+                 quantize: str | None = None) -> int:
     """Evaluate a trained model on held-out text: loss (nats/token), perplexity and bits per byte; or, with
     --task, multiple-choice accuracy (acc, acc_norm per character, acc_bytes per byte) on a local JSONL task,
     scored by lm-evaluation-harness's rules (deepseekmoe/eval/multiple_choice.py), so the numbers equal
@@ -203,13 +204,15 @@ def eval_command(checkpoint: str, *, data: str | None = None, task: str | None =
             max_position_embeddings)
         max_batches: evaluate only the first N batches
         device: cpu, cuda, cuda:1, ... (default: cuda when available)
+        quantize: int8 or int4: quantize a float checkpoint or HF directory while loading it (CPU; a
+            checkpoint written by `convert --quantize` runs quantized without it)
     """
     from ..inference.loading import load_for_inference
 
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("max_batches", max_batches)):
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')}={value} must be >= 1")
-    model, tokenizer, ckpt = load_for_inference(checkpoint, device)
+    model, tokenizer, ckpt = load_for_inference(checkpoint, device, quantize)
     if task is not None:
         return _task_command(model, tokenizer, task, batch_size, json, target_delimiter, samples)
     run = run_config(_run_dir_of(Path(checkpoint), ckpt))

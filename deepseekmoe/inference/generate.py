@@ -180,7 +180,7 @@ def fit_new_tokens(model: Transformer, prompt_len: int, max_new_tokens: int) -> 
 def generate_command(checkpoint: str, *, prompt: str | None = None, prompt_file: str | None = None,
                      max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = None,
                      top_p: float | None = None, seed: int | None = None, device: str | None = None,
-                     echo: bool = True) -> int:
+                     quantize: str | None = None, echo: bool = True) -> int:
     """Generate text from a trained model, streaming tokens to stdout as they are produced.
 
     Decodes with a KV cache (the prompt is processed once) and stops at the end-of-sequence token or after
@@ -196,11 +196,13 @@ def generate_command(checkpoint: str, *, prompt: str | None = None, prompt_file:
         top_p: sample only from the smallest set of tokens whose probability reaches p
         seed: random seed, for reproducible samples
         device: cpu, cuda, cuda:1, ... (default: cuda when available)
+        quantize: int8 or int4: quantize a float checkpoint or HF directory while loading it (CPU; a
+            checkpoint written by `convert --quantize` runs quantized without it)
         echo: print the prompt before the generated text (default on)
     """
     check_sampling(temperature, top_k, top_p)
     text = read_prompt(prompt, prompt_file)
-    model, tokenizer, _ = load_for_inference(checkpoint, device)
+    model, tokenizer, _ = load_for_inference(checkpoint, device, quantize)
     ids = encode_prompt(tokenizer, text, model.config.bos_token_id)
     n = fit_new_tokens(model, len(ids), max_new_tokens)
     if echo:

@@ -258,7 +258,7 @@ def checkpoint_chat_template(ckpt: Path) -> str | None:
 def serve_command(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000,
                   served_model_name: str | None = None, api_key: str | None = None, max_batch_size: int = 8,
                   max_queue: int = 256, max_tokens: int | None = None, request_timeout: float = 600.0,
-                  device: str | None = None) -> int:
+                  device: str | None = None, quantize: str | None = None) -> int:
     """Serve a checkpoint over an OpenAI-compatible HTTP API (FastAPI + uvicorn): /v1/completions,
     /v1/chat/completions, /v1/models, /tokenize, /detokenize, /metrics, /health, /docs. Requests join and leave
     the running batch at every decode step (continuous batching). Listens on localhost unless told otherwise.
@@ -274,6 +274,8 @@ def serve_command(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000,
         max_tokens: largest max_tokens a request may ask for (default: the model's context minus one).
         request_timeout: seconds a request may take, waiting included, before it is ended.
         device: cpu, cuda, ... (default: cuda when available).
+        quantize: int8 or int4: quantize a float checkpoint or HF directory while loading it (CPU; a
+            checkpoint written by `convert --quantize` runs quantized without it)
     """
     import uvicorn
 
@@ -288,7 +290,7 @@ def serve_command(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000,
         raise ValueError(f"--request-timeout {request_timeout} must be a positive number of seconds")
     sock = bind(host, port)
     try:
-        model, tokenizer, ckpt = load_for_inference(checkpoint, device)
+        model, tokenizer, ckpt = load_for_inference(checkpoint, device, quantize)
         context = model.config.max_position_embeddings
         if max_tokens is not None and max_tokens >= context:
             raise ValueError(f"--max-tokens {max_tokens} must be below the model's context of {context} tokens")

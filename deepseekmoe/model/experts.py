@@ -22,6 +22,9 @@ Weights (HF-transformers v5 layout, nn.Linear convention out x in):
                through `weight[e]` would zero-fill a full (E, 2F, D) tensor per expert), the gates scale h before
                down_proj so d(gate) = <dh, h>, and h = silu(g) * u is recomputed from the saved gate/up projection.
 
+Both weights may instead be `QuantizedWeight`s (model/quantized.py, inference only): indexed per expert like the
+float stacks, multiplied by `quantized.linear`, always through the per-expert kernel (or the loop).
+
 The per-expert kernel hands its segments to a `SegmentRunner`: by default they run one after another in the calling
 thread (`INLINE`); a runtime applied from outside (`deepseekmoe.runtime.cpu`) runs chunks of experts on worker
 threads. Either way every sum has a fixed order: a chunk writes only its own experts' weight gradients and rows,
@@ -41,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .quantized import QuantizedWeight, linear
 
 Kernel = Literal["grouped_mm", "per_expert"]
 Commit = Callable[[], None]
@@ -65,7 +69,7 @@ class InlineRunner:
         for e in experts:
             fn([e])()
 
-    linear = staticmethod(F.linear)
+    linear = staticmethod(linear)
 
     def __repr__(self) -> str:
         return "inline"
@@ -102,7 +106,7 @@ class RoutedExperts(nn.Module):
             return None
         if self.pinned_kernel is not None:
             return self.pinned_kernel
-        if self.runner is not INLINE:
+        if self.runner is not INLINE or isinstance(self.gate_up_proj, QuantizedWeight):
             return "per_expert"
         return choose_kernel(device_type, dtype, self.hidden_size, self.intermediate_size)
 
@@ -137,8 +141,8 @@ def choose_kernel(device_type: str, dtype: torch.dtype, hidden_size: int, interm
 
 
 def _swiglu(x_ND: torch.Tensor, gate_up_2FD: torch.Tensor, down_DF: torch.Tensor) -> torch.Tensor:
-    gate_NF, up_NF = F.linear(x_ND, gate_up_2FD).chunk(2, dim=-1)
-    return F.linear(F.silu(gate_NF) * up_NF, down_DF)
+    gate_NF, up_NF = linear(x_ND, gate_up_2FD).chunk(2, dim=-1)
+    return linear(F.silu(gate_NF) * up_NF, down_DF)
 
 
 def experts_loop(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..model.experts import INLINE, Commit, RoutedExperts
 from ..model.layers import FeedForward
+from ..model.quantized import ROW_BLOCK, QuantizedLinear, QuantizedWeight, quantized_linear
 
 MIN_EXPERT_WORK = 128 << 20
 """The workers take a call whose experts average at least this much work (rows x weight bytes per expert;
@@ -44,6 +45,9 @@ tie): benchmarks/README.md..."""
 MIN_WEIGHT_BYTES = 64 << 20
 """... or whose chosen experts' weights are at least this large (decode of large experts is bound by reading
 them, and two cores read faster than one; below, the hand-off costs more than it saves)."""
+QUANTIZED_MIN_WEIGHT_BYTES = 4 << 20
+"""A quantized model's expert calls and weight-only matmuls go to the workers from this many weight bytes on
+(its calling thread keeps one intra-op thread: see `CpuRuntime.apply`)."""
 CHUNKS_PER_WORKER = 16
 """Chunks per worker: enough that a worker finishing early waits at most a small share of the work."""
 
@@ -52,30 +56,48 @@ class CpuRuntime:
     """A runner for RoutedExperts (model.experts.SegmentRunner) on `workers` single-threaded CPU threads."""
 
     def __init__(self, workers: int, expert_bytes: int = 0, min_expert_work: int = MIN_EXPERT_WORK,
-                 min_weight_bytes: int = MIN_WEIGHT_BYTES) -> None:
+                 min_weight_bytes: int = MIN_WEIGHT_BYTES, caller_threads: int | None = None) -> None:
         if workers < 1:
             raise ValueError(f"workers={workers} must be at least 1")
         self.workers, self.expert_bytes = workers, expert_bytes
         self.min_expert_work, self.min_weight_bytes = min_expert_work, min_weight_bytes
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._in_worker = threading.local()
         self._executor()  # start the workers now, not in a model's forward
+        self._caller_threads = None
+        if caller_threads is not None:  # put back by close()
+            self._caller_threads = torch.get_num_threads()
+            torch.set_num_threads(caller_threads)
 
     @classmethod
     def apply(cls, model: nn.Module, workers: int | None = None, **thresholds: int) -> "CpuRuntime":
         """A new runtime with `workers` threads (default: the intra-op thread count; `thresholds`:
-        min_expert_work, min_weight_bytes), attached to `model`."""
+        min_expert_work, min_weight_bytes), attached to `model`.
+
+        A model with quantized weights runs its experts and its weight-only matmuls on the workers from
+        QUANTIZED_MIN_WEIGHT_BYTES on (a matmul's output rows split between them), and the calling thread goes
+        down to one intra-op thread until `close`: at decode its remaining ops are tiny, and on a machine whose
+        cores are shared an OpenMP team waits for a descheduled thread in every one of them (a 2-layer 16B-shaped
+        model decoded 7x slower with two intra-op threads at one busy moment; the full 16B tied at a quieter one:
+        benchmarks/README.md)."""
         experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
         expert_bytes = max((m.gate_up_proj[0].nbytes + m.down_proj[0].nbytes for m in experts), default=0)
-        return cls(workers or torch.get_num_threads(), expert_bytes, **thresholds).attach(model)
+        workers = workers or torch.get_num_threads()
+        if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+            thresholds = {"min_weight_bytes": QUANTIZED_MIN_WEIGHT_BYTES, "caller_threads": 1, **thresholds}
+        return cls(workers, expert_bytes, **thresholds).attach(model)
 
     def attach(self, model: nn.Module) -> "CpuRuntime":
-        """Run every RoutedExperts of `model` on this runtime, and its FeedForwards with small-row matmuls."""
+        """Run every RoutedExperts of `model` on this runtime, its float FeedForwards with small-row matmuls and
+        its quantized matmuls through `linear`."""
         for m in model.modules():
             if isinstance(m, RoutedExperts):
                 m.runner = self
-            elif type(m) is FeedForward:
+            elif type(m) is FeedForward and not isinstance(m.gate_proj, QuantizedLinear):
                 m.__class__ = SmallRowsFeedForward
+            elif isinstance(m, QuantizedLinear):
+                m.matmul = self.linear
         return self
 
     @staticmethod
@@ -86,6 +108,8 @@ class CpuRuntime:
                 m.runner = INLINE
             elif type(m) is SmallRowsFeedForward:
                 m.__class__ = FeedForward
+            elif isinstance(m, QuantizedLinear):
+                m.matmul = quantized_linear
 
     def run(self, fn: Callable[[list[int]], Commit], experts: list[int], rows: list[int]) -> None:
         """fn over chunks of the experts on the workers, and each chunk's commit in chunk order, by whichever
@@ -101,6 +125,7 @@ class CpuRuntime:
         inference = torch.is_inference_mode_enabled()
 
         def work() -> None:
+            self._in_worker.active = True
             with torch.inference_mode(inference), torch.no_grad():
                 while (i := next(next_chunk)) < len(chunks):
                     commit = fn(chunks[i])
@@ -128,8 +153,24 @@ class CpuRuntime:
         work_per_expert = sum(rows) * self.expert_bytes // max(len(rows), 1)
         return work_per_expert >= self.min_expert_work or len(rows) * self.expert_bytes >= self.min_weight_bytes
 
-    def linear(self, x_NI: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
-        return linear_rows(x_NI, weight_OI)
+    def linear(self, x_NI: torch.Tensor, weight_OI: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+        """x @ W^T: a quantized W of at least `min_weight_bytes` with its output rows split between the workers
+        (called from the calling thread; a worker runs it itself), anything else by `linear_rows`."""
+        if (not isinstance(weight_OI, QuantizedWeight) or weight_OI.nbytes < self.min_weight_bytes
+                or getattr(self._in_worker, "active", False)):
+            return linear_rows(x_NI, weight_OI)
+        n = weight_OI.shape[0]
+        step = -(-n // (self.workers * ROW_BLOCK)) * ROW_BLOCK
+        if step >= n:
+            return quantized_linear(x_NI, weight_OI)
+        x_NI = x_NI.to(weight_OI.dtype).contiguous()
+        inference = torch.is_inference_mode_enabled()
+
+        def part(start: int) -> torch.Tensor:
+            with torch.inference_mode(inference), torch.no_grad():
+                return quantized_linear(x_NI, weight_OI.rows(start, min(start + step, n)))
+        parts = [self._executor().submit(part, start) for start in range(0, n, step)]
+        return torch.cat([f.result() for f in parts], dim=-1)
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -143,6 +184,9 @@ class CpuRuntime:
             if self._pool is not None:
                 self._pool.shutdown()
                 self._pool = None
+            if self._caller_threads is not None:
+                torch.set_num_threads(self._caller_threads)
+                self._caller_threads = None
 
     def __enter__(self) -> "CpuRuntime":
         return self
@@ -194,9 +238,11 @@ PAD_ONE_ROW_MAX_BYTES = 1 << 20
 512 KB matrix; 1.4-1.6x for a 23 MB one, where the GEMV wins)."""
 
 
-def linear_rows(x_NI: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
+def linear_rows(x_NI: torch.Tensor, weight_OI: torch.Tensor | QuantizedWeight) -> torch.Tensor:
     """x @ W^T for a handful of rows (decode), without autograd, in the operand order that is fastest for the row
-    count; other sizes are plain F.linear. The result may be a transposed view."""
+    count; other sizes are plain F.linear; a quantized W runs its own kernel. The result may be a transposed view."""
+    if isinstance(weight_OI, QuantizedWeight):
+        return quantized_linear(x_NI, weight_OI)
     n = x_NI.shape[0]
     if n == 1 and weight_OI.nbytes <= PAD_ONE_ROW_MAX_BYTES:
         return torch.mm(weight_OI, x_NI.expand(2, -1).contiguous().t())[:, :1].t()
