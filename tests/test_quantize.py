@@ -293,3 +293,30 @@ def test_int4_is_repacked_in_row_blocks_like_at_once(monkeypatch):
     whole = QuantizedWeight.from_stored(q, s, torch.float32)
     monkeypatch.setattr(quantized, "PACK_ROWS", 64)
     assert torch.equal(QuantizedWeight.from_stored(q, s, torch.float32).data, whole.data)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_the_server_runs_a_quantized_model_as_it_generates_alone(fmt):
+    """A quantized model behind the live server (continuous batching, per-row KV cache) answers each of several
+    concurrent greedy requests with the tokens that full forwards of the same quantized model give."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deepseekmoe.inference.engine import Engine
+    from deepseekmoe.inference.server import Settings
+    from live_server import Live, reference, tiny_model, tokenizer
+
+    tok = tokenizer()
+    quantized = _quantized_copy(tiny_model(tok), fmt, group_size=32).eval()
+    server = Live(Engine(quantized, tok, max_batch_size=4), Settings("tiny", 64))
+    try:
+        prompts = ["the quick", "héllo", "lazy dog. the", "over"]
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda p: server.client.completions.create(
+                model="tiny", prompt=p, max_tokens=8, temperature=0), prompts))
+        for prompt, answer in zip(prompts, answers):
+            ids = [server.api.bos] + tok.encode(prompt, add_special_tokens=False).ids
+            want = reference(quantized, ids, 8)
+            assert answer.choices[0].text == tok.decode(want)
+            assert answer.usage.completion_tokens == len(want)
+    finally:
+        server.close()
