@@ -192,8 +192,9 @@ def _run_all(jobs: list[tuple[str, int]], out: Path, recipe: dict[str, Any]) -> 
 def model_results(preset: str, label: str, out: Path, recipe: dict[str, Any]) -> dict[str, Any]:
     acc = count(run_model_config(run_dir_for(out, preset, 0)) or load_preset(preset), recipe["seq_len"])
     runs = [read_run(run_dir_for(out, preset, s)) | {"seed": s} for s in range(recipe["seeds"])]
-    losses = [r["val_loss"] for r in runs if r.get("val_loss") is not None]
-    bpbs = [r["val_bpb"] for r in runs if r.get("val_bpb") is not None]
+    finished = [r for r in runs if r.get("steps") == recipe["steps"]]  # a stopped run's last val is not final
+    losses = [r["val_loss"] for r in finished if r.get("val_loss") is not None]
+    bpbs = [r["val_bpb"] for r in finished if r.get("val_bpb") is not None]
     speeds = [r["tokens_per_s"] for r in runs if r.get("tokens_per_s")]
     return {"label": label, "preset": preset, "total_params": acc.total_params,
             "active_params": acc.active_params, "flops_per_token": acc.flops_per_token,

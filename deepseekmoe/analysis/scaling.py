@@ -252,7 +252,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         cells = [_health(row["models"][sfx]) for sfx in routed]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     first = summary["first_full_ordering"]
-    lines += ["", f"Smallest budget with the full ordering: {first or 'none of the budgets run'}.", "",
+    lines += ["", f"Smallest budget with the full ordering: {first or 'none of the budgets so far'}.", "",
               "## Trend of each gap (least squares in log2 tokens; an extrapolation)", ""]
     for t in summary["trends"]:
         name = f"{labels[t['better']]} < {labels[t['worse']]}"
