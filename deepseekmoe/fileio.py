@@ -35,10 +35,15 @@ def check_output_dir(path: str | Path, what: str = "--out") -> Path:
     return path
 
 
+def _nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def _check_parent(path: Path, what: str) -> None:
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = _nearest_existing(path.absolute().parent)
     if not parent.is_dir():
         raise ValueError(f"{what} {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -53,10 +58,7 @@ def as_disk_full(exc: BaseException, target: Path) -> OSError | None:
     if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
         return OSError(exc.errno, os.strerror(exc.errno), str(target))
     if isinstance(exc, RuntimeError):
-        existing = target.absolute()
-        while not existing.exists():
-            existing = existing.parent
-        if shutil.disk_usage(existing).free < NEARLY_FULL_BYTES:
+        if shutil.disk_usage(_nearest_existing(target)).free < NEARLY_FULL_BYTES:
             return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
     return None
 

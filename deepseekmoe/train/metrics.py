@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+from ..fileio import write_text_atomically
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -71,9 +72,7 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
             continue
         if record.get("step", 0) <= last_step:
             kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def _format_eta(seconds: float) -> str:
