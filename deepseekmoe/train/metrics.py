@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+
 from ..fileio import write_text_atomically
 
 METRICS_FILE = "metrics.jsonl"
