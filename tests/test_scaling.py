@@ -20,6 +20,8 @@ def test_budgets_parse_to_sorted_token_counts():
             scaling.parse_budgets(bad)
     assert [scaling.budget_label(t) for t in (500_000, 16_000_000, 1_500_000_000, 64)] == ["500K", "16M", "1.5B",
                                                                                             "64"]
+    assert scaling.budget_label(1_152_770) == "1.15277M"  # a budget's directory name keeps every digit
+    assert scaling.budget_label(1_152_770, digits=3) == "1.15M"  # an extrapolated budget is rounded
 
 
 def test_each_budget_gets_its_own_steps_and_schedule():

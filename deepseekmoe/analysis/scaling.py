@@ -50,11 +50,12 @@ def parse_budgets(text: str) -> list[int]:
     return sorted(budgets)
 
 
-def budget_label(tokens: int) -> str:
+def budget_label(tokens: int, digits: int = 6) -> str:
+    """500000 -> '500K'; with `digits`, at most that many significant digits (an extrapolated budget: '1.15M')."""
     for unit in ("B", "M", "K"):
         if tokens >= _UNITS[unit]:
-            return f"{tokens / _UNITS[unit]:g}{unit}"
-    return str(tokens)
+            return f"{tokens / _UNITS[unit]:.{digits}g}{unit}"
+    return f"{tokens:.{digits}g}"
 
 
 def budget_recipes(budgets: list[int], **recipe_args: Any) -> list[tuple[int, Path, dict[str, Any]]]:
@@ -259,7 +260,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         if t["slope_per_doubling"] is None:
             lines.append(f"- {name}: needs two budgets")
             continue
-        cross = (f"; the line crosses zero near {budget_label(int(t['crossing_tokens']))} tokens"
+        cross = (f"; the line crosses zero near {budget_label(int(t['crossing_tokens']), digits=3)} tokens"
                  if t["crossing_tokens"] else "")
         lines.append(f"- {name}: gap changes by {t['slope_per_doubling']:+.4f} per doubling{cross}")
     return "\n".join(lines) + "\n"
