@@ -19,8 +19,10 @@ import torch.multiprocessing as mp
 
 from conftest import tiny_config
 from deepseekmoe import Transformer
+from deepseekmoe.accounting import count
 from deepseekmoe.distributed import Parallel, init_parallel, local_batch
 from deepseekmoe.distributed.fsdp import apply_fsdp, clip_grad_norm_, gather_full_state
+from deepseekmoe.distributed.planner import fsdp_shard_params
 from deepseekmoe.distributed.sharded_checkpoint import (load_sharded, read_sharded, save_sharded,
                                                         sharded_to_single, single_to_sharded)
 from deepseekmoe.losses import total_loss
@@ -77,7 +79,9 @@ def _train_and_save(kind: str, ep: int, tmp: Path) -> dict:
     losses += steps(model, opt, parallel, batches[CUT:])
     save_sharded(tmp / f"{kind}_ep{ep}_end", model, opt, parallel)
     state, moments = gather_full_state(model, opt)
-    return {"losses": losses, "state": state, "moments": moments}
+    numel = [None] * parallel.world_size
+    dist.all_gather_object(numel, sum(p.to_local().numel() for p in model.parameters()))
+    return {"losses": losses, "state": state, "moments": moments, "numel": numel}
 
 
 def _checkpointed(parallel_ep: int) -> list[float]:
@@ -159,6 +163,14 @@ def test_five_steps_fsdp_ep_match_one_process(reference, four, run, kind):
     expected = reference[kind]
     assert expected[0] != expected[-1]  # it trained
     torch.testing.assert_close(torch.tensor(four[run]["losses"]), torch.tensor(expected), **TOL)
+
+
+@pytest.mark.parametrize("run, kind, ep", [("even_ep2", "even", 2), ("even_ep4", "even", 4),
+                                           ("uneven_ep2", "uneven", 2)])
+def test_planner_counts_the_fullest_ranks_shard(four, run, kind, ep):
+    numel = four[run]["numel"]
+    assert sum(numel) == count(CONFIGS[kind]).total_params  # every element on exactly one rank
+    assert max(numel) == numel[0] == fsdp_shard_params(CONFIGS[kind], 4, ep)[0]
 
 
 @pytest.mark.parametrize("run", ["ac_ep1", "ac_ep2"])
