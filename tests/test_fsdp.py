@@ -21,7 +21,7 @@ from conftest import tiny_config
 from deepseekmoe import Transformer
 from deepseekmoe.accounting import count
 from deepseekmoe.distributed import Parallel, init_parallel, local_batch
-from deepseekmoe.distributed.fsdp import apply_fsdp, clip_grad_norm_, gather_full_state
+from deepseekmoe.distributed.fsdp import apply_fsdp, clip_grad_norm_, gather_full_state, mixed_precision
 from deepseekmoe.distributed.planner import fsdp_shard_params
 from deepseekmoe.distributed.sharded_checkpoint import (load_sharded, read_sharded, save_sharded,
                                                         sharded_to_single, single_to_sharded)
@@ -90,6 +90,16 @@ def _checkpointed(parallel_ep: int) -> list[float]:
     return steps(model, opt, parallel, data(model.config))
 
 
+def _bf16(ep: int) -> dict:
+    """The CUDA policy (bf16 compute, fp32 reduction and master weights), run on CPU."""
+    parallel = init_parallel(ep=ep, n_routed_experts=8)
+    torch.manual_seed(0)
+    model = apply_fsdp(Transformer(CONFIGS["even"]).train(), parallel, policy=mixed_precision(torch.device("cuda")))
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+    losses = steps(model, opt, parallel, data(model.config))
+    return {"losses": losses, "dtypes": {p.dtype for p in model.parameters()}}
+
+
 def _resume(kind: str, ep: int, source: Path) -> list[float]:
     parallel = init_parallel(ep=ep, n_routed_experts=CONFIGS[kind].n_routed_experts)
     model, opt = build(kind, parallel)
@@ -110,7 +120,7 @@ def _two(rank: int, tmp: Path) -> dict:
     return {"even_from_ep2_at_ep1": _resume("even", 1, tmp / "even_ep2_cut"),
             "even_from_ep4_at_ep2": _resume("even", 2, tmp / "even_ep4_cut"),
             "uneven_from_ep2_at_ep1": _resume("uneven", 1, tmp / "uneven_ep2_cut"),
-            "even_from_one_at_ep2": _resume("even", 2, tmp / "one_sharded")}
+            "even_from_one_at_ep2": _resume("even", 2, tmp / "one_sharded"), "bf16_ep2": _bf16(2)}
 
 
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
@@ -185,6 +195,19 @@ def test_activation_checkpointing_on_one_process_is_bit_identical():
     assert steps(model, opt, ONE, data(model.config)) == plain
 
 
+def test_bf16_policy_keeps_fp32_master_weights_and_tracks_fp32(reference, two):
+    got = two["bf16_ep2"]
+    assert got["dtypes"] == {torch.float32}  # the sharded parameters AdamW updates
+    assert got["losses"] != reference["even"]  # bf16 compute rounds differently, but stays close
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(reference["even"]), rtol=1e-2, atol=0)
+
+
+def test_mixed_precision_policies():
+    gpu, cpu = mixed_precision(torch.device("cuda")), mixed_precision(torch.device("cpu"))
+    assert (gpu.param_dtype, gpu.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert (cpu.param_dtype, cpu.reduce_dtype) == (None, None)
+
+
 @pytest.mark.parametrize("run, source", [("even_from_ep2_at_ep1", "even"), ("even_from_ep4_at_ep2", "even"),
                                          ("uneven_from_ep2_at_ep1", "uneven"), ("even_from_one_at_ep2", "even")])
 def test_resume_at_another_layout_repeats_the_uninterrupted_run(reference, two, run, source):
@@ -237,3 +260,14 @@ def test_save_model_checkpoint_converts_to_sharded_and_back(tmp_path):
     original = read_safetensors(tmp_path / "plain" / MODEL_FILE)
     assert read_safetensors(back / MODEL_FILE).keys() == original.keys()
     assert all(torch.equal(read_safetensors(back / MODEL_FILE)[k], v) for k, v in original.items())
+
+
+def test_loading_into_another_model_is_refused(tmp_path):
+    model, opt = build("even", ONE)
+    save_sharded(tmp_path / "even", model, opt, ONE)
+    other, other_opt = build("uneven", ONE)
+    with pytest.raises(ValueError, match="config.json: the model config differs"):
+        load_sharded(tmp_path / "even", other, other_opt, ONE)
+    with pytest.raises(TypeError, match="AdamW"):
+        save_sharded(tmp_path / "sgd", model, torch.optim.SGD(model.parameters(), lr=0.1), ONE)
+    assert not (tmp_path / "sgd").exists()

@@ -17,7 +17,7 @@ division: gloo has no pre-scaled sum).
 Precision: on CUDA, bf16 parameters for compute and fp32 gradient reduction, with the sharded fp32 parameters as the
 master weights AdamW updates (`mixed_precision`); on CPU everything stays fp32.
 
-Activation checkpointing (`checkpoint_blocks=True`): each block keeps only its input for backward and runs its
+Activation checkpointing (`activation_checkpointing=True`): each block keeps only its input for backward and runs its
 forward again there (the composable `checkpoint`, so parameter names do not change), all-to-all exchanges included.
 """
 
@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..model import Transformer
@@ -60,9 +60,10 @@ def checkpoint_blocks(model: Transformer) -> None:
 
 
 def apply_fsdp(model: Transformer, parallel: Parallel, *, activation_checkpointing: bool = False,
-               reshard_after_forward: bool = True) -> Transformer:
+               reshard_after_forward: bool = True, policy: MixedPrecisionPolicy | None = None) -> Transformer:
     """Expert parallel (ep > 1), then FSDP2 units: experts over dp, blocks and root over all ranks. The model is
-    changed in place and is the module to call. One process: only activation checkpointing applies."""
+    changed in place and is the module to call. One process: only activation checkpointing applies. `policy`
+    defaults to `mixed_precision(parallel.device)`."""
     if activation_checkpointing:
         checkpoint_blocks(model)
     if not parallel.is_distributed:
@@ -70,7 +71,7 @@ def apply_fsdp(model: Transformer, parallel: Parallel, *, activation_checkpointi
     if parallel.ep > 1:
         model.config = run_model_config(model.config, parallel.ep)
         apply_expert_parallel(model, parallel.ep_group)
-    policy, mesh = mixed_precision(parallel.device), world_mesh(parallel)
+    policy, mesh = policy or mixed_precision(parallel.device), world_mesh(parallel)
     expert_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype,
                                          cast_forward_inputs=False)  # gate weights stay fp32
     for moe in moe_layers(model):
@@ -83,10 +84,6 @@ def apply_fsdp(model: Transformer, parallel: Parallel, *, activation_checkpointi
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
-
-
-def is_fsdp(model: nn.Module) -> bool:
-    return isinstance(model, FSDPModule)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
