@@ -35,7 +35,8 @@ pytestmark = pytest.mark.slow  # two spawns (4 and 2 processes): ~1-2 min on 2 b
 STEPS, CUT, BATCH, SEQ = 5, 3, 4, 8
 TOL = dict(rtol=1e-5, atol=1e-5)
 CONFIGS = {"even": tiny_config(device_aux_loss_alpha=0.05, n_device_groups=2, aux_loss_alpha=0.01),
-           "uneven": tiny_config(n_routed_experts=7)}  # ep=2: blocks of 4 and 3; FSDP over dp=2 cuts 3 as 2 + 1
+           "uneven": tiny_config(n_routed_experts=7),  # ep=2: blocks of 4 and 3; FSDP over dp=2 cuts 3 as 2 + 1
+           "few": tiny_config(n_routed_experts=3)}  # ep=1 on 4 ranks: 1, 1, 1 and 0 experts
 ONE = Parallel(None, 1, 1, 0, torch.device("cpu"))
 
 
@@ -113,7 +114,8 @@ def _resume(kind: str, ep: int, source: Path) -> list[float]:
 
 def _four(rank: int, tmp: Path) -> dict:
     return {"even_ep2": _train_and_save("even", 2, tmp), "even_ep4": _train_and_save("even", 4, tmp),
-            "uneven_ep2": _train_and_save("uneven", 2, tmp), "ac_ep1": _checkpointed(1), "ac_ep2": _checkpointed(2)}
+            "uneven_ep2": _train_and_save("uneven", 2, tmp), "few_ep1": _train_and_save("few", 1, tmp),
+            "ac_ep1": _checkpointed(1), "ac_ep2": _checkpointed(2)}
 
 
 def _two(rank: int, tmp: Path) -> dict:
@@ -168,7 +170,8 @@ def two(reference, four) -> dict:
 
 
 # ------------------------------------------------------------------ tests
-@pytest.mark.parametrize("run, kind", [("even_ep2", "even"), ("even_ep4", "even"), ("uneven_ep2", "uneven")])
+@pytest.mark.parametrize("run, kind", [("even_ep2", "even"), ("even_ep4", "even"), ("uneven_ep2", "uneven"),
+                                       ("few_ep1", "few")])
 def test_five_steps_fsdp_ep_match_one_process(reference, four, run, kind):
     expected = reference[kind]
     assert expected[0] != expected[-1]  # it trained
@@ -176,7 +179,7 @@ def test_five_steps_fsdp_ep_match_one_process(reference, four, run, kind):
 
 
 @pytest.mark.parametrize("run, kind, ep", [("even_ep2", "even", 2), ("even_ep4", "even", 4),
-                                           ("uneven_ep2", "uneven", 2)])
+                                           ("uneven_ep2", "uneven", 2), ("few_ep1", "few", 1)])
 def test_planner_counts_the_fullest_ranks_shard(four, run, kind, ep):
     numel = four[run]["numel"]
     assert sum(numel) == count(CONFIGS[kind]).total_params  # every element on exactly one rank
@@ -214,7 +217,7 @@ def test_resume_at_another_layout_repeats_the_uninterrupted_run(reference, two, 
     torch.testing.assert_close(torch.tensor(two[run]), torch.tensor(reference[source][CUT:]), **TOL)
 
 
-@pytest.mark.parametrize("run", ["even_ep2", "even_ep4", "uneven_ep2"])
+@pytest.mark.parametrize("run", ["even_ep2", "even_ep4", "uneven_ep2", "few_ep1"])
 def test_converted_single_file_equals_the_gathered_state_exactly(reference, four, run, tmp_path):
     single = sharded_to_single(reference["tmp"] / f"{run}_end", tmp_path / "single")
     weights = read_safetensors(single / MODEL_FILE)
