@@ -24,12 +24,11 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from deepseekmoe import Transformer, load_preset
 from deepseekmoe.distributed import init_parallel, local_batch, parallelize, shutdown
 from deepseekmoe.distributed.data_parallel import clip_grad_norm_ as ddp_clip
-from deepseekmoe.distributed.fsdp import apply_fsdp, clip_grad_norm_ as fsdp_clip
+from deepseekmoe.distributed.fsdp import apply_fsdp, clip_grad_norm_ as fsdp_clip, local_tensor
 from deepseekmoe.losses import total_loss
 from deepseekmoe.train.optim import param_groups
 
@@ -37,7 +36,7 @@ from deepseekmoe.train.optim import param_groups
 def _bytes(t: torch.Tensor | None) -> int:
     if t is None:
         return 0
-    t = t.to_local() if isinstance(t, DTensor) else t
+    t = local_tensor(t)
     return t.numel() * t.element_size()
 
 

@@ -86,7 +86,8 @@ def apply_fsdp(model: Transformer, parallel: Parallel, *, activation_checkpointi
     return model
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameters, gradients, optimizer states); a plain tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t
 
 
@@ -95,14 +96,14 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, parallel: Parallel) -> to
     (dense shards over W, expert shards over dp within each EP block), so the norm is the square root of the local
     squares summed over all ranks. Returns the total norm before clipping."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    sq = sum((_local(g).float().pow(2).sum() for g in grads), torch.zeros((), device=parallel.device))
+    sq = sum((local_tensor(g).float().pow(2).sum() for g in grads), torch.zeros((), device=parallel.device))
     if parallel.is_distributed:
         dist.all_reduce(sq)
     total = sq.sqrt()
     if math.isfinite(max_norm):
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for g in grads:
-            _local(g).mul_(coef.to(g.dtype))
+            local_tensor(g).mul_(coef.to(g.dtype))
     return total
 
 

@@ -37,12 +37,13 @@ from torch.distributed.tensor import DTensor
 
 from ..config import ModelConfig
 from ..model import Transformer
+from ..model.experts import RoutedExperts
 from ..train.checkpoint import (CONFIG_FILE, TOKENIZER_FILE, atomic_directory, commit_directory, load_model,
                                 sync_tree, write_model_files, written_atomically)
 from ..train.optim import param_groups
 from ..train.state import RUN_CONFIG_FILE, TRAINER_STATE_FILE
-from ..model.experts import RoutedExperts
 from .expert_parallel import ExpertParallelExperts
+from .fsdp import local_tensor
 from .mesh import Parallel
 
 DCP_DIR = "dcp"
@@ -58,14 +59,10 @@ def _dcp(fn, state: dict[str, Any], path: Path, distributed: bool, **kwargs: Any
         fn(state, checkpoint_id=path, no_dist=not distributed, **kwargs)
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def expert_rows(t: torch.Tensor, module: ExpertParallelExperts | None, num_experts: int) -> dict[int, torch.Tensor]:
     """Global expert id -> this rank's (view of its) rows of a stacked expert tensor: the EP block, cut by FSDP over
     dp in torch.chunk proportions along dim 0 (ceil(L/dp) experts per rank, the last ranks fewer or none)."""
-    local = _local(t)
+    local = local_tensor(t)
     first, count = (module.first, module.num_local) if module is not None else (0, num_experts)
     offset = 0
     if isinstance(t, DTensor):
@@ -111,8 +108,9 @@ def flat_state(model: Transformer, optimizer: torch.optim.Optimizer | None) -> d
     for name, t in state.items():
         _add(flat, f"model.{name}", t, experts, name, e)
     if optimizer is not None:
-        for name, p in zip(optimizer_names(model, optimizer), (p for g in optimizer.param_groups for p in g["params"])):
-            entry = optimizer.state[p]
+        names = {id(p): n for n, p in model.named_parameters()}
+        for p in (p for group in optimizer.param_groups for p in group["params"]):
+            name, entry = names[id(p)], optimizer.state[p]
             flat[f"optim.{name}.step"] = entry["step"]
             for k in ADAM_KEYS:
                 _add(flat, f"optim.{name}.{k}", entry[k], experts, name, e)
