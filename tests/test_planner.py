@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_config
 from deepseekmoe.accounting import count
 from deepseekmoe.cli import main
-from deepseekmoe.distributed.planner import parse_size, plan
+from deepseekmoe.distributed.planner import fewest_gpus, fsdp_shard_params, parse_size, plan
 from deepseekmoe.presets import load_preset
 
 
@@ -101,3 +101,48 @@ def test_cli_json_and_errors(capsys):
     assert main(["plan", "--preset", "deepseekmoe-16b", "--gpus", "8", "--ep", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["deepseekmoe: error: ep=3 does not divide the number of processes (GPUs) 8"]
+
+
+def test_fsdp_terms_by_hand():
+    c = tiny_config()
+    p = plan(c, gpus=4, ep=2, gpu_memory=1e9, micro_batch=2, seq_len=16, flops=1e12, link_bandwidth=1e9, fsdp=True)
+    # rows cut over 4 GPUs (ceil): root embed 25x32 + head 25x32 + norm 8 = 1608; per block norms 2x8, q/k/v/o
+    # 4 x 8x32, router 2x32, shared gate/up 2 x 4x32 + down 8x16 = 1488, plus ceil(ceil(8/2)/2) = 2 experts of
+    # 3x32x16 = 3072  ->  1608 + 2 x (1488 + 3072)
+    assert fsdp_shard_params(c, 4, 2) == (10728, 5952 + 4 * 1536)  # largest unit: a block + its 4 experts
+    assert p.params_per_gpu == 10728
+    assert p.memory == {"weights": 10728 * 4, "gradients": 10728 * 4, "optimizer": 10728 * 8,
+                        "unit_buffers": 12096 * (3 * 2 + 4), "activations": 2 * 16 * 3850}
+    # dense 18144 params over 4 GPUs, the 12288-parameter expert block over dp=2: (n-1)/n x P x (2 x 2 + 4)
+    assert p.shard_bytes == pytest.approx(3 / 4 * 18144 * 8 + 1 / 2 * 12288 * 8) and p.all_reduce_bytes == 0
+    assert p.step_s == pytest.approx(p.compute_s + (p.all_to_all_bytes + p.shard_bytes) / 1e9)
+    four = plan(c, gpus=4, ep=2, gpu_memory=1e9, micro_batch=2, seq_len=16, fsdp=True, global_batch=16)
+    assert four.shard_bytes == pytest.approx(2 * p.shard_bytes)  # gathered and reduced per micro-batch
+
+
+def test_recompute_repeats_the_forward_all_to_alls():
+    c = tiny_config()
+    base = plan(c, gpus=4, ep=2, gpu_memory=1e9, micro_batch=2, seq_len=16)
+    assert plan(c, gpus=4, ep=2, gpu_memory=1e9, micro_batch=2, seq_len=16,
+                recompute=True).all_to_all_bytes == 1.5 * base.all_to_all_bytes
+
+
+def test_16b_fsdp_on_8_gpus_and_145b_with_the_papers_ep4():
+    c16 = load_preset("deepseekmoe-16b")
+    ddp, fsdp = (plan(c16, gpus=8, ep=8, gpu_memory=80e9, fsdp=f) for f in (False, True))
+    assert ddp.fits and fsdp.fits and fsdp.total_memory < ddp.total_memory - 15e9
+    c = load_preset("deepseekmoe-145b")  # the paper: routed experts of each layer over 4 devices, with DP
+    assert fewest_gpus(c, ep=4, gpu_memory=80e9) is None  # replicated dense part: 10B x 16 bytes
+    assert fewest_gpus(c, ep=4, gpu_memory=80e9, fsdp=True) is None  # 62 layers of activations at 4096 tokens
+    p = fewest_gpus(c, ep=4, gpu_memory=80e9, fsdp=True, recompute=True)
+    assert p is not None and (p.gpus, p.dp) == (64, 16) and p.total_memory < 80e9
+    assert not plan(c, gpus=32, ep=4, gpu_memory=80e9, fsdp=True, recompute=True).fits
+
+
+def test_cli_fit(capsys):
+    assert main(["plan", "--preset", "deepseekmoe-145b", "--ep", "4", "--fsdp", "--recompute", "--fit",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["gpus"] == 64
+    assert main(["plan", "--preset", "deepseekmoe-145b", "--ep", "4", "--fit"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "deepseekmoe: error: --fit: deepseekmoe-145b does not fit on up to 16384 GPUs of 80GB with ep=4")

@@ -6,6 +6,10 @@
                         global gradient clipping, batch sharding, full-state checkpoints
     training.py         trainer hooks: setup from torchrun, step statistics over ranks, gathered optimizer
                         state (world-size independent checkpoints), per-device load
+    fsdp.py             FSDP2 around expert parallelism: dense part over all ranks, each expert block over its
+                        dp replicas; mixed precision on CUDA, per-block activation checkpointing, clipping
+    sharded_checkpoint.py  torch.distributed.checkpoint save/load at any layout; offline conversion to and from
+                        the single-file checkpoint
     planner.py          `deepseekmoe plan`: per-GPU memory, all-to-all bytes and step time on paper
 
 Usage: `torchrun --nproc-per-node N -m deepseekmoe train ... --ep E` (N / E data-parallel replicas; the same

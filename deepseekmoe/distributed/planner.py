@@ -22,10 +22,25 @@ plus one layer's activations and the head's during its backward; compute grows b
 Memory per GPU, inference (`--inference`): weights + KV cache (2 x layers x micro_batch x seq_len x D_kv x b) +
     one layer's activations and the fp32 logits for a full prefill of micro_batch x seq_len tokens.
 Traffic per GPU per optimizer step (bytes sent; balanced routing, so (ep-1)/ep of the rows leave the GPU):
-    all-to-all   MoE layers x 4 (dispatch + combine, forward + backward) x tokens x K x D x b x (ep-1)/ep
+    all-to-all   MoE layers x 4 (dispatch + combine, forward + backward) x tokens x K x D x b x (ep-1)/ep;
+                 x 6 with --recompute (the forward's two exchanges run again in backward)
     all-reduce   ring: 2 (n-1)/n x gradient bytes, dense gradients over all G GPUs, expert ones over dp
-Step time = compute + all-to-all + all-reduce, no overlap (an upper bound): compute = training FLOPs per token
-(deepseekmoe.accounting.count) x tokens per GPU / --flops; communication = bytes / --link-bandwidth.
+With `--fsdp` (the layout of `distributed.fsdp.apply_fsdp`: FSDP2 units = the root (embeddings, final norm, head),
+each block's dense part over all G GPUs, each MoE layer's expert block over its dp GPUs):
+    weights, gradients  P_shard x 4 each         fp32 shards (the master weights; gradients reduced in fp32)
+    optimizer    P_shard x 8                     exp_avg + exp_avg_sq
+                 P_shard = sum over dense tensors of ceil(rows / G) x row size
+                           + per MoE layer ceil(ceil(E/ep) / dp) experts x 3 D F   (the fullest GPU)
+    unit buffers U x (3b + 4)                    the largest unit U (root, or one block's dense part + its
+                                                 ceil(E/ep) experts) all-gathered in b (current + prefetched),
+                                                 its unsharded gradient (b) and the fp32 reduce-scatter input
+    activations  as above
+    traffic      per micro-batch (no gradient accumulation without reduce-scatter): parameters all-gathered in
+                 forward and again in backward, gradients reduce-scattered in fp32:
+                 (n-1)/n x P x (2b + 4) for the dense part (n = G) and the expert block (n = dp)
+Step time = compute + all-to-all + all-reduce (or FSDP traffic), no overlap (an upper bound): compute = training
+FLOPs per token (deepseekmoe.accounting.count) x tokens per GPU / --flops; communication = bytes / --link-bandwidth.
+`--fit` doubles the GPU count from ep until the run fits (`fewest_gpus`).
 Sizes: "GB" is 10^9 bytes, "GiB" 2^30 (an "A100 40GB" has 40 GiB, so 40GB is the conservative reading).
 """
 
@@ -93,6 +108,7 @@ class Plan:
     dtype: str
     inference: bool
     recompute: bool
+    fsdp: bool
     micro_batch: int
     seq_len: int
     grad_accum: int
@@ -106,6 +122,9 @@ class Plan:
     compute_s: float = 0.0
     all_to_all_s: float = 0.0
     all_reduce_s: float = 0.0
+    shard_bytes: float = 0.0
+    """FSDP all-gather + reduce-scatter bytes per GPU per step."""
+    shard_s: float = 0.0
 
     @property
     def total_memory(self) -> float:
@@ -117,12 +136,13 @@ class Plan:
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + self.all_to_all_s + self.all_reduce_s
+        return self.compute_s + self.all_to_all_s + self.all_reduce_s + self.shard_s
 
 
 def plan(c: ModelConfig, *, gpus: int, gpu_memory: float, ep: int = 1, micro_batch: int = 1,
          seq_len: int | None = None, dtype: str = "bf16", flops: float = 989e12, link_bandwidth: float = 400e9,
-         global_batch: int | None = None, inference: bool = False, recompute: bool = False) -> Plan:
+         global_batch: int | None = None, inference: bool = False, recompute: bool = False,
+         fsdp: bool = False) -> Plan:
     """Per-GPU memory, traffic and step time of a (gpus / ep) x ep run of model `c`."""
     s = seq_len or c.max_position_embeddings
     _check(c, gpus, ep, micro_batch, s, dtype, global_batch)
@@ -132,21 +152,31 @@ def plan(c: ModelConfig, *, gpus: int, gpu_memory: float, ep: int = 1, micro_bat
     experts_gpu = routed // c.n_routed_experts * -(-c.n_routed_experts // ep) if routed else 0  # type: ignore
     p_gpu = total - routed + experts_gpu
     accum = global_batch // (micro_batch * gpus) if global_batch else 1
-    p = Plan(gpus, ep, gpus // ep, dtype, inference, recompute, micro_batch, s, accum, p_gpu,
-             gpu_memory=gpu_memory, tokens_per_step=micro_batch * s * gpus * accum)
+    p = Plan(gpus, ep, gpus // ep, dtype, inference, recompute, fsdp and not inference, micro_batch, s, accum,
+             p_gpu,             gpu_memory=gpu_memory, tokens_per_step=micro_batch * s * gpus * accum)
     tokens = micro_batch * s
     if inference:
         p.memory = {"weights": p_gpu * b,
                     "kv_cache": 2 * c.num_hidden_layers * tokens * c.num_kv_heads * c.head_dim * b,
                     "activations": tokens * _one_layer_bytes_per_token(c, b, 1)}
         return p
-    p.memory = {"weights": p_gpu * b, "gradients": p_gpu * b, "optimizer": p_gpu * (8 if b == 4 else 12),
-                "activations": tokens * (c.num_hidden_layers * c.hidden_size * b + _one_layer_bytes_per_token(c, b, ep)
-                                         if recompute else activation_bytes_per_token(c, b, ep))}
-    k = c.num_experts_per_tok if c.is_moe else 0
-    p.all_to_all_bytes = c.num_moe_layers * 4 * tokens * accum * k * c.hidden_size * b * (ep - 1) / ep
+    activations = tokens * (c.num_hidden_layers * c.hidden_size * b + _one_layer_bytes_per_token(c, b, ep)
+                            if recompute else activation_bytes_per_token(c, b, ep))
     dense = total - routed
-    p.all_reduce_bytes = _ring(dense * b, gpus) + _ring(experts_gpu * b, gpus // ep)
+    if p.fsdp:
+        shard, unit = fsdp_shard_params(c, gpus, ep)
+        p.params_per_gpu = shard
+        p.memory = {"weights": shard * 4, "gradients": shard * 4, "optimizer": shard * 8,
+                    "unit_buffers": unit * (3 * b + 4), "activations": activations}
+        p.shard_bytes = accum * (_gather_scatter(dense, gpus, b) + _gather_scatter(experts_gpu, gpus // ep, b))
+    else:
+        p.memory = {"weights": p_gpu * b, "gradients": p_gpu * b, "optimizer": p_gpu * (8 if b == 4 else 12),
+                    "activations": activations}
+        p.all_reduce_bytes = _ring(dense * b, gpus) + _ring(experts_gpu * b, gpus // ep)
+    k = c.num_experts_per_tok if c.is_moe else 0
+    exchanges = 6 if recompute else 4
+    p.all_to_all_bytes = c.num_moe_layers * exchanges * tokens * accum * k * c.hidden_size * b * (ep - 1) / ep
+    p.shard_s = p.shard_bytes / link_bandwidth
     p.compute_s = count(c, s).flops_per_token * (4 / 3 if recompute else 1) * tokens * accum / flops
     p.all_to_all_s = p.all_to_all_bytes / link_bandwidth
     p.all_reduce_s = p.all_reduce_bytes / link_bandwidth
@@ -155,6 +185,54 @@ def plan(c: ModelConfig, *, gpus: int, gpu_memory: float, ep: int = 1, micro_bat
 
 def _ring(nbytes: float, n: int) -> float:
     return 2 * (n - 1) / n * nbytes
+
+
+def _gather_scatter(params: int, n: int, b: int) -> float:
+    """All-gather in forward and in backward (b bytes), reduce-scatter of the fp32 gradients, over n ranks."""
+    return (n - 1) / n * params * (2 * b + 4)
+
+
+def _block_shapes(c: ModelConfig, i: int) -> list[tuple[int, ...]]:
+    """Shapes of block i's dense parameters (routed experts excluded), as the model builds them."""
+    d, q, kv = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    shapes = [(d,), (d,), (q, d), (kv, d), (kv, d), (d, q)]
+    if not c.is_moe_layer(i):
+        return shapes + [(c.intermediate_size, d)] * 2 + [(d, c.intermediate_size)]
+    shared = c.n_shared_experts * c.moe_intermediate_size
+    router = [] if c.router == "hash" else [(c.n_routed_experts, d)]
+    return shapes + router + ([(shared, d)] * 2 + [(d, shared)] if shared else [])
+
+
+def fsdp_shard_params(c: ModelConfig, gpus: int, ep: int) -> tuple[int, int]:
+    """(parameters on the fullest GPU, parameters of the largest FSDP unit unsharded) under `apply_fsdp`: dense
+    tensors cut by rows over all GPUs (ceil), each EP block of ceil(E/ep) experts cut by experts over dp (ceil)."""
+    d, v = c.hidden_size, c.vocab_size
+    root = [(v, d), (d,)] + ([] if c.tie_word_embeddings else [(v, d)])
+    per_expert = 3 * d * c.moe_intermediate_size if c.is_moe else 0
+    block = -(-c.n_routed_experts // ep) if c.is_moe else 0  # type: ignore[operator]
+
+    def shard(shapes: list[tuple[int, ...]]) -> int:
+        return sum(-(-s[0] // gpus) * math.prod(s[1:]) for s in shapes)
+
+    total, largest = shard(root), sum(math.prod(s) for s in root)
+    for i in range(c.num_hidden_layers):
+        shapes, experts = _block_shapes(c, i), block if c.is_moe_layer(i) else 0
+        total += shard(shapes) + -(-experts // (gpus // ep)) * per_expert
+        largest = max(largest, sum(math.prod(s) for s in shapes) + experts * per_expert)
+    return total, largest
+
+
+def fewest_gpus(c: ModelConfig, *, ep: int, limit: int = 16384, **kwargs) -> Plan | None:
+    """The plan at the fewest GPUs (ep x 1, 2, 4, ...) up to `limit` at which the run fits; None if none does."""
+    gpus = ep
+    while gpus <= limit:
+        batch = kwargs.get("global_batch")
+        if not batch or batch % (kwargs.get("micro_batch", 1) * gpus) == 0:
+            p = plan(c, gpus=gpus, ep=ep, **kwargs)
+            if p.fits:
+                return p
+        gpus *= 2
+    return None
 
 
 def _check(c: ModelConfig, gpus: int, ep: int, micro_batch: int, s: int, dtype: str,
@@ -183,8 +261,9 @@ def _rows(p: Plan, name: str) -> list[tuple[str, str]]:
     rows = [("model", name), ("layout", f"{p.gpus} GPU(s) = dp {p.dp} x ep {p.ep}, {p.dtype}"
                               + (", inference" if p.inference else "")),
             ("params per GPU", f"{p.params_per_gpu:,} ({p.params_per_gpu / 1e9:.2f}B)")]
-    if p.recompute:
-        rows[1] = ("layout", rows[1][1] + ", activation recomputation")
+    for flag, words in ((p.fsdp, ", FSDP2"), (p.recompute, ", activation recomputation")):
+        if flag:
+            rows[1] = ("layout", rows[1][1] + words)
     rows += [(f"  {k}", _gb(v)) for k, v in p.memory.items()]
     verdict = "fits" if p.fits else "does NOT fit"
     rows.append(("memory per GPU", f"{_gb(p.total_memory)} of {_gb(p.gpu_memory)}: {verdict}"))
@@ -192,6 +271,8 @@ def _rows(p: Plan, name: str) -> list[tuple[str, str]]:
         rows += [("tokens per step", f"{p.tokens_per_step:,} ({p.micro_batch} x {p.seq_len} per GPU"
                                      f" x {p.gpus} GPUs x {p.grad_accum} accumulation)"),
                  ("all-to-all per GPU", f"{_gb(p.all_to_all_bytes)}/step, {p.all_to_all_s * 1e3:.1f} ms"),
+                 ("FSDP gather/scatter per GPU", f"{_gb(p.shard_bytes)}/step, {p.shard_s * 1e3:.1f} ms")
+                 if p.fsdp else
                  ("grad all-reduce per GPU", f"{_gb(p.all_reduce_bytes)}/step, {p.all_reduce_s * 1e3:.1f} ms"),
                  ("compute", f"{p.compute_s * 1e3:.1f} ms"),
                  ("step time (no overlap)", f"{p.step_s * 1e3:.1f} ms")]
@@ -202,11 +283,12 @@ def plan_command(*, preset: str | None = None, config: str | None = None, gpus: 
                  gpu_memory: str = "80GB", ep: int = 1, micro_batch: int = 1, seq_len: int | None = None,
                  dtype: str = "bf16", flops: float = 989e12, link_bandwidth: str = "400GB/s",
                  global_batch: int | None = None, inference: bool = False, recompute: bool = False,
-                 json: bool = False) -> int:
+                 fsdp: bool = False, fit: bool = False, json: bool = False) -> int:
     """Estimate per-GPU memory, all-to-all traffic and step time of a run before renting the GPUs.
 
     Assumes the layout `torchrun ... train --ep E` runs: dense part replicated (DDP), routed experts split over
-    ep GPUs, AdamW with fp32 master weights and moments, no activation recomputation, flash attention.
+    ep GPUs, AdamW with fp32 master weights and moments, no activation recomputation, flash attention; with
+    --fsdp, FSDP2 shards the dense part over all GPUs and each expert block over its dp GPUs.
 
     Args:
         preset: a preset name, e.g. deepseekmoe-16b.
@@ -221,8 +303,10 @@ def plan_command(*, preset: str | None = None, config: str | None = None, gpus: 
         link_bandwidth: per-GPU bandwidth for all-to-all and all-reduce, e.g. 400GB/s.
         global_batch: sequences per optimizer step (sets gradient accumulation).
         inference: weights + KV cache + prefill activations only.
-        recompute: assume full activation recomputation (keep each layer's input, redo its forward in
-            backward); a planning what-if: `deepseekmoe train` does not recompute yet.
+        recompute: full activation recomputation (keep each block's input, redo its forward in backward; the
+            activation checkpointing of distributed.fsdp).
+        fsdp: FSDP2 + expert parallelism (fp32 shards of weights, gradients and AdamW states).
+        fit: plan the fewest GPUs (ep x 1, 2, 4, ...) at which the run fits, instead of --gpus.
         json: print one JSON object.
     """
     from ..cli import CliError
@@ -237,9 +321,13 @@ def plan_command(*, preset: str | None = None, config: str | None = None, gpus: 
         if value is not None and (not math.isfinite(value) or value <= 0):
             raise CliError(f"{name} {given} must be a positive number")
     cfg = load_preset(preset) if preset else ModelConfig.load(config)  # type: ignore[arg-type]
-    p = plan(cfg, gpus=gpus, gpu_memory=parse_size(gpu_memory, "gpu_memory"), ep=ep, micro_batch=micro_batch,
-             seq_len=seq_len, dtype=dtype, flops=flops, link_bandwidth=bandwidth,
-             global_batch=global_batch, inference=inference, recompute=recompute)
+    kwargs = dict(gpu_memory=parse_size(gpu_memory, "gpu_memory"), ep=ep, micro_batch=micro_batch,
+                  seq_len=seq_len, dtype=dtype, flops=flops, link_bandwidth=bandwidth, global_batch=global_batch,
+                  inference=inference, recompute=recompute, fsdp=fsdp)
+    found = fewest_gpus(cfg, **kwargs) if fit else plan(cfg, gpus=gpus, **kwargs)  # type: ignore[arg-type]
+    if found is None:
+        raise CliError(f"--fit: {preset or config} does not fit on up to 16384 GPUs of {gpu_memory} with ep={ep}")
+    p = found
     name = preset or config
     if json:
         print(jsonlib.dumps({"name": name, **asdict(p), "total_memory": p.total_memory, "fits": p.fits,
