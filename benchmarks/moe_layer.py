@@ -29,6 +29,7 @@ import dataclasses
 import datetime
 import glob
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -310,7 +311,7 @@ def machine() -> dict[str, object]:
     info: dict[str, object] = {
         "cpu": model or platform.processor(), "threads": torch.get_num_threads(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": torch.__version__, "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
     try:
         import transformers
