@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big-rounds", type=int, default=2, help="rounds for 16b-2l")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--json", dest="as_json", action="store_true")
-    p.add_argument("--compete", action="store_true", help="a competing 2-thread matmul process throughout")
+    p.add_argument("--compete", nargs="?", const="matmul", default="", choices=["matmul", "spin"],
+                   help="a competing process throughout: 2-thread matmuls (default) or a Python busy loop")
     args = vars(p.parse_args(argv))
     with competing_process(args.pop("compete")):
         return run(**args)
