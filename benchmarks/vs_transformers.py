@@ -3,8 +3,9 @@ shapes, side by side in one process: training step, prefill and decode tokens/s,
 
     python benchmarks/vs_transformers.py [--presets tiny-deepseekmoe,small-deepseekmoe,16b-2l] [--what train,decode]
 
-Ours runs as the commands run it (`runtime.for_device`: the CPU runtime where there are 2+ threads). transformers'
-model is built from the closest `DeepseekV2Config` (`hf_config`): the same vocabulary, widths, layer count, dense
+Ours runs as the commands run it (`runtime.for_device`: the CPU runtime where there are 2+ threads, the calling
+thread at one intra-op thread); transformers' calls run at the process's own intra-op thread count, as transformers
+runs by default. Its model is built from the closest `DeepseekV2Config` (`hf_config`): the same vocabulary, widths, layer count, dense
 first layers, routed and shared experts, greedy softmax top-k without renormalisation, routed_scaling_factor 1,
 sdpa attention; what differs is its attention, which is always MLA there: q_proj without a low rank, keys and values
 from one latent of `kv_lora_rank` (chosen so the attention has the same parameter count as ours), rotary on half of
@@ -47,6 +48,7 @@ from deepseekmoe import ModelConfig, Transformer, load_preset  # noqa: E402
 from deepseekmoe.inference.generate import generate_tokens  # noqa: E402
 from deepseekmoe.losses import total_loss  # noqa: E402
 from deepseekmoe.runtime import for_device  # noqa: E402
+from deepseekmoe.runtime.cpu import intra_op_threads  # noqa: E402
 
 HF_EXPERTS = ("grouped_mm", "batched_mm", "eager")
 
@@ -142,6 +144,20 @@ def generate_call(model: torch.nn.Module, side: str, prompt: torch.Tensor, new_t
     return call
 
 
+def at_default_threads(fn: Callable[[], object]) -> Callable[[], object]:
+    """fn with the process's own intra-op thread count (as transformers runs), whatever our runtime set; our
+    runtime's count is put back after."""
+    def call() -> object:
+        ours = torch.get_num_threads()
+        torch.set_num_threads(intra_op_threads())
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(ours)
+    call.reset = getattr(fn, "reset", None)  # type: ignore[attr-defined]
+    return call
+
+
 def timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -193,6 +209,7 @@ def measure_train(cfg: ModelConfig, batch: int, seq: int, rounds: int, interleav
         model, runtime = build(cfg, side)
         step = train_step(model, side, ids)
         if side == "hf":
+            step = at_default_threads(step)
             row["hf_experts"] = pick_hf_experts(model, lambda: step)
         row[f"{side}_params"] = n_params(model)
         live[side] = (model, runtime, step)
@@ -214,13 +231,15 @@ def measure_infer(cfg: ModelConfig, batches: list[int], prompt_len: int, new_tok
     for batch in batches:
         prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(2))
         calls = {side: prefill_call(m, side, prompt) for side, m in models.items()}
+        calls["hf"] = at_default_threads(calls["hf"])
         impl = pick_hf_experts(models["hf"], lambda: calls["hf"])
         t = interleaved(calls, rounds)
         rows.append(_throughput({"what": "prefill", "batch": batch, "tokens": batch * prompt_len,
                                  "hf_experts": impl}, t["ours"], t["hf"], batch * prompt_len))
-        impl = pick_hf_experts(models["hf"], lambda: generate_call(models["hf"], "hf", prompt, 8))
+        impl = pick_hf_experts(models["hf"], lambda: at_default_threads(generate_call(models["hf"], "hf", prompt, 8)))
         calls = {f"{side}:{n}": generate_call(m, side, prompt, n) for side, m in models.items()
                  for n in (1, new_tokens)}
+        calls.update({k: at_default_threads(c) for k, c in calls.items() if k.startswith("hf")})
         t = interleaved(calls, rounds)
         decode = {side: [a - b for a, b in zip(t[f"{side}:{new_tokens}"], t[f"{side}:1"])] for side in models}
         rows.append(_throughput({"what": "decode", "batch": batch, "tokens": batch * (new_tokens - 1),
