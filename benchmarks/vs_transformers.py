@@ -69,7 +69,7 @@ def hf_config(cfg: ModelConfig):
     d, hd = cfg.hidden_size, cfg.head_dim
     rope = hd // 2
     # ours: k_proj + v_proj = 2 D^2; MLA: kv_a D x (r + rope) + kv_b r x H (hd - rope + hd), with H hd = D
-    rank = round((2 * d * d - d * rope) / (d + cfg.num_attention_heads * (2 * hd - rope)))
+    rank = 8 * round((2 * d * d - d * rope) / (d + cfg.num_attention_heads * (2 * hd - rope)) / 8)
     return DeepseekV2Config(
         vocab_size=cfg.vocab_size, hidden_size=d, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
@@ -164,11 +164,20 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def pick_hf_experts(hf: torch.nn.Module, make: Callable[[], Callable[[], object]]) -> str:
-    """The fastest transformers experts implementation for this call: one warm-up and one timed call each (one
-    that cannot run these operands, grouped_mm where a row stride is not a multiple of 16 bytes, is left out)."""
+BATCHED_MM_MAX_BYTES = 2 << 30
+"""batched_mm copies one expert's weights per (token, slot) row: left out above this many bytes of copies."""
+
+
+def pick_hf_experts(hf: torch.nn.Module, make: Callable[[], Callable[[], object]], tokens: int) -> str:
+    """The fastest transformers experts implementation for a call over `tokens` tokens: one warm-up and one timed
+    call each (one that cannot run these operands, grouped_mm where a row stride is not a multiple of 16 bytes,
+    is left out, and so is batched_mm above BATCHED_MM_MAX_BYTES of weight copies)."""
+    c = hf.config
+    copies = tokens * c.num_experts_per_tok * 3 * c.hidden_size * c.moe_intermediate_size * 4
     times = {}
     for impl in HF_EXPERTS:
+        if impl == "batched_mm" and copies > BATCHED_MM_MAX_BYTES:
+            continue
         hf.set_experts_implementation(impl)
         fn = make()
         try:
@@ -210,7 +219,7 @@ def measure_train(cfg: ModelConfig, batch: int, seq: int, rounds: int, interleav
         step = train_step(model, side, ids)
         if side == "hf":
             step = at_default_threads(step)
-            row["hf_experts"] = pick_hf_experts(model, lambda: step)
+            row["hf_experts"] = pick_hf_experts(model, lambda: step, batch * seq)
         row[f"{side}_params"] = n_params(model)
         live[side] = (model, runtime, step)
         if not interleave:
@@ -232,11 +241,12 @@ def measure_infer(cfg: ModelConfig, batches: list[int], prompt_len: int, new_tok
         prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(2))
         calls = {side: prefill_call(m, side, prompt) for side, m in models.items()}
         calls["hf"] = at_default_threads(calls["hf"])
-        impl = pick_hf_experts(models["hf"], lambda: calls["hf"])
+        impl = pick_hf_experts(models["hf"], lambda: calls["hf"], batch * prompt_len)
         t = interleaved(calls, rounds)
         rows.append(_throughput({"what": "prefill", "batch": batch, "tokens": batch * prompt_len,
                                  "hf_experts": impl}, t["ours"], t["hf"], batch * prompt_len))
-        impl = pick_hf_experts(models["hf"], lambda: at_default_threads(generate_call(models["hf"], "hf", prompt, 8)))
+        impl = pick_hf_experts(models["hf"], lambda: at_default_threads(generate_call(models["hf"], "hf", prompt, 8)),
+                               batch * prompt_len)
         calls = {f"{side}:{n}": generate_call(m, side, prompt, n) for side, m in models.items()
                  for n in (1, new_tokens)}
         calls.update({k: at_default_threads(c) for k, c in calls.items() if k.startswith("hf")})
