@@ -6,9 +6,10 @@
 The package as it was at REV is extracted (`git archive`) into a temporary directory and imported under another
 name, so both versions run in the same process on the same machine state, alternating call by call (the order
 rotates every round); the table reports medians and the median of same-round ratios (this / baseline).
-Each side runs as its own commands run it: this checkout through `deepseekmoe.runtime.for_device`; the baseline as
-its model was built (revisions before the CPU runtime chose their strategies inside the model).
---compete starts a second process doing 2-thread matmuls for the whole run: a busy machine, as users' are.
+Each side runs as its own commands run it: through its own `runtime.for_device` where it has one (revisions before
+the CPU runtime chose their strategies inside the model).
+--compete starts a second process for the whole run, a busy machine as users' are: 2-thread matmuls (`--compete`,
+`--compete matmul`) or `while True: pass` (`--compete spin`).
 --isolate runs each side in a process of its own (this, baseline, this, baseline, ... --rounds calls each), for
 code that changes process-wide OpenMP state (revisions up to d261fef release the calling thread's OpenMP threads
 before every experts call, which would also hit the other side in a shared process); the ratio is then of medians.
@@ -44,12 +45,19 @@ def load_revision(rev: str, into: Path):
     return importlib.import_module(name)
 
 
+def _apply_runtime(pkg, model: "torch.nn.Module") -> None:
+    """The side's own `runtime.for_device` (revisions before the CPU runtime have none)."""
+    try:
+        runtime = importlib.import_module(pkg.__name__ + ".runtime")
+    except ImportError:
+        return
+    runtime.for_device(model, "cpu")
+
+
 def _prepare(pkg, preset: str, current: bool) -> "torch.nn.Module":
     torch.manual_seed(0)
     model = pkg.Transformer(pkg.load_preset(preset))
-    if current:
-        from deepseekmoe.runtime import for_device
-        for_device(model, "cpu")
+    _apply_runtime(pkg, model)
     return model
 
 
@@ -90,9 +98,7 @@ def layer_call(pkg, shape: str, current: bool):
                           n_shared_experts=s.shared, num_experts_per_tok=s.top_k)
     torch.manual_seed(0)
     moe = importlib.import_module(pkg.__name__ + ".model.moe").MoE(cfg)
-    if current:
-        from deepseekmoe.runtime import for_device
-        for_device(moe, "cpu")
+    _apply_runtime(pkg, moe)
     x = torch.randn(1, s.tokens, s.hidden, generator=torch.Generator().manual_seed(1))
 
     def call() -> float:
@@ -166,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default="tiny-deepseekmoe")
     p.add_argument("--shapes", default="s1", help="moe_layer.py shapes for --what layer")
     p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--compete", action="store_true", help="a competing 2-thread matmul process for the whole run")
+    p.add_argument("--compete", nargs="?", const="matmul", default="", choices=["matmul", "spin"],
+                   help="a competing process for the whole run: 2-thread matmuls (default) or a Python busy loop")
     p.add_argument("--isolate", action="store_true", help="each side in a process of its own")
     p.add_argument("--side", choices=["this", "baseline"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)

@@ -29,6 +29,7 @@ import dataclasses
 import datetime
 import glob
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -289,10 +290,16 @@ COMPETITOR = ("import torch\ntorch.set_num_threads(2)\na, b = torch.randn(256, 2
               "while True:\n    a @ b\n    (a * b).sum()\n")
 
 
+COMPETITORS = {"matmul": COMPETITOR, "spin": "while True: pass\n"}
+"""--compete kinds: 2-thread matmuls (both cores, OpenMP teams of its own) or one pure-Python busy loop."""
+
+
 @contextlib.contextmanager
-def competing_process(enabled: bool = True):
-    """A second process running 2-thread 256 x 256 matmuls for the duration: a busy machine, as users' are."""
-    proc = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if enabled else None
+def competing_process(enabled: bool | str = True):
+    """A second process for the duration: a busy machine, as users' are. `enabled` True or "matmul": 2-thread
+    256 x 256 matmuls; "spin": `while True: pass` (one core); False or "": none."""
+    kind = "matmul" if enabled is True else enabled
+    proc = subprocess.Popen([sys.executable, "-c", COMPETITORS[kind]]) if kind else None
     try:
         yield
     finally:
@@ -310,7 +317,7 @@ def machine() -> dict[str, object]:
     info: dict[str, object] = {
         "cpu": model or platform.processor(), "threads": torch.get_num_threads(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": torch.__version__, "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
     try:
         import transformers

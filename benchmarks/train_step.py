@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", dest="as_json", action="store_true")
-    p.add_argument("--compete", action="store_true", help="a competing 2-thread matmul process throughout")
+    p.add_argument("--compete", nargs="?", const="matmul", default="", choices=["matmul", "spin"],
+                   help="a competing process throughout: 2-thread matmuls (default) or a Python busy loop")
     args = vars(p.parse_args(argv))
     with competing_process(args.pop("compete")):
         return run(**args)

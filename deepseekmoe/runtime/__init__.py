@@ -1,9 +1,9 @@
 """Machine-specific ways to run a built model faster, applied from outside like expert parallelism.
 
 `for_device(model, device)` is what the commands call once, after building (and parallelising) a model: on a CPU
-with more than one intra-op thread it runs the routed experts on CPU worker threads (`cpu.CpuRuntime`: measured
-faster for training and far steadier beside a competing process, benchmarks/README.md); elsewhere it leaves the
-model as built. `describe(model, device, dtype)` says what runs.
+with more than one intra-op thread it applies `cpu.CpuRuntime`: the calling thread keeps one intra-op thread, and
+large matmuls and routed experts run on single-threaded worker threads that take parts as they finish one
+(measured far steadier on a busy machine, benchmarks/README.md); elsewhere it leaves the model as built. `describe(model, device, dtype)` says what runs.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..model.experts import RoutedExperts
-from .cpu import CpuRuntime
+from .cpu import CpuRuntime, intra_op_threads
 
 
 def parse_device(name: str | None, setting: str) -> torch.device:
@@ -31,9 +31,7 @@ def parse_device(name: str | None, setting: str) -> torch.device:
 
 def for_device(model: nn.Module, device: torch.device | str) -> CpuRuntime | None:
     """Apply the runtime this device gets (see the module docstring); returns it, or None."""
-    if torch.device(device).type != "cpu" or torch.get_num_threads() < 2:
-        return None
-    if not any(isinstance(m, RoutedExperts) and m.impl == "grouped" for m in model.modules()):
+    if torch.device(device).type != "cpu" or intra_op_threads() < 2:
         return None
     return CpuRuntime.apply(model)
 

@@ -1,8 +1,14 @@
-"""The CPU runtime: worker threads for the routed experts and small-row matmuls, applied to a built model.
+"""The CPU runtime: worker threads for the routed experts and large matmuls, applied to a built model.
 
-    runtime = CpuRuntime.apply(model)   # routed experts on the workers, FFNs with small-row matmuls
+    runtime = CpuRuntime.apply(model)   # caller at one intra-op thread; experts, large matmuls on the workers
     ...
     runtime.close()                     # or `with CpuRuntime.apply(model):`
+
+While a runtime is applied the calling thread runs one intra-op thread (`CALLER_THREADS`): on shared cores every
+OpenMP parallel region waits for its slowest, possibly descheduled, thread, and a model runs thousands of small
+regions a step. What needs both cores runs on the single-threaded workers, which take parts as they finish one:
+linear layers' matmuls of at least `MIN_LINEAR_WORK` multiply-adds (`linear.WorkerLinear`: row blocks) and the
+routed experts' calls described next.
 
 The per-expert kernel (model/experts.py) hands its experts to a runner. Where the experts have much work each
 (`MIN_EXPERT_WORK`: S1-sized training) or many bytes of weights to read (`MIN_WEIGHT_BYTES`: decode of 16B-sized
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +42,7 @@ from torch import nn
 from ..model.experts import INLINE, Commit, RoutedExperts
 from ..model.layers import FeedForward
 from ..model.quantized import ROW_BLOCK, QuantizedLinear, QuantizedWeight, quantized_linear
+from .linear import WorkerLinear
 
 MIN_EXPERT_WORK = 128 << 20
 """The workers take a call whose experts average at least this much work (rows x weight bytes per expert;
@@ -48,6 +56,12 @@ them, and two cores read faster than one; below, the hand-off costs more than it
 QUANTIZED_MIN_WEIGHT_BYTES = 4 << 20
 """A quantized model's expert calls and weight-only matmuls go to the workers from this many weight bytes on
 (its calling thread keeps one intra-op thread: see `CpuRuntime.apply`)."""
+MIN_LINEAR_WORK = 1 << 24
+"""A linear layer's matmul of at least this many multiply-adds (rows x out x in) runs in row blocks on the
+workers (`linear.WorkerLinear`); smaller ones run in the calling thread."""
+CALLER_THREADS = 1
+"""Intra-op threads the calling thread keeps while a runtime is applied (see `CpuRuntime.apply`); the environment
+variable DEEPSEEKMOE_CALLER_THREADS sets another count (for an idle machine)."""
 CHUNKS_PER_WORKER = 16
 """Chunks per worker: enough that a worker finishing early waits at most a small share of the work."""
 
@@ -56,36 +70,40 @@ class CpuRuntime:
     """A runner for RoutedExperts (model.experts.SegmentRunner) on `workers` single-threaded CPU threads."""
 
     def __init__(self, workers: int, expert_bytes: int = 0, min_expert_work: int = MIN_EXPERT_WORK,
-                 min_weight_bytes: int = MIN_WEIGHT_BYTES, caller_threads: int | None = None) -> None:
+                 min_weight_bytes: int = MIN_WEIGHT_BYTES, caller_threads: int | None = None,
+                 min_linear_work: int = MIN_LINEAR_WORK) -> None:
         if workers < 1:
             raise ValueError(f"workers={workers} must be at least 1")
         self.workers, self.expert_bytes = workers, expert_bytes
         self.min_expert_work, self.min_weight_bytes = min_expert_work, min_weight_bytes
+        self.min_linear_work = min_linear_work
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._in_worker = threading.local()
         self._executor()  # start the workers now, not in a model's forward
-        self._caller_threads = None
-        if caller_threads is not None:  # put back by close()
-            self._caller_threads = torch.get_num_threads()
-            torch.set_num_threads(caller_threads)
+        self._lowered = caller_threads is not None
+        if self._lowered:  # put back by close(), or when the runtime is dropped with its model
+            lower_caller_threads(caller_threads)
+            self._restore = weakref.finalize(self, restore_caller_threads)
 
     @classmethod
     def apply(cls, model: nn.Module, workers: int | None = None, **thresholds: int) -> "CpuRuntime":
         """A new runtime with `workers` threads (default: the intra-op thread count; `thresholds`:
-        min_expert_work, min_weight_bytes), attached to `model`.
+        min_expert_work, min_weight_bytes, min_linear_work, caller_threads), attached to `model`.
 
-        A model with quantized weights runs its experts and its weight-only matmuls on the workers from
-        QUANTIZED_MIN_WEIGHT_BYTES on (a matmul's output rows split between them), and the calling thread goes
-        down to one intra-op thread until `close`: at decode its remaining ops are tiny, and on a machine whose
-        cores are shared an OpenMP team waits for a descheduled thread in every one of them (a 2-layer 16B-shaped
-        model decoded 7x slower with two intra-op threads at one busy moment; the full 16B tied at a quieter one:
-        benchmarks/README.md)."""
+        The calling thread goes down to `caller_threads` intra-op threads (default `CALLER_THREADS`) until `close`:
+        on a machine whose cores are shared an OpenMP team waits for a descheduled thread in every parallel
+        region, and a model runs thousands of small ones a step (tiny-deepseekmoe trained at 53-87 tokens/s with
+        two OpenMP threads and 983-1,542 with one, at a load average of 9-12: benchmarks/README.md). The work
+        that needs both cores goes to the workers instead, which take parts as they finish one: large matmuls
+        (`linear.WorkerLinear`), experts with much work or many weight bytes. A model with quantized weights
+        runs its experts and weight-only matmuls on the workers from QUANTIZED_MIN_WEIGHT_BYTES on."""
         experts = [m for m in model.modules() if isinstance(m, RoutedExperts)]
         expert_bytes = max((m.gate_up_proj[0].nbytes + m.down_proj[0].nbytes for m in experts), default=0)
-        workers = workers or torch.get_num_threads()
+        workers = workers or intra_op_threads()
+        thresholds = {"caller_threads": caller_threads_setting(), **thresholds}
         if any(isinstance(m, QuantizedLinear) for m in model.modules()):
-            thresholds = {"min_weight_bytes": QUANTIZED_MIN_WEIGHT_BYTES, "caller_threads": 1, **thresholds}
+            thresholds = {"min_weight_bytes": QUANTIZED_MIN_WEIGHT_BYTES, **thresholds}
         return cls(workers, expert_bytes, **thresholds).attach(model)
 
     def attach(self, model: nn.Module) -> "CpuRuntime":
@@ -98,11 +116,14 @@ class CpuRuntime:
                 m.__class__ = SmallRowsFeedForward
             elif isinstance(m, QuantizedLinear):
                 m.matmul = self.linear
+            if type(m) is nn.Linear and m.bias is None:
+                m.__class__, m.runtime = WorkerLinear, self
         return self
 
     @staticmethod
     def remove(model: nn.Module) -> None:
-        """Undo `apply`: experts in the calling thread, in expert order (model.experts.INLINE); plain FFNs."""
+        """Undo `apply`: experts in the calling thread, in expert order (model.experts.INLINE); plain FFNs and
+        linear layers."""
         for m in model.modules():
             if isinstance(m, RoutedExperts):
                 m.runner = INLINE
@@ -110,6 +131,9 @@ class CpuRuntime:
                 m.__class__ = FeedForward
             elif isinstance(m, QuantizedLinear):
                 m.matmul = quantized_linear
+            elif type(m) is WorkerLinear:
+                m.__class__ = nn.Linear
+                del m.runtime
 
     def run(self, fn: Callable[[list[int]], Commit], experts: list[int], rows: list[int]) -> None:
         """fn over chunks of the experts on the workers, and each chunk's commit in chunk order, by whichever
@@ -137,16 +161,33 @@ class CpuRuntime:
         for f in [self._executor().submit(work) for _ in range(min(self.workers, len(chunks)))]:
             f.result()
 
+    def run_parts(self, parts: list[Callable[[], None]]) -> None:
+        """Every part on the workers, each taking the next one as it finishes one; returns when all are done."""
+        next_part = itertools.count()
+        inference = torch.is_inference_mode_enabled()
+
+        def work() -> None:
+            self._in_worker.active = True
+            with torch.inference_mode(inference), torch.no_grad():
+                while (i := next(next_part)) < len(parts):
+                    parts[i]()
+        for f in [self._executor().submit(work) for _ in range(min(self.workers, len(parts)))]:
+            f.result()
+
+    def in_worker(self) -> bool:
+        """Whether this is one of the runtime's worker threads."""
+        return getattr(self._in_worker, "active", False)
+
     @contextlib.contextmanager
     def in_calling_thread(self) -> Iterator[None]:
         """Every call in the calling thread for the duration (the benchmarks' memory profile, which sees one
         thread)."""
-        saved = self.min_expert_work, self.min_weight_bytes
-        self.min_expert_work = self.min_weight_bytes = 1 << 62
+        saved = self.min_expert_work, self.min_weight_bytes, self.min_linear_work
+        self.min_expert_work = self.min_weight_bytes = self.min_linear_work = 1 << 62
         try:
             yield
         finally:
-            self.min_expert_work, self.min_weight_bytes = saved
+            self.min_expert_work, self.min_weight_bytes, self.min_linear_work = saved
 
     def parallel(self, rows: list[int]) -> bool:
         """Whether a call with these rows per expert goes to the workers (see MIN_EXPERT_WORK)."""
@@ -157,7 +198,7 @@ class CpuRuntime:
         """x @ W^T: a quantized W of at least `min_weight_bytes` with its output rows split between the workers
         (called from the calling thread; a worker runs it itself), anything else by `linear_rows`."""
         if (not isinstance(weight_OI, QuantizedWeight) or weight_OI.nbytes < self.min_weight_bytes
-                or getattr(self._in_worker, "active", False)):
+                or self.in_worker()):
             return linear_rows(x_NI, weight_OI)
         n = weight_OI.shape[0]
         step = -(-n // (self.workers * ROW_BLOCK)) * ROW_BLOCK
@@ -184,9 +225,9 @@ class CpuRuntime:
             if self._pool is not None:
                 self._pool.shutdown()
                 self._pool = None
-            if self._caller_threads is not None:
-                torch.set_num_threads(self._caller_threads)
-                self._caller_threads = None
+            if self._lowered:
+                self._restore()
+                self._lowered = False
 
     def __enter__(self) -> "CpuRuntime":
         return self
@@ -196,6 +237,43 @@ class CpuRuntime:
 
     def __repr__(self) -> str:
         return f"cpu runtime: {self.workers} workers"
+
+
+_caller = {"lowered": 0, "saved": 0}
+_caller_lock = threading.Lock()
+
+
+def caller_threads_setting() -> int:
+    """CALLER_THREADS, or the count DEEPSEEKMOE_CALLER_THREADS gives (a positive integer)."""
+    value = os.environ.get("DEEPSEEKMOE_CALLER_THREADS", "")
+    if not value:
+        return CALLER_THREADS
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"DEEPSEEKMOE_CALLER_THREADS={value!r} is not a positive integer")
+    return int(value)
+
+
+def lower_caller_threads(threads: int) -> None:
+    """The intra-op thread count goes down to `threads` until every runtime that lowered it has put it back
+    (runtimes may overlap: the first one saves the count, the last one restores it)."""
+    with _caller_lock:
+        if _caller["lowered"] == 0:
+            _caller["saved"] = torch.get_num_threads()
+        _caller["lowered"] += 1
+        torch.set_num_threads(threads)
+
+
+def restore_caller_threads() -> None:
+    with _caller_lock:
+        _caller["lowered"] -= 1
+        if _caller["lowered"] == 0:
+            torch.set_num_threads(_caller["saved"])
+
+
+def intra_op_threads() -> int:
+    """The process's intra-op thread count as it was before any runtime lowered it."""
+    with _caller_lock:
+        return _caller["saved"] if _caller["lowered"] else torch.get_num_threads()
 
 
 def split(experts: list[int], rows: list[int], parts: int) -> list[list[int]]:

@@ -1,0 +1,90 @@
+"""Linear layers whose large matmuls are cut into parts that the CPU runtime's workers take as they finish one.
+
+With the calling thread at one intra-op thread (cpu.py), a large matmul would use one core; here it is cut into
+contiguous row blocks (`PARTS_PER_WORKER` per worker) and the single-threaded workers take the next block as they
+finish one, so both cores work and a worker that the machine slows down simply takes fewer blocks. No block sums
+into another's output (the reduction dimension is never cut), and the blocks depend only on the shapes and the
+worker count, so the result has the same bits whichever worker ran what:
+
+    forward   y[rows]     = x[rows] @ W^T
+    backward  dx[rows]    = dy[rows] @ W
+              dW[outputs] = dy[:, outputs]^T @ x
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from .cpu import CpuRuntime
+
+PARTS_PER_WORKER = 4
+"""Row blocks per worker: a worker finishing early waits for at most about a quarter of its share."""
+
+
+def blocks(n: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) of at most `parts` contiguous, nearly equal, non-empty blocks of range(n)."""
+    parts = max(1, min(parts, n))
+    edges = [n * i // parts for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def split_mm(runtime: "CpuRuntime", n: int, part: Callable[[int, int], None]) -> None:
+    """part(start, end) over the row blocks of range(n), on the runtime's workers."""
+    runtime.run_parts([lambda a=a, b=b: part(a, b) for a, b in blocks(n, runtime.workers * PARTS_PER_WORKER)])
+
+
+def linear_forward(runtime: "CpuRuntime", x_NI: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
+    """x @ W^T, row blocks of x on the workers."""
+    y_NO = x_NI.new_empty(x_NI.shape[0], weight_OI.shape[0])
+    split_mm(runtime, x_NI.shape[0], lambda a, b: torch.mm(x_NI[a:b], weight_OI.t(), out=y_NO[a:b]))
+    return y_NO
+
+
+class _SplitLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_NI, weight_OI, runtime):  # type: ignore[override]
+        ctx.save_for_backward(x_NI, weight_OI)
+        ctx.runtime = runtime
+        return linear_forward(runtime, x_NI, weight_OI)
+
+    @staticmethod
+    def backward(ctx, grad_NO):  # type: ignore[override]
+        x_NI, weight_OI = ctx.saved_tensors
+        runtime, grad_NO = ctx.runtime, grad_NO.contiguous()
+        d_x = d_w = None
+        if ctx.needs_input_grad[0]:
+            d_x = x_NI.new_empty(x_NI.shape)
+            split_mm(runtime, x_NI.shape[0], lambda a, b: torch.mm(grad_NO[a:b], weight_OI, out=d_x[a:b]))
+        if ctx.needs_input_grad[1]:
+            d_w = weight_OI.new_empty(weight_OI.shape)
+            split_mm(runtime, weight_OI.shape[0], lambda a, b: torch.mm(grad_NO[:, a:b].t(), x_NI, out=d_w[a:b]))
+        return d_x, d_w, None
+
+
+class WorkerLinear(nn.Linear):
+    """nn.Linear (without bias) whose matmuls of at least `runtime.min_linear_work` multiply-adds run in row blocks
+    on the runtime's workers (module docstring); a handful of rows without gradients run `linear_rows`; the rest
+    is F.linear in the calling thread."""
+
+    runtime: "CpuRuntime"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .cpu import WEIGHT_MAJOR_MAX_ROWS, linear_rows
+
+        x_NI = x.reshape(-1, x.shape[-1])
+        n, (o, i) = x_NI.shape[0], self.weight.shape
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if n * o * i >= self.runtime.min_linear_work and not self.runtime.in_worker():
+            x_NI = x_NI.contiguous()
+            y = (_SplitLinear.apply(x_NI, self.weight, self.runtime) if wants_grad
+                 else linear_forward(self.runtime, x_NI, self.weight))
+        elif not wants_grad and n <= WEIGHT_MAJOR_MAX_ROWS:
+            y = linear_rows(x_NI, self.weight)
+        else:
+            y = F.linear(x_NI, self.weight)
+        return y.reshape(*x.shape[:-1], o)

@@ -1,0 +1,140 @@
+"""The CPU runtime's threads: large matmuls in row blocks on the workers, the calling thread's intra-op count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepseekmoe import Transformer
+from deepseekmoe.losses import total_loss
+from deepseekmoe.runtime import for_device
+from deepseekmoe.runtime.cpu import CpuRuntime, intra_op_threads
+from deepseekmoe.runtime.linear import WorkerLinear, blocks
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_blocks_cover_the_range_in_order() -> None:
+    assert blocks(10, 4) == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    assert blocks(3, 8) == [(0, 1), (1, 2), (2, 3)]
+    assert blocks(1, 1) == [(0, 1)]
+
+
+def _linear_case(rows: int = 300, d_in: int = 48, d_out: int = 70):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(rows, d_in, generator=g), torch.randn(d_out, d_in, generator=g), \
+        torch.randn(rows, d_out, generator=g)
+
+
+def _split_linear(runtime: CpuRuntime, x, w, dy):
+    layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    runtime.attach(layer)
+    assert type(layer) is WorkerLinear
+    xg = x.clone().requires_grad_()
+    y = layer(xg.view(3, -1, x.shape[1]))  # any leading shape
+    y.backward(dy.view(3, -1, dy.shape[1]))
+    return y.detach().reshape(dy.shape), xg.grad, layer.weight.grad
+
+
+def test_worker_linear_matches_f_linear_and_repeats_bit_for_bit() -> None:
+    x, w, dy = _linear_case()
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y_ref = F.linear(xr, wr)
+    y_ref.backward(dy)
+    with CpuRuntime(2, min_linear_work=0) as runtime:
+        first = _split_linear(runtime, x, w, dy)
+        again = _split_linear(runtime, x, w, dy)
+    for got, want in zip(first, (y_ref.detach(), xr.grad, wr.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
+def test_worker_linear_without_grad_and_below_the_threshold() -> None:
+    x, w, _ = _linear_case()
+    with CpuRuntime(2, min_linear_work=0) as split, CpuRuntime(2) as inline:
+        for runtime in (split, inline):
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=False)
+            with torch.no_grad():
+                layer.weight.copy_(w)
+            runtime.attach(layer)
+            with torch.inference_mode():
+                torch.testing.assert_close(layer(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(layer(x[:3]), F.linear(x[:3], w), rtol=1e-5, atol=1e-5)
+            CpuRuntime.remove(layer)
+            assert type(layer) is nn.Linear and not hasattr(layer, "runtime")
+
+
+def test_apply_lowers_the_callers_threads_until_the_last_runtime_closes(two_threads, monkeypatch) -> None:
+    monkeypatch.delenv("DEEPSEEKMOE_CALLER_THREADS", raising=False)
+    a = CpuRuntime.apply(nn.Linear(4, 4, bias=False))
+    b = CpuRuntime.apply(nn.Linear(4, 4, bias=False))
+    assert torch.get_num_threads() == 1 and intra_op_threads() == 2
+    assert a.workers == b.workers == 2
+    a.close()
+    assert torch.get_num_threads() == 1
+    b.close()
+    b.close()  # twice: nothing more to put back
+    assert torch.get_num_threads() == 2 and intra_op_threads() == 2
+
+
+def test_a_dropped_runtime_puts_the_threads_back(two_threads, monkeypatch) -> None:
+    monkeypatch.delenv("DEEPSEEKMOE_CALLER_THREADS", raising=False)
+    layer = nn.Linear(4, 4, bias=False)
+    CpuRuntime.apply(layer)
+    assert torch.get_num_threads() == 1
+    del layer
+    assert torch.get_num_threads() == 2
+
+
+def test_caller_threads_from_the_environment(two_threads, monkeypatch) -> None:
+    monkeypatch.setenv("DEEPSEEKMOE_CALLER_THREADS", "2")
+    with CpuRuntime.apply(nn.Linear(4, 4, bias=False)):
+        assert torch.get_num_threads() == 2
+    monkeypatch.setenv("DEEPSEEKMOE_CALLER_THREADS", "two")
+    with pytest.raises(ValueError, match="DEEPSEEKMOE_CALLER_THREADS='two'"):
+        CpuRuntime.apply(nn.Linear(4, 4, bias=False))
+
+
+@pytest.mark.parametrize("moe", [True, False])
+def test_training_with_the_runtime_repeats_and_matches_without(make_config, two_threads, moe: bool) -> None:
+    cfg = make_config() if moe else make_config(router="none", n_routed_experts=None, n_shared_experts=0)
+    ids = torch.randint(0, cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(1))
+
+    def losses(runtime: bool, min_linear_work: int = 0) -> list[float]:
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        rt = CpuRuntime.apply(model, min_linear_work=min_linear_work, min_expert_work=0) if runtime else None
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        out = []
+        for _ in range(3):
+            o = model(ids[:, :-1])
+            loss = total_loss(o.logits, ids[:, 1:], o.router_outputs, cfg).total
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        if rt is not None:
+            rt.close()
+        return out
+    first = losses(True)
+    assert losses(True) == first  # bit for bit
+    torch.testing.assert_close(torch.tensor(first), torch.tensor(losses(False)), rtol=1e-5, atol=0)
+
+
+def test_for_device_applies_to_dense_models_too(make_config, two_threads) -> None:
+    model = Transformer(make_config(router="none", n_routed_experts=None, n_shared_experts=0))
+    runtime = for_device(model, "cpu")
+    assert isinstance(runtime, CpuRuntime)
+    assert type(model.lm_head) is WorkerLinear
+    runtime.close()
