@@ -9,13 +9,15 @@ a leading dimension stacks the routed experts):
         the high one
 
 W is recovered as q * s (a row of all zeros gets s = 1). The int4 kernel takes O a multiple of 16 and G in
-`GROUP_SIZES`; a weight with no such G dividing I (`int4_group_size`) stays in int8 in an int4 checkpoint. On disk (convert/quantize.py) a quantized NAME is the
-int8 (..., O, I) or uint8 (..., O, I/2) tensor NAME plus the float32 scales NAME_scale, (..., O) or (..., O, I/G).
+`GROUP_SIZES`; a weight with no such G dividing I (`int4_group_size`) stays in int8 in an int4 checkpoint. On disk
+(convert/quantize.py) a quantized NAME is the int8 (..., O, I) or uint8 (..., O, I/2) tensor NAME (int4 bytes in
+one of the layouts of model/int4_layout.py) plus the float32 scales NAME_scale, (..., O) or (..., O, I/G).
 
 `QuantizedWeight` holds the quantized data and its scales in the compute dtype. `linear(x, w)` is x @ W^T for a
 float or a quantized w, so the experts' kernels (model/experts.py) and the runtime's small-row matmuls take either.
 The kernels are PyTorch's own CPU weight-only matmuls, `_weight_int8pack_mm` (int8, up to `INT8_MM_MAX_ROWS` rows)
-and `_weight_int4pack_mm_for_cpu` (int4, at every row count; it needs its own packed layout, made at load);
+and `_weight_int4pack_mm_for_cpu` (int4, at every row count; it reads its own blocked layout, which a checkpoint
+stores where it was written on a machine with the same one, and which is made at load otherwise);
 more rows of int8 are dequantized into the compute dtype and multiplied (measured: benchmarks/README.md).
 """
 
@@ -26,6 +28,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .int4_layout import kernel_layout, relayout
 
 Format = Literal["int8", "int4"]
 FORMATS: tuple[str, ...] = ("int8", "int4")
@@ -103,7 +107,8 @@ class QuantizedWeight:
     dimension like a stacked float weight; `linear(x, w)` multiplies by it. Never trained (requires_grad False).
 
     int8 keeps `data` as stored (int8, a memory-mapped view where loaded from a file) and `scales` (..., O).
-    int4 keeps `data` in the CPU kernel's packed layout and `scales` as its (..., I/G, O, 2) scales-and-zeros."""
+    int4 keeps `data` in the CPU kernel's packed layout (a memory-mapped view where stored in it) and `scales` as
+    its (..., I/G, O, 2) scales-and-zeros."""
 
     requires_grad = False
 
@@ -112,14 +117,17 @@ class QuantizedWeight:
         self.fmt, self.data, self.scales, self.shape, self.group_size = fmt, data, scales, shape, group_size
 
     @classmethod
-    def from_stored(cls, data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> "QuantizedWeight":
+    def from_stored(cls, data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                    layout: str = "rows") -> "QuantizedWeight":
         """From the on-disk form (module docstring; the format is the data's dtype, the group size follows from
-        the shapes): int8 data as is; int4 repacked for the kernel."""
+        the shapes; int4 bytes in `layout`, model/int4_layout.py): int8 data as is, int4 data as is where it is in
+        the kernel's layout, else converted to it."""
         if data.dtype == torch.int8:
             return cls("int8", _aligned(data), scales.to(dtype), tuple(data.shape))
         shape = (*data.shape[:-1], data.shape[-1] * 2)
         group_size = shape[-1] // scales.shape[-1]
-        packed = _pack_for_kernel(data)
+        target = kernel_layout()
+        packed = relayout(data, layout, target) if target else _pack_for_kernel(relayout(data, layout, "rows"))
         zeros = torch.zeros_like(scales, dtype=dtype)
         scales_zeros = torch.stack([scales.to(dtype), zeros], dim=-1).transpose(-3, -2).contiguous()
         return cls("int4", packed, scales_zeros, shape, group_size)
@@ -175,7 +183,8 @@ def _aligned(data: torch.Tensor) -> torch.Tensor:
 
 
 def _pack_for_kernel(nibbles: torch.Tensor) -> torch.Tensor:
-    """Stored nibbles (..., O, I/2) -> `_weight_int4pack_mm_for_cpu`'s packed layout, one matrix at a time."""
+    """Rows of nibbles (..., O, I/2) -> `_weight_int4pack_mm_for_cpu`'s packed layout by its own packing, one
+    matrix at a time (where that layout is none that model/int4_layout.py knows)."""
     if nibbles.dim() > 2:  # experts: packed one at a time into one tensor (never two copies of the layer)
         first = _pack_for_kernel(nibbles[0])
         packed = torch.empty((nibbles.shape[0], *first.shape), dtype=first.dtype)
