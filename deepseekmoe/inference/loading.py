@@ -130,9 +130,13 @@ def available_memory() -> int | None:
 
 
 def check_fits_in_memory(ckpt: Path) -> None:
-    """A float model larger than the memory available is refused with the way out, before anything is read."""
-    need, have = weight_bytes(ckpt), available_memory()
+    """A float HF model whose routed experts (the part loading copies; the rest is used memory-mapped,
+    convert/hf_load.py) exceed the memory available is refused with the way out, before anything is read."""
+    from ..convert.hf_load import copied_bytes
+
+    need, have = copied_bytes(ckpt), available_memory()
     if have is not None and need > have:
-        raise ValueError(f"{ckpt} holds {need / 1e9:.2f} GB of float weights and this machine has "
-                         f"{have / 1e9:.2f} GB of memory available: pass --quantize int8 (about half the bytes) "
-                         f"or --quantize int4 (about a quarter)")
+        raise ValueError(f"{ckpt} holds {weight_bytes(ckpt) / 1e9:.2f} GB of float weights, {need / 1e9:.2f} GB "
+                         f"of them routed experts that loading copies, and this machine has {have / 1e9:.2f} GB "
+                         f"of memory available: pass --quantize int8 (about half the bytes) or --quantize int4 "
+                         f"(about a quarter)")
