@@ -236,16 +236,16 @@ def read_quantized_state(src: str | Path, fmt: Format, group_size: int = 128,
 
 
 def convert_quantized(src: str | Path, out: str | Path, fmt: Format, group_size: int = 128,
-                      progress: bool = False) -> Path:
+                      progress: bool = False, int4_layout: str | None = None) -> Path:
     """An HF directory or a float checkpoint -> a quantized checkpoint directory, written piece by piece and
-    atomically (module docstring)."""
+    atomically (module docstring); int4 bytes in `int4_layout` (default: this machine's kernel's)."""
     from ..train.checkpoint import written_atomically
     from .hf import _copy_side_files
     from .stream import SafetensorsWriter
 
     out = Path(out)
     config, entries, pieces, side = float_source(Path(src), progress)
-    int4_layout = kernel_layout() or "rows"
+    int4_layout = int4_layout or kernel_layout() or "rows"
     with written_atomically(out) as tmp:
         with SafetensorsWriter(tmp / MODEL_FILE, quantized_entries(entries, fmt, group_size)) as sink:
             writer = QuantizingWriter(sink, entries, fmt, group_size, int4_layout)
