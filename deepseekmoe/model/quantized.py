@@ -18,7 +18,8 @@ float or a quantized w, so the experts' kernels (model/experts.py) and the runti
 The kernels are PyTorch's own CPU weight-only matmuls, `_weight_int8pack_mm` (int8, up to `INT8_MM_MAX_ROWS` rows)
 and `_weight_int4pack_mm_for_cpu` (int4, at every row count; it reads its own blocked layout, which a checkpoint
 stores where it was written on a machine with the same one, and which is made at load otherwise);
-more rows of int8 are dequantized into the compute dtype and multiplied (measured: benchmarks/README.md).
+more rows of int8 multiply the int8 values cast to the compute dtype and scale the product's output columns
+(measured: benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ FORMATS: tuple[str, ...] = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128
 SCALE_SUFFIX = "_scale"
 INT8_MM_MAX_ROWS = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 1}
-"""Up to this many rows (by compute dtype) int8 runs `_weight_int8pack_mm`; more rows dequantize then multiply
+"""Up to this many rows (by compute dtype) int8 runs `_weight_int8pack_mm`; more rows cast, multiply, then scale
 (in fp32 the int8 kernel loses from two rows on; in bf16 it wins at decode and ties near 32 rows)."""
 
 
@@ -164,10 +165,6 @@ class QuantizedWeight:
             return self
         return QuantizedWeight(self.fmt, self.data, self.scales.to(dtype), self.shape, self.group_size)
 
-    def dequantize(self) -> torch.Tensor:
-        """The float weight (O, I) in the compute dtype (int8; int4 is multiplied by its kernel only)."""
-        return self.data.to(self.dtype) * self.scales[..., None]
-
     def __repr__(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
         return f"QuantizedWeight({self.fmt}, shape={list(self.shape)}{group}, dtype={self.dtype})"
@@ -209,7 +206,7 @@ def quantized_linear(x_NI: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x_NI, w.data, w.group_size, w.scales)
     if x_NI.shape[0] <= INT8_MM_MAX_ROWS.get(w.dtype, 0):
         return torch.ops.aten._weight_int8pack_mm(x_NI, w.data, w.scales)
-    return F.linear(x_NI, w.dequantize())
+    return F.linear(x_NI, w.data.to(w.dtype)) * w.scales  # the scales on the N x O output, not the O x I weight
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight) -> torch.Tensor:
