@@ -170,3 +170,15 @@ def test_a_checkpoint_loads_under_another_cpus_kernel(int4_checkpoint, tmp_path:
     assert torch.equal(here_there, there_there)
     assert layout == CAPABILITY_LAYOUTS[capability]
     assert torch.allclose(_logits(there), _logits(q4), atol=1e-5, rtol=0)
+
+
+def test_an_unaligned_int4_expert_is_used_in_place():
+    q, s = quantize_int4(torch.randn(2, 64, 128), 64)
+    buffer = torch.empty(q.numel() + 1, dtype=torch.uint8)
+    unaligned = buffer[1:].view(q.shape)
+    unaligned.copy_(torch.stack([to_layout(m, kernel_layout()) for m in q]))
+    w = QuantizedWeight.from_stored(unaligned, s, torch.float32, kernel_layout())
+    x = torch.randn(3, 128)
+    assert w[1].data.data_ptr() == unaligned[1].data_ptr() and w[1].data.data_ptr() % 64
+    assert torch.equal(quantized_linear(x, w[1]), quantized_linear(x, QuantizedWeight.from_stored(q[1], s[1],
+                                                                                                  torch.float32)))

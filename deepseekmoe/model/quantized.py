@@ -146,7 +146,8 @@ class QuantizedWeight:
         return self.data.nbytes + self.scales.nbytes
 
     def __getitem__(self, e: int) -> "QuantizedWeight":
-        return QuantizedWeight(self.fmt, _aligned(self.data[e]), self.scales[e], self.shape[1:], self.group_size)
+        data = _aligned(self.data[e]) if self.fmt == "int8" else self.data[e]  # the int4 kernel loads unaligned
+        return QuantizedWeight(self.fmt, data, self.scales[e], self.shape[1:], self.group_size)
 
     def rows(self, start: int, end: int) -> "QuantizedWeight":
         """Output rows [start, end) of a 2-D weight, as views (int4: start a multiple of `ROW_BLOCK`, end too or
