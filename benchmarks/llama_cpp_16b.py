@@ -15,7 +15,8 @@ to the config's size; token ids are all the benchmark uses). `decode` loads both
 weights once, and alternates rounds: the same prompt ids, then the same fixed ids one at a time through the KV
 cache, timed per step; llama.cpp with `--threads` threads, ours as `generate` runs it with `--threads` intra-op
 threads. llama.cpp runs without its repacked CPU weight buffers unless `--repack`: with them, its decode crashed
-(segmentation fault in llama_decode) on this project's AVX-512/AMX machine. Each step prints one JSON line; without llama_cpp (or the script) the steps say so and exit 0.
+(segmentation fault in llama_decode) on this project's AVX-512/AMX machine. Each step prints one JSON line;
+without llama_cpp (or the script) the steps say so and exit 0.
 """
 
 from __future__ import annotations
