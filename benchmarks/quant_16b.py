@@ -4,6 +4,7 @@ loading, prefill and decode, against this machine's memory bandwidth.
     python benchmarks/quant_16b.py make /work/big16/hf            # random bf16 HF directory, written streamed
     python benchmarks/quant_16b.py bandwidth                       # read bandwidth of this machine (GB/s)
     python benchmarks/quant_16b.py convert /work/big16/hf /work/big16/int8 --quantize int8
+    python benchmarks/quant_16b.py convert /work/big16/hf /work/big16/int4 --quantize int4 [--int4-layout rows]
     python benchmarks/quant_16b.py run /work/big16/int8            # load + prefill + decode, batch 1
     python benchmarks/quant_16b.py run /work/big16/hf --quantize int8
     python benchmarks/quant_16b.py decode-ab /work/big16/int8      # the quantized runtime against the float one
@@ -32,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deepseekmoe.convert.hf import INDEX_FILE, hf_layout  # noqa: E402
-from deepseekmoe.convert.hf_export import hf_config_dict, plan_shards  # noqa: E402
+from deepseekmoe.convert.hf_export import plan_shards  # noqa: E402
+from deepseekmoe.convert.hf_files import hf_config_dict  # noqa: E402
 from deepseekmoe.convert.stream import SafetensorsWriter  # noqa: E402
 from deepseekmoe.presets import load_preset  # noqa: E402
 
@@ -61,7 +63,7 @@ def make(out: Path, layers: int | None, seed: int) -> dict:
         print(f"wrote {name}", file=sys.stderr, flush=True)
     total = sum(math.prod(s) * 2 for s in layout.values())
     (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    (out / "config.json").write_text(json.dumps(hf_config_dict(config, torch.bfloat16), indent=2))
+    (out / "config.json").write_text(json.dumps(hf_config_dict(config, torch.bfloat16, None), indent=2))
     _tokenizer(config.vocab_size).save(str(out / "tokenizer.json"))
     return {"step": "make", "out": str(out), "bytes": total, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -129,11 +131,11 @@ def sampled(args: list[str]) -> dict:
     return result
 
 
-def child_convert(src: str, out: str, fmt: str) -> dict:
+def child_convert(src: str, out: str, fmt: str, int4_layout: str | None = None) -> dict:
     from deepseekmoe.convert.quantize import convert_quantized
 
     t0 = time.perf_counter()
-    convert_quantized(src, out, fmt)
+    convert_quantized(src, out, fmt, int4_layout=int4_layout)
     size = sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))
     return {"step": "convert", "src": src, "out": out, "format": fmt, "seconds": round(time.perf_counter() - t0, 1),
             "out_bytes": size}
@@ -265,6 +267,7 @@ def main() -> None:
     c.add_argument("src")
     c.add_argument("out")
     c.add_argument("--quantize", default="int8")
+    c.add_argument("--int4-layout", help="int4 bytes in this layout (model/int4_layout.py; default: the kernel's)")
     r = sub.add_parser("run")
     r.add_argument("path")
     r.add_argument("--quantize")
@@ -282,8 +285,9 @@ def main() -> None:
     elif a.step == "decode-ab":
         result = decode_ab(a.path, a.new_tokens, a.rounds)
     elif a.step == "convert":
-        result = (child_convert(a.src, a.out, a.quantize) if a.child
-                  else sampled(["convert", a.src, a.out, "--quantize", a.quantize, "--child"]))
+        layout = ["--int4-layout", a.int4_layout] if a.int4_layout else []
+        result = (child_convert(a.src, a.out, a.quantize, a.int4_layout) if a.child
+                  else sampled(["convert", a.src, a.out, "--quantize", a.quantize, *layout, "--child"]))
     else:
         extra = ["--quantize", a.quantize] if a.quantize else []
         extra += ["--warm"] if a.warm else []

@@ -1,6 +1,6 @@
 """Weight-only matmul kernels at the 16B's shapes, side by side in one process: torch's int8 and int4 CPU kernels
 (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, as model/quantized.py calls them), the dequantize-then-matmul
-baseline, and the bf16 matmul of the float weight.
+baseline, the bf16 matmul of the float weight, and torchao's int8 weight-only linear where torchao is installed.
 
     python benchmarks/quant_kernels.py [--rows 1,6,32,128] [--threads 1] [--json]
 
@@ -32,6 +32,22 @@ SHAPES = {"expert gate_up": (2816, 2048), "expert down": (2048, 1408), "attentio
 POOL_BYTES = 1 << 30
 
 
+def _torchao_int8(w: torch.Tensor, copies: int) -> list | None:
+    """`copies` bf16 linears of w quantized by torchao's int8 weight-only config, or None without torchao."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        return None
+    layers = []
+    for _ in range(copies):
+        linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+        quantize_(linear, Int8WeightOnlyConfig())
+        layers.append(linear)
+    return layers
+
+
 def _contenders(o: int, i: int, copies: int) -> dict:
     """name -> (list of per-copy callables taking x, weight bytes read per call)."""
     w = torch.randn(o, i) * 0.02
@@ -40,11 +56,16 @@ def _contenders(o: int, i: int, copies: int) -> dict:
     w8 = [QuantizedWeight.from_stored(q8.clone(), s8, torch.bfloat16) for _ in range(copies)]
     w4 = [QuantizedWeight.from_stored(q4, s4, torch.bfloat16) for _ in range(copies)]
     wb = [w.to(torch.bfloat16) for _ in range(copies)]
-    return {
+    ao = _torchao_int8(w, copies)
+    optional = {"torchao int8 weight-only": (ao, w8[0].nbytes)} if ao else {}
+    return {**optional,
         "bf16 matmul": ([lambda x, b=b: F.linear(x, b) for b in wb], wb[0].nbytes),
         "int8 kernel": ([lambda x, q=q: torch.ops.aten._weight_int8pack_mm(x, q.data, q.scales) for q in w8],
                         w8[0].nbytes),
-        "int8 dequantize+matmul": ([lambda x, q=q: F.linear(x, q.dequantize()) for q in w8], w8[0].nbytes),
+        "int8 dequantize+matmul": ([lambda x, q=q: F.linear(x, q.data.to(x.dtype) * q.scales[:, None]) for q in w8],
+                                   w8[0].nbytes),
+        "int8 matmul then scale": ([lambda x, q=q: F.linear(x, q.data.to(x.dtype)) * q.scales for q in w8],
+                                   w8[0].nbytes),
         "int8 as run (quantized_linear)": ([lambda x, q=q: quantized_linear(x, q) for q in w8], w8[0].nbytes),
         "int4 kernel": ([lambda x, q=q: quantized_linear(x, q) for q in w4], w4[0].nbytes),
         "int4 dequantize+matmul": ([lambda x: F.linear(x, dequantize(q4, s4, "int4", torch.bfloat16))],

@@ -16,6 +16,7 @@ from deepseekmoe.convert.quantize import MemorySink, QuantizingWriter, convert_q
 from deepseekmoe.inference import loading
 from deepseekmoe.inference.loading import build_quantized_model, load_for_inference, load_weights
 from deepseekmoe.model.experts import RoutedExperts
+from deepseekmoe.model.int4_layout import kernel_layout
 from deepseekmoe.model.quantized import (QuantizedLinear, QuantizedWeight, dequantize, quantize, quantize_int4,
                                          quantize_int8, quantized_linear, unpack_int4)
 from deepseekmoe.presets import load_preset
@@ -168,7 +169,8 @@ def test_quantized_checkpoint_layout(float_checkpoint, tmp_path: Path):
     src, model = float_checkpoint
     out = convert_quantized(src, tmp_path / "q", "int4", 32)
     raw = json.loads((out / "config.json").read_text())
-    assert raw["quantization"] == {"format": "int4", "group_size": 32, "scale_dtype": "float32"}
+    assert raw["quantization"] == {"format": "int4", "group_size": 32, "scale_dtype": "float32",
+                                   "int4_layout": kernel_layout()}
     from safetensors import safe_open
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}

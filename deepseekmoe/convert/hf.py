@@ -18,8 +18,9 @@ data read), so a bad checkpoint fails before any output exists. Then it streams 
 (safetensors `safe_open`): each HF tensor is one contiguous block of one of our tensors (an expert's gate rows,
 up rows or down matrix inside the stacked tensor), so it is written straight to its byte range of the output
 file (`stream.SafetensorsWriter`) and experts that span shards need no buffering: peak memory is one shard's
-pages plus one tensor, whatever the model size. Dtypes are kept (bf16 stays bf16). Loading into memory
-(`read_hf_state`, `load_hf_model`) fills preallocated tensors the same way. Export, the way back, lives in
+pages plus one tensor, whatever the model size. Dtypes are kept (bf16 stays bf16). Reading into memory
+(`read_hf_state`) fills preallocated tensors the same way; `load_hf_model` on the CPU uses the shards memory-mapped
+instead and copies only the stacked experts (hf_load.py). Export, the way back, lives in
 `hf_export.py` and takes every name and shape from here.
 """
 
@@ -304,22 +305,17 @@ def read_hf_state(hf_dir: str | Path, device: str | torch.device = "cpu",
 
 def load_hf_model(path: str | Path, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None):
-    """An HF directory -> (Transformer in eval mode, the directory); the checkpoint's dtype unless `dtype`."""
-    from ..model import Transformer
+    """An HF directory -> (Transformer in eval mode, the directory); the checkpoint's dtype unless `dtype`. The
+    read tensors become the parameters; on the CPU they are used memory-mapped where our layout is HF's
+    (hf_load.py)."""
+    from .hf_load import model_from_state, read_hf_state_mapped
 
-    config, state = read_hf_state(path, device)
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.to_empty(device=device)
-    model.init_weights()  # rebuilds the non-persistent tables (rotary, hash); weights are assigned below
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)  # keys were checked; tensors are used as read
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    device = torch.device(device)
+    config, state = read_hf_state_mapped(path) if device.type == "cpu" else read_hf_state(path, device)
+    model = model_from_state(config, state, device)
     if dtype is not None:
         model.to(dtype)
-    return model.eval(), Path(path)
+    return model, Path(path)
 
 
 def convert_from_hf(hf_dir: str | Path, out: str | Path, progress: bool = False) -> Path:

@@ -5,7 +5,12 @@ for every quantized tensor NAME, the quantized data NAME (int8 (..., O, I), or i
 float32 scales NAME_scale ((..., O), or (..., O, I/G)), in the formats of model/quantized.py; every other tensor
 keeps its dtype. config.json carries, beside the model fields,
 
-    "quantization": {"format": "int8" | "int4", "group_size": null | G, "scale_dtype": "float32"}
+    "quantization": {"format": "int8" | "int4", "group_size": null | G, "scale_dtype": "float32",
+                     "int4_layout": null | "rows" | "blocked64-halves" | ...}
+
+int4 bytes are in the layout of the CPU int4 kernel of the machine that wrote them (model/int4_layout.py; "rows",
+plain nibbles, where that kernel's layout is unknown, and in checkpoints without the field), so that a machine
+with the same kernel uses them straight from the memory-mapped file; another converts them while loading.
 
 Quantized: every weight matrix of the attention projections, dense FFNs, shared experts, routed experts (stacked
 per layer) and the LM head. Kept in float: the embeddings, the router (`mlp.gate.weight`), the norms, and an LM head
@@ -31,6 +36,7 @@ from typing import Iterator, Protocol
 import torch
 
 from ..config import ModelConfig
+from ..model.int4_layout import LAYOUTS, block_rows, kernel_layout, to_layout
 from ..model.quantized import FORMATS, GROUP_SIZES, SCALE_SUFFIX, Format, int4_group_size, quantize
 from ..train.checkpoint import CONFIG_FILE, MODEL_FILE, open_safetensors
 
@@ -82,17 +88,31 @@ def quantized_entries(entries: Entries, fmt: Format, group_size: int) -> Entries
     return dict(sorted(out.items(), key=lambda kv: -kv[1][0].itemsize))
 
 
-def quantization_entry(fmt: Format, group_size: int) -> dict:
-    """The `quantization` entry of a quantized checkpoint's config.json."""
-    return {"format": fmt, "group_size": group_size if fmt == "int4" else None, "scale_dtype": "float32"}
+def quantization_entry(fmt: Format, group_size: int, layout: str = "rows") -> dict:
+    """The `quantization` entry of a quantized checkpoint's config.json (`layout`: of its int4 bytes)."""
+    int4 = fmt == "int4"
+    return {"format": fmt, "group_size": group_size if int4 else None, "scale_dtype": "float32",
+            "int4_layout": layout if int4 else None}
+
+
+def stored_layout(quantization: dict, where: Path) -> str:
+    """The int4 layout a `quantization` entry names ("rows" where it names none)."""
+    layout = quantization.get("int4_layout") or "rows"
+    if layout not in LAYOUTS:
+        raise ValueError(f"{where}: quantization.int4_layout={layout!r} is not one of {', '.join(LAYOUTS)}")
+    return layout
 
 
 class QuantizingWriter:
     """Takes float pieces of our tensors (name, tensor, element offset into the float tensor) and writes them to
-    `sink` in the quantized layout: quantized rows and their scales where `is_quantized`, as they are otherwise."""
+    `sink` in the quantized layout: quantized rows and their scales where `is_quantized`, as they are otherwise;
+    int4 bytes in `layout`, whole blocks at a time (the rows of a block that a piece leaves incomplete wait for
+    the piece that completes it; `close` checks that none still waits)."""
 
-    def __init__(self, sink: Sink, entries: Entries, fmt: Format, group_size: int) -> None:
+    def __init__(self, sink: Sink, entries: Entries, fmt: Format, group_size: int, layout: str = "rows") -> None:
         self.sink, self.entries, self.fmt, self.group_size = sink, entries, fmt, group_size
+        self.layout, self.block = layout, block_rows(layout)
+        self.waiting: dict[tuple[str, int], tuple[torch.Tensor, int]] = {}
 
     def write(self, name: str, tensor: torch.Tensor, start: int = 0) -> None:
         shape = self.entries[name][1]
@@ -106,8 +126,47 @@ class QuantizingWriter:
         for first in range(0, rows.shape[0], step):  # a block of rows at a time: its float32 copies stay small
             q, s = quantize(rows[first:first + step], kind, group or 0)
             row = start // columns + first
-            self.sink.write(name, q, row * q.shape[-1])
+            if kind == "int4":
+                self._int4_rows(name, q, row, shape[-2])
+            else:
+                self.sink.write(name, q, row * q.shape[-1])
             self.sink.write(name + SCALE_SUFFIX, s, row * (s.numel() // q.shape[0]))
+
+    def _int4_rows(self, name: str, q: torch.Tensor, row: int, matrix_rows: int) -> None:
+        """Nibble rows q starting at flat row `row` of a tensor of matrices of `matrix_rows` rows: the whole
+        blocks written in the layout, the rest kept until their blocks are complete."""
+        while q.shape[0]:
+            base, local = row - row % matrix_rows, row % matrix_rows
+            n = min(q.shape[0], matrix_rows - local)
+            end = local + n
+            first = -(-local // self.block) * self.block
+            last = end if end == matrix_rows else end // self.block * self.block
+            self._wait(name, q[:min(first, end) - local], base, local, matrix_rows)
+            if first < last:
+                self.sink.write(name, to_layout(q[first - local:last - local], self.layout),
+                                (base + first) * q.shape[1])
+            tail = max(first, last)
+            self._wait(name, q[tail - local:n], base, tail, matrix_rows)
+            q, row = q[n:], row + n
+
+    def _wait(self, name: str, q: torch.Tensor, base: int, local: int, matrix_rows: int) -> None:
+        """Rows [local, local + len(q)) of the matrix at flat row `base`, inside one block: kept; the block is
+        written once all its rows are there."""
+        if not q.shape[0]:
+            return
+        start = local // self.block * self.block
+        key = (name, base + start)
+        rows = min(self.block, matrix_rows - start)
+        buffer, have = self.waiting.pop(key, (torch.empty((rows, q.shape[1]), dtype=torch.uint8), 0))
+        buffer[local - start:local - start + q.shape[0]] = q
+        if have + q.shape[0] < rows:
+            self.waiting[key] = (buffer, have + q.shape[0])
+        else:
+            self.sink.write(name, to_layout(buffer, self.layout), (base + start) * q.shape[1])
+
+    def close(self) -> None:
+        if self.waiting:
+            raise RuntimeError(f"int4 blocks never completed: {sorted(self.waiting)[:4]}")
 
 
 class MemorySink:
@@ -168,29 +227,32 @@ def read_quantized_state(src: str | Path, fmt: Format, group_size: int = 128,
     entry, the quantized state in the on-disk layout)."""
     config, entries, pieces, _ = float_source(Path(src), progress)
     sink = MemorySink(quantized_entries(entries, fmt, group_size))
-    writer = QuantizingWriter(sink, entries, fmt, group_size)
+    layout = kernel_layout() or "rows"
+    writer = QuantizingWriter(sink, entries, fmt, group_size, layout)
     for name, start, t in pieces:
         writer.write(name, t, start)
-    return config, quantization_entry(fmt, group_size), sink.state
+    writer.close()
+    return config, quantization_entry(fmt, group_size, layout), sink.state
 
 
 def convert_quantized(src: str | Path, out: str | Path, fmt: Format, group_size: int = 128,
-                      progress: bool = False) -> Path:
+                      progress: bool = False, int4_layout: str | None = None) -> Path:
     """An HF directory or a float checkpoint -> a quantized checkpoint directory, written piece by piece and
-    atomically (module docstring)."""
+    atomically (module docstring); int4 bytes in `int4_layout` (default: this machine's kernel's)."""
     from ..train.checkpoint import written_atomically
     from .hf import _copy_side_files
     from .stream import SafetensorsWriter
 
     out = Path(out)
     config, entries, pieces, side = float_source(Path(src), progress)
-    layout = quantized_entries(entries, fmt, group_size)
+    int4_layout = int4_layout or kernel_layout() or "rows"
     with written_atomically(out) as tmp:
-        with SafetensorsWriter(tmp / MODEL_FILE, layout) as sink:
-            writer = QuantizingWriter(sink, entries, fmt, group_size)
+        with SafetensorsWriter(tmp / MODEL_FILE, quantized_entries(entries, fmt, group_size)) as sink:
+            writer = QuantizingWriter(sink, entries, fmt, group_size, int4_layout)
             for name, start, t in pieces:
                 writer.write(name, t, start)
-        raw = {**config.to_dict(), "quantization": quantization_entry(fmt, group_size)}
+            writer.close()
+        raw = {**config.to_dict(), "quantization": quantization_entry(fmt, group_size, int4_layout)}
         (tmp / CONFIG_FILE).write_text(json.dumps(raw, indent=2) + "\n")
         _copy_side_files(side, tmp)
     return out
@@ -206,6 +268,7 @@ def read_quantized_checkpoint(ckpt: Path) -> tuple[ModelConfig, dict, dict[str, 
     fmt = quantization.get("format") if isinstance(quantization, dict) else None
     if fmt not in FORMATS:
         raise ValueError(f"{ckpt / CONFIG_FILE}: quantization.format={fmt!r} is not one of {', '.join(FORMATS)}")
+    stored_layout(quantization, ckpt / CONFIG_FILE)
     config = ModelConfig.from_dict(raw)
     with open_safetensors(ckpt / MODEL_FILE) as f:
         state = {k: f.get_tensor(k) for k in f.keys()}

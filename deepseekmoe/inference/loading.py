@@ -69,7 +69,7 @@ def load_weights(ckpt: Path, device: torch.device | None = None, quantize: str |
         stored = read_quantized_state(ckpt, fmt, group_size)
     if stored is not None:
         _check_cpu(device, ckpt)
-        return build_quantized_model(stored[0], stored[2])
+        return build_quantized_model(stored[0], stored[2], stored[1].get("int4_layout") or "rows")
     if device.type == "cpu" and is_hf_directory(ckpt):
         check_fits_in_memory(ckpt)
     return load_model(ckpt, device=device)[0]
@@ -81,15 +81,17 @@ def _check_cpu(device: torch.device, ckpt: Path) -> None:
                          f"or load the float weights on {device}")
 
 
-def build_quantized_model(config: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
-    """A CPU Transformer from a quantized state in the on-disk layout (convert/quantize.py), using its tensors as
-    they are (memory-mapped views stay views); computes in the dtype of the float tensors (the embeddings')."""
+def build_quantized_model(config: ModelConfig, state: dict[str, torch.Tensor],
+                          int4_layout: str = "rows") -> Transformer:
+    """A CPU Transformer from a quantized state in the on-disk layout (convert/quantize.py; int4 bytes in
+    `int4_layout`), using its tensors as they are (memory-mapped views stay views, int4 ones where stored in the
+    kernel's layout); computes in the dtype of the float tensors (the embeddings')."""
     dtype = state["embed_tokens.weight"].dtype
     with torch.device("meta"):
         model = Transformer(config)
 
     def take(key: str) -> QuantizedWeight:
-        return QuantizedWeight.from_stored(state[key], state[key + SCALE_SUFFIX], dtype)
+        return QuantizedWeight.from_stored(state[key], state[key + SCALE_SUFFIX], dtype, int4_layout)
     for name, module in list(model.named_modules()):
         if isinstance(module, RoutedExperts):
             for attr in ("gate_up_proj", "down_proj"):
@@ -128,9 +130,13 @@ def available_memory() -> int | None:
 
 
 def check_fits_in_memory(ckpt: Path) -> None:
-    """A float model larger than the memory available is refused with the way out, before anything is read."""
-    need, have = weight_bytes(ckpt), available_memory()
+    """A float HF model whose routed experts (the part loading copies; the rest is used memory-mapped,
+    convert/hf_load.py) exceed the memory available is refused with the way out, before anything is read."""
+    from ..convert.hf_load import copied_bytes
+
+    need, have = copied_bytes(ckpt), available_memory()
     if have is not None and need > have:
-        raise ValueError(f"{ckpt} holds {need / 1e9:.2f} GB of float weights and this machine has "
-                         f"{have / 1e9:.2f} GB of memory available: pass --quantize int8 (about half the bytes) "
-                         f"or --quantize int4 (about a quarter)")
+        raise ValueError(f"{ckpt} holds {weight_bytes(ckpt) / 1e9:.2f} GB of float weights, {need / 1e9:.2f} GB "
+                         f"of them routed experts that loading copies, and this machine has {have / 1e9:.2f} GB "
+                         f"of memory available: pass --quantize int8 (about half the bytes) or --quantize int4 "
+                         f"(about a quarter)")

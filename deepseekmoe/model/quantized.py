@@ -9,14 +9,17 @@ a leading dimension stacks the routed experts):
         the high one
 
 W is recovered as q * s (a row of all zeros gets s = 1). The int4 kernel takes O a multiple of 16 and G in
-`GROUP_SIZES`; a weight with no such G dividing I (`int4_group_size`) stays in int8 in an int4 checkpoint. On disk (convert/quantize.py) a quantized NAME is the
-int8 (..., O, I) or uint8 (..., O, I/2) tensor NAME plus the float32 scales NAME_scale, (..., O) or (..., O, I/G).
+`GROUP_SIZES`; a weight with no such G dividing I (`int4_group_size`) stays in int8 in an int4 checkpoint. On disk
+(convert/quantize.py) a quantized NAME is the int8 (..., O, I) or uint8 (..., O, I/2) tensor NAME (int4 bytes in
+one of the layouts of model/int4_layout.py) plus the float32 scales NAME_scale, (..., O) or (..., O, I/G).
 
 `QuantizedWeight` holds the quantized data and its scales in the compute dtype. `linear(x, w)` is x @ W^T for a
 float or a quantized w, so the experts' kernels (model/experts.py) and the runtime's small-row matmuls take either.
 The kernels are PyTorch's own CPU weight-only matmuls, `_weight_int8pack_mm` (int8, up to `INT8_MM_MAX_ROWS` rows)
-and `_weight_int4pack_mm_for_cpu` (int4, at every row count; it needs its own packed layout, made at load);
-more rows of int8 are dequantized into the compute dtype and multiplied (measured: benchmarks/README.md).
+and `_weight_int4pack_mm_for_cpu` (int4, at every row count; it reads its own blocked layout, which a checkpoint
+stores where it was written on a machine with the same one, and which is made at load otherwise);
+more rows of int8 multiply the int8 values cast to the compute dtype and scale the product's output columns
+(measured: benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .int4_layout import kernel_layout, relayout
+
 Format = Literal["int8", "int4"]
 FORMATS: tuple[str, ...] = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 128
 SCALE_SUFFIX = "_scale"
 INT8_MM_MAX_ROWS = {torch.bfloat16: 32, torch.float16: 32, torch.float32: 1}
-"""Up to this many rows (by compute dtype) int8 runs `_weight_int8pack_mm`; more rows dequantize then multiply
+"""Up to this many rows (by compute dtype) int8 runs `_weight_int8pack_mm`; more rows cast, multiply, then scale
 (in fp32 the int8 kernel loses from two rows on; in bf16 it wins at decode and ties near 32 rows)."""
 
 
@@ -103,7 +108,8 @@ class QuantizedWeight:
     dimension like a stacked float weight; `linear(x, w)` multiplies by it. Never trained (requires_grad False).
 
     int8 keeps `data` as stored (int8, a memory-mapped view where loaded from a file) and `scales` (..., O).
-    int4 keeps `data` in the CPU kernel's packed layout and `scales` as its (..., I/G, O, 2) scales-and-zeros."""
+    int4 keeps `data` in the CPU kernel's packed layout (a memory-mapped view where stored in it) and `scales` as
+    its (..., I/G, O, 2) scales-and-zeros."""
 
     requires_grad = False
 
@@ -112,14 +118,17 @@ class QuantizedWeight:
         self.fmt, self.data, self.scales, self.shape, self.group_size = fmt, data, scales, shape, group_size
 
     @classmethod
-    def from_stored(cls, data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> "QuantizedWeight":
+    def from_stored(cls, data: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype,
+                    layout: str = "rows") -> "QuantizedWeight":
         """From the on-disk form (module docstring; the format is the data's dtype, the group size follows from
-        the shapes): int8 data as is; int4 repacked for the kernel."""
+        the shapes; int4 bytes in `layout`, model/int4_layout.py): int8 data as is, int4 data as is where it is in
+        the kernel's layout, else converted to it."""
         if data.dtype == torch.int8:
             return cls("int8", _aligned(data), scales.to(dtype), tuple(data.shape))
         shape = (*data.shape[:-1], data.shape[-1] * 2)
         group_size = shape[-1] // scales.shape[-1]
-        packed = _pack_for_kernel(data)
+        target = kernel_layout()
+        packed = relayout(data, layout, target) if target else _pack_for_kernel(relayout(data, layout, "rows"))
         zeros = torch.zeros_like(scales, dtype=dtype)
         scales_zeros = torch.stack([scales.to(dtype), zeros], dim=-1).transpose(-3, -2).contiguous()
         return cls("int4", packed, scales_zeros, shape, group_size)
@@ -137,7 +146,8 @@ class QuantizedWeight:
         return self.data.nbytes + self.scales.nbytes
 
     def __getitem__(self, e: int) -> "QuantizedWeight":
-        return QuantizedWeight(self.fmt, _aligned(self.data[e]), self.scales[e], self.shape[1:], self.group_size)
+        data = _aligned(self.data[e]) if self.fmt == "int8" else self.data[e]  # the int4 kernel loads unaligned
+        return QuantizedWeight(self.fmt, data, self.scales[e], self.shape[1:], self.group_size)
 
     def rows(self, start: int, end: int) -> "QuantizedWeight":
         """Output rows [start, end) of a 2-D weight, as views (int4: start a multiple of `ROW_BLOCK`, end too or
@@ -156,10 +166,6 @@ class QuantizedWeight:
             return self
         return QuantizedWeight(self.fmt, self.data, self.scales.to(dtype), self.shape, self.group_size)
 
-    def dequantize(self) -> torch.Tensor:
-        """The float weight (O, I) in the compute dtype (int8; int4 is multiplied by its kernel only)."""
-        return self.data.to(self.dtype) * self.scales[..., None]
-
     def __repr__(self) -> str:
         group = f", group_size={self.group_size}" if self.group_size else ""
         return f"QuantizedWeight({self.fmt}, shape={list(self.shape)}{group}, dtype={self.dtype})"
@@ -175,7 +181,8 @@ def _aligned(data: torch.Tensor) -> torch.Tensor:
 
 
 def _pack_for_kernel(nibbles: torch.Tensor) -> torch.Tensor:
-    """Stored nibbles (..., O, I/2) -> `_weight_int4pack_mm_for_cpu`'s packed layout, one matrix at a time."""
+    """Rows of nibbles (..., O, I/2) -> `_weight_int4pack_mm_for_cpu`'s packed layout by its own packing, one
+    matrix at a time (where that layout is none that model/int4_layout.py knows)."""
     if nibbles.dim() > 2:  # experts: packed one at a time into one tensor (never two copies of the layer)
         first = _pack_for_kernel(nibbles[0])
         packed = torch.empty((nibbles.shape[0], *first.shape), dtype=first.dtype)
@@ -200,7 +207,7 @@ def quantized_linear(x_NI: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x_NI, w.data, w.group_size, w.scales)
     if x_NI.shape[0] <= INT8_MM_MAX_ROWS.get(w.dtype, 0):
         return torch.ops.aten._weight_int8pack_mm(x_NI, w.data, w.scales)
-    return F.linear(x_NI, w.dequantize())
+    return F.linear(x_NI, w.data.to(w.dtype)) * w.scales  # the scales on the N x O output, not the O x I weight
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight) -> torch.Tensor:

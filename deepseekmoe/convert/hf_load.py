@@ -1,0 +1,99 @@
+"""An HF directory loaded as a model without a second copy of anything.
+
+The model is built on the meta device and takes the read tensors as its parameters (nothing is allocated for it
+first). On the CPU, every tensor that our layout keeps as HF stores it (embeddings, attention, norms, dense FFNs,
+shared experts, router, LM head) is a view of the memory-mapped shard, read from disk as it is first used and
+reclaimable like any file page; only the routed experts, which our layout stacks per layer (convert/hf.py), are
+copied, each HF expert read from its file straight into its rows of the stacked tensor (plain reads: no page of it
+is mapped into the process). Peak memory is the model: the stacked experts plus the mapped pages it reads.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..model import Transformer
+from ..model.router import HashRouter
+from ..train.checkpoint import open_safetensors
+from .hf import _element_offset, _is_tied_head, _open, _our_source
+
+
+def data_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """{key: (first byte, end byte)} of every tensor of a safetensors file, as offsets into the file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def _read_into(f, span: tuple[int, int], out: torch.Tensor) -> None:
+    """The bytes span of the open file f, read into the contiguous tensor `out` (as many bytes)."""
+    view = memoryview(out.view(torch.uint8).numpy())
+    if span[1] - span[0] != view.nbytes:
+        raise ValueError(f"{f.name}: {span[1] - span[0]} bytes where {view.nbytes} were expected")
+    f.seek(span[0])
+    done = 0
+    while done < view.nbytes:
+        got = f.readinto(view[done:])
+        if not got:
+            raise ValueError(f"{f.name} ends inside a tensor")
+        done += got
+
+
+def read_hf_state_mapped(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """An HF directory -> (config, our state dict on the CPU): views of the mapped shards where our layout is
+    HF's, the stacked experts read into memory (module docstring); every key and shape checked first."""
+    hf_dir = Path(hf_dir)
+    config, files, layout, entries = _open(hf_dir)
+    state: dict[str, torch.Tensor] = {}
+    for name, keys in files.items():
+        spans = data_offsets(hf_dir / name)
+        with open_safetensors(hf_dir / name) as mapped, open(hf_dir / name, "rb", buffering=0) as f:
+            for key in keys:
+                if _is_tied_head(key, layout):
+                    continue
+                our_key, index = _our_source(key)
+                if not index:
+                    state[our_key] = mapped.get_tensor(key)
+                    continue
+                if our_key not in state:
+                    dtype, shape = entries[our_key]
+                    state[our_key] = torch.empty(shape, dtype=dtype)
+                numel = torch.Size(layout[key]).numel()
+                start = _element_offset(index, numel)
+                _read_into(f, spans[key], state[our_key].view(-1)[start:start + numel])
+    return config, state
+
+
+def copied_bytes(hf_dir: str | Path) -> int:
+    """Bytes `read_hf_state_mapped` holds outside the mapped files (the stacked routed experts), from config.json
+    and the shard headers alone."""
+    _, _, layout, entries = _open(Path(hf_dir))
+    stacked = {_our_source(key)[0] for key in layout if _our_source(key)[1]}
+    return sum(torch.Size(shape).numel() * dtype.itemsize for k, (dtype, shape) in entries.items() if k in stacked)
+
+
+def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> Transformer:
+    """A Transformer in eval mode whose parameters are the tensors of `state` (assigned, never copied), with its
+    fixed tables (rotary, hash routing) built on `device`."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.is_meta:
+                setattr(module, name, torch.empty_like(buffer, device=device))
+        if isinstance(module, HashRouter):
+            module.reset()
+    model.rotary.reset()
+    return model.eval()
