@@ -16,6 +16,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from .config import ModelConfig
+from .errors import UserError
 
 
 @dataclass
@@ -92,11 +93,10 @@ def info_command(*, preset: str | None = None, config: str | None = None, seq_le
         seq_len: sequence length for the attention FLOPs (default: max_position_embeddings).
         json: print one JSON object instead of a table.
     """
-    from .cli import CliError
     from .presets import load_preset
 
     if (preset is None) == (config is None):
-        raise CliError("give exactly one of --preset NAME or --config FILE")
+        raise UserError("give exactly one of --preset NAME or --config FILE")
     cfg = load_preset(preset) if preset else ModelConfig.load(config)  # type: ignore[arg-type]
     acc = count(cfg, seq_len)
     if json:

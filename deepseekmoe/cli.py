@@ -5,8 +5,9 @@ Argument rules (read from the function's signature):
     optional); keyword-only parameters become `--options` (underscores -> dashes);
   * `bool` options are flags (`--x/--no-x`); `X | None` options default to None;
   * the docstring's first paragraph is the description; lines `name: text` under "Args:" are per-argument help.
-Errors a user can fix (bad paths, bad values) raise `CliError` or ValueError/FileNotFoundError/KeyError and are
-printed as one line `deepseekmoe: error: ...` with exit code 2.
+Errors a user can fix (bad paths, bad values) raise `errors.UserError`, ValueError (invalid settings) or
+FileNotFoundError and are printed as one line `deepseekmoe: error: ...` with exit code 2; anything else keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import sys
 import types
 import typing
 from typing import Any, Callable
+
+from .errors import UserError
 
 # name -> "module:function"; modules are imported only when their subcommand runs.
 COMMANDS: dict[str, str] = {
@@ -41,10 +44,6 @@ COMMANDS: dict[str, str] = {
 
 # a full disk, a quota, a read-only file system: the user can fix these, so they are one line, not a traceback
 USER_FIXABLE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
 
 
 def _resolve(target: str) -> Callable[..., Any]:
@@ -150,9 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     args.pop("command")
     try:
         result = fn(**args)
-    except (CliError, ValueError, FileNotFoundError, KeyError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"deepseekmoe: error: {msg}", file=sys.stderr)
+    except (UserError, ValueError, FileNotFoundError) as exc:
+        print(f"deepseekmoe: error: {exc}", file=sys.stderr)
         return 2
     except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:  # a path the user gave
         print(f"deepseekmoe: error: {exc.filename}: {exc.strerror}", file=sys.stderr)

@@ -7,7 +7,7 @@ import pytest
 
 from deepseekmoe.analysis import compare
 from deepseekmoe.analysis.results import HEADERS, table_rows
-from deepseekmoe.cli import CliError
+from deepseekmoe.errors import UserError
 from train_helpers import make_data_dir
 
 
@@ -21,7 +21,7 @@ def test_suites_resolve_to_matched_presets():
         == "tiny-gshard"
     with pytest.raises(ValueError, match="unknown suite 'table9'"):
         compare.resolve_suites("table9", "tiny", None)
-    with pytest.raises(KeyError, match="huge-dense"):
+    with pytest.raises(UserError, match="huge-dense"):
         compare.resolve_suites("table1", "huge", None)
 
 
@@ -102,7 +102,7 @@ def test_a_changed_recipe_is_refused(tmp_path):
     compare._record_recipe(tmp_path, recipe)
     compare._check_recipe(tmp_path, recipe)
     compare._check_recipe(tmp_path, {**recipe, "seeds": 3})  # more seeds only add runs
-    with pytest.raises(CliError, match="different recipe .*steps=2"):
+    with pytest.raises(UserError, match="different recipe .*steps=2"):
         compare._check_recipe(tmp_path, {**recipe, "steps": 5})
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from ..accounting import count
-from ..cli import CliError
 from ..config import ModelConfig
+from ..errors import UserError
 from ..fileio import check_output_dir
 from ..presets import load_preset
 from ..train.checkpoint import list_checkpoints
@@ -80,7 +80,7 @@ DEFAULT_STEPS = {"tiny": 400, "small": 400}
 
 def preset_for(scale: str, suffix: str) -> str:
     name = SCALE_NAMES.get(scale, {}).get(suffix, f"{scale}-{suffix}")
-    load_preset(name)  # KeyError naming the choices when the scale has no such model
+    load_preset(name)  # a UserError naming the choices when the scale has no such model
     return name
 
 
@@ -149,7 +149,7 @@ def _check_recipe(out: Path, recipe: dict[str, Any]) -> None:
         changed = sorted(k for k in recipe if k != "seeds" and old.get(k) != recipe[k])
         if changed:
             listed = ", ".join(f"{k}={old.get(k)}" for k in changed)
-            raise CliError(f"{out} holds runs made with a different recipe ({listed}); use another --out")
+            raise UserError(f"{out} holds runs made with a different recipe ({listed}); use another --out")
 
 
 def _record_recipe(out: Path, recipe: dict[str, Any]) -> None:

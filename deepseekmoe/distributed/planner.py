@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..accounting import count
 from ..config import ModelConfig
+from ..errors import UserError
 from .mesh import check_sizes
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -225,17 +226,16 @@ def plan_command(*, preset: str | None = None, config: str | None = None, gpus: 
             backward); a planning what-if: `deepseekmoe train` does not recompute yet.
         json: print one JSON object.
     """
-    from ..cli import CliError
     from ..presets import load_preset
 
     if (preset is None) == (config is None):
-        raise CliError("give exactly one of --preset NAME or --config FILE")
+        raise UserError("give exactly one of --preset NAME or --config FILE")
     bandwidth = parse_size(link_bandwidth, "link_bandwidth")
     for name, value, given in (("--flops", flops, flops), ("--link-bandwidth", bandwidth, link_bandwidth),
                                ("--gpus", gpus, gpus), ("--ep", ep, ep), ("--micro-batch", micro_batch, micro_batch),
                                ("--seq-len", seq_len, seq_len)):
         if value is not None and (not math.isfinite(value) or value <= 0):
-            raise CliError(f"{name} {given} must be a positive number")
+            raise UserError(f"{name} {given} must be a positive number")
     cfg = load_preset(preset) if preset else ModelConfig.load(config)  # type: ignore[arg-type]
     p = plan(cfg, gpus=gpus, gpu_memory=parse_size(gpu_memory, "gpu_memory"), ep=ep, micro_batch=micro_batch,
              seq_len=seq_len, dtype=dtype, flops=flops, link_bandwidth=bandwidth,

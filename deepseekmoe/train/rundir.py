@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from ..cli import CliError
+from ..errors import UserError
 from ..fileio import write_text_atomically
 from .config import RunConfig, load_config
 
@@ -44,7 +44,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise CliError(f"run directory {run_dir} is in use by another trainer ({holder}); wait for it or "
+            raise UserError(f"run directory {run_dir} is in use by another trainer ({holder}); wait for it or "
                            "use another --out") from None
         f.truncate(0)
         f.write(f"pid {os.getpid()}\n")
@@ -58,7 +58,7 @@ def split_config_args(args: list[str] | tuple[str, ...]) -> tuple[str | None, li
     path = args.pop(0) if args and "=" not in args[0] else None
     stray = [a for a in args if "=" not in a]
     if stray:
-        raise CliError(f"unexpected argument {stray[0]!r}: give at most one CONFIG file, first, then key=value "
+        raise UserError(f"unexpected argument {stray[0]!r}: give at most one CONFIG file, first, then key=value "
                        "overrides")
     return path, args
 
@@ -83,7 +83,7 @@ def resolve_run(path: str | None, overrides: list[str], resume: bool) -> tuple[R
         if run.run_dir != run_dir:  # the directory was found by its new name: record that one
             run = dataclasses.replace(run, out=str(run_dir))
     elif run_dir.exists() and (not run_dir.is_dir() or not _holds_only_leftovers(run_dir)):
-        raise CliError(f"run directory {run_dir} is not empty: pass --resume to continue that run, or --out DIR "
+        raise UserError(f"run directory {run_dir} is not empty: pass --resume to continue that run, or --out DIR "
                        "for a new one")
     return run, run_dir
 

@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from ..accounting import estimate_mfu
-from ..cli import CliError
 from ..distributed import local_batch, parallelize
 from ..distributed.mesh import Parallel, shutdown
 from ..distributed.training import (NullLogger, device_load_record, gather_training_state, grad_clipper,
                                     main_first, on_main, reduce_step_stats, setup_parallel,
                                     shard_optimizer_state, single_process)
+from ..errors import UserError
 from ..losses import total_loss
 from ..model import Transformer
 from ..runtime import describe as describe_experts, for_device, parse_device
@@ -257,7 +257,7 @@ class Trainer:
         p.nonfinite_in_row += 1
         if p.nonfinite_in_row >= self.cfg.max_nonfinite:
             good = self.last_saved or (list_checkpoints(self.run_dir) or [None])[-1]
-            raise CliError(f"stopping at step {p.step}: {p.nonfinite_in_row} non-finite losses in a row "
+            raise UserError(f"stopping at step {p.step}: {p.nonfinite_in_row} non-finite losses in a row "
                            f"(train.max_nonfinite={self.cfg.max_nonfinite}); last good checkpoint: "
                            f"{good or 'none'}; try a lower train.lr")
 
