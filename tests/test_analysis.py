@@ -200,7 +200,7 @@ def test_analyze_model_writes_json_ready_results_and_plots(tmp_path):
 
 
 def test_analyze_command_on_two_checkpoints(tmp_path):
-    from deepseekmoe.train.checkpoint import save_model
+    from deepseekmoe.checkpoint import save_model
     from train_helpers import make_data_dir
 
     data = make_data_dir(tmp_path / "data")

@@ -10,7 +10,7 @@ import torch
 
 from deepseekmoe import Transformer
 from deepseekmoe.train import state as state_module
-from deepseekmoe.train.checkpoint import list_checkpoints, load_model, resolve_checkpoint, save_model
+from deepseekmoe.checkpoint import list_checkpoints, load_model, resolve_checkpoint, save_model
 from deepseekmoe.train.config import TrainConfig
 from deepseekmoe.train.optim import build_optimizer, build_scheduler
 from deepseekmoe.train.state import (Progress, load_training_state, prune_checkpoints, save_training_checkpoint,
@@ -136,7 +136,7 @@ def test_model_only_checkpoint_cannot_be_resumed(tmp_path: Path, make_config) ->
 def test_a_committed_directory_is_flushed_before_and_after_the_rename(tmp_path, monkeypatch):
     """Every file and the directory reach the disk before the rename, the parent after it: a power loss leaves
     the old directory or the complete new one."""
-    from deepseekmoe.train import checkpoint
+    from deepseekmoe import checkpoint
 
     events = []
     real_fsync, real_replace = checkpoint._fsync, checkpoint.os.replace

@@ -9,7 +9,7 @@ An HF directory (as deepseek-moe-16b-base/chat ship it, SPEC.md section 7):
                                        (a single-file checkpoint is model.safetensors without an index)
     tokenizer.json, tokenizer_config.json, ...
 
-Our checkpoint (train/checkpoint.py) holds the same tensors with two differences: keys drop the `model.` prefix,
+Our checkpoint (checkpoint.py) holds the same tensors with two differences: keys drop the `model.` prefix,
 and the routed experts of a layer are stacked, `experts.gate_up_proj` [E, 2F, D] (rows [0, F) gate_proj, rows
 [F, 2F) up_proj) and `experts.down_proj` [E, D, F], where HF keeps one [F, D] / [D, F] tensor per expert.
 
@@ -36,7 +36,7 @@ from typing import Iterator
 import torch
 
 from ..config import ModelConfig
-from ..train.checkpoint import open_safetensors
+from ..checkpoint import open_safetensors
 from .stream import DTYPES, SafetensorsWriter
 
 CONFIG_FILE = "config.json"
@@ -326,7 +326,7 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, progress: bool = False)
     """HF directory -> our checkpoint directory (model.safetensors, config.json, tokenizer files), atomically.
 
     Each HF tensor is written straight to its place in the output file: peak memory is one tensor."""
-    from ..train.checkpoint import MODEL_FILE, written_atomically
+    from ..checkpoint import MODEL_FILE, written_atomically
 
     hf_dir, out = Path(hf_dir), Path(out)
     config, files, layout, entries = _open(hf_dir)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..train.checkpoint import open_safetensors
+from ..checkpoint import open_safetensors
 from .hf import (CONFIG_FILE, INDEX_FILE, SINGLE_FILE, Shape, _copy_side_files, _fmt, _our_source, hf_layout,
                  is_hf_directory, our_entries)
 from .hf_files import write_hf_files
@@ -105,7 +105,7 @@ def _write_shards(source: Path, config: ModelConfig, layout: dict[str, Shape], d
 def convert_to_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str | int = "5GB",
                   progress: bool = False) -> Path:
     """Our checkpoint (or a run's latest) -> an HF directory in the official layout, atomically."""
-    from ..train.checkpoint import MODEL_FILE, resolve_checkpoint, written_atomically
+    from ..checkpoint import MODEL_FILE, resolve_checkpoint, written_atomically
 
     ckpt, out = resolve_checkpoint(checkpoint), Path(out)
     if is_hf_directory(ckpt):

@@ -1,6 +1,6 @@
 """Weight-only int8 / int4 checkpoints: which tensors are quantized, their layout, and streamed quantization.
 
-A quantized checkpoint is an ordinary checkpoint directory (train/checkpoint.py) whose model.safetensors holds,
+A quantized checkpoint is an ordinary checkpoint directory (checkpoint.py) whose model.safetensors holds,
 for every quantized tensor NAME, the quantized data NAME (int8 (..., O, I), or int4 as uint8 (..., O, I/2)) and its
 float32 scales NAME_scale ((..., O), or (..., O, I/G)), in the formats of model/quantized.py; every other tensor
 keeps its dtype. config.json carries, beside the model fields,
@@ -32,7 +32,7 @@ import torch
 
 from ..config import ModelConfig
 from ..model.quantized import FORMATS, GROUP_SIZES, SCALE_SUFFIX, Format, int4_group_size, quantize
-from ..train.checkpoint import CONFIG_FILE, MODEL_FILE, open_safetensors
+from ..checkpoint import CONFIG_FILE, MODEL_FILE, open_safetensors
 
 Entries = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 KEPT_IN_FLOAT = ("embed_tokens.weight", "mlp.gate.weight")
@@ -151,7 +151,7 @@ def stream_checkpoint(ckpt: Path) -> Iterator[tuple[str, int, torch.Tensor]]:
 def float_source(src: Path, progress: bool = False) -> tuple[ModelConfig, Entries, Iterator, Path]:
     """(config, float layout, its pieces (name, element offset, tensor), the directory holding the tokenizer files)
     of an HF directory or a float checkpoint (or a run's latest)."""
-    from ..train.checkpoint import resolve_checkpoint
+    from ..checkpoint import resolve_checkpoint
     from .hf import _open, _stream, is_hf_directory
 
     if is_hf_directory(src):
@@ -178,7 +178,7 @@ def convert_quantized(src: str | Path, out: str | Path, fmt: Format, group_size:
                       progress: bool = False) -> Path:
     """An HF directory or a float checkpoint -> a quantized checkpoint directory, written piece by piece and
     atomically (module docstring)."""
-    from ..train.checkpoint import written_atomically
+    from ..checkpoint import written_atomically
     from .hf import _copy_side_files
     from .stream import SafetensorsWriter
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..model import Transformer
-from ..train.checkpoint import save_model
+from ..checkpoint import save_model
 from .expert_parallel import apply_expert_parallel, expert_parameters, full_model
 from .mesh import Parallel
 from .training import run_model_config
@@ -101,7 +101,7 @@ def all_reduce_mean(value: torch.Tensor, parallel: Parallel) -> torch.Tensor:
 
 def save_full_checkpoint(model: Transformer, parallel: Parallel, directory: str | Path,
                          tokenizer_path: str | Path | None = None) -> Path:
-    """Gather the full single-device state to rank 0 and write it with train.checkpoint.save_model, so the
+    """Gather the full single-device state to rank 0 and write it with checkpoint.save_model, so the
     checkpoint loads at any world size (the loader slices each rank's experts again). Collective."""
     full = full_model(model)
     if parallel.is_main:

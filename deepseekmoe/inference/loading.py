@@ -23,7 +23,7 @@ from ..model.experts import RoutedExperts
 from ..model.quantized import SCALE_SUFFIX, QuantizedLinear, QuantizedWeight
 from ..model.router import HashRouter
 from ..runtime import for_device, parse_device
-from ..train.checkpoint import MODEL_FILE, TOKENIZER_FILE, load_model, resolve_checkpoint
+from ..checkpoint import MODEL_FILE, TOKENIZER_FILE, load_model, resolve_checkpoint
 
 
 def pick_device(device: str | None) -> torch.device:

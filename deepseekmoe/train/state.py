@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import STEP_PREFIX, list_checkpoints, write_model_files, written_atomically
+from ..checkpoint import STEP_PREFIX, list_checkpoints, write_model_files, written_atomically
 
 TRAINER_STATE_FILE = "trainer_state.pt"
 RUN_CONFIG_FILE = "run_config.yaml"

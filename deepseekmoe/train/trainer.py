@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..accounting import estimate_mfu
+from ..checkpoint import list_checkpoints, load_model
 from ..distributed import local_batch, parallelize
 from ..distributed.mesh import Parallel, shutdown
 from ..distributed.training import (NullLogger, device_load_record, gather_training_state, grad_clipper,
@@ -35,7 +36,6 @@ from ..errors import UserError
 from ..losses import total_loss
 from ..model import Transformer
 from ..runtime import describe as describe_experts, for_device, parse_device
-from .checkpoint import list_checkpoints, load_model
 from .config import RunConfig, TrainConfig
 from .metrics import MetricsLogger, routing_health
 from .optim import build_optimizer, build_scheduler, lr_at

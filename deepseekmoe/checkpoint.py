@@ -24,9 +24,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..config import ModelConfig
-from ..fileio import as_disk_full
-from ..model import Transformer
+from .config import ModelConfig
+from .fileio import as_disk_full
+from .model import Transformer
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -151,7 +151,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, the latest checkpoint of a run directory, or a Hugging Face DeepSeekMoE directory."""
-    from ..convert.hf import is_hf_directory
+    from .convert.hf import is_hf_directory
 
     p = Path(path)
     if (p / MODEL_FILE).is_file() or is_hf_directory(p):
@@ -178,7 +178,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     """Load a checkpoint (or a run's latest) -> (model in eval mode, checkpoint directory).
 
     A Hugging Face DeepSeekMoE directory (config.json with model_type 'deepseek') is read by the converter."""
-    from ..convert.hf import is_hf_directory, load_hf_model
+    from .convert.hf import is_hf_directory, load_hf_model
 
     if is_hf_directory(path):
         return load_hf_model(path, device, dtype)
