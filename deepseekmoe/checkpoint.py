@@ -5,17 +5,14 @@
     tokenizer.json      the run's tokenizer, when it has one
 
 A run directory keeps checkpoints under RUN_DIR/checkpoints/step_XXXXXXXX/; `resolve_checkpoint` accepts either.
-Directories are written aside (name.tmp-*), flushed to disk (fsync of every file and of the directory), and
-renamed into place, the parent directory flushed after: a kill or a power loss leaves the old directory or the
-new one, complete, never a half-written or renamed-but-empty one.
+Directories are written with `fileio.written_atomically`: a kill or a power loss leaves the old directory or the
+new one, complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
-from .fileio import as_disk_full
+from .fileio import written_atomically
 from .model import Transformer
 
 MODEL_FILE = "model.safetensors"
@@ -69,65 +66,6 @@ def write_model_files(model: Transformer, directory: Path, tokenizer_path: str |
     (directory / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, directory / TOKENIZER_FILE)
-
-
-def atomic_directory(final: Path) -> Path:
-    """A fresh temporary sibling of `final`, to fill, flush (`sync_tree`) and pass to `commit_directory`."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-
-
-def _fsync(path: Path) -> None:
-    if os.name == "nt" and path.is_dir():  # Windows cannot open a directory to flush it
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sync_tree(directory: Path) -> None:
-    """fsync every file under `directory` and the directories themselves (data on disk before any rename)."""
-    for root, _, files in os.walk(directory):
-        for name in files:
-            _fsync(Path(root) / name)
-        _fsync(Path(root))
-
-
-def commit_directory(tmp: Path, final: Path) -> None:
-    """Move a fully written, flushed (`sync_tree`) temporary directory into place, replacing any old one."""
-    try:
-        _commit(tmp, final)
-    finally:
-        _fsync(final.parent)
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-@contextmanager
-def written_atomically(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `final` to fill; on success it replaces `final`, on any error it is removed."""
-    tmp = atomic_directory(final)
-    try:
-        yield tmp
-        sync_tree(tmp)  # a full disk may show only here (delayed allocation)
-    except BaseException as exc:
-        full = as_disk_full(exc, final)  # judged before the partial files are removed and free their space
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full is not None:
-            raise full from exc
-        raise
-    commit_directory(tmp, final)
 
 
 def save_model(model: Transformer, directory: str | Path, tokenizer_path: str | Path | None = None) -> Path:

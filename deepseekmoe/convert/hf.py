@@ -326,7 +326,8 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, progress: bool = False)
     """HF directory -> our checkpoint directory (model.safetensors, config.json, tokenizer files), atomically.
 
     Each HF tensor is written straight to its place in the output file: peak memory is one tensor."""
-    from ..checkpoint import MODEL_FILE, written_atomically
+    from ..checkpoint import MODEL_FILE
+    from ..fileio import written_atomically
 
     hf_dir, out = Path(hf_dir), Path(out)
     config, files, layout, entries = _open(hf_dir)

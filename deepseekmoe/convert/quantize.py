@@ -178,7 +178,7 @@ def convert_quantized(src: str | Path, out: str | Path, fmt: Format, group_size:
                       progress: bool = False) -> Path:
     """An HF directory or a float checkpoint -> a quantized checkpoint directory, written piece by piece and
     atomically (module docstring)."""
-    from ..checkpoint import written_atomically
+    from ..fileio import written_atomically
     from .hf import _copy_side_files
     from .stream import SafetensorsWriter
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
-from ..checkpoint import written_atomically
+from ..fileio import written_atomically
 from .builtin import BUILTIN_SOURCE, DEFAULT_MAX_BYTES, builtin_identity, builtin_inputs
 from .corpus import InputFile, ReadStats, document_key, expand_sources, iter_documents
 from .dataset import FORMAT, META_FILE, read_meta

@@ -6,7 +6,7 @@ RUN_DIR/checkpoints/step_XXXXXXXX/
                         position (next batch index), the step and the non-finite-loss counters
     run_config.yaml     the resolved RunConfig the run was using
 
-Each checkpoint is written aside and renamed into place (checkpoint.written_atomically), so a crash while
+Each checkpoint is written aside and renamed into place (fileio.written_atomically), so a crash while
 saving leaves the previous checkpoints untouched; afterwards only the newest `keep_last` are kept.
 """
 
@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import STEP_PREFIX, list_checkpoints, write_model_files, written_atomically
+from ..checkpoint import STEP_PREFIX, list_checkpoints, write_model_files
+from ..fileio import written_atomically
 
 TRAINER_STATE_FILE = "trainer_state.pt"
 RUN_CONFIG_FILE = "run_config.yaml"
