@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deepseekmoe.convert.hf import INDEX_FILE, hf_layout  # noqa: E402
+from deepseekmoe.convert.hf_layout import INDEX_FILE, hf_layout  # noqa: E402
 from deepseekmoe.convert.hf_export import hf_config_dict, plan_shards  # noqa: E402
 from deepseekmoe.convert.stream import SafetensorsWriter  # noqa: E402
 from deepseekmoe.presets import load_preset  # noqa: E402

@@ -3,7 +3,7 @@
 from .config import ModelConfig
 from .model import MoE, RouterOutput, Transformer, TransformerOutput
 from .presets import load_preset, preset_names
+from .version import __version__
 
 __all__ = ["ModelConfig", "MoE", "RouterOutput", "Transformer", "TransformerOutput", "load_preset",
            "preset_names"]
-__version__ = "0.1.0"

@@ -23,12 +23,9 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .fileio import written_atomically
+from .filenames import CONFIG_FILE, MODEL_FILE, STEP_PREFIX, TOKENIZER_FILE
 from .model import Transformer
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
-STEP_PREFIX = "step_"
 
 
 @contextmanager

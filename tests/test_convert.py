@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from deepseekmoe import ModelConfig, Transformer, cli
-from deepseekmoe.convert.hf import hf_layout, is_hf_directory
+from deepseekmoe.convert.hf_layout import hf_layout, is_hf_directory
 from deepseekmoe.convert.hf_export import parse_size, plan_shards
 from deepseekmoe.checkpoint import load_model, save_model
 

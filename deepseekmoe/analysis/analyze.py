@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from ..fileio import check_output_dir
+from ..filenames import TOKENIZER_FILE
 from ..model import Transformer
 from .results import write_json
 from .specialization import Batch, disable_top_experts, evaluate_loss, shared_expert_swap, vary_top_k
@@ -56,7 +57,7 @@ def _decoder(ckpt: Path, data_dir: Path) -> Callable[[int], str] | None:
     """Token id -> text with the checkpoint's tokenizer; refuses a data dir made with a different one."""
     from tokenizers import Tokenizer
 
-    own, data_tok = ckpt / "tokenizer.json", data_dir / "tokenizer.json"
+    own, data_tok = ckpt / TOKENIZER_FILE, data_dir / TOKENIZER_FILE
     if own.is_file() and data_tok.is_file() and _sha256(own) != _sha256(data_tok):
         raise ValueError(f"{ckpt} was trained with a different tokenizer than {data_dir}")
     path = own if own.is_file() else data_tok if data_tok.is_file() else None

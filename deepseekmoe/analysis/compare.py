@@ -32,6 +32,7 @@ from ..accounting import count
 from ..config import ModelConfig
 from ..errors import UserError
 from ..fileio import check_output_dir
+from ..filenames import CONFIG_FILE, RUN_CONFIG_FILE
 from ..presets import load_preset
 from ..checkpoint import list_checkpoints
 from .results import RESULTS_JSON, read_records, read_run, table_markdown, write_json
@@ -207,11 +208,11 @@ def run_model_config(run_dir: Path) -> ModelConfig | None:
     config.yaml's (a finished run kept without checkpoints)."""
     ckpts = list_checkpoints(run_dir)
     if ckpts:
-        return ModelConfig.from_dict(json.loads((ckpts[-1] / "config.json").read_text()))
-    if (run_dir / "config.yaml").is_file():
+        return ModelConfig.from_dict(json.loads((ckpts[-1] / CONFIG_FILE).read_text()))
+    if (run_dir / RUN_CONFIG_FILE).is_file():
         from ..train.config import load_config
 
-        return load_config(run_dir / "config.yaml").model
+        return load_config(run_dir / RUN_CONFIG_FILE).model
     return None
 
 

@@ -1,17 +1,4 @@
-"""Hugging Face checkpoint import/export: the one place that knows the HF DeepSeekMoE layout.
-
-An HF directory (as deepseek-moe-16b-base/chat ship it, SPEC.md section 7):
-
-    config.json                        model_type "deepseek", architectures DeepseekForCausalLM, auto_map
-    configuration_deepseek.py, modeling_deepseek.py   the remote code auto_map names
-    model-0000k-of-0000n.safetensors   one tensor per HF key, nn.Linear weights as [out, in]
-    model.safetensors.index.json       {"metadata": {"total_size": bytes}, "weight_map": {key: file}}
-                                       (a single-file checkpoint is model.safetensors without an index)
-    tokenizer.json, tokenizer_config.json, ...
-
-Our checkpoint (checkpoint.py) holds the same tensors with two differences: keys drop the `model.` prefix,
-and the routed experts of a layer are stacked, `experts.gate_up_proj` [E, 2F, D] (rows [0, F) gate_proj, rows
-[F, 2F) up_proj) and `experts.down_proj` [E, D, F], where HF keeps one [F, D] / [D, F] tensor per expert.
+"""Hugging Face checkpoint import: an HF DeepSeekMoE directory (the layout: hf_layout.py) -> our checkpoint.
 
 Import first checks every key, shape and dtype from config.json, the index and the shard headers (no tensor
 data read), so a bad checkpoint fails before any output exists. Then it streams shard by shard, tensor by tensor
@@ -20,125 +7,25 @@ up rows or down matrix inside the stacked tensor), so it is written straight to 
 file (`stream.SafetensorsWriter`) and experts that span shards need no buffering: peak memory is one shard's
 pages plus one tensor, whatever the model size. Dtypes are kept (bf16 stays bf16). Loading into memory
 (`read_hf_state`, `load_hf_model`) fills preallocated tensors the same way. Export, the way back, lives in
-`hf_export.py` and takes every name and shape from here.
+`hf_export.py`; both take every name and shape from `hf_layout.py`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from ..config import ModelConfig
 from ..checkpoint import open_safetensors
+from ..config import ModelConfig
+from ..filenames import CONFIG_FILE, MODEL_FILE
+from .hf_layout import (INDEX_FILE, Shape, copy_side_files, format_shape, hf_layout, is_hf_directory, our_entries,
+                        our_source)
 from .stream import DTYPES, SafetensorsWriter
-
-CONFIG_FILE = "config.json"
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-# Files carried across unchanged in both directions (tokenizer and generation defaults).
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-# An export's remote code: this project's standalone model files (deepseekmoe/hf/remote_code), copied verbatim,
-# and the auto_map naming them (the released one, plus the sequence-classification head).
-REMOTE_CODE_DIR = Path(__file__).resolve().parent.parent / "hf" / "remote_code"
-REMOTE_CODE_FILES = ("configuration_deepseek.py", "modeling_deepseek.py")
-AUTO_MAP = {
-    "AutoConfig": "configuration_deepseek.DeepseekConfig",
-    "AutoModel": "modeling_deepseek.DeepseekModel",
-    "AutoModelForCausalLM": "modeling_deepseek.DeepseekForCausalLM",
-    "AutoModelForSequenceClassification": "modeling_deepseek.DeepseekForSequenceClassification",
-}
-
-# HF key -> our key, one tensor each; `{}` stands for a layer index.
-WEIGHT_MAP = {
-    "model.embed_tokens.weight": "embed_tokens.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "lm_head.weight",
-    "model.layers.{}.input_layernorm.weight": "layers.{}.input_layernorm.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.post_attention_layernorm.weight",
-    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.self_attn.q_proj.weight",
-    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.self_attn.k_proj.weight",
-    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.self_attn.v_proj.weight",
-    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.self_attn.o_proj.weight",
-    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.gate_proj.weight",
-    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.up_proj.weight",
-    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.down_proj.weight",
-    "model.layers.{}.mlp.gate.weight": "layers.{}.mlp.gate.weight",
-    "model.layers.{}.mlp.shared_experts.gate_proj.weight": "layers.{}.mlp.shared_experts.gate_proj.weight",
-    "model.layers.{}.mlp.shared_experts.up_proj.weight": "layers.{}.mlp.shared_experts.up_proj.weight",
-    "model.layers.{}.mlp.shared_experts.down_proj.weight": "layers.{}.mlp.shared_experts.down_proj.weight",
-}
-# HF per-expert key (layer, expert) -> (our stacked key (layer), which block of rows: 0 gate, 1 up, None all).
-EXPERT_MAP = {
-    "model.layers.{}.mlp.experts.{}.gate_proj.weight": ("layers.{}.mlp.experts.gate_up_proj", 0),
-    "model.layers.{}.mlp.experts.{}.up_proj.weight": ("layers.{}.mlp.experts.gate_up_proj", 1),
-    "model.layers.{}.mlp.experts.{}.down_proj.weight": ("layers.{}.mlp.experts.down_proj", None),
-}
-
-Shape = tuple[int, ...]
-
-
-def _template(key: str) -> tuple[str, list[int]]:
-    """'model.layers.3.mlp.experts.17.up_proj.weight' -> ('model.layers.{}.mlp.experts.{}.up_proj.weight', [3, 17])."""
-    numbers = [int(n) for n in re.findall(r"(?<=\.)\d+(?=\.)", key)]
-    return re.sub(r"(?<=\.)\d+(?=\.)", "{}", key), numbers
-
-
-def _our_source(hf_key: str) -> tuple[str, tuple]:
-    """HF key -> (our key, index into our tensor) for reading one HF tensor out of our checkpoint."""
-    pattern, numbers = _template(hf_key)
-    if pattern in WEIGHT_MAP:
-        return WEIGHT_MAP[pattern].format(*numbers), ()
-    our_pattern, part = EXPERT_MAP[pattern]
-    layer, expert = numbers
-    return our_pattern.format(layer), (expert, part)
-
-
-def _fmt(shape: Shape | list[int]) -> str:
-    return "[" + ", ".join(str(n) for n in shape) + "]"
-
-
-# ------------------------------------------------------------------------------------------------- the layout
-def hf_layout(config: ModelConfig) -> dict[str, Shape]:
-    """Every HF key and its shape, in the module order of the original remote code (and of its save_pretrained)."""
-    d, h, hkv, hd = config.hidden_size, config.num_attention_heads, config.num_kv_heads, config.head_dim
-    layout: dict[str, Shape] = {"model.embed_tokens.weight": (config.vocab_size, d)}
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        layout[p + "self_attn.q_proj.weight"] = (h * hd, d)
-        layout[p + "self_attn.k_proj.weight"] = (hkv * hd, d)
-        layout[p + "self_attn.v_proj.weight"] = (hkv * hd, d)
-        layout[p + "self_attn.o_proj.weight"] = (d, h * hd)
-        layout.update(_moe_layout(config, p) if config.is_moe_layer(i)
-                      else _ffn_layout(p + "mlp.", d, config.intermediate_size))
-        layout[p + "input_layernorm.weight"] = (d,)
-        layout[p + "post_attention_layernorm.weight"] = (d,)
-    layout["model.norm.weight"] = (d,)
-    if not config.tie_word_embeddings:
-        layout["lm_head.weight"] = (config.vocab_size, d)
-    return layout
-
-
-def _ffn_layout(prefix: str, d: int, f: int) -> dict[str, Shape]:
-    return {prefix + "gate_proj.weight": (f, d), prefix + "up_proj.weight": (f, d), prefix + "down_proj.weight": (d, f)}
-
-
-def _moe_layout(config: ModelConfig, p: str) -> dict[str, Shape]:
-    d, f = config.hidden_size, config.moe_intermediate_size
-    layout: dict[str, Shape] = {}
-    for e in range(config.n_routed_experts or 0):
-        layout.update(_ffn_layout(f"{p}mlp.experts.{e}.", d, f))
-    if config.router != "hash":  # the hash router has no learned parameters
-        layout[p + "mlp.gate.weight"] = (config.n_routed_experts, d)
-    if config.n_shared_experts:
-        layout.update(_ffn_layout(p + "mlp.shared_experts.", d, f * config.n_shared_experts))
-    return layout
 
 
 def read_hf_config(hf_dir: Path) -> ModelConfig:
@@ -175,27 +62,11 @@ def weight_files(hf_dir: Path) -> dict[str, list[str]]:
             if not (hf_dir / name).is_file():
                 raise FileNotFoundError(f"{index} names {name}, which does not exist")
         return dict(sorted(files.items()))
-    single = hf_dir / SINGLE_FILE
+    single = hf_dir / MODEL_FILE
     if not single.is_file():
-        raise FileNotFoundError(f"{hf_dir}: neither {INDEX_FILE} nor {SINGLE_FILE}")
+        raise FileNotFoundError(f"{hf_dir}: neither {INDEX_FILE} nor {MODEL_FILE}")
     with open_safetensors(str(single)) as f:
-        return {SINGLE_FILE: list(f.keys())}
-
-
-def is_hf_directory(path: str | Path) -> bool:
-    """A directory whose config.json says model_type 'deepseek' and that holds HF-keyed safetensors."""
-    p = Path(path)
-    try:
-        if json.loads((p / CONFIG_FILE).read_text()).get("model_type") != "deepseek":
-            return False
-    except (OSError, ValueError, AttributeError):
-        return False
-    if (p / INDEX_FILE).is_file():
-        return True
-    if not (p / SINGLE_FILE).is_file():
-        return False
-    with open_safetensors(str(p / SINGLE_FILE)) as f:
-        return any(k.startswith("model.") for k in f.keys())
+        return {MODEL_FILE: list(f.keys())}
 
 
 # ------------------------------------------------------------------------------------------------------ import
@@ -204,14 +75,14 @@ def _check_keys(hf_dir: Path, files: dict[str, list[str]], layout: dict[str, Sha
     present = {k: name for name, keys in files.items() for k in keys}
     missing = [k for k in layout if k not in present]
     if missing:
-        raise ValueError(f"{hf_dir}: missing tensor {missing[0]} (expected shape {_fmt(layout[missing[0]])} from "
+        raise ValueError(f"{hf_dir}: missing tensor {missing[0]} (expected shape {format_shape(layout[missing[0]])} from "
                          f"config.json; {len(missing)} missing in all)")
     unexpected = [k for k in present if k not in layout and not _is_tied_head(k, layout)]
     if unexpected:
         key, name = unexpected[0], present[unexpected[0]]
         with open_safetensors(str(hf_dir / name)) as f:
             shape = f.get_slice(key).get_shape() if key in f.keys() else "?"
-        raise ValueError(f"{hf_dir / name}: unexpected tensor {key} with shape {_fmt(shape)} (not in the model "
+        raise ValueError(f"{hf_dir / name}: unexpected tensor {key} with shape {format_shape(shape)} (not in the model "
                          f"config.json describes; {len(unexpected)} unexpected in all)")
 
 
@@ -234,26 +105,10 @@ def _scan(hf_dir: Path, files: dict[str, list[str]], layout: dict[str, Shape]) -
                 piece = f.get_slice(key)
                 shape = tuple(piece.get_shape())
                 if shape != layout[key]:
-                    raise ValueError(f"{hf_dir / name}: tensor {key} has shape {_fmt(shape)}, expected "
-                                     f"{_fmt(layout[key])} from config.json")
+                    raise ValueError(f"{hf_dir / name}: tensor {key} has shape {format_shape(shape)}, expected "
+                                     f"{format_shape(layout[key])} from config.json")
                 dtypes[key] = DTYPES[piece.get_dtype()]
     return dtypes
-
-
-def our_entries(config: ModelConfig, dtypes: dict[str, torch.dtype]) -> dict[str, tuple[torch.dtype, Shape]]:
-    """Our tensors (name -> dtype, shape) assembled from the HF ones; a layer's experts must share one dtype."""
-    entries: dict[str, tuple[torch.dtype, Shape]] = {}
-    for hf_key, shape in hf_layout(config).items():
-        our_key, index = _our_source(hf_key)
-        dtype = dtypes[hf_key]
-        if index:
-            rows = shape[0] * (1 if index[1] is None else 2)
-            if our_key in entries and entries[our_key][0] != dtype:
-                raise ValueError(f"tensor {hf_key} has dtype {dtype}, but the other experts of its layer are "
-                                 f"{entries[our_key][0]}")
-            shape = (config.n_routed_experts, rows, shape[1])
-        entries[our_key] = (dtype, shape)
-    return entries
 
 
 def _element_offset(index: tuple, numel: int) -> int:
@@ -275,7 +130,7 @@ def _stream(hf_dir: Path, files: dict[str, list[str]], layout: dict[str, Shape],
             for key in keys:
                 if not _is_tied_head(key, layout):
                     t = f.get_tensor(key)
-                    our_key, index = _our_source(key)
+                    our_key, index = our_source(key)
                     yield our_key, _element_offset(index, t.numel()), t
 
 
@@ -326,7 +181,6 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, progress: bool = False)
     """HF directory -> our checkpoint directory (model.safetensors, config.json, tokenizer files), atomically.
 
     Each HF tensor is written straight to its place in the output file: peak memory is one tensor."""
-    from ..checkpoint import MODEL_FILE
     from ..fileio import written_atomically
 
     hf_dir, out = Path(hf_dir), Path(out)
@@ -336,14 +190,8 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, progress: bool = False)
             for our_key, start, t in _stream(hf_dir, files, layout, "cpu", progress):
                 writer.write(our_key, t, start)
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        _copy_side_files(hf_dir, tmp)
+        copy_side_files(hf_dir, tmp)
     return out
-
-
-def _copy_side_files(src: Path, dst: Path) -> None:
-    for name in SIDE_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
 
 
 # --------------------------------------------------------------------------------------------------------- CLI

@@ -179,7 +179,7 @@ def convert_quantized(src: str | Path, out: str | Path, fmt: Format, group_size:
     """An HF directory or a float checkpoint -> a quantized checkpoint directory, written piece by piece and
     atomically (module docstring)."""
     from ..fileio import written_atomically
-    from .hf import _copy_side_files
+    from .hf_layout import copy_side_files
     from .stream import SafetensorsWriter
 
     out = Path(out)
@@ -192,7 +192,7 @@ def convert_quantized(src: str | Path, out: str | Path, fmt: Format, group_size:
                 writer.write(name, t, start)
         raw = {**config.to_dict(), "quantization": quantization_entry(fmt, group_size)}
         (tmp / CONFIG_FILE).write_text(json.dumps(raw, indent=2) + "\n")
-        _copy_side_files(side, tmp)
+        copy_side_files(side, tmp)
     return out
 
 

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ..filenames import TOKENIZER_FILE
 from .corpus import InputFile
 
 BUILTIN_SOURCE = "builtin"
@@ -100,7 +101,7 @@ def _cached_is_current(data_dir: Path, identity: dict) -> bool:
     except (FileNotFoundError, ValueError):
         return False
     return meta.get("builtin") == identity and all((data_dir / f).is_file()
-                                                   for f in ("tokenizer.json", "train.bin", "val.bin"))
+                                                   for f in (TOKENIZER_FILE, "train.bin", "val.bin"))
 
 
 def ensure_builtin_data(root: str | Path | None = None, vocab_size: int = 8192,

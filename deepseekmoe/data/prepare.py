@@ -17,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from .. import __version__
 from ..fileio import written_atomically
+from ..filenames import META_FILE, TOKENIZER_FILE
+from ..version import __version__
 from .builtin import BUILTIN_SOURCE, DEFAULT_MAX_BYTES, builtin_identity, builtin_inputs
 from .corpus import InputFile, ReadStats, document_key, expand_sources, iter_documents
-from .dataset import FORMAT, META_FILE, read_meta
+from .dataset import FORMAT, read_meta
 from .shards import progress_bar, write_splits
 from .tokenizer import (MIN_VOCAB_SIZE, file_sha256, load_tokenizer, special_token_ids, token_dtype, train_tokenizer,
                         vocab_size_of)
@@ -107,11 +108,11 @@ def is_up_to_date(out: Path, input_fingerprint: str) -> bool:
         meta = read_meta(out)
     except (FileNotFoundError, ValueError):
         return False
-    files_present = all((out / f).is_file() for f in ("tokenizer.json", "train.bin", "val.bin"))
+    files_present = all((out / f).is_file() for f in (TOKENIZER_FILE, "train.bin", "val.bin"))
     return files_present and meta.get("input_fingerprint") == input_fingerprint
 
 
-DATA_FILES = frozenset({META_FILE, "tokenizer.json", "train.bin", "val.bin"})
+DATA_FILES = frozenset({META_FILE, TOKENIZER_FILE, "train.bin", "val.bin"})
 """Everything prepare writes into a data directory: the final rename replaces `out` as a whole, so a directory
 holding anything else is never replaced."""
 
@@ -157,8 +158,8 @@ def _make_tokenizer(tokenizer: str | None, vocab_size: int, sample: list[str] | 
     """Train (or load and copy) the tokenizer into tmp/tokenizer.json -> the Tokenizer."""
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
-        source = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
-        shutil.copyfile(source, tmp / "tokenizer.json")
+        source = Path(tokenizer) / TOKENIZER_FILE if Path(tokenizer).is_dir() else Path(tokenizer)
+        shutil.copyfile(source, tmp / TOKENIZER_FILE)
         return tok
     assert sample is not None
     start = time.perf_counter()
@@ -166,7 +167,7 @@ def _make_tokenizer(tokenizer: str | None, vocab_size: int, sample: list[str] | 
     log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {nbytes / 1e6:.1f} MB ...")
     tok = train_tokenizer(sample, vocab_size)
     log(f"trained the tokenizer in {time.perf_counter() - start:.1f} s: {vocab_size_of(tok)} tokens")
-    tok.save(str(tmp / "tokenizer.json"))
+    tok.save(str(tmp / TOKENIZER_FILE))
     return tok
 
 
@@ -193,7 +194,7 @@ def _write_data(tmp: Path, inputs: list[InputFile], keys: list[int], sizes: list
                           eos=special["eos_token_id"], dtype=dtype, total_bytes=sum(sizes))
     log(f"tokenized in {time.perf_counter() - start:.1f} s")
     return {"format": FORMAT, "vocab_size": vocab, "dtype": dtype.name, **special,
-            "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"),
+            "tokenizer_sha256": file_sha256(tmp / TOKENIZER_FILE),
             "tokenizer_source": str(Path(tokenizer).resolve()) if tokenizer else "trained",
             "splits": {name: c.as_dict() for name, c in counts.items()}}
 
@@ -246,7 +247,7 @@ def _make_shareable(directory: Path) -> None:
 
 def _tokenizer_file(tokenizer: str) -> Path:
     p = Path(tokenizer)
-    return p / "tokenizer.json" if p.is_dir() else p
+    return p / TOKENIZER_FILE if p.is_dir() else p
 
 
 def prepare_command(sources: list[str], *, out: str, vocab_size: int = 8192, tokenizer: str | None = None,

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders
 
+from ..filenames import RUN_CONFIG_FILE, TOKENIZER_FILE
 from ..model import Transformer
 
 
@@ -130,7 +131,7 @@ def _run_dir_of(path: Path, ckpt: Path) -> Path:
 
 def run_config(run_dir: Path) -> dict | None:
     """RUN_DIR/config.yaml as the trainer wrote it (keys preset, data, out, model, train), if there is one."""
-    path = run_dir / "config.yaml"
+    path = run_dir / RUN_CONFIG_FILE
     if not path.is_file():
         return None
     import yaml
@@ -152,7 +153,7 @@ def recorded_data(run: dict | None) -> Path:
 
 
 def _check_same_tokenizer(data_dir: Path, tokenizer: Tokenizer) -> None:
-    data_tokenizer = data_dir / "tokenizer.json"
+    data_tokenizer = data_dir / TOKENIZER_FILE
     if data_tokenizer.is_file() and Tokenizer.from_file(str(data_tokenizer)).get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"{data_dir} was tokenized with a different tokenizer than the checkpoint's")
 

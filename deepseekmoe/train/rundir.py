@@ -21,9 +21,9 @@ from typing import Iterator
 
 from ..errors import UserError
 from ..fileio import write_text_atomically
+from ..filenames import RUN_CONFIG_FILE
 from .config import RunConfig, load_config
 
-CONFIG_FILE = "config.yaml"
 LOCK_FILE = "train.lock"
 
 
@@ -76,9 +76,9 @@ def resolve_run(path: str | None, overrides: list[str], resume: bool) -> tuple[R
     run = load_config(path, overrides)
     run_dir = run.run_dir
     if resume:
-        saved = run_dir / CONFIG_FILE
+        saved = run_dir / RUN_CONFIG_FILE
         if not saved.is_file():
-            raise FileNotFoundError(f"--resume: {run_dir} holds no run to resume (no {CONFIG_FILE})")
+            raise FileNotFoundError(f"--resume: {run_dir} holds no run to resume (no {RUN_CONFIG_FILE})")
         run = load_config(path, overrides, base=saved)
         if run.run_dir != run_dir:  # the directory was found by its new name: record that one
             run = dataclasses.replace(run, out=str(run_dir))
@@ -110,10 +110,10 @@ def bind_to_data(run: RunConfig, meta: dict) -> RunConfig:
 def _holds_only_leftovers(run_dir: Path) -> bool:
     """Nothing but what a trainer killed before writing its config leaves (its lock, a temporary config file):
     such a directory is as good as empty for a fresh start."""
-    return all(p.name == LOCK_FILE or (p.name.startswith(CONFIG_FILE + ".") and p.name.endswith(".tmp"))
+    return all(p.name == LOCK_FILE or (p.name.startswith(RUN_CONFIG_FILE + ".") and p.name.endswith(".tmp"))
                for p in run_dir.iterdir())
 
 
 def write_config(run_dir: Path, run: RunConfig) -> None:
     """Write RUN_DIR/config.yaml atomically."""
-    write_text_atomically(run_dir / CONFIG_FILE, run.to_yaml())
+    write_text_atomically(run_dir / RUN_CONFIG_FILE, run.to_yaml())

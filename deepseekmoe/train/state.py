@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import STEP_PREFIX, list_checkpoints, write_model_files
+from ..checkpoint import list_checkpoints, write_model_files
 from ..fileio import written_atomically
+from ..filenames import CHECKPOINT_RUN_CONFIG_FILE, STEP_PREFIX
 
 TRAINER_STATE_FILE = "trainer_state.pt"
-RUN_CONFIG_FILE = "run_config.yaml"
 
 
 @dataclass
@@ -68,7 +68,7 @@ def save_training_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: t
         write_model_files(model, tmp, tokenizer_path)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rng_state(), "progress": asdict(progress)}, tmp / TRAINER_STATE_FILE)
-        (tmp / RUN_CONFIG_FILE).write_text(run_config_yaml)
+        (tmp / CHECKPOINT_RUN_CONFIG_FILE).write_text(run_config_yaml)
     prune_checkpoints(run_dir, keep_last)
     return final
 

@@ -33,6 +33,7 @@ from ..distributed.training import (NullLogger, device_load_record, gather_train
                                     main_first, on_main, reduce_step_stats, setup_parallel,
                                     shard_optimizer_state, single_process)
 from ..errors import UserError
+from ..filenames import TOKENIZER_FILE
 from ..losses import total_loss
 from ..model import Transformer
 from ..runtime import describe as describe_experts, for_device, parse_device
@@ -173,7 +174,7 @@ class Trainer:
         self.bytes_per_token = val["bytes"] / max(val["tokens"], 1)
         self.batches = PackedBatches(open_split(data_dir, "train"), self.cfg.batch_size, self.cfg.seq_len,
                                      self.cfg.seed)
-        self.tokenizer_path = data_dir / "tokenizer.json"
+        self.tokenizer_path = data_dir / TOKENIZER_FILE
         self.peak_flops = self.cfg.peak_flops or (
             GPU_PEAK_FLOPS if self.device.type == "cuda" else CPU_PEAK_FLOPS_PER_THREAD * torch.get_num_threads())
         self.peak_flops *= self.parallel.world_size  # tokens/s are counted over all processes
