@@ -4,7 +4,8 @@
     config.json         ModelConfig.to_dict()
     tokenizer.json      the run's tokenizer, when it has one
 
-A run directory keeps checkpoints under RUN_DIR/checkpoints/step_XXXXXXXX/; `resolve_checkpoint` accepts either.
+A run directory keeps checkpoints under RUN_DIR/checkpoints/step_XXXXXXXX/; `find_checkpoint` accepts either.
+This module knows only this format; `convert/load.py` loads any checkpoint path, ours or Hugging Face's.
 Directories are written with `fileio.written_atomically`: a kill or a power loss leaves the old directory or the
 new one, complete.
 """
@@ -84,12 +85,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, the latest checkpoint of a run directory, or a Hugging Face DeepSeekMoE directory."""
-    from .convert.hf import is_hf_directory
-
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the latest checkpoint of a run directory (`convert.load` adds HF directories)."""
     p = Path(path)
-    if (p / MODEL_FILE).is_file() or is_hf_directory(p):
+    if (p / MODEL_FILE).is_file():
         return p
     ckpts = list_checkpoints(p)
     if ckpts:
@@ -108,16 +107,10 @@ def _check_shapes(state: dict[str, torch.Tensor], model: Transformer, ckpt: Path
                              f"implies {list(expected[key].shape)}")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[Transformer, Path]:
-    """Load a checkpoint (or a run's latest) -> (model in eval mode, checkpoint directory).
-
-    A Hugging Face DeepSeekMoE directory (config.json with model_type 'deepseek') is read by the converter."""
-    from .convert.hf import is_hf_directory, load_hf_model
-
-    if is_hf_directory(path):
-        return load_hf_model(path, device, dtype)
-    ckpt = resolve_checkpoint(path)
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> tuple[Transformer, Path]:
+    """Load a checkpoint (or a run's latest) -> (model in eval mode, checkpoint directory)."""
+    ckpt = find_checkpoint(path)
     config = ModelConfig.from_dict(json.loads((ckpt / CONFIG_FILE).read_text()))
     with torch.device("meta"):
         model = Transformer(config)

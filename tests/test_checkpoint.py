@@ -10,7 +10,8 @@ import torch
 
 from deepseekmoe import Transformer
 from deepseekmoe.train import state as state_module
-from deepseekmoe.checkpoint import list_checkpoints, load_model, resolve_checkpoint, save_model
+from deepseekmoe.checkpoint import list_checkpoints, save_model
+from deepseekmoe.convert.load import load_model, resolve_checkpoint
 from deepseekmoe.train.config import TrainConfig
 from deepseekmoe.train.optim import build_optimizer, build_scheduler
 from deepseekmoe.train.state import (Progress, load_training_state, prune_checkpoints, save_training_checkpoint,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepseekmoe.checkpoint import load_model
+from deepseekmoe.convert.load import load_model
 from train_helpers import make_data_dir, read_metrics, tiny_overrides
 
 pytestmark = pytest.mark.slow

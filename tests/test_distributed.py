@@ -30,7 +30,8 @@ from deepseekmoe.distributed.expert_parallel import ExpertParallelExperts
 from deepseekmoe.distributed.training import gather_optimizer_state, shard_optimizer_state
 from deepseekmoe.losses import device_balance_loss, total_loss
 from deepseekmoe.model.experts import experts_loop
-from deepseekmoe.checkpoint import load_model, save_model
+from deepseekmoe.checkpoint import save_model
+from deepseekmoe.convert.load import load_model
 
 pytestmark = pytest.mark.slow  # one 2-process spawn for the module: ~10-20 s on 2 busy cores
 

@@ -15,7 +15,8 @@ from deepseekmoe import Transformer
 from deepseekmoe.cli import main
 from deepseekmoe.losses import LossParts
 from deepseekmoe.train import trainer as trainer_module
-from deepseekmoe.checkpoint import list_checkpoints, load_model
+from deepseekmoe.checkpoint import list_checkpoints
+from deepseekmoe.convert.load import load_model
 from deepseekmoe.train.config import TrainConfig, coerce, load_config
 from deepseekmoe.train.state import load_training_state
 from deepseekmoe.train.trainer import forward_backward, optimizer_step

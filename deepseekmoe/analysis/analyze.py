@@ -129,7 +129,7 @@ def analyze_command(checkpoints: list[str], *, data: str | None = None, out: str
         seq_len: tokens per window (capped at each model's max_position_embeddings).
         top_tokens: tokens listed per expert.
     """
-    from ..checkpoint import load_model
+    from ..convert.load import load_model
 
     out_dir = check_output_dir(out)
     data_dir = Path(data) if data else _builtin_data()

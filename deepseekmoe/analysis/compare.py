@@ -272,7 +272,7 @@ def analyze_finals(out: Path, results: dict[str, Any], recipe: dict[str, Any]) -
     """Routing analysis (stats, Figs. 4-5, shared swap) of every routed model's seed-0 final checkpoint."""
     from .analyze import _decoder, analyze_model, validation_batches, write_plots as analysis_plots
     from ..data.builtin import ensure_builtin_data
-    from ..checkpoint import load_model
+    from ..convert.load import load_model
 
     data_dir = Path(recipe["data"]) if recipe["data"] else Path(ensure_builtin_data())
     batches = validation_batches(data_dir, recipe["batch_size"], recipe["seq_len"], recipe["eval_batches"])

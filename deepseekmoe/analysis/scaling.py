@@ -110,7 +110,7 @@ def _measure_routing(ckpt: Path, recipe: dict[str, Any]) -> dict[str, float] | N
     import torch
 
     from ..data.builtin import ensure_builtin_data
-    from ..checkpoint import load_model
+    from ..convert.load import load_model
     from .analyze import validation_batches
     from .stats import RoutingStats
 

@@ -106,7 +106,7 @@ def _write_shards(source: Path, config: ModelConfig, layout: dict[str, Shape], d
 def convert_to_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str | int = "5GB",
                   progress: bool = False) -> Path:
     """Our checkpoint (or a run's latest) -> an HF directory in the official layout, atomically."""
-    from ..checkpoint import resolve_checkpoint
+    from .load import resolve_checkpoint
     from ..fileio import written_atomically
 
     ckpt, out = resolve_checkpoint(checkpoint), Path(out)

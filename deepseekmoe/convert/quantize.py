@@ -151,8 +151,9 @@ def stream_checkpoint(ckpt: Path) -> Iterator[tuple[str, int, torch.Tensor]]:
 def float_source(src: Path, progress: bool = False) -> tuple[ModelConfig, Entries, Iterator, Path]:
     """(config, float layout, its pieces (name, element offset, tensor), the directory holding the tokenizer files)
     of an HF directory or a float checkpoint (or a run's latest)."""
-    from ..checkpoint import resolve_checkpoint
-    from .hf import _open, _stream, is_hf_directory
+    from .hf import _open, _stream
+    from .hf_layout import is_hf_directory
+    from .load import resolve_checkpoint
 
     if is_hf_directory(src):
         config, files, layout, entries = _open(src)

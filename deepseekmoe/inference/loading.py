@@ -16,14 +16,15 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from ..config import ModelConfig
-from ..convert.hf import is_hf_directory
+from ..convert.hf_layout import is_hf_directory
+from ..convert.load import load_model, resolve_checkpoint
 from ..convert.quantize import check_format, read_quantized_checkpoint, read_quantized_state
 from ..model import Transformer
 from ..model.experts import RoutedExperts
 from ..model.quantized import SCALE_SUFFIX, QuantizedLinear, QuantizedWeight
 from ..model.router import HashRouter
 from ..runtime import for_device, parse_device
-from ..checkpoint import MODEL_FILE, TOKENIZER_FILE, load_model, resolve_checkpoint
+from ..filenames import MODEL_FILE, TOKENIZER_FILE
 
 
 def pick_device(device: str | None) -> torch.device:

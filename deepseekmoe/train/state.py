@@ -1,7 +1,7 @@
 """Training checkpoints: a model checkpoint (see checkpoint.py) plus everything needed to continue exactly.
 
 RUN_DIR/checkpoints/step_XXXXXXXX/
-    model.safetensors, config.json, tokenizer.json   the model, loadable by checkpoint.load_model
+    model.safetensors, config.json, tokenizer.json   the model, loadable by checkpoint.load_checkpoint
     trainer_state.pt    optimizer and LR-scheduler state dicts, RNG states (torch CPU/CUDA, Python), the data
                         position (next batch index), the step and the non-finite-loss counters
     run_config.yaml     the resolved RunConfig the run was using

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..accounting import estimate_mfu
-from ..checkpoint import list_checkpoints, load_model
+from ..checkpoint import list_checkpoints, load_checkpoint
 from ..distributed import local_batch, parallelize
 from ..distributed.mesh import Parallel, shutdown
 from ..distributed.training import (NullLogger, device_load_record, gather_training_state, grad_clipper,
@@ -220,7 +220,7 @@ class Trainer:
         for ckpt in reversed(list_checkpoints(self.run_dir)):
             try:
                 state = load_training_state(ckpt)
-                model, _ = load_model(ckpt, device=self.device)
+                model, _ = load_checkpoint(ckpt, device=self.device)
             except FileNotFoundError:
                 raise
             except Exception as exc:  # safetensors, torch.load and zip readers raise their own types
