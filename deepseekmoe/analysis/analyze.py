@@ -153,6 +153,6 @@ def analyze_command(checkpoints: list[str], *, data: str | None = None, out: str
 
 
 def _builtin_data() -> Path:
-    from ..data.builtin import ensure_builtin_data
+    from ..data.builtin_cache import ensure_builtin_data
 
     return Path(ensure_builtin_data())

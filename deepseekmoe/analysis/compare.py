@@ -271,7 +271,7 @@ def write_plots(out: Path, results: dict[str, Any]) -> list[str]:
 def analyze_finals(out: Path, results: dict[str, Any], recipe: dict[str, Any]) -> None:
     """Routing analysis (stats, Figs. 4-5, shared swap) of every routed model's seed-0 final checkpoint."""
     from .analyze import _decoder, analyze_model, validation_batches, write_plots as analysis_plots
-    from ..data.builtin import ensure_builtin_data
+    from ..data.builtin_cache import ensure_builtin_data
     from ..convert.load import load_model
 
     data_dir = Path(recipe["data"]) if recipe["data"] else Path(ensure_builtin_data())

@@ -109,7 +109,7 @@ def routing_health(run_dir: Path, recipe: dict[str, Any]) -> dict[str, float] | 
 def _measure_routing(ckpt: Path, recipe: dict[str, Any]) -> dict[str, float] | None:
     import torch
 
-    from ..data.builtin import ensure_builtin_data
+    from ..data.builtin_cache import ensure_builtin_data
     from ..convert.load import load_model
     from .analyze import validation_batches
     from .stats import RoutingStats

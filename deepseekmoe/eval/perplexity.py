@@ -147,7 +147,7 @@ def recorded_data(run: dict | None) -> Path:
         raise ValueError("no run config.yaml records the training data; pass --data DATA_DIR_OR_TEXT_FILE")
     if run.get("data"):
         return Path(str(run["data"]))
-    from ..data.builtin import ensure_builtin_data
+    from ..data.builtin_cache import ensure_builtin_data
 
     return Path(ensure_builtin_data())
 

@@ -92,7 +92,7 @@ def data_directory(run: RunConfig) -> Path:
     """The run's prepared data directory; the built-in corpus (built on first use) when none is given."""
     if run.data:
         return Path(run.data)
-    from ..data.builtin import ensure_builtin_data
+    from ..data.builtin_cache import ensure_builtin_data
 
     return Path(ensure_builtin_data())
 
