@@ -25,9 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..model import Transformer
 from ..checkpoint import save_model
-from .expert_parallel import apply_expert_parallel, expert_parameters, full_model
+from .expert_parallel import apply_expert_parallel, expert_parameters, full_model, with_ep_device_groups
 from .mesh import Parallel
-from .training import run_model_config
 
 
 def _expert_grad_hook(dp_group: dist.ProcessGroup | None, dp: int, world: int):
@@ -55,9 +54,9 @@ def apply_data_parallel(model: Transformer, parallel: Parallel) -> nn.Module:
 def parallelize(model: Transformer, parallel: Parallel) -> nn.Module:
     """Expert parallel (when ep > 1), then data parallel. The model is changed in place; the returned module
     is the one to call for training. With ep > 1 and n_device_groups left at 1, the device-level balance loss
-    uses the EP ranks as its devices (`training.run_model_config`), as the paper does for 145B."""
+    uses the EP ranks as its devices (`expert_parallel.with_ep_device_groups`), as the paper does for 145B."""
     if parallel.ep > 1:
-        model.config = run_model_config(model.config, parallel.ep)
+        model.config = with_ep_device_groups(model.config, parallel.ep)
         apply_expert_parallel(model, parallel.ep_group)
     return apply_data_parallel(model, parallel)
 
