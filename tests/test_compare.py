@@ -7,6 +7,7 @@ import pytest
 
 from deepseekmoe.analysis import compare
 from deepseekmoe.analysis.results import HEADERS, table_rows
+from deepseekmoe.commands.compare import compare_command
 from deepseekmoe.errors import UserError
 from train_helpers import make_data_dir
 
@@ -127,7 +128,7 @@ def test_micro_suite_writes_table_and_second_call_trains_nothing(tmp_path, monke
     out = tmp_path / "cmp"
     kwargs = dict(models=["tiny-dense", "tiny-gshard"], steps=2, seeds=1, data=str(data), out=str(out),
                   batch_size=2, seq_len=32, eval_batches=2)
-    assert compare.compare_command(**kwargs) == 0
+    assert compare_command(**kwargs) == 0
     results = json.loads((out / "results.json").read_text())
     (suite,) = results["suites"]
     assert [m["preset"] for m in suite["models"]] == ["tiny-dense", "tiny-gshard"]
@@ -144,6 +145,6 @@ def test_micro_suite_writes_table_and_second_call_trains_nothing(tmp_path, monke
     assert len(analysis["checkpoints"][1]["disable_top"]) == 5
     before = (out / "runs" / "tiny-gshard" / "seed0" / "metrics.jsonl").read_text()
     monkeypatch.setattr(compare, "train_run", lambda *a, **k: pytest.fail("a finished run was trained again"))
-    assert compare.compare_command(**kwargs, analyze=False) == 0
+    assert compare_command(**kwargs, analyze=False) == 0
     assert (out / "runs" / "tiny-gshard" / "seed0" / "metrics.jsonl").read_text() == before
     assert json.loads((out / "results.json").read_text())["suites"] == results["suites"]

@@ -67,7 +67,7 @@ def budget_recipes(budgets: list[int], **recipe_args: Any) -> list[tuple[int, Pa
     return out
 
 
-def scaling_command(out: Path, budgets: list[int], scale: str, **recipe_args: Any) -> int:
+def run_scaling_suite(out: Path, budgets: list[int], scale: str, **recipe_args: Any) -> int:
     suite = SUITES["table1"]
     presets = {sfx: preset_for(scale, sfx) for _, sfx in suite.models}
     plan = budget_recipes(budgets, scale=scale, **recipe_args)
