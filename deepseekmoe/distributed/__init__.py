@@ -3,7 +3,7 @@
     mesh.py             (dp, ep) DeviceMesh from torchrun's environment; gloo on CPU, nccl on GPU
     expert_parallel.py  routed experts split over the EP group; all-to-all dispatch and combine
     data_parallel.py    DDP for the replicated part, expert gradients reduced over their DP replicas,
-                        global gradient clipping, batch sharding, full-state checkpoints
+                        global gradient clipping, batch sharding
     training.py         trainer hooks: setup from torchrun, step statistics over ranks, gathered optimizer
                         state (world-size independent checkpoints), per-device load
     planner.py          `deepseekmoe plan`: per-GPU memory, all-to-all bytes and step time on paper
@@ -14,7 +14,7 @@ config runs on one process). In code: `parallel = init_parallel(ep, n_routed_exp
 """
 
 from .data_parallel import (
-    apply_data_parallel, clip_grad_norm_, local_batch, parallelize, save_full_checkpoint,
+    apply_data_parallel, clip_grad_norm_, local_batch, parallelize,
 )
 from .expert_parallel import ExpertParallelExperts, all_to_all, apply_expert_parallel, gather_full_state
 from .mesh import Parallel, check_sizes, init_parallel, shutdown
@@ -22,5 +22,5 @@ from .mesh import Parallel, check_sizes, init_parallel, shutdown
 __all__ = [
     "ExpertParallelExperts", "Parallel", "all_to_all", "apply_data_parallel", "apply_expert_parallel",
     "check_sizes", "clip_grad_norm_", "gather_full_state", "init_parallel", "local_batch", "parallelize",
-    "save_full_checkpoint", "shutdown",
+    "shutdown",
 ]
