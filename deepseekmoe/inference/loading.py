@@ -27,11 +27,6 @@ from ..runtime import for_device, parse_device
 from ..filenames import MODEL_FILE, TOKENIZER_FILE
 
 
-def pick_device(device: str | None) -> torch.device:
-    """The requested device, or CUDA when available, else CPU."""
-    return parse_device(device, "--device")
-
-
 def load_for_inference(path: str | Path, device: str | None = None, quantize: str | None = None,
                        group_size: int = 128) -> tuple[Transformer, Tokenizer, Path]:
     """(model in eval mode, tokenizer, checkpoint dir) for a checkpoint or a run directory (its latest checkpoint).
@@ -49,7 +44,7 @@ def load_for_inference(path: str | Path, device: str | None = None, quantize: st
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
     except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
         raise ValueError(f"cannot read tokenizer {tokenizer_path}: {exc}") from None
-    model = load_weights(ckpt, None if device is None else pick_device(device), quantize, group_size)
+    model = load_weights(ckpt, None if device is None else parse_device(device, "--device"), quantize, group_size)
     for_device(model, model.lm_head.weight.device)
     return model, tokenizer, ckpt
 
@@ -60,7 +55,7 @@ def load_weights(ckpt: Path, device: torch.device | None = None, quantize: str |
     device None: the CPU for quantized weights, else CUDA when available."""
     stored = None if is_hf_directory(ckpt) else read_quantized_checkpoint(ckpt)
     if device is None:
-        device = torch.device("cpu") if stored is not None or quantize is not None else pick_device(None)
+        device = torch.device("cpu") if stored is not None or quantize is not None else parse_device(None, "--device")
     if stored is not None and quantize is not None and quantize != stored[1]["format"]:
         raise ValueError(f"{ckpt} is stored in {stored[1]['format']}; --quantize {quantize} cannot requantize it")
     if stored is None and quantize is not None:

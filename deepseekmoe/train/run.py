@@ -14,12 +14,12 @@ from ..data.dataset import read_meta
 from ..distributed.mesh import Parallel, shutdown
 from ..distributed.training import NullLogger, main_first, setup_parallel
 from ..model import Transformer
-from ..runtime import describe as describe_experts
+from ..runtime import describe as describe_experts, parse_device
 from .config import RunConfig, TrainConfig
 from .metrics import MetricsLogger, truncate_metrics
 from .rundir import (bind_to_data, data_directory, option_overrides, resolve_run, run_lock, split_config_args,
                      write_config)
-from .trainer import Trainer, pick_device
+from .trainer import Trainer
 
 Sampler = Callable[[Transformer, Path, TrainConfig], str]
 
@@ -30,7 +30,7 @@ def run_training(config: list[str] | tuple[str, ...] = (), *, preset: str | None
     """Train as `deepseekmoe train` does (its arguments) -> the exit code (128 + signal when stopped)."""
     path, overrides = split_config_args(config)
     run, run_dir = resolve_run(path, option_overrides(preset, data, out, max_steps) + overrides, resume)
-    run, parallel = setup_parallel(run, ep, pick_device(run.train.device))
+    run, parallel = setup_parallel(run, ep, parse_device(run.train.device, "train.device"))
     with main_first(parallel):
         data_dir = data_directory(run)
     run = bind_to_data(run, read_meta(data_dir))

@@ -159,7 +159,7 @@ class Trainer:
         from ..data.dataset import PackedBatches, check_eval_windows, open_split, read_meta
 
         self.run, self.cfg, self.run_dir, self.data_dir = run, run.train, run_dir, data_dir
-        self.device = parallel.device if parallel else pick_device(self.cfg.device)
+        self.device = parallel.device if parallel else parse_device(self.cfg.device, "train.device")
         self.parallel = parallel or single_process(self.device)
         self.autocast = autocast_context(self.device, self.cfg.precision)
         self.compute_dtype = self.autocast.fast_dtype if self.autocast is not None else torch.float32
@@ -316,10 +316,6 @@ class Trainer:
             self.tokenizer_path if self.tokenizer_path.is_file() else None, self.cfg.keep_last))
         self.saved_step = self.progress.step
         return self.last_saved
-
-
-def pick_device(name: str) -> torch.device:
-    return parse_device(name, "train.device")
 
 
 def autocast_context(device: torch.device, precision: str) -> ContextManager | None:
