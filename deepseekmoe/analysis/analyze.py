@@ -17,6 +17,9 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from tokenizers import Tokenizer
+
+from ..data.dataset import eval_batches, open_split
 from ..filenames import TOKENIZER_FILE
 from ..model import Transformer
 from .specialization import Batch, disable_top_experts, evaluate_loss, shared_expert_swap, vary_top_k
@@ -25,8 +28,6 @@ from .stats import RoutingStats
 
 def validation_batches(data_dir: str | Path, batch_size: int, seq_len: int, num_batches: int) -> list[Batch]:
     """The first `num_batches` sequential windows of the validation split, materialised once."""
-    from ..data.dataset import eval_batches, open_split
-
     batches = list(eval_batches(open_split(data_dir, "val"), batch_size, seq_len, max_batches=num_batches))
     if not batches:
         raise ValueError(f"{data_dir}: the validation split holds no window of {seq_len + 1} tokens")
@@ -50,8 +51,6 @@ def _sha256(path: Path) -> str:
 
 def token_decoder(ckpt: Path, data_dir: Path) -> Callable[[int], str] | None:
     """Token id -> text with the checkpoint's tokenizer; refuses a data dir made with a different one."""
-    from tokenizers import Tokenizer
-
     own, data_tok = ckpt / TOKENIZER_FILE, data_dir / TOKENIZER_FILE
     if own.is_file() and data_tok.is_file() and _sha256(own) != _sha256(data_tok):
         raise ValueError(f"{ckpt} was trained with a different tokenizer than {data_dir}")

@@ -29,11 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from ..accounting import count
+from ..checkpoint import list_checkpoints
 from ..config import ModelConfig
+from ..convert.load import load_model
+from ..data.builtin_cache import ensure_builtin_data
 from ..errors import UserError
 from ..filenames import CONFIG_FILE, RUN_CONFIG_FILE
 from ..presets import load_preset
-from ..checkpoint import list_checkpoints
+from ..train.config import load_config
+from ..train.run import run_training
+from .analyze import analyze_model, token_decoder, validation_batches, write_plots as analysis_plots
 from .results import RESULTS_JSON, read_records, read_run, table_markdown, write_json
 
 RECIPE_JSON = "recipe.json"
@@ -136,8 +141,6 @@ def recipe_overrides(recipe: dict[str, Any], seed: int) -> list[str]:
 
 def train_run(preset: str, seed: int, run_dir: Path, recipe: dict[str, Any], resume: bool) -> int:
     """One trainer run (in this process); returns the trainer's exit code (130 when interrupted)."""
-    from ..train.run import run_training
-
     return run_training(recipe_overrides(recipe, seed), preset=preset, data=recipe["data"], out=str(run_dir),
                         max_steps=recipe["steps"], resume=resume)
 
@@ -209,8 +212,6 @@ def run_model_config(run_dir: Path) -> ModelConfig | None:
     if ckpts:
         return ModelConfig.from_dict(json.loads((ckpts[-1] / CONFIG_FILE).read_text()))
     if (run_dir / RUN_CONFIG_FILE).is_file():
-        from ..train.config import load_config
-
         return load_config(run_dir / RUN_CONFIG_FILE).model
     return None
 
@@ -269,10 +270,6 @@ def write_plots(out: Path, results: dict[str, Any]) -> list[str]:
 
 def analyze_finals(out: Path, results: dict[str, Any], recipe: dict[str, Any]) -> None:
     """Routing analysis (stats, Figs. 4-5, shared swap) of every routed model's seed-0 final checkpoint."""
-    from .analyze import analyze_model, token_decoder, validation_batches, write_plots as analysis_plots
-    from ..data.builtin_cache import ensure_builtin_data
-    from ..convert.load import load_model
-
     data_dir = Path(recipe["data"]) if recipe["data"] else Path(ensure_builtin_data())
     batches = validation_batches(data_dir, recipe["batch_size"], recipe["seq_len"], recipe["eval_batches"])
     labels: dict[str, str] = {}

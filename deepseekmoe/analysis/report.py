@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from .analyze import write_plots
 from .results import HEADERS, RESULTS_JSON, load_history, read_records, read_run, recipe_line, table_rows
 
 CSS = """
@@ -104,8 +105,6 @@ def load_section(run_dirs: dict[str, Path], tmp: Path, plots: Any) -> str:
 
 
 def analysis_section(analysis: dict[str, Any], tmp: Path) -> str:
-    from .analyze import write_plots
-
     results = analysis["checkpoints"]
     files = write_plots(results, tmp)
     parts = ["<h2>Routing analysis</h2>",

@@ -26,9 +26,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..convert.load import load_model
+from ..data.builtin_cache import ensure_builtin_data
+from .analyze import validation_batches
 from .compare import (SUITES, _check_recipe, _run_all, final_checkpoint, make_recipe, preset_for, run_dir_for,
                       run_status, write_results)
 from .results import write_json
+from .stats import RoutingStats
 
 DEFAULT_BUDGETS = "0.5M,1M,2M,4M,8M"
 # the paper's pairwise claims (Table 1): (better, worse) by preset suffix
@@ -107,13 +113,6 @@ def routing_health(run_dir: Path, recipe: dict[str, Any]) -> dict[str, float] | 
 
 
 def _measure_routing(ckpt: Path, recipe: dict[str, Any]) -> dict[str, float] | None:
-    import torch
-
-    from ..data.builtin_cache import ensure_builtin_data
-    from ..convert.load import load_model
-    from .analyze import validation_batches
-    from .stats import RoutingStats
-
     model, _ = load_model(ckpt)
     layers = sum(1 for i in range(model.config.num_hidden_layers) if model.config.is_moe_layer(i))
     if layers == 0:

@@ -22,7 +22,9 @@ import torch
 
 from ..checkpoint import open_safetensors
 from ..config import ModelConfig
+from ..fileio import written_atomically
 from ..filenames import CONFIG_FILE, MODEL_FILE
+from ..model import Transformer
 from .hf_layout import (INDEX_FILE, Shape, copy_side_files, format_shape, hf_layout, is_hf_directory, our_entries,
                         our_source)
 from .stream import DTYPES, SafetensorsWriter
@@ -160,8 +162,6 @@ def read_hf_state(hf_dir: str | Path, device: str | torch.device = "cpu",
 def load_hf_model(path: str | Path, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None):
     """An HF directory -> (Transformer in eval mode, the directory); the checkpoint's dtype unless `dtype`."""
-    from ..model import Transformer
-
     config, state = read_hf_state(path, device)
     with torch.device("meta"):
         model = Transformer(config)
@@ -181,8 +181,6 @@ def convert_from_hf(hf_dir: str | Path, out: str | Path, progress: bool = False)
     """HF directory -> our checkpoint directory (model.safetensors, config.json, tokenizer files), atomically.
 
     Each HF tensor is written straight to its place in the output file: peak memory is one tensor."""
-    from ..fileio import written_atomically
-
     hf_dir, out = Path(hf_dir), Path(out)
     config, files, layout, entries = _open(hf_dir)
     with written_atomically(out) as tmp:

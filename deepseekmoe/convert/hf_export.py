@@ -19,10 +19,12 @@ import torch
 
 from ..checkpoint import open_safetensors
 from ..config import ModelConfig
+from ..fileio import written_atomically
 from ..filenames import CONFIG_FILE, MODEL_FILE
+from .hf_files import write_hf_files
 from .hf_layout import (INDEX_FILE, Shape, copy_side_files, format_shape, hf_layout, is_hf_directory, our_entries,
                         our_source)
-from .hf_files import write_hf_files
+from .load import resolve_checkpoint
 from .stream import DTYPES, SafetensorsWriter
 
 def parse_size(text: str | int) -> int:
@@ -106,9 +108,6 @@ def _write_shards(source: Path, config: ModelConfig, layout: dict[str, Shape], d
 def convert_to_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str | int = "5GB",
                   progress: bool = False) -> Path:
     """Our checkpoint (or a run's latest) -> an HF directory in the official layout, atomically."""
-    from .load import resolve_checkpoint
-    from ..fileio import written_atomically
-
     ckpt, out = resolve_checkpoint(checkpoint), Path(out)
     if is_hf_directory(ckpt):
         raise ValueError(f"{ckpt} is already a Hugging Face directory; --to-hf takes one of our checkpoints")

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders
 
+from ..data.dataset import eval_batches
 from ..model import Transformer
 
 
@@ -93,7 +94,6 @@ def evaluate(model: Transformer, tokens: np.ndarray, byte_lengths: np.ndarray, *
     if seq_len > model.config.max_position_embeddings:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}")
-    from ..data.dataset import eval_batches
 
     seq_len = min(seq_len, len(tokens) - 1)
     if int(tokens.max()) >= model.config.vocab_size:

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
+from ..data.builtin_cache import ensure_builtin_data
 from ..errors import UserError
 from ..fileio import write_text_atomically
 from ..filenames import RUN_CONFIG_FILE
@@ -92,7 +93,6 @@ def data_directory(run: RunConfig) -> Path:
     """The run's prepared data directory; the built-in corpus (built on first use) when none is given."""
     if run.data:
         return Path(run.data)
-    from ..data.builtin_cache import ensure_builtin_data
 
     return Path(ensure_builtin_data())
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..accounting import estimate_mfu
 from ..checkpoint import list_checkpoints, load_checkpoint
+from ..data.dataset import PackedBatches, check_eval_windows, eval_batches, open_split, read_meta
 from ..distributed import local_batch, parallelize
 from ..distributed.mesh import Parallel
 from ..distributed.training import (device_load_record, gather_training_state, grad_clipper, on_main, reduce_step_stats,
@@ -109,8 +110,6 @@ def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, schedul
 def evaluate(model: Transformer, val_tokens: Any, cfg: TrainConfig, bytes_per_token: float,
              autocast: ContextManager | None = None, max_batches: int | None = None) -> dict[str, float]:
     """LM loss over the first `max_batches` validation batches (a fixed subset; None: all) and bits per byte."""
-    from ..data.dataset import eval_batches
-
     device = model.embed_tokens.weight.device
     was_training = model.training
     model.eval()
@@ -156,8 +155,6 @@ class Trainer:
 
     def __init__(self, run: RunConfig, run_dir: Path, data_dir: Path, resume: bool = False,
                  parallel: Parallel | None = None) -> None:
-        from ..data.dataset import PackedBatches, check_eval_windows, open_split, read_meta
-
         self.run, self.cfg, self.run_dir, self.data_dir = run, run.train, run_dir, data_dir
         self.device = parallel.device if parallel else parse_device(self.cfg.device, "train.device")
         self.parallel = parallel or single_process(self.device)
