@@ -145,7 +145,7 @@ def train_run(preset: str, seed: int, run_dir: Path, recipe: dict[str, Any], res
                         max_steps=recipe["steps"], resume=resume)
 
 
-def _check_recipe(out: Path, recipe: dict[str, Any]) -> None:
+def check_recipe(out: Path, recipe: dict[str, Any]) -> None:
     path = out / RECIPE_JSON
     if path.is_file():
         old = json.loads(path.read_text())
@@ -162,7 +162,7 @@ def _record_recipe(out: Path, recipe: dict[str, Any]) -> None:
         write_json(out / RECIPE_JSON, recipe)
 
 
-def _run_all(jobs: list[tuple[str, int]], out: Path, recipe: dict[str, Any]) -> bool:
+def run_all(jobs: list[tuple[str, int]], out: Path, recipe: dict[str, Any]) -> bool:
     """Train every (preset, seed) not yet done, with progress; False when interrupted."""
     started, trained = time.perf_counter(), 0
     for i, (preset, seed) in enumerate(jobs):

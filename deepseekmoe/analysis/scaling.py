@@ -31,7 +31,7 @@ import torch
 from ..convert.load import load_model
 from ..data.builtin_cache import ensure_builtin_data
 from .analyze import validation_batches
-from .compare import (SUITES, _check_recipe, _run_all, final_checkpoint, make_recipe, preset_for, run_dir_for,
+from .compare import (SUITES, check_recipe, final_checkpoint, make_recipe, preset_for, run_all, run_dir_for,
                       run_status, write_results)
 from .results import write_json
 from .stats import RoutingStats
@@ -78,14 +78,14 @@ def run_scaling_suite(out: Path, budgets: list[int], scale: str, **recipe_args: 
     presets = {sfx: preset_for(scale, sfx) for _, sfx in suite.models}
     plan = budget_recipes(budgets, scale=scale, **recipe_args)
     for _, name, recipe in plan:  # every budget's recipe checked before any training
-        _check_recipe(out / name, recipe)
+        check_recipe(out / name, recipe)
     seeds = recipe_args["seeds"]
     jobs = [(presets[sfx], s) for s in range(seeds) for _, sfx in suite.models]
     finished = True
     for i, (tokens, name, recipe) in enumerate(plan):
         print(f"budget {i + 1}/{len(plan)}: {budget_label(tokens)} tokens per run ({recipe['steps']} steps)",
               file=sys.stderr, flush=True)
-        finished = _run_all(jobs, out / name, recipe)
+        finished = run_all(jobs, out / name, recipe)
         write_results(out / name, recipe, {"table1": (suite, presets)})
         if not finished:
             break

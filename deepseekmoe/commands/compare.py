@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..analysis.compare import (DEFAULT_STEPS, _check_recipe, _run_all, analyze_finals, make_recipe, resolve_suites,
+from ..analysis.compare import (DEFAULT_STEPS, analyze_finals, check_recipe, make_recipe, resolve_suites, run_all,
                                 write_plots, write_results)
 from ..analysis.scaling import DEFAULT_BUDGETS, parse_budgets, run_scaling_suite
 from ..fileio import check_output_dir
@@ -58,10 +58,10 @@ def compare_command(*, suite: str = "table1", data: str | None = None, steps: in
     suites = resolve_suites(suite, scale, models)
     recipe = make_recipe(steps=steps or DEFAULT_STEPS.get(scale, 300), scale=scale, **common)
     out_dir = check_output_dir(out)
-    _check_recipe(out_dir, recipe)
+    check_recipe(out_dir, recipe)
     jobs = list(dict.fromkeys((p, s) for _, presets in suites.values() for p in presets.values()
                               for s in range(seeds)))
-    finished = _run_all(jobs, out_dir, recipe)
+    finished = run_all(jobs, out_dir, recipe)
     results = write_results(out_dir, recipe, suites)
     write_plots(out_dir, results)
     if not finished:

@@ -2,36 +2,12 @@
 
 from __future__ import annotations
 
-import errno
-import socket
-
 import uvicorn
 
 from ..inference.engine import Engine
 from ..inference.loading import load_for_inference
 from ..inference.routes import make_app
-from ..inference.server import OpenAIServer, Settings, checkpoint_chat_template
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port, or one error line naming what is wrong (before any model is loaded)."""
-    if not 0 <= port <= 65535:
-        raise ValueError(f"--port {port} is not a TCP port (0-65535; 0 picks a free one)")
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as exc:
-        raise ValueError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-        sock.listen(2048)
-    except OSError as exc:
-        sock.close()
-        why = "the address is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-        raise ValueError(f"cannot listen on {host}:{port}: {why}") from None
-    sock.set_inheritable(True)
-    return sock
+from ..inference.server import OpenAIServer, Settings, bind, checkpoint_chat_template
 
 
 def serve_command(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000,

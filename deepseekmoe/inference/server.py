@@ -15,7 +15,9 @@ log-probability (conditioned on bos) unless the client sent bos itself.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -216,6 +218,27 @@ def stream_error(r: Request) -> str | None:
         return sse({"error": {"message": f"the request ended: {r.finish_reason}", "type": "server_error",
                               "param": None, "code": status}})
     return None
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or one error line naming what is wrong (before any model is loaded)."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a TCP port (0-65535; 0 picks a free one)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        why = "the address is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise ValueError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def checkpoint_chat_template(ckpt: Path) -> str | None:
