@@ -26,7 +26,7 @@ from moe_layer import machine  # noqa: E402
 
 from deepseekmoe import Transformer, load_preset  # noqa: E402
 from deepseekmoe.convert.hf_export import convert_to_hf  # noqa: E402
-from deepseekmoe.train.checkpoint import save_model  # noqa: E402
+from deepseekmoe.checkpoint import save_model  # noqa: E402
 
 
 def contenders(preset: str, root: Path) -> dict[str, torch.nn.Module]:

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deepseekmoe.convert.hf import INDEX_FILE, hf_layout  # noqa: E402
+from deepseekmoe.convert.hf_layout import INDEX_FILE, hf_layout  # noqa: E402
 from deepseekmoe.convert.hf_export import plan_shards  # noqa: E402
 from deepseekmoe.convert.hf_files import hf_config_dict  # noqa: E402
 from deepseekmoe.convert.stream import SafetensorsWriter  # noqa: E402

@@ -1,9 +1,22 @@
-"""DeepSeekMoE: fine-grained and shared-expert Mixture-of-Experts language models on PyTorch."""
+"""DeepSeekMoE: fine-grained and shared-expert Mixture-of-Experts language models on PyTorch.
 
-from .config import ModelConfig
-from .model import MoE, RouterOutput, Transformer, TransformerOutput
-from .presets import load_preset, preset_names
+The names below are imported on first use: every `deepseekmoe.*` import runs this file first, and the command line
+(`deepseekmoe --help`, `info`) must not pay for torch and the model to get here.
+"""
 
-__all__ = ["ModelConfig", "MoE", "RouterOutput", "Transformer", "TransformerOutput", "load_preset",
-           "preset_names"]
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .version import __version__
+
+_EXPORTS = {"ModelConfig": ".config", "MoE": ".model", "RouterOutput": ".model", "Transformer": ".model",
+            "TransformerOutput": ".model", "load_preset": ".presets", "preset_names": ".presets"}
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

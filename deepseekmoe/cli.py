@@ -5,8 +5,9 @@ Argument rules (read from the function's signature):
     optional); keyword-only parameters become `--options` (underscores -> dashes);
   * `bool` options are flags (`--x/--no-x`); `X | None` options default to None;
   * the docstring's first paragraph is the description; lines `name: text` under "Args:" are per-argument help.
-Errors a user can fix (bad paths, bad values) raise `CliError` or ValueError/FileNotFoundError/KeyError and are
-printed as one line `deepseekmoe: error: ...` with exit code 2.
+Errors a user can fix (bad paths, bad values) raise `errors.UserError`, ValueError (invalid settings) or
+FileNotFoundError and are printed as one line `deepseekmoe: error: ...` with exit code 2; anything else keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -22,20 +23,45 @@ import types
 import typing
 from typing import Any, Callable
 
-# name -> "module:function"; modules are imported only when their subcommand runs.
-COMMANDS: dict[str, str] = {
-    "info": "deepseekmoe.accounting:info_command",
-    "prepare": "deepseekmoe.data.prepare:prepare_command",
-    "train": "deepseekmoe.train.trainer:train_command",
-    "eval": "deepseekmoe.eval.perplexity:eval_command",
-    "generate": "deepseekmoe.inference.generate:generate_command",
-    "serve": "deepseekmoe.inference.server:serve_command",
-    "analyze": "deepseekmoe.analysis.analyze:analyze_command",
-    "compare": "deepseekmoe.analysis.compare:compare_command",
-    "report": "deepseekmoe.analysis.report:report_command",
-    "convert": "deepseekmoe.convert.hf:convert_command",
-    "plan": "deepseekmoe.distributed.planner:plan_command",
-    "bench": "deepseekmoe.bench:bench_command",
+from .errors import UserError
+
+# name -> ("module:function", one-line summary). Only the command that runs is imported (`deepseekmoe --help` imports
+# none); each summary is the first paragraph of its function's docstring (tests/test_cli_info.py checks).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("deepseekmoe.commands.info:info_command",
+             "Print parameter counts, FLOPs and expert combinations of a model, instantly (no weights allocated)."),
+    "prepare": ("deepseekmoe.commands.prepare:prepare_command",
+                "Turn text into a training data directory: a byte-level BPE tokenizer, token files and meta.json."),
+    "train": ("deepseekmoe.commands.train:train_command",
+              "Train a model with the paper's recipe; with no arguments, tiny-deepseekmoe on the built-in corpus "
+              "(~5 min)."),
+    "eval": ("deepseekmoe.commands.eval:eval_command",
+             "Evaluate a trained model on held-out text: loss (nats/token), perplexity and bits per byte; or, with "
+             "--task, multiple-choice accuracy (acc, acc_norm per character, acc_bytes per byte) on a local JSONL "
+             "task, scored by lm-evaluation-harness's rules (deepseekmoe/eval/multiple_choice.py), so the numbers "
+             "equal `lm_eval`'s on the same items."),
+    "generate": ("deepseekmoe.commands.generate:generate_command",
+                 "Generate text from a trained model, streaming tokens to stdout as they are produced."),
+    "serve": ("deepseekmoe.commands.serve:serve_command",
+              "Serve a checkpoint over an OpenAI-compatible HTTP API (FastAPI + uvicorn): /v1/completions, "
+              "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /metrics, /health, /docs. Requests join "
+              "and leave the running batch at every decode step (continuous batching). Listens on localhost unless "
+              "told otherwise."),
+    "analyze": ("deepseekmoe.commands.analyze:analyze_command",
+                "Routing statistics and the paper's expert-specialization experiments (Figs. 4-5) for checkpoints."),
+    "compare": ("deepseekmoe.commands.compare:compare_command",
+                "Train the paper's comparison suites with one recipe and write results.json, results.md, "
+                "loss_curves.png."),
+    "report": ("deepseekmoe.commands.report:report_command",
+               "Write one self-contained HTML page (loss curves, expert-load heatmaps, compare table, routing "
+               "analysis)."),
+    "convert": ("deepseekmoe.commands.convert:convert_command",
+                "Convert between the Hugging Face DeepSeekMoE layout and this project's checkpoint directory."),
+    "plan": ("deepseekmoe.commands.plan:plan_command",
+             "Estimate per-GPU memory, all-to-all traffic and step time of a run before renting the GPUs."),
+    "bench": ("deepseekmoe.commands.bench:bench_command",
+              "Run a benchmark: moe-layer (MoE block vs dense FFN vs transformers), train-step (tokens/s, MFU) or "
+              "decode."),
 }
 
 
@@ -43,18 +69,9 @@ COMMANDS: dict[str, str] = {
 USER_FIXABLE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
-
-
 def _resolve(target: str) -> Callable[..., Any]:
     module, func = target.split(":")
     return getattr(importlib.import_module(module), func)
-
-
-def _summary(fn: Callable[..., Any]) -> str:
-    doc = inspect.getdoc(fn) or ""
-    return doc.split("\n\n")[0].replace("\n", " ")
 
 
 def _arg_help(fn: Callable[..., Any]) -> dict[str, str]:
@@ -116,26 +133,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser: every subcommand with its summary; the options of `command` only (importing its module)."""
     parser = _Parser(
         prog="deepseekmoe", description="DeepSeekMoE: fine-grained + shared-expert Mixture-of-Experts LMs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parser.set_defaults(_commands=sub.choices)
-    for name, target in COMMANDS.items():
+    for name, (target, summary) in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=summary)
+            continue
         fn = _resolve(target)
-        p = sub.add_parser(name, help=_summary(fn), description=inspect.getdoc(fn).split("Args:")[0]
+        p = sub.add_parser(name, help=summary, description=inspect.getdoc(fn).split("Args:")[0]
                            if fn.__doc__ else None, formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_params(p, fn)
         p.set_defaults(_fn=fn)
     return parser
 
 
-def parse(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, Any]:
+def parse(argv: list[str]) -> dict[str, Any]:
     """Parse a command line; a subcommand's positional arguments may come before, between or after its options
     (`train train.lr=1e-3 --out r model.experts_impl=loop`)."""
-    commands = parser.get_default("_commands")
-    if argv and argv[0] in commands:
-        args = vars(commands[argv[0]].parse_intermixed_args(argv[1:]))
+    parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
+    if argv and argv[0] in COMMANDS:
+        args = vars(parser.get_default("_commands")[argv[0]].parse_intermixed_args(argv[1:]))
         args["command"] = argv[0]
     else:  # --help, no command, an unknown command: the top-level parser says what is wrong
         args = vars(parser.parse_args(argv))
@@ -144,15 +165,13 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parse(parser, sys.argv[1:] if argv is None else list(argv))
+    args = parse(sys.argv[1:] if argv is None else list(argv))
     fn = args.pop("_fn")
     args.pop("command")
     try:
         result = fn(**args)
-    except (CliError, ValueError, FileNotFoundError, KeyError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"deepseekmoe: error: {msg}", file=sys.stderr)
+    except (UserError, ValueError, FileNotFoundError) as exc:
+        print(f"deepseekmoe: error: {exc}", file=sys.stderr)
         return 2
     except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:  # a path the user gave
         print(f"deepseekmoe: error: {exc.filename}: {exc.strerror}", file=sys.stderr)

@@ -51,11 +51,6 @@ _HF_IGNORED = {
     "use_cache", "attention_dropout", "_name_or_path", "output_attentions", "output_hidden_states",
     "return_dict",
 }
-# Fields that exist only in this project; written into config.json under the same names.
-_EXTRA_FIELDS = (
-    "router", "device_aux_loss_alpha", "n_device_groups", "z_loss_alpha", "capacity_factor",
-    "hash_seed", "experts_impl",
-)
 
 
 @dataclass(kw_only=True)

@@ -1,8 +1,10 @@
-"""Output files the user names: checked before any work, written aside and renamed into place.
+"""Output files and directories: checked before any work, written aside and renamed into place.
 
-`check_output_file` runs when a command starts, so a bad `--out` is one error line before minutes of work, and
-`write_text_atomically` leaves either the old file or the new one, complete, never a half-written one or a stray
-temporary file. Both raise ValueError (a user error: one line, exit code 2).
+`check_output_file` / `check_output_dir` run when a command starts, so a bad `--out` is one error line before
+minutes of work (a ValueError: one line, exit code 2). `write_text_atomically` (a file) and `written_atomically`
+(a directory: checkpoints, data directories, exports) write aside (name.tmp-*), flush to disk (fsync of every file
+and directory) and rename into place, the parent directory flushed after: a kill or a power loss leaves the old
+file or directory or the new one, complete, never a half-written or renamed-but-empty one, nor a stray temporary.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import errno
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 NEARLY_FULL_BYTES = 16 << 20
@@ -78,3 +82,63 @@ def write_text_atomically(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync(path.parent)
+
+
+def atomic_directory(final: Path) -> Path:
+    """A fresh temporary sibling of `final`, to fill, flush (`sync_tree`) and pass to `commit_directory`."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+
+
+def _fsync(path: Path) -> None:
+    if os.name == "nt" and path.is_dir():  # Windows cannot open a directory to flush it
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(directory: Path) -> None:
+    """fsync every file under `directory` and the directories themselves (data on disk before any rename)."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
+
+
+def commit_directory(tmp: Path, final: Path) -> None:
+    """Move a fully written, flushed (`sync_tree`) temporary directory into place, replacing any old one."""
+    try:
+        _commit(tmp, final)
+    finally:
+        _fsync(final.parent)
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+@contextmanager
+def written_atomically(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `final` to fill; on success it replaces `final`, on any error it is removed."""
+    tmp = atomic_directory(final)
+    try:
+        yield tmp
+        sync_tree(tmp)  # a full disk may show only here (delayed allocation)
+    except BaseException as exc:
+        full = as_disk_full(exc, final)  # judged before the partial files are removed and free their space
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from exc
+        raise
+    commit_directory(tmp, final)

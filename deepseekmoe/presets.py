@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .config import ModelConfig
+from .errors import UserError
 
 _PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 
@@ -31,9 +32,9 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str) -> ModelConfig:
-    """Return a fresh ModelConfig for a named preset; unknown names raise KeyError listing the choices."""
+    """Return a fresh ModelConfig for a named preset; an unknown name is a UserError listing the choices."""
     if name not in _PRESETS:
-        raise KeyError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
+        raise UserError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
     return _PRESETS[name]()
 
 

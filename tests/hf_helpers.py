@@ -11,7 +11,7 @@ import torch
 from deepseekmoe import ModelConfig, Transformer
 from deepseekmoe.convert.hf_export import convert_to_hf
 from deepseekmoe.data.tokenizer import train_tokenizer
-from deepseekmoe.train.checkpoint import save_model
+from deepseekmoe.checkpoint import save_model
 
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "A cat sat on the mat and looked at the bird.",
           "User: hello there\n\nAssistant: general kenobi", "Rain fell on the green hills."] * 20

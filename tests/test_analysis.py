@@ -11,6 +11,7 @@ from deepseekmoe.analysis import analyze as analyze_mod
 from deepseekmoe.analysis.specialization import (
     disable_top_experts, evaluate_loss, moe_layers, reroute, rerouted, shared_expert_swap, vary_top_k)
 from deepseekmoe.analysis.stats import LayerRoutingStats, RoutingStats
+from deepseekmoe.commands.analyze import analyze_command
 
 
 def _routing(idx, probs=None, batch_size=1):
@@ -200,7 +201,7 @@ def test_analyze_model_writes_json_ready_results_and_plots(tmp_path):
 
 
 def test_analyze_command_on_two_checkpoints(tmp_path):
-    from deepseekmoe.train.checkpoint import save_model
+    from deepseekmoe.checkpoint import save_model
     from train_helpers import make_data_dir
 
     data = make_data_dir(tmp_path / "data")
@@ -210,7 +211,7 @@ def test_analyze_command_on_two_checkpoints(tmp_path):
     b = save_model(_tiny(vocab_size=vocab, router="gshard", num_experts_per_tok=2, n_shared_experts=0),
                    tmp_path / "gshard", data / "tokenizer.json")
     out = tmp_path / "out"
-    assert analyze_mod.analyze_command([str(tmp_path / "runA"), str(b)], data=str(data), out=str(out),
+    assert analyze_command([str(tmp_path / "runA"), str(b)], data=str(data), out=str(out),
                                        batches=2, batch_size=2, seq_len=16) == 0
     report = json.loads((out / "analysis.json").read_text())
     assert [c["name"] for c in report["checkpoints"]] == ["runA/step_00000010", "gshard"]
@@ -223,4 +224,4 @@ def test_analyze_command_on_two_checkpoints(tmp_path):
     other.write_text((data / "tokenizer.json").read_text().replace('"<|pad|>"', '"<|pad2|>"'))
     save_model(_tiny(vocab_size=vocab), tmp_path / "odd", other)
     with pytest.raises(ValueError, match="different tokenizer"):
-        analyze_mod.analyze_command([str(tmp_path / "odd")], data=str(data), out=str(out), batches=1)
+        analyze_command([str(tmp_path / "odd")], data=str(data), out=str(out), batches=1)

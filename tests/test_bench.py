@@ -36,7 +36,7 @@ def test_moe_layer_decode_json(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cache_flusher_streams_twice_the_last_level_cache() -> None:
     """cache="cold" streams a buffer of twice the last-level cache (read from sysfs where it exists) before every
     timed call; "warm" does nothing."""
-    from deepseekmoe.bench import _load
+    from deepseekmoe.commands.bench import _load
 
     moe_layer = _load("moe-layer")
     flush = moe_layer.cache_flusher("cold", "cpu")

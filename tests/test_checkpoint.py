@@ -10,7 +10,8 @@ import torch
 
 from deepseekmoe import Transformer
 from deepseekmoe.train import state as state_module
-from deepseekmoe.train.checkpoint import list_checkpoints, load_model, resolve_checkpoint, save_model
+from deepseekmoe.checkpoint import list_checkpoints, save_model
+from deepseekmoe.convert.load import load_model, resolve_checkpoint
 from deepseekmoe.train.config import TrainConfig
 from deepseekmoe.train.optim import build_optimizer, build_scheduler
 from deepseekmoe.train.state import (Progress, load_training_state, prune_checkpoints, save_training_checkpoint,
@@ -136,15 +137,15 @@ def test_model_only_checkpoint_cannot_be_resumed(tmp_path: Path, make_config) ->
 def test_a_committed_directory_is_flushed_before_and_after_the_rename(tmp_path, monkeypatch):
     """Every file and the directory reach the disk before the rename, the parent after it: a power loss leaves
     the old directory or the complete new one."""
-    from deepseekmoe.train import checkpoint
+    from deepseekmoe import fileio
 
     events = []
-    real_fsync, real_replace = checkpoint._fsync, checkpoint.os.replace
-    monkeypatch.setattr(checkpoint, "_fsync", lambda p: events.append(("fsync", Path(p).name)) or real_fsync(p))
-    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: events.append(("rename", Path(b).name)) or
+    real_fsync, real_replace = fileio._fsync, fileio.os.replace
+    monkeypatch.setattr(fileio, "_fsync", lambda p: events.append(("fsync", Path(p).name)) or real_fsync(p))
+    monkeypatch.setattr(fileio.os, "replace", lambda a, b: events.append(("rename", Path(b).name)) or
                         real_replace(a, b))
     final = tmp_path / "ckpt"
-    with checkpoint.written_atomically(final) as tmp:
+    with fileio.written_atomically(final) as tmp:
         (tmp / "a.bin").write_bytes(b"1")
         (tmp / "b.json").write_text("{}")
     flushed = {name for kind, name in events[:-2] if kind == "fsync"}

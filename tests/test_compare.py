@@ -7,7 +7,8 @@ import pytest
 
 from deepseekmoe.analysis import compare
 from deepseekmoe.analysis.results import HEADERS, table_rows
-from deepseekmoe.cli import CliError
+from deepseekmoe.commands.compare import compare_command
+from deepseekmoe.errors import UserError
 from train_helpers import make_data_dir
 
 
@@ -21,7 +22,7 @@ def test_suites_resolve_to_matched_presets():
         == "tiny-gshard"
     with pytest.raises(ValueError, match="unknown suite 'table9'"):
         compare.resolve_suites("table9", "tiny", None)
-    with pytest.raises(KeyError, match="huge-dense"):
+    with pytest.raises(UserError, match="huge-dense"):
         compare.resolve_suites("table1", "huge", None)
 
 
@@ -81,11 +82,11 @@ def test_run_states_and_resume_decisions(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(compare, "train_run", lambda p, s, d, r, resume: calls.append((p, s, resume)) or 0)
     jobs = [("tiny-dense", 0), ("tiny-gshard", 0), ("tiny-switch", 0)]
-    assert compare._run_all(jobs, out, {"steps": 4})
+    assert compare.run_all(jobs, out, {"steps": 4})
     assert calls == [("tiny-gshard", 0, True), ("tiny-switch", 0, False)]
     assert not stale.exists()  # a run that never saved a checkpoint starts afresh
     monkeypatch.setattr(compare, "train_run", lambda *a, **k: 130)
-    assert not compare._run_all([("tiny-hash", 0)], out, {"steps": 4})
+    assert not compare.run_all([("tiny-hash", 0)], out, {"steps": 4})
 
 
 def test_a_finished_run_kept_without_its_checkpoints_is_still_done(tmp_path):
@@ -100,10 +101,10 @@ def test_a_finished_run_kept_without_its_checkpoints_is_still_done(tmp_path):
 def test_a_changed_recipe_is_refused(tmp_path):
     recipe = {"steps": 2, "seeds": 1, "batch_size": 2}
     compare._record_recipe(tmp_path, recipe)
-    compare._check_recipe(tmp_path, recipe)
-    compare._check_recipe(tmp_path, {**recipe, "seeds": 3})  # more seeds only add runs
-    with pytest.raises(CliError, match="different recipe .*steps=2"):
-        compare._check_recipe(tmp_path, {**recipe, "steps": 5})
+    compare.check_recipe(tmp_path, recipe)
+    compare.check_recipe(tmp_path, {**recipe, "seeds": 3})  # more seeds only add runs
+    with pytest.raises(UserError, match="different recipe .*steps=2"):
+        compare.check_recipe(tmp_path, {**recipe, "steps": 5})
 
 
 def test_a_refused_command_leaves_no_recipe_behind(tmp_path, capsys):
@@ -118,7 +119,7 @@ def test_a_refused_command_leaves_no_recipe_behind(tmp_path, capsys):
     assert main([*args, "--seq-len", "100000"]) == 2  # beyond the model's context: refused before any write
     assert "deepseekmoe: error:" in capsys.readouterr().err
     assert not (out / compare.RECIPE_JSON).exists()
-    compare._check_recipe(out, {"steps": 2, "seq_len": 32})  # the corrected recipe is accepted
+    compare.check_recipe(out, {"steps": 2, "seq_len": 32})  # the corrected recipe is accepted
 
 
 @pytest.mark.slow
@@ -127,7 +128,7 @@ def test_micro_suite_writes_table_and_second_call_trains_nothing(tmp_path, monke
     out = tmp_path / "cmp"
     kwargs = dict(models=["tiny-dense", "tiny-gshard"], steps=2, seeds=1, data=str(data), out=str(out),
                   batch_size=2, seq_len=32, eval_batches=2)
-    assert compare.compare_command(**kwargs) == 0
+    assert compare_command(**kwargs) == 0
     results = json.loads((out / "results.json").read_text())
     (suite,) = results["suites"]
     assert [m["preset"] for m in suite["models"]] == ["tiny-dense", "tiny-gshard"]
@@ -144,6 +145,6 @@ def test_micro_suite_writes_table_and_second_call_trains_nothing(tmp_path, monke
     assert len(analysis["checkpoints"][1]["disable_top"]) == 5
     before = (out / "runs" / "tiny-gshard" / "seed0" / "metrics.jsonl").read_text()
     monkeypatch.setattr(compare, "train_run", lambda *a, **k: pytest.fail("a finished run was trained again"))
-    assert compare.compare_command(**kwargs, analyze=False) == 0
+    assert compare_command(**kwargs, analyze=False) == 0
     assert (out / "runs" / "tiny-gshard" / "seed0" / "metrics.jsonl").read_text() == before
     assert json.loads((out / "results.json").read_text())["suites"] == results["suites"]

@@ -18,9 +18,10 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from deepseekmoe import ModelConfig, Transformer, cli
-from deepseekmoe.convert.hf import hf_layout, is_hf_directory
+from deepseekmoe.convert.hf_layout import hf_layout, is_hf_directory
 from deepseekmoe.convert.hf_export import parse_size, plan_shards
-from deepseekmoe.train.checkpoint import load_model, save_model
+from deepseekmoe.checkpoint import save_model
+from deepseekmoe.convert.load import load_model
 
 HF_CONFIG = {  # field order and fixed values as in the released config.json, sizes shrunk
     "architectures": ["DeepseekForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,

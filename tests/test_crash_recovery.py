@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepseekmoe.train.checkpoint import load_model
+from deepseekmoe.convert.load import load_model
 from train_helpers import make_data_dir, read_metrics, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -83,7 +83,7 @@ def test_kill_9_in_the_middle_of_a_save(setup, tmp_path):
     state not yet): the half-written directory is ignored and the run resumes from the first checkpoint."""
     data, straight = setup
     out, marker = tmp_path / "run", tmp_path / "half_written"
-    hook = (f"import sys, time; import deepseekmoe.train.checkpoint as c; real = c.save_file; n = [0]\n"
+    hook = (f"import sys, time; import deepseekmoe.checkpoint as c; real = c.save_file; n = [0]\n"
             f"def save_file(*a, **k):\n"
             f"    real(*a, **k); n[0] += 1\n"
             f"    if n[0] == 2: open({str(marker)!r}, 'w').close(); time.sleep(60)\n"

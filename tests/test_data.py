@@ -397,7 +397,7 @@ def test_crash_leaves_no_data_directory(corpus, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_builtin_corpus_builds_once_and_is_cached(tmp_path):
-    from deepseekmoe.data.builtin import ensure_builtin_data
+    from deepseekmoe.data.builtin_cache import ensure_builtin_data
 
     start = time.perf_counter()
     data_dir = ensure_builtin_data(tmp_path, vocab_size=1024, max_bytes=1_500_000)

@@ -22,15 +22,13 @@ from conftest import tiny_config
 from train_helpers import make_data_dir, read_metrics, tiny_overrides
 from deepseekmoe import MoE, Transformer
 from deepseekmoe.cli import main as cli_main
-from deepseekmoe.distributed import (
-    Parallel, all_to_all, clip_grad_norm_, init_parallel, local_batch, parallelize, save_full_checkpoint,
-)
-from deepseekmoe.distributed.data_parallel import all_reduce_mean
-from deepseekmoe.distributed.expert_parallel import ExpertParallelExperts
+from deepseekmoe.distributed import Parallel, all_to_all, clip_grad_norm_, init_parallel, local_batch, parallelize
+from deepseekmoe.distributed.expert_parallel import ExpertParallelExperts, full_model
 from deepseekmoe.distributed.training import gather_optimizer_state, shard_optimizer_state
 from deepseekmoe.losses import device_balance_loss, total_loss
 from deepseekmoe.model.experts import experts_loop
-from deepseekmoe.train.checkpoint import load_model, save_model
+from deepseekmoe.checkpoint import save_model
+from deepseekmoe.convert.load import load_model
 
 pytestmark = pytest.mark.slow  # one 2-process spawn for the module: ~10-20 s on 2 busy cores
 
@@ -41,6 +39,27 @@ UNEVEN = tiny_config(n_routed_experts=7)
 
 def model_config():
     return tiny_config(device_aux_loss_alpha=0.05, n_device_groups=2, aux_loss_alpha=0.01)
+
+
+def all_reduce_mean(value: torch.Tensor, parallel: Parallel) -> torch.Tensor:
+    """Mean of a tensor over all ranks (a copy)."""
+    value = value.detach().clone()
+    if parallel.is_distributed:
+        dist.all_reduce(value)
+        value /= parallel.world_size
+    return value
+
+
+def save_full_checkpoint(model: Transformer, parallel: Parallel, directory: str | Path,
+                         tokenizer_path: str | Path | None = None) -> Path:
+    """Gather the full single-device state to rank 0 and write it with save_model, so the
+    checkpoint loads at any world size (the loader slices each rank's experts again). Collective."""
+    full = full_model(model)
+    if parallel.is_main:
+        save_model(full, directory, tokenizer_path)
+    if parallel.is_distributed:
+        dist.barrier()
+    return Path(directory)
 
 
 def batches(config, n: int) -> list[torch.Tensor]:

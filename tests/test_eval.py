@@ -12,7 +12,7 @@ import yaml
 from deepseekmoe import Transformer
 from deepseekmoe.eval.perplexity import EvalResult, evaluate, token_byte_lengths
 from deepseekmoe.losses import lm_loss
-from deepseekmoe.train.checkpoint import save_model
+from deepseekmoe.checkpoint import save_model
 from test_generate import CORPUS, make_checkpoint, run_cli, train_tokenizer
 
 TEXT = "Mixture of experts: naïve café → 日本語 🎉\n    return a + b\n"

@@ -25,7 +25,7 @@ from deepseekmoe import Transformer  # noqa: E402
 from deepseekmoe.cli import main  # noqa: E402
 from deepseekmoe.data.tokenizer import train_tokenizer  # noqa: E402
 from deepseekmoe.eval.multiple_choice import encode_pair, load_task  # noqa: E402
-from deepseekmoe.train.checkpoint import save_model  # noqa: E402
+from deepseekmoe.checkpoint import save_model  # noqa: E402
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "A cat sat on the mat and looked at the bird.",

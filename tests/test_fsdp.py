@@ -23,10 +23,10 @@ from deepseekmoe.accounting import count
 from deepseekmoe.distributed import Parallel, init_parallel, local_batch
 from deepseekmoe.distributed.fsdp import apply_fsdp, clip_grad_norm_, gather_full_state, mixed_precision
 from deepseekmoe.distributed.planner import fsdp_shard_params
-from deepseekmoe.distributed.sharded_checkpoint import (load_sharded, read_sharded, save_sharded,
+from deepseekmoe.train.sharded_checkpoint import (load_sharded, read_sharded, save_sharded,
                                                         sharded_to_single, single_to_sharded)
 from deepseekmoe.losses import total_loss
-from deepseekmoe.train.checkpoint import MODEL_FILE, read_safetensors, save_model
+from deepseekmoe.checkpoint import MODEL_FILE, read_safetensors, save_model
 from deepseekmoe.train.optim import param_groups
 from deepseekmoe.train.state import TRAINER_STATE_FILE
 

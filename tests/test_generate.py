@@ -12,7 +12,7 @@ from deepseekmoe import Transformer, cli
 from deepseekmoe.inference import TextStream, generate
 from deepseekmoe.inference.sampling import (greedy, logits_to_probs, sample, sample_from_probs, top_k_filter,
                                             top_p_filter)
-from deepseekmoe.train.checkpoint import save_model
+from deepseekmoe.checkpoint import save_model
 
 CORPUS = ("The quick brown fox jumps over the lazy dog. def add(a, b):\n    return a + b\n"
           "Mixture of experts routes each token to a few experts. ") * 40

@@ -28,7 +28,7 @@ from deepseekmoe.data.tokenizer import train_tokenizer  # noqa: E402
 from deepseekmoe.eval.harness import DeepSeekMoELM, cut_at_stop  # noqa: E402
 from deepseekmoe.eval.multiple_choice import evaluate_multiple_choice, load_task  # noqa: E402
 from deepseekmoe.inference.generate import encode_prompt, generate  # noqa: E402
-from deepseekmoe.train.checkpoint import save_model  # noqa: E402
+from deepseekmoe.checkpoint import save_model  # noqa: E402
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "A cat sat on the mat and looked at the bird.",

@@ -168,7 +168,7 @@ def test_importing_the_export_gives_our_checkpoint_back(exported, tmp_path: Path
     from tokenizers import Tokenizer
 
     from deepseekmoe import cli
-    from deepseekmoe.train.checkpoint import load_model
+    from deepseekmoe.convert.load import load_model
 
     native, hf_dir = exported
     assert cli.main(["convert", "--from-hf", str(hf_dir), "--out", str(tmp_path / "ours")]) == 0

@@ -170,7 +170,7 @@ def test_config_validation_and_defaults():
 def test_the_released_layout_loads_natively_in_bf16(tmp_path: Path):
     """A checkpoint written as deepseek-moe-16b ships (its config.json, per-expert bf16 tensors) loads with the
     registered classes and computes what our loader's model computes."""
-    from deepseekmoe.train.checkpoint import load_model
+    from deepseekmoe.convert.load import load_model
     from test_convert import write_official
 
     official = write_official(tmp_path / "official")

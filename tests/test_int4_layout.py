@@ -20,7 +20,7 @@ from deepseekmoe.inference.loading import load_weights
 from deepseekmoe.model import quantized
 from deepseekmoe.model.int4_layout import LAYOUTS, from_layout, kernel_layout, relayout, to_layout
 from deepseekmoe.model.quantized import QuantizedWeight, quantize_int4, quantized_linear
-from deepseekmoe.train.checkpoint import save_model
+from deepseekmoe.checkpoint import save_model
 from test_generate import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -125,7 +125,7 @@ def test_eval_task_command_matches_library(tmp_path, capsys):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from deepseekmoe.cli import main
-    from deepseekmoe.train.checkpoint import save_model
+    from deepseekmoe.checkpoint import save_model
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

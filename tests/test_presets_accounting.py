@@ -9,6 +9,7 @@ import torch
 
 from deepseekmoe import ModelConfig, Transformer, load_preset, preset_names
 from deepseekmoe.accounting import count, estimate_mfu
+from deepseekmoe.errors import UserError
 from deepseekmoe.model.layers import RMSNorm
 
 TINY = [n for n in preset_names() if n.startswith("tiny-")]
@@ -178,7 +179,7 @@ def test_gshard_x15_is_bigger_as_in_table2():
 
 
 def test_unknown_preset_lists_names():
-    with pytest.raises(KeyError) as info:
+    with pytest.raises(UserError) as info:
         load_preset("deepseekmoe-17b")
     message = info.value.args[0]
     assert message.startswith("unknown preset 'deepseekmoe-17b'; available: ")

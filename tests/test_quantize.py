@@ -21,7 +21,7 @@ from deepseekmoe.model.quantized import (QuantizedLinear, QuantizedWeight, dequa
                                          quantize_int8, quantized_linear, unpack_int4)
 from deepseekmoe.presets import load_preset
 from deepseekmoe.runtime.cpu import CpuRuntime
-from deepseekmoe.train.checkpoint import save_model
+from deepseekmoe.checkpoint import save_model
 from test_convert import HF_CONFIG, write_official
 from test_generate import train_tokenizer
 

@@ -14,8 +14,9 @@ import torch
 from deepseekmoe import ModelConfig, Transformer
 from deepseekmoe.analysis import compare
 from deepseekmoe.analysis.analyze import analyze_model
-from deepseekmoe.analysis.report import build_report, report_command
+from deepseekmoe.analysis.report import build_report
 from deepseekmoe.analysis.results import HEADERS, load_history, read_records, write_json
+from deepseekmoe.commands.report import report_command
 
 REPO = Path(__file__).resolve().parents[1]
 

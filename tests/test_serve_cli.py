@@ -17,7 +17,7 @@ import pytest
 from deepseekmoe import Transformer, load_preset
 from deepseekmoe.cli import main
 from deepseekmoe.data.tokenizer import train_tokenizer
-from deepseekmoe.train.checkpoint import save_model
+from deepseekmoe.checkpoint import save_model
 
 
 @pytest.mark.parametrize("args,words", [

@@ -23,7 +23,7 @@ from deepseekmoe.data.tokenizer import train_tokenizer  # noqa: E402
 from deepseekmoe.eval.harness import DeepSeekMoELM  # noqa: E402
 from deepseekmoe.inference.engine import Engine  # noqa: E402
 from deepseekmoe.inference.server import Settings  # noqa: E402
-from deepseekmoe.train.checkpoint import save_model  # noqa: E402
+from deepseekmoe.checkpoint import save_model  # noqa: E402
 from live_server import Live  # noqa: E402
 
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "A cat sat on the mat and looked at the bird."] * 30

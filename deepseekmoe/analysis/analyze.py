@@ -14,23 +14,20 @@ from __future__ import annotations
 
 import hashlib
 import re
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+from tokenizers import Tokenizer
 
-from ..fileio import check_output_dir
+from ..data.dataset import eval_batches, open_split
+from ..filenames import TOKENIZER_FILE
 from ..model import Transformer
-from .results import write_json
 from .specialization import Batch, disable_top_experts, evaluate_loss, shared_expert_swap, vary_top_k
 from .stats import RoutingStats
 
 
 def validation_batches(data_dir: str | Path, batch_size: int, seq_len: int, num_batches: int) -> list[Batch]:
     """The first `num_batches` sequential windows of the validation split, materialised once."""
-    from ..data.dataset import eval_batches, open_split
-
     batches = list(eval_batches(open_split(data_dir, "val"), batch_size, seq_len, max_batches=num_batches))
     if not batches:
         raise ValueError(f"{data_dir}: the validation split holds no window of {seq_len + 1} tokens")
@@ -52,11 +49,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _decoder(ckpt: Path, data_dir: Path) -> Callable[[int], str] | None:
+def token_decoder(ckpt: Path, data_dir: Path) -> Callable[[int], str] | None:
     """Token id -> text with the checkpoint's tokenizer; refuses a data dir made with a different one."""
-    from tokenizers import Tokenizer
-
-    own, data_tok = ckpt / "tokenizer.json", data_dir / "tokenizer.json"
+    own, data_tok = ckpt / TOKENIZER_FILE, data_dir / TOKENIZER_FILE
     if own.is_file() and data_tok.is_file() and _sha256(own) != _sha256(data_tok):
         raise ValueError(f"{ckpt} was trained with a different tokenizer than {data_dir}")
     path = own if own.is_file() else data_tok if data_tok.is_file() else None
@@ -113,45 +108,3 @@ def write_plots(results: list[dict[str, Any]], out: Path) -> dict[str, str]:
         refs = {f"{r['name']} (full model)": r["val_loss"] for r in results if not r.get("top_k")}
         files["fig5"] = plots.topk_curve(fig5, out / "fig5_top_k.png", refs).name
     return files
-
-
-def analyze_command(checkpoints: list[str], *, data: str | None = None, out: str = "analysis",
-                    batches: int = 16, batch_size: int = 8, seq_len: int = 256, top_tokens: int = 10) -> int:
-    """Routing statistics and the paper's expert-specialization experiments (Figs. 4-5) for checkpoints.
-
-    Args:
-        checkpoints: checkpoint directories or run directories (a run's latest checkpoint is used).
-        data: prepared data directory whose validation split is evaluated (default: the built-in corpus).
-        out: output directory for analysis.json and the PNG plots.
-        batches: number of validation batches (the same fixed windows for every checkpoint and experiment).
-        batch_size: sequences per batch.
-        seq_len: tokens per window (capped at each model's max_position_embeddings).
-        top_tokens: tokens listed per expert.
-    """
-    from ..train.checkpoint import load_model
-
-    out_dir = check_output_dir(out)
-    data_dir = Path(data) if data else _builtin_data()
-    models = [load_model(c) for c in checkpoints]  # fail early, before any long work, on a bad path
-    decoders = [_decoder(ckpt, data_dir) for _, ckpt in models]  # ... or on a tokenizer mismatch
-    length = min([seq_len] + [m.config.max_position_embeddings for m, _ in models])
-    val = validation_batches(data_dir, batch_size, length, batches)
-    results = []
-    for i, ((model, ckpt), decode) in enumerate(zip(models, decoders)):
-        name = checkpoint_name(ckpt)
-        print(f"[{i + 1}/{len(models)}] {name}", file=sys.stderr, flush=True)
-        torch.manual_seed(0)
-        r = analyze_model(model, val, decode, top_tokens, log=lambda s: print(s, file=sys.stderr, flush=True))
-        results.append({"name": name, "checkpoint": str(ckpt), **r})
-    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad argument leaves nothing behind
-    files = write_plots(results, out_dir)
-    write_json(out_dir / "analysis.json", {"data": str(data_dir), "seq_len": length, "batches": len(val),
-                                            "checkpoints": results, "plots": files})
-    print(f"wrote {out_dir / 'analysis.json'} and {len(files)} plots", file=sys.stderr)
-    return 0
-
-
-def _builtin_data() -> Path:
-    from ..data.builtin import ensure_builtin_data
-
-    return Path(ensure_builtin_data())

@@ -1,6 +1,6 @@
 """`deepseekmoe compare`: train the paper's comparison suites with one recipe and write an honest table.
 
-Every model of a suite is trained by the trainer (`deepseekmoe.train.trainer.train_command`) on the same data,
+Every model of a suite is trained by the trainer (`deepseekmoe.train.run.run_training`) on the same data,
 with the same recipe (steps, batch, sequence length, LR schedule), the same seeds 0..S-1 and so the same token
 budget. Layout of OUT:
 
@@ -29,11 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from ..accounting import count
-from ..cli import CliError
+from ..checkpoint import list_checkpoints
 from ..config import ModelConfig
-from ..fileio import check_output_dir
+from ..convert.load import load_model
+from ..data.builtin_cache import ensure_builtin_data
+from ..errors import UserError
+from ..filenames import CONFIG_FILE, RUN_CONFIG_FILE
 from ..presets import load_preset
-from ..train.checkpoint import list_checkpoints
+from ..train.config import load_config
+from ..train.run import run_training
+from .analyze import analyze_model, token_decoder, validation_batches, write_plots as analysis_plots
 from .results import RESULTS_JSON, read_records, read_run, table_markdown, write_json
 
 RECIPE_JSON = "recipe.json"
@@ -80,7 +85,7 @@ DEFAULT_STEPS = {"tiny": 400, "small": 400}
 
 def preset_for(scale: str, suffix: str) -> str:
     name = SCALE_NAMES.get(scale, {}).get(suffix, f"{scale}-{suffix}")
-    load_preset(name)  # KeyError naming the choices when the scale has no such model
+    load_preset(name)  # a UserError naming the choices when the scale has no such model
     return name
 
 
@@ -136,20 +141,18 @@ def recipe_overrides(recipe: dict[str, Any], seed: int) -> list[str]:
 
 def train_run(preset: str, seed: int, run_dir: Path, recipe: dict[str, Any], resume: bool) -> int:
     """One trainer run (in this process); returns the trainer's exit code (130 when interrupted)."""
-    from ..train.trainer import train_command
-
-    return train_command(recipe_overrides(recipe, seed), preset=preset, data=recipe["data"], out=str(run_dir),
-                         max_steps=recipe["steps"], resume=resume)
+    return run_training(recipe_overrides(recipe, seed), preset=preset, data=recipe["data"], out=str(run_dir),
+                        max_steps=recipe["steps"], resume=resume)
 
 
-def _check_recipe(out: Path, recipe: dict[str, Any]) -> None:
+def check_recipe(out: Path, recipe: dict[str, Any]) -> None:
     path = out / RECIPE_JSON
     if path.is_file():
         old = json.loads(path.read_text())
         changed = sorted(k for k in recipe if k != "seeds" and old.get(k) != recipe[k])
         if changed:
             listed = ", ".join(f"{k}={old.get(k)}" for k in changed)
-            raise CliError(f"{out} holds runs made with a different recipe ({listed}); use another --out")
+            raise UserError(f"{out} holds runs made with a different recipe ({listed}); use another --out")
 
 
 def _record_recipe(out: Path, recipe: dict[str, Any]) -> None:
@@ -159,7 +162,7 @@ def _record_recipe(out: Path, recipe: dict[str, Any]) -> None:
         write_json(out / RECIPE_JSON, recipe)
 
 
-def _run_all(jobs: list[tuple[str, int]], out: Path, recipe: dict[str, Any]) -> bool:
+def run_all(jobs: list[tuple[str, int]], out: Path, recipe: dict[str, Any]) -> bool:
     """Train every (preset, seed) not yet done, with progress; False when interrupted."""
     started, trained = time.perf_counter(), 0
     for i, (preset, seed) in enumerate(jobs):
@@ -207,11 +210,9 @@ def run_model_config(run_dir: Path) -> ModelConfig | None:
     config.yaml's (a finished run kept without checkpoints)."""
     ckpts = list_checkpoints(run_dir)
     if ckpts:
-        return ModelConfig.from_dict(json.loads((ckpts[-1] / "config.json").read_text()))
-    if (run_dir / "config.yaml").is_file():
-        from ..train.config import load_config
-
-        return load_config(run_dir / "config.yaml").model
+        return ModelConfig.from_dict(json.loads((ckpts[-1] / CONFIG_FILE).read_text()))
+    if (run_dir / RUN_CONFIG_FILE).is_file():
+        return load_config(run_dir / RUN_CONFIG_FILE).model
     return None
 
 
@@ -269,10 +270,6 @@ def write_plots(out: Path, results: dict[str, Any]) -> list[str]:
 
 def analyze_finals(out: Path, results: dict[str, Any], recipe: dict[str, Any]) -> None:
     """Routing analysis (stats, Figs. 4-5, shared swap) of every routed model's seed-0 final checkpoint."""
-    from .analyze import _decoder, analyze_model, validation_batches, write_plots as analysis_plots
-    from ..data.builtin import ensure_builtin_data
-    from ..train.checkpoint import load_model
-
     data_dir = Path(recipe["data"]) if recipe["data"] else Path(ensure_builtin_data())
     batches = validation_batches(data_dir, recipe["batch_size"], recipe["seq_len"], recipe["eval_batches"])
     labels: dict[str, str] = {}
@@ -287,7 +284,7 @@ def analyze_finals(out: Path, results: dict[str, Any], recipe: dict[str, Any]) -
         print(f"analyzing {preset} (seed 0)", file=sys.stderr, flush=True)
         model, ckpt = load_model(ckpt)
         checkpoints.append({"name": label, "checkpoint": str(ckpt),
-                            **analyze_model(model, batches, _decoder(ckpt, data_dir))})
+                            **analyze_model(model, batches, token_decoder(ckpt, data_dir))})
     files = analysis_plots(checkpoints, out / "analysis")
     write_json(out / "analysis" / "analysis.json", {"data": str(data_dir), "seq_len": recipe["seq_len"],
                                                     "batches": len(batches), "checkpoints": checkpoints,
@@ -300,67 +297,3 @@ def make_recipe(*, steps: int, seeds: int, batch_size: int, seq_len: int, eval_b
     return {"steps": steps, "seeds": seeds, "batch_size": batch_size, "seq_len": seq_len,
             "eval_batches": eval_batches, "warmup_steps": max(1, min(50, steps // 10)),
             "save_every": max(1, steps // 10), "data": str(Path(data).resolve()) if data else None, "scale": scale}
-
-
-def _scaling(suite: str, out: str, budgets: str | None, steps: int | None, models: list[str] | None, scale: str,
-             common: dict[str, Any]) -> int:
-    from .scaling import DEFAULT_BUDGETS, parse_budgets, scaling_command
-
-    if suite != "scaling":
-        raise ValueError("--budgets applies to --suite scaling only")
-    if steps is not None or models:
-        raise ValueError("--steps and --models do not apply to --suite scaling: --budgets sets the steps")
-    return scaling_command(check_output_dir(out), parse_budgets(budgets or DEFAULT_BUDGETS), scale, **common)
-
-
-def compare_command(*, suite: str = "table1", data: str | None = None, steps: int | None = None, seeds: int = 2,
-                    scale: str = "tiny", out: str = "compare", models: list[str] | None = None,
-                    batch_size: int = 8, seq_len: int = 256, eval_batches: int = 16,
-                    analyze: bool = True, budgets: str | None = None) -> int:
-    """Train the paper's comparison suites with one recipe and write results.json, results.md, loss_curves.png.
-
-    Each model of the suite is trained on the same data with the same recipe, seeds and token budget; the table
-    gives parameters, FLOPs, final validation loss (mean ± std over seeds), bits per byte, throughput, and whether
-    each gap to the reference exceeds 2x the seed noise. Interrupted suites resume: run the same command again.
-    The default (table1, tiny, 400 steps of 8 x 256 tokens, 2 seeds) takes about 40 minutes on 2 CPU cores.
-
-    Args:
-        suite: table1 (Dense, Hash, Switch, GShard, DeepSeekMoE), ablation (Fig. 3), shared-ratio, upper-bound
-            (Table 2: GShard x1.5, Dense x16), all (those four), or scaling (table1 at every --budgets; see
-            deepseekmoe/analysis/scaling.py).
-        data: prepared data directory (default: the built-in corpus).
-        steps: optimizer steps per run (default: 400; small scale is about 10x slower per step than tiny).
-        seeds: runs per model, seeds 0..N-1 (two or more to judge gaps against seed noise).
-        scale: model family: tiny (~11M, CPU), small (~120M), 2b (the paper's size).
-        out: output directory (reused to resume).
-        models: explicit presets to compare instead of a suite (the last one is the reference).
-        batch_size: sequences per step.
-        seq_len: tokens per sequence.
-        eval_batches: validation batches (fixed windows) for the final loss.
-        analyze: also run the routing analysis on seed 0's final checkpoints (not for scaling).
-        budgets: scaling: training tokens per run, comma-separated (default 0.5M,1M,2M,4M,8M); each budget is
-            its own full run with its own schedule, in OUT/budget_<tokens>/.
-    """
-    for name, value in {"seeds": seeds, "steps": steps, "batch-size": batch_size, "seq-len": seq_len,
-                        "eval-batches": eval_batches}.items():
-        if value is not None and value < 1:
-            raise ValueError(f"--{name} must be at least 1, got {value}")
-    common = {"seeds": seeds, "batch_size": batch_size, "seq_len": seq_len, "eval_batches": eval_batches,
-              "data": data}
-    if suite == "scaling" or budgets is not None:
-        return _scaling(suite, out, budgets, steps, models, scale, common)
-    suites = resolve_suites(suite, scale, models)
-    recipe = make_recipe(steps=steps or DEFAULT_STEPS.get(scale, 300), scale=scale, **common)
-    out_dir = check_output_dir(out)
-    _check_recipe(out_dir, recipe)
-    jobs = list(dict.fromkeys((p, s) for _, presets in suites.values() for p in presets.values()
-                              for s in range(seeds)))
-    finished = _run_all(jobs, out_dir, recipe)
-    results = write_results(out_dir, recipe, suites)
-    write_plots(out_dir, results)
-    if not finished:
-        return 130
-    if analyze:
-        analyze_finals(out_dir, results, recipe)
-    print((out_dir / "results.md").read_text())
-    return 0

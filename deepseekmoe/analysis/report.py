@@ -15,12 +15,11 @@ import base64
 import datetime
 import html
 import json
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from ..fileio import check_output_file, write_text_atomically
+from .analyze import write_plots
 from .results import HEADERS, RESULTS_JSON, load_history, read_records, read_run, recipe_line, table_rows
 
 CSS = """
@@ -106,8 +105,6 @@ def load_section(run_dirs: dict[str, Path], tmp: Path, plots: Any) -> str:
 
 
 def analysis_section(analysis: dict[str, Any], tmp: Path) -> str:
-    from .analyze import write_plots
-
     results = analysis["checkpoints"]
     files = write_plots(results, tmp)
     parts = ["<h2>Routing analysis</h2>",
@@ -215,20 +212,3 @@ def _runs(directory: Path, results: dict[str, Any] | None) -> tuple[dict[str, li
                 runs[m["label"]] = m["runs"]
                 dirs[m["label"]] = directory / "runs" / m["preset"] / "seed0"
     return runs, dirs
-
-
-def report_command(directory: str, *, out: str | None = None) -> int:
-    """Write one self-contained HTML page (loss curves, expert-load heatmaps, compare table, routing analysis).
-
-    Args:
-        directory: a run directory (metrics.jsonl) or a compare output directory (results.json).
-        out: the HTML file to write (default: DIRECTORY/report.html).
-    """
-    src = Path(directory)
-    if not src.is_dir():
-        raise FileNotFoundError(f"no such directory: {src}")
-    dest = check_output_file(out if out else src / "report.html")
-    page = build_report(src)
-    write_text_atomically(dest, page)
-    print(f"wrote {dest} ({len(page) / 1e6:.1f} MB)", file=sys.stderr)
-    return 0

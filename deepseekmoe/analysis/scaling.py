@@ -26,9 +26,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .compare import (SUITES, _check_recipe, _run_all, final_checkpoint, make_recipe, preset_for, run_dir_for,
+import torch
+
+from ..convert.load import load_model
+from ..data.builtin_cache import ensure_builtin_data
+from .analyze import validation_batches
+from .compare import (SUITES, check_recipe, final_checkpoint, make_recipe, preset_for, run_all, run_dir_for,
                       run_status, write_results)
 from .results import write_json
+from .stats import RoutingStats
 
 DEFAULT_BUDGETS = "0.5M,1M,2M,4M,8M"
 # the paper's pairwise claims (Table 1): (better, worse) by preset suffix
@@ -68,19 +74,19 @@ def budget_recipes(budgets: list[int], **recipe_args: Any) -> list[tuple[int, Pa
     return out
 
 
-def scaling_command(out: Path, budgets: list[int], scale: str, **recipe_args: Any) -> int:
+def run_scaling_suite(out: Path, budgets: list[int], scale: str, **recipe_args: Any) -> int:
     suite = SUITES["table1"]
     presets = {sfx: preset_for(scale, sfx) for _, sfx in suite.models}
     plan = budget_recipes(budgets, scale=scale, **recipe_args)
     for _, name, recipe in plan:  # every budget's recipe checked before any training
-        _check_recipe(out / name, recipe)
+        check_recipe(out / name, recipe)
     seeds = recipe_args["seeds"]
     jobs = [(presets[sfx], s) for s in range(seeds) for _, sfx in suite.models]
     finished = True
     for i, (tokens, name, recipe) in enumerate(plan):
         print(f"budget {i + 1}/{len(plan)}: {budget_label(tokens)} tokens per run ({recipe['steps']} steps)",
               file=sys.stderr, flush=True)
-        finished = _run_all(jobs, out / name, recipe)
+        finished = run_all(jobs, out / name, recipe)
         write_results(out / name, recipe, {"table1": (suite, presets)})
         if not finished:
             break
@@ -108,13 +114,6 @@ def routing_health(run_dir: Path, recipe: dict[str, Any]) -> dict[str, float] | 
 
 
 def _measure_routing(ckpt: Path, recipe: dict[str, Any]) -> dict[str, float] | None:
-    import torch
-
-    from ..data.builtin import ensure_builtin_data
-    from ..train.checkpoint import load_model
-    from .analyze import validation_batches
-    from .stats import RoutingStats
-
     model, _ = load_model(ckpt)
     layers = sum(1 for i in range(model.config.num_hidden_layers) if model.config.is_moe_layer(i))
     if layers == 0:

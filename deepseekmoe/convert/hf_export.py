@@ -1,5 +1,5 @@
 """Export: our checkpoint -> the Hugging Face DeepSeekMoE layout (sharded safetensors + index; config.json, remote
-code, tokenizer and generation files from `hf_files.py`). Key names and shapes come from `hf.py`; this file only
+code, tokenizer and generation files from `hf_files.py`). Key names and shapes come from `hf_layout.py`; this file only
 cuts and writes.
 
 Shards are planned from the stored shapes and dtypes before anything is read, so files get their final
@@ -17,11 +17,14 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import open_safetensors
 from ..config import ModelConfig
-from ..train.checkpoint import open_safetensors
-from .hf import (CONFIG_FILE, INDEX_FILE, SINGLE_FILE, Shape, _copy_side_files, _fmt, _our_source, hf_layout,
-                 is_hf_directory, our_entries)
+from ..fileio import written_atomically
+from ..filenames import CONFIG_FILE, MODEL_FILE
 from .hf_files import write_hf_files
+from .hf_layout import (INDEX_FILE, Shape, copy_side_files, format_shape, hf_layout, is_hf_directory, our_entries,
+                        our_source)
+from .load import resolve_checkpoint
 from .stream import DTYPES, SafetensorsWriter
 
 def parse_size(text: str | int) -> int:
@@ -52,7 +55,7 @@ def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]
 
 
 def _read_hf_tensor(f, hf_key: str, config: ModelConfig) -> torch.Tensor:
-    our_key, index = _our_source(hf_key)
+    our_key, index = our_source(hf_key)
     if not index:
         return f.get_tensor(our_key)
     expert, part = index
@@ -68,15 +71,15 @@ def _check_our_checkpoint(path: Path, f, config: ModelConfig, layout: dict[str, 
     stored = set(f.keys())
     for key, shape in expected.items():
         if key not in stored:
-            raise ValueError(f"{path}: missing tensor {key} (expected shape {_fmt(shape)} from config.json)")
+            raise ValueError(f"{path}: missing tensor {key} (expected shape {format_shape(shape)} from config.json)")
         found = tuple(f.get_slice(key).get_shape())
         if found != shape:
-            raise ValueError(f"{path}: tensor {key} has shape {_fmt(found)}, expected {_fmt(shape)} from config.json")
+            raise ValueError(f"{path}: tensor {key} has shape {format_shape(found)}, expected {format_shape(shape)} from config.json")
     extra = sorted(stored - set(expected))
     if extra:
         raise ValueError(f"{path}: unexpected tensor {extra[0]} with shape "
-                         f"{_fmt(f.get_slice(extra[0]).get_shape())} (not in the model config.json describes)")
-    return {k: DTYPES[f.get_slice(_our_source(k)[0]).get_dtype()] for k in layout}
+                         f"{format_shape(f.get_slice(extra[0]).get_shape())} (not in the model config.json describes)")
+    return {k: DTYPES[f.get_slice(our_source(k)[0]).get_dtype()] for k in layout}
 
 
 def _write_shards(source: Path, config: ModelConfig, layout: dict[str, Shape], dtypes: dict[str, torch.dtype],
@@ -85,7 +88,7 @@ def _write_shards(source: Path, config: ModelConfig, layout: dict[str, Shape], d
     The source is reopened per shard, so the pages it maps are released shard by shard."""
     sizes = [(k, math.prod(shape) * dtypes[k].itemsize) for k, shape in layout.items()]
     shards = plan_shards(sizes, max_bytes)
-    names = ([SINGLE_FILE] if len(shards) == 1
+    names = ([MODEL_FILE] if len(shards) == 1
              else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
     weight_map = {}
     for name, keys in zip(names, shards):
@@ -105,8 +108,6 @@ def _write_shards(source: Path, config: ModelConfig, layout: dict[str, Shape], d
 def convert_to_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str | int = "5GB",
                   progress: bool = False) -> Path:
     """Our checkpoint (or a run's latest) -> an HF directory in the official layout, atomically."""
-    from ..train.checkpoint import MODEL_FILE, resolve_checkpoint, written_atomically
-
     ckpt, out = resolve_checkpoint(checkpoint), Path(out)
     if is_hf_directory(ckpt):
         raise ValueError(f"{ckpt} is already a Hugging Face directory; --to-hf takes one of our checkpoints")
@@ -117,7 +118,7 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str |
         with open_safetensors(str(ckpt / MODEL_FILE)) as f:
             dtypes = _check_our_checkpoint(ckpt / MODEL_FILE, f, config, layout)
         _write_shards(ckpt / MODEL_FILE, config, layout, dtypes, tmp, max_bytes, progress)
-        _copy_side_files(ckpt, tmp)
+        copy_side_files(ckpt, tmp)
         write_hf_files(config, dtypes["model.embed_tokens.weight"], tmp)
     return out
 

@@ -25,7 +25,8 @@ import torch
 from ..config import ModelConfig
 from ..data.chat import CHAT_TEMPLATE
 from ..data.tokenizer import special_token_ids
-from .hf import AUTO_MAP, CONFIG_FILE, REMOTE_CODE_DIR, REMOTE_CODE_FILES
+from ..filenames import CONFIG_FILE, TOKENIZER_FILE
+from .hf_layout import AUTO_MAP, REMOTE_CODE_DIR, REMOTE_CODE_FILES
 
 # The transformers release the remote code is written against (its API: Cache objects, `cache=` keyword).
 TRANSFORMERS_VERSION = "5.24.0"
@@ -45,10 +46,10 @@ def pad_token_id(directory: Path) -> int | None:
     """The tokenizer's pad id (its eos when it has no pad token), or None without a tokenizer.json."""
     from tokenizers import Tokenizer
 
-    if not (directory / "tokenizer.json").is_file():
+    if not (directory / TOKENIZER_FILE).is_file():
         return None
     try:
-        return special_token_ids(Tokenizer.from_file(str(directory / "tokenizer.json")))["pad_token_id"]
+        return special_token_ids(Tokenizer.from_file(str(directory / TOKENIZER_FILE)))["pad_token_id"]
     except ValueError:  # no end-of-sequence token, so no fallback pad either
         return None
 
@@ -59,7 +60,7 @@ def write_hf_files(config: ModelConfig, dtype: torch.dtype, out: Path) -> None:
     (out / CONFIG_FILE).write_text(json.dumps(hf_config_dict(config, dtype, pad), indent=2) + "\n")
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(REMOTE_CODE_DIR / name, out / name)
-    if (out / "tokenizer.json").is_file() and not (out / "tokenizer_config.json").is_file():
+    if (out / TOKENIZER_FILE).is_file() and not (out / "tokenizer_config.json").is_file():
         _write_tokenizer_files(config, pad, out)
     if not (out / "generation_config.json").is_file():
         ids = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": pad}
@@ -72,7 +73,7 @@ def _write_tokenizer_files(config: ModelConfig, pad: int | None, out: Path) -> N
     add_special_tokens=False everywhere, so it ignores the post-processor)."""
     from tokenizers import Tokenizer, processors
 
-    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(out / TOKENIZER_FILE))
     d: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
     for name, token_id in (("bos_token", config.bos_token_id), ("eos_token", config.eos_token_id),
                            ("pad_token", pad)):
@@ -82,7 +83,7 @@ def _write_tokenizer_files(config: ModelConfig, pad: int | None, out: Path) -> N
         bos = d["bos_token"]
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, config.bos_token_id)])
-        tok.save(str(out / "tokenizer.json"))
+        tok.save(str(out / TOKENIZER_FILE))
     d.update(add_bos_token="bos_token" in d, add_eos_token=False, clean_up_tokenization_spaces=False,
              model_max_length=config.max_position_embeddings, chat_template=CHAT_TEMPLATE)
     (out / "tokenizer_config.json").write_text(json.dumps(d, indent=2) + "\n")

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import open_safetensors
 from ..config import ModelConfig
 from ..model import Transformer
 from ..model.router import HashRouter
-from ..train.checkpoint import open_safetensors
-from .hf import _element_offset, _is_tied_head, _open, _our_source
+from .hf import element_offset, is_tied_head, open_hf_dir, read_hf_state
+from .hf_layout import our_source
 
 
 def data_offsets(path: Path) -> dict[str, tuple[int, int]]:
@@ -50,15 +51,15 @@ def read_hf_state_mapped(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, tor
     """An HF directory -> (config, our state dict on the CPU): views of the mapped shards where our layout is
     HF's, the stacked experts read into memory (module docstring); every key and shape checked first."""
     hf_dir = Path(hf_dir)
-    config, files, layout, entries = _open(hf_dir)
+    config, files, layout, entries = open_hf_dir(hf_dir)
     state: dict[str, torch.Tensor] = {}
     for name, keys in files.items():
         spans = data_offsets(hf_dir / name)
         with open_safetensors(hf_dir / name) as mapped, open(hf_dir / name, "rb", buffering=0) as f:
             for key in keys:
-                if _is_tied_head(key, layout):
+                if is_tied_head(key, layout):
                     continue
-                our_key, index = _our_source(key)
+                our_key, index = our_source(key)
                 if not index:
                     state[our_key] = mapped.get_tensor(key)
                     continue
@@ -66,7 +67,7 @@ def read_hf_state_mapped(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, tor
                     dtype, shape = entries[our_key]
                     state[our_key] = torch.empty(shape, dtype=dtype)
                 numel = torch.Size(layout[key]).numel()
-                start = _element_offset(index, numel)
+                start = element_offset(index, numel)
                 _read_into(f, spans[key], state[our_key].view(-1)[start:start + numel])
     return config, state
 
@@ -74,8 +75,8 @@ def read_hf_state_mapped(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, tor
 def copied_bytes(hf_dir: str | Path) -> int:
     """Bytes `read_hf_state_mapped` holds outside the mapped files (the stacked routed experts), from config.json
     and the shard headers alone."""
-    _, _, layout, entries = _open(Path(hf_dir))
-    stacked = {_our_source(key)[0] for key in layout if _our_source(key)[1]}
+    _, _, layout, entries = open_hf_dir(Path(hf_dir))
+    stacked = {our_source(key)[0] for key in layout if our_source(key)[1]}
     return sum(torch.Size(shape).numel() * dtype.itemsize for k, (dtype, shape) in entries.items() if k in stacked)
 
 
@@ -97,3 +98,15 @@ def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device
             module.reset()
     model.rotary.reset()
     return model.eval()
+
+
+def load_hf_model(path: str | Path, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | None = None):
+    """An HF directory -> (Transformer in eval mode, the directory); the checkpoint's dtype unless `dtype`. The
+    read tensors become the parameters; on the CPU they are used memory-mapped where our layout is HF's."""
+    device = torch.device(device)
+    config, state = read_hf_state_mapped(path) if device.type == "cpu" else read_hf_state(path, device)
+    model = model_from_state(config, state, device)
+    if dtype is not None:
+        model.to(dtype)
+    return model, Path(path)

@@ -1,6 +1,6 @@
 """Weight-only int8 / int4 checkpoints: which tensors are quantized, their layout, and streamed quantization.
 
-A quantized checkpoint is an ordinary checkpoint directory (train/checkpoint.py) whose model.safetensors holds,
+A quantized checkpoint is an ordinary checkpoint directory (checkpoint.py) whose model.safetensors holds,
 for every quantized tensor NAME, the quantized data NAME (int8 (..., O, I), or int4 as uint8 (..., O, I/2)) and its
 float32 scales NAME_scale ((..., O), or (..., O, I/G)), in the formats of model/quantized.py; every other tensor
 keeps its dtype. config.json carries, beside the model fields,
@@ -38,7 +38,7 @@ import torch
 from ..config import ModelConfig
 from ..model.int4_layout import LAYOUTS, block_rows, kernel_layout, to_layout
 from ..model.quantized import FORMATS, GROUP_SIZES, SCALE_SUFFIX, Format, int4_group_size, quantize
-from ..train.checkpoint import CONFIG_FILE, MODEL_FILE, open_safetensors
+from ..checkpoint import CONFIG_FILE, MODEL_FILE, open_safetensors
 
 Entries = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 KEPT_IN_FLOAT = ("embed_tokens.weight", "mlp.gate.weight")
@@ -210,12 +210,13 @@ def stream_checkpoint(ckpt: Path) -> Iterator[tuple[str, int, torch.Tensor]]:
 def float_source(src: Path, progress: bool = False) -> tuple[ModelConfig, Entries, Iterator, Path]:
     """(config, float layout, its pieces (name, element offset, tensor), the directory holding the tokenizer files)
     of an HF directory or a float checkpoint (or a run's latest)."""
-    from ..train.checkpoint import resolve_checkpoint
-    from .hf import _open, _stream, is_hf_directory
+    from .hf import open_hf_dir, stream_hf_pieces
+    from .hf_layout import is_hf_directory
+    from .load import resolve_checkpoint
 
     if is_hf_directory(src):
-        config, files, layout, entries = _open(src)
-        return config, entries, _stream(src, files, layout, "cpu", progress), src
+        config, files, layout, entries = open_hf_dir(src)
+        return config, entries, stream_hf_pieces(src, files, layout, "cpu", progress), src
     ckpt = resolve_checkpoint(src)
     config, entries = checkpoint_entries(ckpt)
     return config, entries, stream_checkpoint(ckpt), ckpt
@@ -239,8 +240,8 @@ def convert_quantized(src: str | Path, out: str | Path, fmt: Format, group_size:
                       progress: bool = False, int4_layout: str | None = None) -> Path:
     """An HF directory or a float checkpoint -> a quantized checkpoint directory, written piece by piece and
     atomically (module docstring); int4 bytes in `int4_layout` (default: this machine's kernel's)."""
-    from ..train.checkpoint import written_atomically
-    from .hf import _copy_side_files
+    from ..fileio import written_atomically
+    from .hf_layout import copy_side_files
     from .stream import SafetensorsWriter
 
     out = Path(out)
@@ -254,7 +255,7 @@ def convert_quantized(src: str | Path, out: str | Path, fmt: Format, group_size:
             writer.close()
         raw = {**config.to_dict(), "quantization": quantization_entry(fmt, group_size, int4_layout)}
         (tmp / CONFIG_FILE).write_text(json.dumps(raw, indent=2) + "\n")
-        _copy_side_files(side, tmp)
+        copy_side_files(side, tmp)
     return out
 
 

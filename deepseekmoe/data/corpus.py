@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
+from .tables import hub_documents, hub_identity, table_documents
+
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 JSONL_SUFFIXES = (".jsonl",)
 TABLE_SUFFIXES = (".parquet", ".arrow")
@@ -55,8 +57,6 @@ class InputFile:
         """What identifies this input's content for the no-op check: path, size and modification time (a hub
         dataset's datasets fingerprint), and the text field."""
         if self.kind == "hf":
-            from .tables import hub_identity
-
             return [str(self.path), self.kind, self.text_field, hub_identity(str(self.path))]
         st = self.path.stat()
         return [str(self.path.resolve()), self.kind, st.st_size, st.st_mtime_ns, self.text_field]
@@ -245,14 +245,10 @@ def read_documents(inp: InputFile, stats: ReadStats) -> Iterator[str]:
         yield from _pydoc_topic_documents()
         return
     if inp.kind == "hf":
-        from .tables import hub_documents
-
         yield from hub_documents(str(inp.path), inp.text_field)
         return
     try:
         if inp.kind in ("parquet", "arrow", "json"):
-            from .tables import table_documents
-
             yield from table_documents(inp.path, inp.kind, inp.text_field)
             return
         reader = _jsonl_documents if inp.kind == "jsonl" else _text_documents

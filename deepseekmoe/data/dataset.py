@@ -22,7 +22,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-META_FILE = "meta.json"
+from ..filenames import META_FILE
+
 FORMAT = 1
 SPLITS = ("train", "val")
 

@@ -17,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from .. import __version__
-from ..train.checkpoint import written_atomically
+from ..fileio import written_atomically
+from ..filenames import META_FILE, TOKENIZER_FILE
+from ..version import __version__
 from .builtin import BUILTIN_SOURCE, DEFAULT_MAX_BYTES, builtin_identity, builtin_inputs
 from .corpus import InputFile, ReadStats, document_key, expand_sources, iter_documents
-from .dataset import FORMAT, META_FILE, read_meta
+from .dataset import FORMAT, read_meta
 from .shards import progress_bar, write_splits
 from .tokenizer import (MIN_VOCAB_SIZE, file_sha256, load_tokenizer, special_token_ids, token_dtype, train_tokenizer,
                         vocab_size_of)
@@ -107,11 +108,11 @@ def is_up_to_date(out: Path, input_fingerprint: str) -> bool:
         meta = read_meta(out)
     except (FileNotFoundError, ValueError):
         return False
-    files_present = all((out / f).is_file() for f in ("tokenizer.json", "train.bin", "val.bin"))
+    files_present = all((out / f).is_file() for f in (TOKENIZER_FILE, "train.bin", "val.bin"))
     return files_present and meta.get("input_fingerprint") == input_fingerprint
 
 
-DATA_FILES = frozenset({META_FILE, "tokenizer.json", "train.bin", "val.bin"})
+DATA_FILES = frozenset({META_FILE, TOKENIZER_FILE, "train.bin", "val.bin"})
 """Everything prepare writes into a data directory: the final rename replaces `out` as a whole, so a directory
 holding anything else is never replaced."""
 
@@ -157,8 +158,8 @@ def _make_tokenizer(tokenizer: str | None, vocab_size: int, sample: list[str] | 
     """Train (or load and copy) the tokenizer into tmp/tokenizer.json -> the Tokenizer."""
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
-        source = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
-        shutil.copyfile(source, tmp / "tokenizer.json")
+        source = Path(tokenizer) / TOKENIZER_FILE if Path(tokenizer).is_dir() else Path(tokenizer)
+        shutil.copyfile(source, tmp / TOKENIZER_FILE)
         return tok
     assert sample is not None
     start = time.perf_counter()
@@ -166,7 +167,7 @@ def _make_tokenizer(tokenizer: str | None, vocab_size: int, sample: list[str] | 
     log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) on {nbytes / 1e6:.1f} MB ...")
     tok = train_tokenizer(sample, vocab_size)
     log(f"trained the tokenizer in {time.perf_counter() - start:.1f} s: {vocab_size_of(tok)} tokens")
-    tok.save(str(tmp / "tokenizer.json"))
+    tok.save(str(tmp / TOKENIZER_FILE))
     return tok
 
 
@@ -193,7 +194,7 @@ def _write_data(tmp: Path, inputs: list[InputFile], keys: list[int], sizes: list
                           eos=special["eos_token_id"], dtype=dtype, total_bytes=sum(sizes))
     log(f"tokenized in {time.perf_counter() - start:.1f} s")
     return {"format": FORMAT, "vocab_size": vocab, "dtype": dtype.name, **special,
-            "tokenizer_sha256": file_sha256(tmp / "tokenizer.json"),
+            "tokenizer_sha256": file_sha256(tmp / TOKENIZER_FILE),
             "tokenizer_source": str(Path(tokenizer).resolve()) if tokenizer else "trained",
             "splits": {name: c.as_dict() for name, c in counts.items()}}
 
@@ -246,55 +247,4 @@ def _make_shareable(directory: Path) -> None:
 
 def _tokenizer_file(tokenizer: str) -> Path:
     p = Path(tokenizer)
-    return p / "tokenizer.json" if p.is_dir() else p
-
-
-def prepare_command(sources: list[str], *, out: str, vocab_size: int = 8192, tokenizer: str | None = None,
-                    val_fraction: float = 0.01, workers: int | None = None, builtin_max_mb: float = 16.0,
-                    tokenizer_train_mb: float = 16.0, text_field: str = "text", force: bool = False) -> int:
-    """Turn text into a training data directory: a byte-level BPE tokenizer, token files and meta.json.
-
-    SOURCES are files, directories (searched recursively) and glob patterns ("data/**/*.txt", quoted); directories
-    and globs contribute .txt .md .rst .py files and .jsonl files (one JSON object per line with a "text" field),
-    each optionally gzip-compressed (.gz), and .parquet and .arrow tables; a .json(.gz) file (JSON lines or an
-    array of objects) is read when named. Tables are read through HF `datasets` (pip install
-    'deepseekmoe[data]'), as is `hf:NAME[:SPLIT]`, a hub dataset already in the local datasets cache (offline,
-    split train by default). The source name `builtin` selects the built-in corpus: Python's own standard library
-    sources and pydoc topics, no download needed. Files are cut at blank lines into documents of at most 64 KiB; a
-    jsonl record or table row is one document. Documents are split into train and validation by a hash of their
-    content (deterministic, whole documents). Invalid UTF-8 is replaced and counted; a binary file (NUL bytes,
-    mostly invalid UTF-8, an image, a table not named as one) is refused. Running again on unchanged input with
-    the same options does nothing.
-
-    Example: deepseekmoe prepare books/ notes.md "web/*.jsonl.gz" pages.parquet --out data/mine
-
-    Args:
-        sources: files, directories, globs, or `builtin`.
-        out: the data directory to write (created, or replaced if it is an older data directory).
-        vocab_size: size of the BPE vocabulary to train, special tokens included (default 8192,
-            at least 260).
-        tokenizer: reuse this tokenizer.json (or a directory holding one, e.g. the DeepSeekMoE-16B checkpoint)
-            instead of training one; bos/eos are found by name (<|bos|>/<|eos|>, DeepSeek's
-            <｜begin▁of▁sentence｜>/<｜end▁of▁sentence｜>, <s>/</s>).
-        val_fraction: share of the text (by bytes) held out for validation (default 0.01); at least
-            one document.
-        workers: tokenizer threads (default: all cores).
-        builtin_max_mb: size cap of the built-in corpus, in MB of source files (default 16: all of it on
-            CPython 3.11, about 10 MB).
-        tokenizer_train_mb: train the tokenizer on at most this many MB of the training documents
-            (default 16).
-        text_field: the field of jsonl records and table rows that holds the text (default text).
-        force: rebuild even when the data directory is up to date.
-    """
-    if workers is not None:
-        if workers < 1:
-            raise ValueError(f"--workers {workers} must be at least 1")
-        os.environ["RAYON_NUM_THREADS"] = str(workers)  # read when the tokenizers thread pool starts
-    data_dir = prepare(sources, out, vocab_size=vocab_size, tokenizer=tokenizer, val_fraction=val_fraction,
-                       builtin_max_bytes=int(builtin_max_mb * 1e6),
-                       tokenizer_train_bytes=int(tokenizer_train_mb * 1e6), force=force, text_field=text_field)
-    meta = read_meta(data_dir)
-    train, val = meta["splits"]["train"], meta["splits"]["val"]
-    print(f"{data_dir}: vocab {meta['vocab_size']} ({meta['dtype']}), train {train['tokens']:,} tokens in "
-          f"{train['documents']} documents, val {val['tokens']:,} tokens in {val['documents']} documents")
-    return 0
+    return p / TOKENIZER_FILE if p.is_dir() else p

@@ -15,6 +15,8 @@ from typing import Iterable
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ..filenames import TOKENIZER_FILE
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD]
 # names tried, in order, when reusing a tokenizer (ours, DeepSeek's, then common conventions)
@@ -48,7 +50,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer.json (a file, or a directory that holds one)."""
     p = Path(path)
     if p.is_dir():
-        p = p / "tokenizer.json"
+        p = p / TOKENIZER_FILE
     if not p.is_file():
         raise FileNotFoundError(f"no such tokenizer file: {p}")
     try:

@@ -3,14 +3,13 @@
     mesh.py             (dp, ep) DeviceMesh from torchrun's environment; gloo on CPU, nccl on GPU
     expert_parallel.py  routed experts split over the EP group; all-to-all dispatch and combine
     data_parallel.py    DDP for the replicated part, expert gradients reduced over their DP replicas,
-                        global gradient clipping, batch sharding, full-state checkpoints
+                        global gradient clipping, batch sharding
     training.py         trainer hooks: setup from torchrun, step statistics over ranks, gathered optimizer
                         state (world-size independent checkpoints), per-device load
     fsdp.py             FSDP2 around expert parallelism: dense part over all ranks, each expert block over its
                         dp replicas; mixed precision on CUDA, per-block activation checkpointing, clipping
-    sharded_checkpoint.py  torch.distributed.checkpoint save/load at any layout; offline conversion to and from
-                        the single-file checkpoint
     planner.py          `deepseekmoe plan`: per-GPU memory, all-to-all bytes and step time on paper
+Sharded training checkpoints (torch.distributed.checkpoint) live with the trainer's: train/sharded_checkpoint.py.
 
 Usage: `torchrun --nproc-per-node N -m deepseekmoe train ... --ep E` (N / E data-parallel replicas; the same
 config runs on one process). In code: `parallel = init_parallel(ep, n_routed_experts)`, then
@@ -18,7 +17,7 @@ config runs on one process). In code: `parallel = init_parallel(ep, n_routed_exp
 """
 
 from .data_parallel import (
-    apply_data_parallel, clip_grad_norm_, local_batch, parallelize, save_full_checkpoint,
+    apply_data_parallel, clip_grad_norm_, local_batch, parallelize,
 )
 from .expert_parallel import ExpertParallelExperts, all_to_all, apply_expert_parallel, gather_full_state
 from .mesh import Parallel, check_sizes, init_parallel, shutdown
@@ -26,5 +25,5 @@ from .mesh import Parallel, check_sizes, init_parallel, shutdown
 __all__ = [
     "ExpertParallelExperts", "Parallel", "all_to_all", "apply_data_parallel", "apply_expert_parallel",
     "check_sizes", "clip_grad_norm_", "gather_full_state", "init_parallel", "local_batch", "parallelize",
-    "save_full_checkpoint", "shutdown",
+    "shutdown",
 ]

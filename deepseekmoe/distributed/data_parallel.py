@@ -16,18 +16,14 @@ fully_shard over the dp x ep ranks is the next step.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..model import Transformer
-from ..train.checkpoint import save_model
-from .expert_parallel import apply_expert_parallel, expert_parameters, full_model
+from .expert_parallel import apply_expert_parallel, expert_parameters, with_ep_device_groups
 from .mesh import Parallel
-from .training import run_model_config
 
 
 def _expert_grad_hook(dp_group: dist.ProcessGroup | None, dp: int, world: int):
@@ -55,9 +51,9 @@ def apply_data_parallel(model: Transformer, parallel: Parallel) -> nn.Module:
 def parallelize(model: Transformer, parallel: Parallel) -> nn.Module:
     """Expert parallel (when ep > 1), then data parallel. The model is changed in place; the returned module
     is the one to call for training. With ep > 1 and n_device_groups left at 1, the device-level balance loss
-    uses the EP ranks as its devices (`training.run_model_config`), as the paper does for 145B."""
+    uses the EP ranks as its devices (`expert_parallel.with_ep_device_groups`), as the paper does for 145B."""
     if parallel.ep > 1:
-        model.config = run_model_config(model.config, parallel.ep)
+        model.config = with_ep_device_groups(model.config, parallel.ep)
         apply_expert_parallel(model, parallel.ep_group)
     return apply_data_parallel(model, parallel)
 
@@ -88,24 +84,3 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, parallel: Parallel) -> to
 
 def _sum_sq(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return sum((g.float().pow(2).sum() for g in grads), torch.zeros((), device=device))
-
-
-def all_reduce_mean(value: torch.Tensor, parallel: Parallel) -> torch.Tensor:
-    """Mean of a tensor over all ranks (a copy; for logging)."""
-    value = value.detach().clone()
-    if parallel.is_distributed:
-        dist.all_reduce(value)
-        value /= parallel.world_size
-    return value
-
-
-def save_full_checkpoint(model: Transformer, parallel: Parallel, directory: str | Path,
-                         tokenizer_path: str | Path | None = None) -> Path:
-    """Gather the full single-device state to rank 0 and write it with train.checkpoint.save_model, so the
-    checkpoint loads at any world size (the loader slices each rank's experts again). Collective."""
-    full = full_model(model)
-    if parallel.is_main:
-        save_model(full, directory, tokenizer_path)
-    if parallel.is_distributed:
-        dist.barrier()
-    return Path(directory)

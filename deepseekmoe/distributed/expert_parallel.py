@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..config import ModelConfig
 from ..model import Transformer
 from ..model.experts import RoutedExperts
 from ..model.moe import MoE
@@ -166,3 +167,13 @@ def full_model(model: Transformer) -> Transformer:
         full = Transformer(model.config)
     full.load_state_dict(state, assign=True)
     return full
+
+
+def with_ep_device_groups(config: ModelConfig, ep: int) -> ModelConfig:
+    """With ep > 1 and n_device_groups left at 1, the device-level balance loss uses the EP ranks as its devices
+    (as the paper does for 145B); only when ep divides the routed experts, since the loss needs equal groups.
+    Applied to the run's config, so checkpoints and resumes at any world size see the same loss."""
+    e = config.n_routed_experts
+    if ep > 1 and config.n_device_groups == 1 and e and e % ep == 0:
+        return config.replace(n_device_groups=ep)
+    return config

@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from ..config import ModelConfig
 from ..model import Transformer
-from .expert_parallel import ExpertParallelExperts, expert_bounds, full_model, gather_blocks
+from .data_parallel import clip_grad_norm_
+from .expert_parallel import ExpertParallelExperts, expert_bounds, full_model, gather_blocks, with_ep_device_groups
 from .mesh import Parallel, init_parallel
 
 T = TypeVar("T")
@@ -38,7 +39,7 @@ def setup_parallel(run: Any, ep: int, device: torch.device) -> tuple[Any, Parall
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     parallel = init_parallel(ep, run.model.n_routed_experts if run.model.is_moe else None, device)
     check_batch(run.train.batch_size, parallel)
-    return dataclasses.replace(run, model=run_model_config(run.model, ep)), parallel
+    return dataclasses.replace(run, model=with_ep_device_groups(run.model, ep)), parallel
 
 
 @contextmanager
@@ -64,8 +65,6 @@ def grad_clipper(model: torch.nn.Module, parallel: Parallel) -> Callable[[float]
     """A clip function for trainer.optimizer_step when distributed (None keeps torch's own for one process)."""
     if not parallel.is_distributed:
         return None
-    from .data_parallel import clip_grad_norm_
-
     return lambda max_norm: clip_grad_norm_(model, max_norm, parallel)
 
 
@@ -83,16 +82,6 @@ def device_load_record(counts_LE: torch.Tensor, config: ModelConfig, parallel: P
     device-level loss groups on one process; {} when there is only one device."""
     devices = parallel.ep if parallel.ep > 1 else config.n_device_groups
     return {"device_load": device_load(counts_LE, devices)} if devices > 1 and config.is_moe else {}
-
-
-def run_model_config(config: ModelConfig, ep: int) -> ModelConfig:
-    """With ep > 1 and n_device_groups left at 1, the device-level balance loss uses the EP ranks as its devices
-    (as the paper does for 145B); only when ep divides the routed experts, since the loss needs equal groups.
-    Applied to the run's config, so checkpoints and resumes at any world size see the same loss."""
-    e = config.n_routed_experts
-    if ep > 1 and config.n_device_groups == 1 and e and e % ep == 0:
-        return config.replace(n_device_groups=ep)
-    return config
 
 
 def check_batch(batch_size: int, parallel: Parallel) -> None:

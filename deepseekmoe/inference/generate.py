@@ -10,10 +10,7 @@ an eos check) reads it.
 
 from __future__ import annotations
 
-import os
 import sys
-import time
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -21,7 +18,6 @@ from tokenizers import Tokenizer
 
 from ..model import Transformer
 from ..model.attention import KVCache
-from .loading import load_for_inference
 from .sampling import check_sampling, sample
 
 
@@ -114,7 +110,7 @@ class TextStream:
 
     def __init__(self, tokenizer: Tokenizer, write: Callable[[str], object] | None = None) -> None:
         self.tokenizer = tokenizer
-        self.write = write or _stdout_write
+        self.write = write or stdout_write
         self.ids: list[int] = []
         self.prefix = self.read = 0
 
@@ -137,86 +133,12 @@ class TextStream:
         self.prefix = self.read = len(self.ids)
 
 
-def _stdout_write(text: str) -> None:
+def stdout_write(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
-    """The prompt text from --prompt, or from --prompt-file (a path, or '-' for stdin)."""
-    if (prompt is None) == (prompt_file is None):
-        raise ValueError("give exactly one of --prompt TEXT or --prompt-file PATH ('-' reads stdin)")
-    if prompt is not None:
-        return prompt
-    if prompt_file == "-":
-        return sys.stdin.read()
-    path = Path(prompt_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    return path.read_text(encoding="utf-8", errors="replace")
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, bos_token_id: int | None) -> list[int]:
     """Prompt ids as training saw documents begin: bos (when the model has one) then the text's tokens."""
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     return ([bos_token_id] if bos_token_id is not None else []) + ids
-
-
-def fit_new_tokens(model: Transformer, prompt_len: int, max_new_tokens: int) -> int:
-    """max_new_tokens, lowered to what still fits the context; a prompt that does not fit is an error."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    limit = model.config.max_position_embeddings
-    if prompt_len > limit:
-        raise ValueError(f"the prompt is {prompt_len} tokens long; the model's context is "
-                         f"max_position_embeddings={limit} tokens")
-    room = limit - prompt_len + 1
-    if max_new_tokens > room:
-        print(f"deepseekmoe: note: generating {room} tokens, all that fit max_position_embeddings={limit}",
-              file=sys.stderr)
-    return min(max_new_tokens, room)
-
-
-def generate_command(checkpoint: str, *, prompt: str | None = None, prompt_file: str | None = None,
-                     max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = None,
-                     top_p: float | None = None, seed: int | None = None, device: str | None = None,
-                     quantize: str | None = None, echo: bool = True) -> int:
-    """Generate text from a trained model, streaming tokens to stdout as they are produced.
-
-    Decodes with a KV cache (the prompt is processed once) and stops at the end-of-sequence token or after
-    --max-new-tokens. Speed goes to stderr, so stdout holds only the text.
-
-    Args:
-        checkpoint: a checkpoint directory, or a run directory (its latest checkpoint is used)
-        prompt: the text to continue
-        prompt_file: read the prompt from this file ('-' for stdin) instead of --prompt
-        max_new_tokens: tokens to generate at most (default 200; fewer if the context fills up)
-        temperature: sampling temperature (default 0.8); 0 decodes greedily
-        top_k: sample only among the k most likely tokens
-        top_p: sample only from the smallest set of tokens whose probability reaches p
-        seed: random seed, for reproducible samples
-        device: cpu, cuda, cuda:1, ... (default: cuda when available)
-        quantize: int8 or int4: quantize a float checkpoint or HF directory while loading it (CPU; a
-            checkpoint written by `convert --quantize` runs quantized without it)
-        echo: print the prompt before the generated text (default on)
-    """
-    check_sampling(temperature, top_k, top_p)
-    text = read_prompt(prompt, prompt_file)
-    model, tokenizer, _ = load_for_inference(checkpoint, device, quantize)
-    ids = encode_prompt(tokenizer, text, model.config.bos_token_id)
-    n = fit_new_tokens(model, len(ids), max_new_tokens)
-    if echo:
-        _stdout_write(text)
-    stream = TextStream(tokenizer)
-    t0 = time.perf_counter()
-    try:
-        out = generate(model, ids, n, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                       eos_token_id=model.config.eos_token_id, stream=stream)
-        stream.finish()
-        _stdout_write("\n")
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    elapsed = time.perf_counter() - t0
-    print(f"[{len(out)} tokens in {elapsed:.2f} s, {len(out) / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
-    return 0

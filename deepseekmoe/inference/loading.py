@@ -16,19 +16,15 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from ..config import ModelConfig
-from ..convert.hf import is_hf_directory
+from ..convert.hf_layout import is_hf_directory
+from ..convert.load import load_model, resolve_checkpoint
 from ..convert.quantize import check_format, read_quantized_checkpoint, read_quantized_state
 from ..model import Transformer
 from ..model.experts import RoutedExperts
 from ..model.quantized import SCALE_SUFFIX, QuantizedLinear, QuantizedWeight
 from ..model.router import HashRouter
 from ..runtime import for_device, parse_device
-from ..train.checkpoint import MODEL_FILE, TOKENIZER_FILE, load_model, resolve_checkpoint
-
-
-def pick_device(device: str | None) -> torch.device:
-    """The requested device, or CUDA when available, else CPU."""
-    return parse_device(device, "--device")
+from ..filenames import MODEL_FILE, TOKENIZER_FILE
 
 
 def load_for_inference(path: str | Path, device: str | None = None, quantize: str | None = None,
@@ -48,7 +44,7 @@ def load_for_inference(path: str | Path, device: str | None = None, quantize: st
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
     except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
         raise ValueError(f"cannot read tokenizer {tokenizer_path}: {exc}") from None
-    model = load_weights(ckpt, None if device is None else pick_device(device), quantize, group_size)
+    model = load_weights(ckpt, None if device is None else parse_device(device, "--device"), quantize, group_size)
     for_device(model, model.lm_head.weight.device)
     return model, tokenizer, ckpt
 
@@ -59,7 +55,7 @@ def load_weights(ckpt: Path, device: torch.device | None = None, quantize: str |
     device None: the CPU for quantized weights, else CUDA when available."""
     stored = None if is_hf_directory(ckpt) else read_quantized_checkpoint(ckpt)
     if device is None:
-        device = torch.device("cpu") if stored is not None or quantize is not None else pick_device(None)
+        device = torch.device("cpu") if stored is not None or quantize is not None else parse_device(None, "--device")
     if stored is not None and quantize is not None and quantize != stored[1]["format"]:
         raise ValueError(f"{ckpt} is stored in {stored[1]['format']}; --quantize {quantize} cannot requantize it")
     if stored is None and quantize is not None:

@@ -42,7 +42,7 @@ from torch import nn
 from ..model.experts import INLINE, Commit, RoutedExperts
 from ..model.layers import FeedForward
 from ..model.quantized import ROW_BLOCK, QuantizedLinear, QuantizedWeight, quantized_linear
-from .linear import WorkerLinear
+from .linear import WEIGHT_MAJOR_MAX_ROWS, WorkerLinear, linear_rows
 
 MIN_EXPERT_WORK = 128 << 20
 """The workers take a call whose experts average at least this much work (rows x weight bytes per expert;
@@ -306,27 +306,6 @@ def _single_threaded_pool(size: int) -> ThreadPoolExecutor:
     ready.wait()
     torch.set_num_threads(caller_threads)
     return pool
-
-
-WEIGHT_MAJOR_MAX_ROWS = 7
-"""`linear_rows`: up to this many rows x @ W^T runs weight-major, as W @ x^T: MKL's kernel for that operand order
-is 2-3x faster than x @ W^T for 2-7 rows on the CPU measured (benchmarks/README.md)..."""
-PAD_ONE_ROW_MAX_BYTES = 1 << 20
-"""... and a single row is doubled to run that way where W is at most this large (0.6x the time of a GEMV for a
-512 KB matrix; 1.4-1.6x for a 23 MB one, where the GEMV wins)."""
-
-
-def linear_rows(x_NI: torch.Tensor, weight_OI: torch.Tensor | QuantizedWeight) -> torch.Tensor:
-    """x @ W^T for a handful of rows (decode), without autograd, in the operand order that is fastest for the row
-    count; other sizes are plain F.linear; a quantized W runs its own kernel. The result may be a transposed view."""
-    if isinstance(weight_OI, QuantizedWeight):
-        return quantized_linear(x_NI, weight_OI)
-    n = x_NI.shape[0]
-    if n == 1 and weight_OI.nbytes <= PAD_ONE_ROW_MAX_BYTES:
-        return torch.mm(weight_OI, x_NI.expand(2, -1).contiguous().t())[:, :1].t()
-    if 2 <= n <= WEIGHT_MAJOR_MAX_ROWS:
-        return torch.mm(weight_OI, x_NI.contiguous().t()).t()  # B must be the transpose of a contiguous x
-    return F.linear(x_NI, weight_OI)
 
 
 class SmallRowsFeedForward(FeedForward):

@@ -13,14 +13,46 @@ worker count, so the result has the same bits whichever worker ran what:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from .cpu import CpuRuntime
+from ..model.quantized import QuantizedWeight, quantized_linear
+
+
+class Runner(Protocol):
+    """What the row blocks need of the CPU runtime (cpu.CpuRuntime)."""
+
+    workers: int
+    min_linear_work: int
+
+    def run_parts(self, parts: list[Callable[[], None]]) -> None: ...
+
+    def in_worker(self) -> bool: ...
+
+
+WEIGHT_MAJOR_MAX_ROWS = 7
+"""`linear_rows`: up to this many rows x @ W^T runs weight-major, as W @ x^T: MKL's kernel for that operand order
+is 2-3x faster than x @ W^T for 2-7 rows on the CPU measured (benchmarks/README.md)..."""
+PAD_ONE_ROW_MAX_BYTES = 1 << 20
+"""... and a single row is doubled to run that way where W is at most this large (0.6x the time of a GEMV for a
+512 KB matrix; 1.4-1.6x for a 23 MB one, where the GEMV wins)."""
+
+
+def linear_rows(x_NI: torch.Tensor, weight_OI: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """x @ W^T for a handful of rows (decode), without autograd, in the operand order that is fastest for the row
+    count; other sizes are plain F.linear; a quantized W runs its own kernel. The result may be a transposed view."""
+    if isinstance(weight_OI, QuantizedWeight):
+        return quantized_linear(x_NI, weight_OI)
+    n = x_NI.shape[0]
+    if n == 1 and weight_OI.nbytes <= PAD_ONE_ROW_MAX_BYTES:
+        return torch.mm(weight_OI, x_NI.expand(2, -1).contiguous().t())[:, :1].t()
+    if 2 <= n <= WEIGHT_MAJOR_MAX_ROWS:
+        return torch.mm(weight_OI, x_NI.contiguous().t()).t()  # B must be the transpose of a contiguous x
+    return F.linear(x_NI, weight_OI)
+
 
 PARTS_PER_WORKER = 4
 """Row blocks per worker: a worker finishing early waits for at most about a quarter of its share."""
@@ -33,12 +65,12 @@ def blocks(n: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
-def split_mm(runtime: "CpuRuntime", n: int, part: Callable[[int, int], None]) -> None:
+def split_mm(runtime: Runner, n: int, part: Callable[[int, int], None]) -> None:
     """part(start, end) over the row blocks of range(n), on the runtime's workers."""
     runtime.run_parts([lambda a=a, b=b: part(a, b) for a, b in blocks(n, runtime.workers * PARTS_PER_WORKER)])
 
 
-def linear_forward(runtime: "CpuRuntime", x_NI: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
+def linear_forward(runtime: Runner, x_NI: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
     """x @ W^T, row blocks of x on the workers."""
     y_NO = x_NI.new_empty(x_NI.shape[0], weight_OI.shape[0])
     split_mm(runtime, x_NI.shape[0], lambda a, b: torch.mm(x_NI[a:b], weight_OI.t(), out=y_NO[a:b]))
@@ -71,11 +103,9 @@ class WorkerLinear(nn.Linear):
     on the runtime's workers (module docstring); a handful of rows without gradients run `linear_rows`; the rest
     is F.linear in the calling thread."""
 
-    runtime: "CpuRuntime"
+    runtime: Runner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .cpu import WEIGHT_MAJOR_MAX_ROWS, linear_rows
-
         x_NI = x.reshape(-1, x.shape[-1])
         n, (o, i) = x_NI.shape[0], self.weight.shape
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)

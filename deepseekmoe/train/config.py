@@ -25,6 +25,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from .. import config as model_config_module
 from ..config import ModelConfig
 from ..presets import load_preset
 
@@ -291,8 +292,6 @@ def _field_names(cls: type) -> set[str]:
 
 
 def _type_namespace() -> dict[str, Any]:
-    from .. import config as model_config_module
-
     return {**vars(model_config_module), **globals()}
 
 

@@ -19,11 +19,12 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from ..cli import CliError
+from ..data.builtin_cache import ensure_builtin_data
+from ..errors import UserError
 from ..fileio import write_text_atomically
+from ..filenames import RUN_CONFIG_FILE
 from .config import RunConfig, load_config
 
-CONFIG_FILE = "config.yaml"
 LOCK_FILE = "train.lock"
 
 
@@ -44,7 +45,7 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "another process"
-            raise CliError(f"run directory {run_dir} is in use by another trainer ({holder}); wait for it or "
+            raise UserError(f"run directory {run_dir} is in use by another trainer ({holder}); wait for it or "
                            "use another --out") from None
         f.truncate(0)
         f.write(f"pid {os.getpid()}\n")
@@ -58,7 +59,7 @@ def split_config_args(args: list[str] | tuple[str, ...]) -> tuple[str | None, li
     path = args.pop(0) if args and "=" not in args[0] else None
     stray = [a for a in args if "=" not in a]
     if stray:
-        raise CliError(f"unexpected argument {stray[0]!r}: give at most one CONFIG file, first, then key=value "
+        raise UserError(f"unexpected argument {stray[0]!r}: give at most one CONFIG file, first, then key=value "
                        "overrides")
     return path, args
 
@@ -76,14 +77,14 @@ def resolve_run(path: str | None, overrides: list[str], resume: bool) -> tuple[R
     run = load_config(path, overrides)
     run_dir = run.run_dir
     if resume:
-        saved = run_dir / CONFIG_FILE
+        saved = run_dir / RUN_CONFIG_FILE
         if not saved.is_file():
-            raise FileNotFoundError(f"--resume: {run_dir} holds no run to resume (no {CONFIG_FILE})")
+            raise FileNotFoundError(f"--resume: {run_dir} holds no run to resume (no {RUN_CONFIG_FILE})")
         run = load_config(path, overrides, base=saved)
         if run.run_dir != run_dir:  # the directory was found by its new name: record that one
             run = dataclasses.replace(run, out=str(run_dir))
     elif run_dir.exists() and (not run_dir.is_dir() or not _holds_only_leftovers(run_dir)):
-        raise CliError(f"run directory {run_dir} is not empty: pass --resume to continue that run, or --out DIR "
+        raise UserError(f"run directory {run_dir} is not empty: pass --resume to continue that run, or --out DIR "
                        "for a new one")
     return run, run_dir
 
@@ -92,7 +93,6 @@ def data_directory(run: RunConfig) -> Path:
     """The run's prepared data directory; the built-in corpus (built on first use) when none is given."""
     if run.data:
         return Path(run.data)
-    from ..data.builtin import ensure_builtin_data
 
     return Path(ensure_builtin_data())
 
@@ -110,10 +110,10 @@ def bind_to_data(run: RunConfig, meta: dict) -> RunConfig:
 def _holds_only_leftovers(run_dir: Path) -> bool:
     """Nothing but what a trainer killed before writing its config leaves (its lock, a temporary config file):
     such a directory is as good as empty for a fresh start."""
-    return all(p.name == LOCK_FILE or (p.name.startswith(CONFIG_FILE + ".") and p.name.endswith(".tmp"))
+    return all(p.name == LOCK_FILE or (p.name.startswith(RUN_CONFIG_FILE + ".") and p.name.endswith(".tmp"))
                for p in run_dir.iterdir())
 
 
 def write_config(run_dir: Path, run: RunConfig) -> None:
     """Write RUN_DIR/config.yaml atomically."""
-    write_text_atomically(run_dir / CONFIG_FILE, run.to_yaml())
+    write_text_atomically(run_dir / RUN_CONFIG_FILE, run.to_yaml())

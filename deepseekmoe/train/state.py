@@ -1,12 +1,12 @@
 """Training checkpoints: a model checkpoint (see checkpoint.py) plus everything needed to continue exactly.
 
 RUN_DIR/checkpoints/step_XXXXXXXX/
-    model.safetensors, config.json, tokenizer.json   the model, loadable by checkpoint.load_model
+    model.safetensors, config.json, tokenizer.json   the model, loadable by checkpoint.load_checkpoint
     trainer_state.pt    optimizer and LR-scheduler state dicts, RNG states (torch CPU/CUDA, Python), the data
                         position (next batch index), the step and the non-finite-loss counters
     run_config.yaml     the resolved RunConfig the run was using
 
-Each checkpoint is written aside and renamed into place (checkpoint.written_atomically), so a crash while
+Each checkpoint is written aside and renamed into place (fileio.written_atomically), so a crash while
 saving leaves the previous checkpoints untouched; afterwards only the newest `keep_last` are kept.
 """
 
@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint import STEP_PREFIX, list_checkpoints, write_model_files, written_atomically
+from ..checkpoint import list_checkpoints, write_model_files
+from ..fileio import written_atomically
+from ..filenames import CHECKPOINT_RUN_CONFIG_FILE, STEP_PREFIX, TRAINER_STATE_FILE
 
-TRAINER_STATE_FILE = "trainer_state.pt"
-RUN_CONFIG_FILE = "run_config.yaml"
 
 
 @dataclass
@@ -67,7 +67,7 @@ def save_training_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: t
         write_model_files(model, tmp, tokenizer_path)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rng_state(), "progress": asdict(progress)}, tmp / TRAINER_STATE_FILE)
-        (tmp / RUN_CONFIG_FILE).write_text(run_config_yaml)
+        (tmp / CHECKPOINT_RUN_CONFIG_FILE).write_text(run_config_yaml)
     prune_checkpoints(run_dir, keep_last)
     return final
 

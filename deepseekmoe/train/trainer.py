@@ -26,16 +26,17 @@ import torch
 import torch.nn.functional as F
 
 from ..accounting import estimate_mfu
-from ..cli import CliError
+from ..checkpoint import list_checkpoints, load_checkpoint
+from ..data.dataset import PackedBatches, check_eval_windows, eval_batches, open_split, read_meta
 from ..distributed import local_batch, parallelize
-from ..distributed.mesh import Parallel, shutdown
-from ..distributed.training import (NullLogger, device_load_record, gather_training_state, grad_clipper,
-                                    main_first, on_main, reduce_step_stats, setup_parallel,
+from ..distributed.mesh import Parallel
+from ..distributed.training import (device_load_record, gather_training_state, grad_clipper, on_main, reduce_step_stats,
                                     shard_optimizer_state, single_process)
+from ..errors import UserError
+from ..filenames import TOKENIZER_FILE
 from ..losses import total_loss
 from ..model import Transformer
-from ..runtime import describe as describe_experts, for_device, parse_device
-from .checkpoint import list_checkpoints, load_model
+from ..runtime import for_device, parse_device
 from .config import RunConfig, TrainConfig
 from .metrics import MetricsLogger, routing_health
 from .optim import build_optimizer, build_scheduler, lr_at
@@ -109,8 +110,6 @@ def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, schedul
 def evaluate(model: Transformer, val_tokens: Any, cfg: TrainConfig, bytes_per_token: float,
              autocast: ContextManager | None = None, max_batches: int | None = None) -> dict[str, float]:
     """LM loss over the first `max_batches` validation batches (a fixed subset; None: all) and bits per byte."""
-    from ..data.dataset import eval_batches
-
     device = model.embed_tokens.weight.device
     was_training = model.training
     model.eval()
@@ -156,10 +155,8 @@ class Trainer:
 
     def __init__(self, run: RunConfig, run_dir: Path, data_dir: Path, resume: bool = False,
                  parallel: Parallel | None = None) -> None:
-        from ..data.dataset import PackedBatches, check_eval_windows, open_split, read_meta
-
         self.run, self.cfg, self.run_dir, self.data_dir = run, run.train, run_dir, data_dir
-        self.device = parallel.device if parallel else pick_device(self.cfg.device)
+        self.device = parallel.device if parallel else parse_device(self.cfg.device, "train.device")
         self.parallel = parallel or single_process(self.device)
         self.autocast = autocast_context(self.device, self.cfg.precision)
         self.compute_dtype = self.autocast.fast_dtype if self.autocast is not None else torch.float32
@@ -173,7 +170,7 @@ class Trainer:
         self.bytes_per_token = val["bytes"] / max(val["tokens"], 1)
         self.batches = PackedBatches(open_split(data_dir, "train"), self.cfg.batch_size, self.cfg.seq_len,
                                      self.cfg.seed)
-        self.tokenizer_path = data_dir / "tokenizer.json"
+        self.tokenizer_path = data_dir / TOKENIZER_FILE
         self.peak_flops = self.cfg.peak_flops or (
             GPU_PEAK_FLOPS if self.device.type == "cuda" else CPU_PEAK_FLOPS_PER_THREAD * torch.get_num_threads())
         self.peak_flops *= self.parallel.world_size  # tokens/s are counted over all processes
@@ -219,7 +216,7 @@ class Trainer:
         for ckpt in reversed(list_checkpoints(self.run_dir)):
             try:
                 state = load_training_state(ckpt)
-                model, _ = load_model(ckpt, device=self.device)
+                model, _ = load_checkpoint(ckpt, device=self.device)
             except FileNotFoundError:
                 raise
             except Exception as exc:  # safetensors, torch.load and zip readers raise their own types
@@ -257,7 +254,7 @@ class Trainer:
         p.nonfinite_in_row += 1
         if p.nonfinite_in_row >= self.cfg.max_nonfinite:
             good = self.last_saved or (list_checkpoints(self.run_dir) or [None])[-1]
-            raise CliError(f"stopping at step {p.step}: {p.nonfinite_in_row} non-finite losses in a row "
+            raise UserError(f"stopping at step {p.step}: {p.nonfinite_in_row} non-finite losses in a row "
                            f"(train.max_nonfinite={self.cfg.max_nonfinite}); last good checkpoint: "
                            f"{good or 'none'}; try a lower train.lr")
 
@@ -318,94 +315,7 @@ class Trainer:
         return self.last_saved
 
 
-def pick_device(name: str) -> torch.device:
-    return parse_device(name, "train.device")
-
-
 def autocast_context(device: torch.device, precision: str) -> ContextManager | None:
     """bf16 autocast on GPU by default (weights, optimizer state and losses stay fp32); fp32 on CPU."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else None
-
-
-# ---------------------------------------------------------------------------------------------- command
-def train_command(config: list[str] = (), *, preset: str | None = None, data: str | None = None,  # type: ignore[assignment]
-                  out: str | None = None, max_steps: int | None = None, resume: bool = False, ep: int = 1) -> int:
-    """Train a model with the paper's recipe; with no arguments, tiny-deepseekmoe on the built-in corpus (~5 min).
-
-    Writes RUN_DIR (default runs/<preset>): config.yaml (the resolved config), metrics.jsonl, checkpoints/.
-    At the end prints the validation loss and a short sample. Ctrl-C (or SIGTERM, SIGHUP) saves a checkpoint and
-    stops; --resume continues exactly where the last checkpoint left off.
-
-    Args:
-        config: an optional CONFIG.yaml (see configs/), then dotted overrides such as train.lr=1e-3
-            model.hidden_size=64 train.batch_size=8 (values are converted to each field's type). Precedence:
-            preset < CONFIG < the options below < key=value overrides.
-        preset: model preset to start from (default tiny-deepseekmoe).
-        data: a data directory made by `deepseekmoe prepare` (default: the built-in corpus).
-        out: the run directory (default runs/<preset>); must be empty unless --resume.
-        max_steps: optimizer steps (overrides train.max_steps).
-        resume: continue the run in the run directory from its latest checkpoint.
-        ep: expert-parallel degree under `torchrun --nproc-per-node N` (N / ep data-parallel replicas);
-            train.batch_size is the global batch, split over the N processes.
-    """
-    from ..data.dataset import read_meta
-    from .rundir import bind_to_data, data_directory, option_overrides, resolve_run, run_lock, split_config_args
-
-    path, overrides = split_config_args(config)
-    run, run_dir = resolve_run(path, option_overrides(preset, data, out, max_steps) + overrides, resume)
-    run, parallel = setup_parallel(run, ep, pick_device(run.train.device))
-    with main_first(parallel):
-        data_dir = data_directory(run)
-    run = bind_to_data(run, read_meta(data_dir))
-    trainer = Trainer(run, run_dir, data_dir, resume=resume, parallel=parallel)  # checks before writing
-    with run_lock(run_dir) if parallel.is_main else nullcontext():
-        return _train(trainer, run, run_dir, data_dir, resume, parallel)
-
-
-def _train(trainer: Trainer, run: RunConfig, run_dir: Path, data_dir: Path, resume: bool,
-           parallel: Parallel) -> int:
-    """train_command once the run is set up and its directory locked: write, train, report."""
-    from .metrics import truncate_metrics
-    from .rundir import write_config
-
-    main = parallel.is_main
-    if main:
-        write_config(run_dir, run)
-        if resume:
-            truncate_metrics(run_dir, trainer.progress.step)
-        print(f"training {run.preset or 'custom model'} ({trainer.model.num_parameters():,} parameters) on "
-              f"{data_dir} -> {run_dir}, {trainer.device}, steps {trainer.progress.step}..{run.train.max_steps}"
-              + (f", {parallel.world_size} processes (dp {parallel.dp} x ep {parallel.ep})"
-                 if parallel.is_distributed else ""), flush=True)
-        print(f"routed experts: {describe_experts(trainer.model, trainer.device, trainer.compute_dtype)}", flush=True)
-    logger = (MetricsLogger(run_dir, run.train.max_steps, trainer.progress.step, run.train.tensorboard)
-              if main else NullLogger())
-    with logger:
-        stopped_by = trainer.fit(logger)
-        if stopped_by is not None:
-            return 128 + stopped_by  # the shell's code for a process ended by that signal
-        final = trainer.validate(final=True)
-        logger.log({"kind": "val", "step": trainer.progress.step, **final})
-    if main:
-        print(f"validation loss {final['val_loss']:.4f} nats/token, {final['val_bpb']:.4f} bits/byte "
-              f"({final['val_tokens']:,} tokens); checkpoint {trainer.last_saved}")
-    if run.train.sample_tokens:  # every rank generates (expert-parallel forwards are collective); rank 0 prints
-        sample = sample_text(trainer.model, trainer.tokenizer_path, run.train)
-        if main:
-            print("sample:", sample, sep="\n")
-    shutdown(parallel)
-    return 0
-
-
-def sample_text(model: Transformer, tokenizer_path: Path, cfg: TrainConfig) -> str:
-    """The prompt and its continuation, sampled with the run's seed (deterministic)."""
-    from ..data.tokenizer import load_tokenizer
-    from ..inference.generate import encode_prompt, generate
-
-    tokenizer = load_tokenizer(tokenizer_path)
-    prompt_ids = encode_prompt(tokenizer, cfg.sample_prompt, model.config.bos_token_id)
-    new_ids = generate(model, prompt_ids, cfg.sample_tokens, temperature=cfg.sample_temperature, seed=cfg.seed,
-                       eos_token_id=model.config.eos_token_id)
-    model.train()
-    return tokenizer.decode(prompt_ids + new_ids)

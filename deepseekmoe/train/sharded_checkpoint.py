@@ -35,16 +35,16 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from ..checkpoint import load_checkpoint, write_model_files
 from ..config import ModelConfig
+from ..distributed.expert_parallel import ExpertParallelExperts
+from ..distributed.fsdp import local_tensor
+from ..distributed.mesh import Parallel
+from ..fileio import atomic_directory, commit_directory, sync_tree, written_atomically
+from ..filenames import CHECKPOINT_RUN_CONFIG_FILE, CONFIG_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE
 from ..model import Transformer
 from ..model.experts import RoutedExperts
-from ..train.checkpoint import (CONFIG_FILE, TOKENIZER_FILE, atomic_directory, commit_directory, load_model,
-                                sync_tree, write_model_files, written_atomically)
-from ..train.optim import param_groups
-from ..train.state import RUN_CONFIG_FILE, TRAINER_STATE_FILE
-from .expert_parallel import ExpertParallelExperts
-from .fsdp import local_tensor
-from .mesh import Parallel
+from .optim import param_groups
 
 DCP_DIR = "dcp"
 EXTRA_FILE = "extra_state.pt"
@@ -143,7 +143,7 @@ def _write_side_files(tmp: Path, config: ModelConfig, extra: dict, tokenizer_pat
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
     if run_config_yaml is not None:
-        (tmp / RUN_CONFIG_FILE).write_text(run_config_yaml)
+        (tmp / CHECKPOINT_RUN_CONFIG_FILE).write_text(run_config_yaml)
 
 
 def save_sharded(directory: str | Path, model: Transformer, optimizer: torch.optim.Optimizer | None,
@@ -228,8 +228,8 @@ def sharded_to_single(src: str | Path, dst: str | Path) -> Path:
         write_model_files(model, tmp, src / TOKENIZER_FILE if (src / TOKENIZER_FILE).is_file() else None)
         if "param_names" in extra:
             torch.save(_trainer_state(flat, extra, e), tmp / TRAINER_STATE_FILE)
-        if (src / RUN_CONFIG_FILE).is_file():
-            shutil.copyfile(src / RUN_CONFIG_FILE, tmp / RUN_CONFIG_FILE)
+        if (src / CHECKPOINT_RUN_CONFIG_FILE).is_file():
+            shutil.copyfile(src / CHECKPOINT_RUN_CONFIG_FILE, tmp / CHECKPOINT_RUN_CONFIG_FILE)
     return Path(dst)
 
 
@@ -244,14 +244,14 @@ def _trainer_state(flat: dict[str, torch.Tensor], extra: dict, num_experts: int)
 def single_to_sharded(src: str | Path, dst: str | Path) -> Path:
     """A single-file checkpoint (with or without trainer_state.pt) -> a sharded one, written by this one process;
     loads at any layout like one that torchrun wrote."""
-    model, ckpt = load_model(src)
+    model, ckpt = load_checkpoint(src)
     optimizer, extra = None, None
     if (ckpt / TRAINER_STATE_FILE).is_file():
         extra = torch.load(ckpt / TRAINER_STATE_FILE, map_location="cpu", weights_only=True)
         optimizer = torch.optim.AdamW(param_groups(model, 0.0))
         optimizer.load_state_dict(extra.pop("optimizer"))  # scheduler, rng, progress stay in extra
     tokenizer = ckpt / TOKENIZER_FILE
-    run_yaml = ckpt / RUN_CONFIG_FILE
+    run_yaml = ckpt / CHECKPOINT_RUN_CONFIG_FILE
     return save_sharded(dst, model, optimizer, Parallel(None, 1, 1, 0, torch.device("cpu")), extra,
                         tokenizer if tokenizer.is_file() else None,
                         run_yaml.read_text() if run_yaml.is_file() else None)

@@ -14,7 +14,7 @@ BENCHMARKS = {"moe-layer": "moe_layer.py", "train-step": "train_step.py", "decod
 def _load(name: str) -> ModuleType:
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / BENCHMARKS[name]
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / BENCHMARKS[name]
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: benchmarks run from a source checkout of deepseekmoe")
     sys.path.insert(0, str(path.parent))

@@ -4,18 +4,16 @@
     config.json         ModelConfig.to_dict()
     tokenizer.json      the run's tokenizer, when it has one
 
-A run directory keeps checkpoints under RUN_DIR/checkpoints/step_XXXXXXXX/; `resolve_checkpoint` accepts either.
-Directories are written aside (name.tmp-*), flushed to disk (fsync of every file and of the directory), and
-renamed into place, the parent directory flushed after: a kill or a power loss leaves the old directory or the
-new one, complete, never a half-written or renamed-but-empty one.
+A run directory keeps checkpoints under RUN_DIR/checkpoints/step_XXXXXXXX/; `find_checkpoint` accepts either.
+This module knows only this format; `convert/load.py` loads any checkpoint path, ours or Hugging Face's.
+Directories are written with `fileio.written_atomically`: a kill or a power loss leaves the old directory or the
+new one, complete.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -24,14 +22,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..config import ModelConfig
-from ..fileio import as_disk_full
-from ..model import Transformer
+from .config import ModelConfig
+from .fileio import written_atomically
+from .filenames import CONFIG_FILE, MODEL_FILE, STEP_PREFIX, TOKENIZER_FILE
+from .model import Transformer
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
-STEP_PREFIX = "step_"
 
 
 @contextmanager
@@ -71,65 +66,6 @@ def write_model_files(model: Transformer, directory: Path, tokenizer_path: str |
         shutil.copyfile(tokenizer_path, directory / TOKENIZER_FILE)
 
 
-def atomic_directory(final: Path) -> Path:
-    """A fresh temporary sibling of `final`, to fill, flush (`sync_tree`) and pass to `commit_directory`."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-
-
-def _fsync(path: Path) -> None:
-    if os.name == "nt" and path.is_dir():  # Windows cannot open a directory to flush it
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sync_tree(directory: Path) -> None:
-    """fsync every file under `directory` and the directories themselves (data on disk before any rename)."""
-    for root, _, files in os.walk(directory):
-        for name in files:
-            _fsync(Path(root) / name)
-        _fsync(Path(root))
-
-
-def commit_directory(tmp: Path, final: Path) -> None:
-    """Move a fully written, flushed (`sync_tree`) temporary directory into place, replacing any old one."""
-    try:
-        _commit(tmp, final)
-    finally:
-        _fsync(final.parent)
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-@contextmanager
-def written_atomically(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `final` to fill; on success it replaces `final`, on any error it is removed."""
-    tmp = atomic_directory(final)
-    try:
-        yield tmp
-        sync_tree(tmp)  # a full disk may show only here (delayed allocation)
-    except BaseException as exc:
-        full = as_disk_full(exc, final)  # judged before the partial files are removed and free their space
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full is not None:
-            raise full from exc
-        raise
-    commit_directory(tmp, final)
-
-
 def save_model(model: Transformer, directory: str | Path, tokenizer_path: str | Path | None = None) -> Path:
     """Atomically write a loadable checkpoint directory."""
     final = Path(directory)
@@ -149,12 +85,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, the latest checkpoint of a run directory, or a Hugging Face DeepSeekMoE directory."""
-    from ..convert.hf import is_hf_directory
-
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or the latest checkpoint of a run directory (`convert.load` adds HF directories)."""
     p = Path(path)
-    if (p / MODEL_FILE).is_file() or is_hf_directory(p):
+    if (p / MODEL_FILE).is_file():
         return p
     ckpts = list_checkpoints(p)
     if ckpts:
@@ -173,16 +107,10 @@ def _check_shapes(state: dict[str, torch.Tensor], model: Transformer, ckpt: Path
                              f"implies {list(expected[key].shape)}")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[Transformer, Path]:
-    """Load a checkpoint (or a run's latest) -> (model in eval mode, checkpoint directory).
-
-    A Hugging Face DeepSeekMoE directory (config.json with model_type 'deepseek') is read by the converter."""
-    from ..convert.hf import is_hf_directory, load_hf_model
-
-    if is_hf_directory(path):
-        return load_hf_model(path, device, dtype)
-    ckpt = resolve_checkpoint(path)
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> tuple[Transformer, Path]:
+    """Load a checkpoint (or a run's latest) -> (model in eval mode, checkpoint directory)."""
+    ckpt = find_checkpoint(path)
     config = ModelConfig.from_dict(json.loads((ckpt / CONFIG_FILE).read_text()))
     with torch.device("meta"):
         model = Transformer(config)

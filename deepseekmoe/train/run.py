@@ -1,0 +1,72 @@
+"""One training run from its settings: resolve the run, set up the processes, train, validate, report.
+
+`run_training` is what `deepseekmoe train` does; `compare` calls it for each run of a suite. A `sample`
+function (the command passes one that generates text) is called at the end when train.sample_tokens is set.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+from ..data.dataset import read_meta
+from ..distributed.mesh import Parallel, shutdown
+from ..distributed.training import NullLogger, main_first, setup_parallel
+from ..model import Transformer
+from ..runtime import describe as describe_experts, parse_device
+from .config import RunConfig, TrainConfig
+from .metrics import MetricsLogger, truncate_metrics
+from .rundir import (bind_to_data, data_directory, option_overrides, resolve_run, run_lock, split_config_args,
+                     write_config)
+from .trainer import Trainer
+
+Sampler = Callable[[Transformer, Path, TrainConfig], str]
+
+
+def run_training(config: list[str] | tuple[str, ...] = (), *, preset: str | None = None, data: str | None = None,
+                 out: str | None = None, max_steps: int | None = None, resume: bool = False, ep: int = 1,
+                 sample: Sampler | None = None) -> int:
+    """Train as `deepseekmoe train` does (its arguments) -> the exit code (128 + signal when stopped)."""
+    path, overrides = split_config_args(config)
+    run, run_dir = resolve_run(path, option_overrides(preset, data, out, max_steps) + overrides, resume)
+    run, parallel = setup_parallel(run, ep, parse_device(run.train.device, "train.device"))
+    with main_first(parallel):
+        data_dir = data_directory(run)
+    run = bind_to_data(run, read_meta(data_dir))
+    trainer = Trainer(run, run_dir, data_dir, resume=resume, parallel=parallel)  # checks before writing
+    with run_lock(run_dir) if parallel.is_main else nullcontext():
+        return _train(trainer, run, run_dir, data_dir, resume, parallel, sample)
+
+
+
+def _train(trainer: Trainer, run: RunConfig, run_dir: Path, data_dir: Path, resume: bool,
+           parallel: Parallel, sample: Sampler | None) -> int:
+    """run_training once the run is set up and its directory locked: write, train, report."""
+    main = parallel.is_main
+    if main:
+        write_config(run_dir, run)
+        if resume:
+            truncate_metrics(run_dir, trainer.progress.step)
+        print(f"training {run.preset or 'custom model'} ({trainer.model.num_parameters():,} parameters) on "
+              f"{data_dir} -> {run_dir}, {trainer.device}, steps {trainer.progress.step}..{run.train.max_steps}"
+              + (f", {parallel.world_size} processes (dp {parallel.dp} x ep {parallel.ep})"
+                 if parallel.is_distributed else ""), flush=True)
+        print(f"routed experts: {describe_experts(trainer.model, trainer.device, trainer.compute_dtype)}", flush=True)
+    logger = (MetricsLogger(run_dir, run.train.max_steps, trainer.progress.step, run.train.tensorboard)
+              if main else NullLogger())
+    with logger:
+        stopped_by = trainer.fit(logger)
+        if stopped_by is not None:
+            return 128 + stopped_by  # the shell's code for a process ended by that signal
+        final = trainer.validate(final=True)
+        logger.log({"kind": "val", "step": trainer.progress.step, **final})
+    if main:
+        print(f"validation loss {final['val_loss']:.4f} nats/token, {final['val_bpb']:.4f} bits/byte "
+              f"({final['val_tokens']:,} tokens); checkpoint {trainer.last_saved}")
+    if run.train.sample_tokens and sample is not None:
+        text = sample(trainer.model, trainer.tokenizer_path, run.train)  # every rank: EP forwards are collective
+        if main:
+            print("sample:", text, sep="\n")
+    shutdown(parallel)
+    return 0

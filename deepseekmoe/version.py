@@ -1,0 +1,3 @@
+"""The package version (pyproject.toml's), importable without loading torch."""
+
+__version__ = "0.1.0"
