@@ -20,14 +20,14 @@ import torch.multiprocessing as mp
 from conftest import tiny_config
 from deepseekmoe import Transformer
 from deepseekmoe.accounting import count
+from deepseekmoe.checkpoint import MODEL_FILE, read_safetensors, save_model
 from deepseekmoe.distributed import Parallel, init_parallel, local_batch
 from deepseekmoe.distributed.fsdp import apply_fsdp, clip_grad_norm_, gather_full_state, mixed_precision
 from deepseekmoe.distributed.planner import fsdp_shard_params
-from deepseekmoe.train.sharded_checkpoint import (load_sharded, read_sharded, save_sharded,
-                                                        sharded_to_single, single_to_sharded)
 from deepseekmoe.losses import total_loss
-from deepseekmoe.checkpoint import MODEL_FILE, read_safetensors, save_model
 from deepseekmoe.train.optim import param_groups
+from deepseekmoe.train.sharded_checkpoint import (load_sharded, read_sharded, save_sharded, sharded_to_single,
+                                                  single_to_sharded)
 from deepseekmoe.train.state import TRAINER_STATE_FILE
 
 pytestmark = pytest.mark.slow  # two spawns (4 and 2 processes): ~1-2 min on 2 busy cores

@@ -34,9 +34,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..model import Transformer
-from .expert_parallel import ExpertParallelExperts, apply_expert_parallel, gather_blocks, moe_layers
+from .expert_parallel import (ExpertParallelExperts, apply_expert_parallel, gather_blocks, moe_layers,
+                              with_ep_device_groups)
 from .mesh import Parallel
-from .training import run_model_config
 
 
 def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
@@ -69,7 +69,7 @@ def apply_fsdp(model: Transformer, parallel: Parallel, *, activation_checkpointi
     if not parallel.is_distributed:
         return model
     if parallel.ep > 1:
-        model.config = run_model_config(model.config, parallel.ep)
+        model.config = with_ep_device_groups(model.config, parallel.ep)
         apply_expert_parallel(model, parallel.ep_group)
     policy, mesh = policy or mixed_precision(parallel.device), world_mesh(parallel)
     expert_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype,
