@@ -10,8 +10,9 @@ DDP, not FSDP2: both run on gloo (fully_shard works on CPU), but on 2 CPU proces
 1622 ms with DDP against 1825 ms with FSDP2 (`benchmarks/all_to_all.py --compare-wrappers`), DDP keeps plain
 tensors so the optimizer, clipping and state-dict code stays single-device, and the 16B model trains with
 replicated dense weights (1.4B parameters) on 8 x 80 GB GPUs with ep=8 (`deepseekmoe plan`). Where the dense part
-itself outgrows a GPU (145B: ~10B dense parameters, 160 GB of weights + AdamW state), sharding it with
-fully_shard over the dp x ep ranks is the next step.
+itself outgrows a GPU (145B: ~10B dense parameters, 160 GB of weights + AdamW state), fsdp.py shards it with
+fully_shard over all ranks and each expert block over its dp replicas (`deepseekmoe plan --fsdp`); the trainer runs
+this DDP layout.
 """
 
 from __future__ import annotations
