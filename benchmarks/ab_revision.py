@@ -31,7 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from moe_layer import SHAPES, competing_process  # noqa: E402
+from moe_layer import SHAPES, add_compete_option, competing_process  # noqa: E402
 
 
 def load_revision(rev: str, into: Path):
@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default="tiny-deepseekmoe")
     p.add_argument("--shapes", default="s1", help="moe_layer.py shapes for --what layer")
     p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--compete", nargs="?", const="matmul", default="", choices=["matmul", "spin"],
-                   help="a competing process for the whole run: 2-thread matmuls (default) or a Python busy loop")
+    add_compete_option(p)
     p.add_argument("--isolate", action="store_true", help="each side in a process of its own")
     p.add_argument("--side", choices=["this", "baseline"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)

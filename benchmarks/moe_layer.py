@@ -294,6 +294,12 @@ COMPETITORS = {"matmul": COMPETITOR, "spin": "while True: pass\n"}
 """--compete kinds: 2-thread matmuls (both cores, OpenMP teams of its own) or one pure-Python busy loop."""
 
 
+def add_compete_option(p: argparse.ArgumentParser) -> None:
+    """`--compete [matmul|spin]`: the competing process (`competing_process`) a benchmark runs beside."""
+    p.add_argument("--compete", nargs="?", const="matmul", default="", choices=["matmul", "spin"],
+                   help="a competing process for the whole run: 2-thread matmuls (default) or a Python busy loop")
+
+
 @contextlib.contextmanager
 def competing_process(enabled: bool | str = True):
     """A second process for the duration: a busy machine, as users' are. `enabled` True or "matmul": 2-thread

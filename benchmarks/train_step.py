@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_layer import competing_process, machine  # noqa: E402
+from moe_layer import add_compete_option, competing_process, machine  # noqa: E402
 
 from deepseekmoe import Transformer, load_preset  # noqa: E402
 from deepseekmoe.runtime import for_device  # noqa: E402
@@ -124,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", dest="as_json", action="store_true")
-    p.add_argument("--compete", nargs="?", const="matmul", default="", choices=["matmul", "spin"],
-                   help="a competing process throughout: 2-thread matmuls (default) or a Python busy loop")
+    add_compete_option(p)
     args = vars(p.parse_args(argv))
     with competing_process(args.pop("compete")):
         return run(**args)

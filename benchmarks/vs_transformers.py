@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_layer import competing_process, machine, peak_memory  # noqa: E402
+from moe_layer import add_compete_option, competing_process, machine, peak_memory  # noqa: E402
 
 from deepseekmoe import ModelConfig, Transformer, load_preset  # noqa: E402
 from deepseekmoe.inference.generate import generate_tokens  # noqa: E402
@@ -316,8 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big-rounds", type=int, default=2, help="rounds for 16b-2l")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--json", dest="as_json", action="store_true")
-    p.add_argument("--compete", nargs="?", const="matmul", default="", choices=["matmul", "spin"],
-                   help="a competing process throughout: 2-thread matmuls (default) or a Python busy loop")
+    add_compete_option(p)
     args = vars(p.parse_args(argv))
     with competing_process(args.pop("compete")):
         return run(**args)
