@@ -30,14 +30,14 @@ ScoringFunc = Literal["softmax"]
 ExpertsImpl = Literal["loop", "grouped"]
 
 # HF config.json keys that carry no information for this model beyond fixed values we check.
-_HF_FIXED = {
+HF_FIXED = {
     "hidden_act": "silu",
     "attention_bias": False,
     "pretraining_tp": 1,
     "rope_scaling": None,
 }
 # Keys of the released deepseek-moe-16b config.json that describe how HF loads it (remote code), not the model.
-_HF_RELEASED = {
+HF_RELEASED = {
     "attention_dropout": 0.0,
     "auto_map": {
         "AutoConfig": "configuration_deepseek.DeepseekConfig",
@@ -223,7 +223,7 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """An HF `config.json` (model_type 'deepseek') in the released checkpoints' form: their keys, sorted, with
         the remote-code `auto_map`; this project's extra fields ride along by name."""
-        d = {"architectures": ["DeepseekForCausalLM"], "model_type": "deepseek", **_HF_FIXED, **_HF_RELEASED}
+        d = {"architectures": ["DeepseekForCausalLM"], "model_type": "deepseek", **HF_FIXED, **HF_RELEASED}
         d.update(self.to_dict())
         if d["num_key_value_heads"] is None:
             d["num_key_value_heads"] = self.num_attention_heads
@@ -235,7 +235,7 @@ class ModelConfig:
         mt = d.get("model_type", "deepseek")
         if mt != "deepseek":
             raise ValueError(f"model_type={mt!r} is not supported (expected 'deepseek')")
-        for key, expected in _HF_FIXED.items():
+        for key, expected in HF_FIXED.items():
             if key in d and d[key] != expected:
                 raise ValueError(f"{key}={d[key]!r} is not supported (expected {expected!r})")
         known = {f.name for f in fields(cls)}
@@ -253,7 +253,7 @@ class ModelConfig:
             kwargs["n_routed_experts"] = None
         if kwargs.get("num_key_value_heads") == kwargs.get("num_attention_heads"):
             kwargs["num_key_value_heads"] = None
-        ignored = set(d) - known - _HF_IGNORED - set(_HF_FIXED)
+        ignored = set(d) - known - _HF_IGNORED - set(HF_FIXED)
         ignored.discard("pad_token_id")
         if ignored:
             raise ValueError(f"unsupported key(s) in config.json: {', '.join(sorted(ignored))}")
