@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from .configio import check, field_types, from_data, read_mapping, require
 
@@ -238,8 +238,9 @@ class ModelConfig:
         for key, expected in HF_FIXED.items():
             if key in d and d[key] != expected:
                 raise ValueError(f"{key}={d[key]!r} is not supported (expected {expected!r})")
-        known = {f.name for f in fields(cls)}
-        optional = {f.name for f in fields(cls) if str(f.type).endswith("| None")}
+        types_ = field_types(cls)
+        known = set(types_)
+        optional = {name for name, tp in types_.items() if type(None) in get_args(tp)}
         # a null for a non-optional field (remote-code style) means "use the default"
         kwargs = {k: v for k, v in d.items() if k in known and (v is not None or k in optional)}
         defaults = {"aux_loss_alpha": 0.001, "seq_aux": True, "n_shared_experts": 0,
