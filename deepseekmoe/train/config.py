@@ -129,8 +129,6 @@ class TrainConfig:
                  self.final_eval_batches, "an integer >= 1 or null")
         require(self.peak_flops is None or self.peak_flops > 0, "peak_flops", self.peak_flops,
                  "a number > 0 or null")
-        for name, tp in field_types(TrainConfig).items():
-            check(getattr(self, name), tp, name)
 
 
 @dataclass(kw_only=True)
