@@ -4,6 +4,7 @@ Argument rules (read from the function's signature):
   * positional parameters become positional arguments (`list[str]` ones take several values; a default makes them
     optional); keyword-only parameters become `--options` (underscores -> dashes);
   * `bool` options are flags (`--x/--no-x`); `X | None` options default to None;
+  * a keyword-only parameter typed as a dataclass takes the dataclass's fields as its options;
   * the docstring's first paragraph is the description; lines `name: text` under "Args:" are per-argument help.
 Errors a user can fix (bad paths, bad values) raise `errors.UserError`, ValueError (invalid settings) or
 FileNotFoundError and are printed as one line `deepseekmoe: error: ...` with exit code 2; anything else keeps its
@@ -13,6 +14,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import importlib
 import inspect
@@ -98,11 +100,38 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def _add_params(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None:
+def _parameters(fn: Callable[..., Any]) -> list[inspect.Parameter]:
+    """fn's parameters with their resolved annotations; a keyword-only one typed as a dataclass stands for that
+    dataclass's fields (each one an option; `_call` builds the object from them)."""
     hints = typing.get_type_hints(fn)
-    helps = _arg_help(fn)
+    params = []
     for name, p in inspect.signature(fn).parameters.items():
-        tp = _unwrap_optional(hints.get(name, str))
+        tp = hints.get(name, str)
+        if p.kind is p.KEYWORD_ONLY and dataclasses.is_dataclass(tp):
+            field_hints = typing.get_type_hints(tp)
+            params += [inspect.Parameter(f.name, p.KEYWORD_ONLY, annotation=field_hints[f.name],
+                                         default=p.empty if f.default is dataclasses.MISSING else f.default)
+                       for f in dataclasses.fields(tp)]
+        else:
+            params.append(p.replace(annotation=tp))
+    return params
+
+
+def _call(fn: Callable[..., Any], args: dict[str, Any]) -> Any:
+    """fn(**args), the fields of each dataclass-typed parameter gathered into its object first."""
+    hints = typing.get_type_hints(fn)
+    for name, p in inspect.signature(fn).parameters.items():
+        tp = hints.get(name)
+        if p.kind is p.KEYWORD_ONLY and dataclasses.is_dataclass(tp):
+            args[name] = tp(**{f.name: args.pop(f.name) for f in dataclasses.fields(tp)})
+    return fn(**args)
+
+
+def _add_params(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None:
+    helps = _arg_help(fn)
+    for p in _parameters(fn):
+        name = p.name
+        tp = _unwrap_optional(p.annotation)
         is_list = typing.get_origin(tp) is list
         elem = typing.get_args(tp)[0] if is_list else tp
         kw: dict[str, Any] = {"help": helps.get(name)}
@@ -169,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     fn = args.pop("_fn")
     args.pop("command")
     try:
-        result = fn(**args)
+        result = _call(fn, args)
     except (UserError, ValueError, FileNotFoundError) as exc:
         print(f"deepseekmoe: error: {exc}", file=sys.stderr)
         return 2

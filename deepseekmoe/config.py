@@ -19,23 +19,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
+
+from .configio import check, field_types, from_data, read_mapping, require
 
 RouterKind = Literal["softmax_topk", "switch", "gshard", "hash", "none"]
 ScoringFunc = Literal["softmax"]
 ExpertsImpl = Literal["loop", "grouped"]
 
 # HF config.json keys that carry no information for this model beyond fixed values we check.
-_HF_FIXED = {
+HF_FIXED = {
     "hidden_act": "silu",
     "attention_bias": False,
     "pretraining_tp": 1,
     "rope_scaling": None,
 }
 # Keys of the released deepseek-moe-16b config.json that describe how HF loads it (remote code), not the model.
-_HF_RELEASED = {
+HF_RELEASED = {
     "attention_dropout": 0.0,
     "auto_map": {
         "AutoConfig": "configuration_deepseek.DeepseekConfig",
@@ -148,25 +150,24 @@ class ModelConfig:
 
     # -------------------------------------------------------------- validation
     def validate(self) -> None:
-        for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
-            _check_literal(f.name, getattr(self, f.name), f.type)
+        for name, tp in field_types(type(self)).items():
+            check(getattr(self, name), tp, name)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "max_position_embeddings", "intermediate_size", "moe_intermediate_size",
                      "moe_layer_freq", "n_device_groups"):
-            _require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+            require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
         for name in ("n_shared_experts", "first_k_dense_replace"):
-            _require(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
+            require(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
         for name in ("aux_loss_alpha", "device_aux_loss_alpha", "z_loss_alpha", "initializer_range",
                      "rms_norm_eps"):
-            _require(getattr(self, name) >= 0, name, getattr(self, name), "a number >= 0")
-        _require(self.rope_theta > 0, "rope_theta", self.rope_theta, "a number > 0")
-        _require(self.hidden_size % self.num_attention_heads == 0, "hidden_size", self.hidden_size,
+            require(getattr(self, name) >= 0, name, getattr(self, name), "a number >= 0")
+        require(self.rope_theta > 0, "rope_theta", self.rope_theta, "a number > 0")
+        require(self.hidden_size % self.num_attention_heads == 0, "hidden_size", self.hidden_size,
                  f"a multiple of num_attention_heads={self.num_attention_heads}")
-        _require(self.head_dim % 2 == 0, "hidden_size", self.hidden_size,
+        require(self.head_dim % 2 == 0, "hidden_size", self.hidden_size,
                  "a value giving an even head_dim (rotary embeddings rotate pairs)")
         if self.num_key_value_heads is not None:
-            _require(self.num_key_value_heads >= 1
+            require(self.num_key_value_heads >= 1
                      and self.num_attention_heads % self.num_key_value_heads == 0,
                      "num_key_value_heads", self.num_key_value_heads,
                      f"a divisor of num_attention_heads={self.num_attention_heads}")
@@ -174,22 +175,22 @@ class ModelConfig:
 
     def _validate_routing(self) -> None:
         if self.router == "none":
-            _require(self.n_routed_experts is None, "n_routed_experts", self.n_routed_experts,
+            require(self.n_routed_experts is None, "n_routed_experts", self.n_routed_experts,
                      "None when router='none' (a dense model)")
             return
-        _require(self.n_routed_experts is not None and self.n_routed_experts >= 1, "n_routed_experts",
+        require(self.n_routed_experts is not None and self.n_routed_experts >= 1, "n_routed_experts",
                  self.n_routed_experts, f"an integer >= 1 when router='{self.router}'")
         e, k = self.n_routed_experts, self.num_experts_per_tok
-        _require(k >= 1, "num_experts_per_tok", k, "an integer >= 1")
+        require(k >= 1, "num_experts_per_tok", k, "an integer >= 1")
         if k > e:
             raise ValueError(f"num_experts_per_tok={k} exceeds n_routed_experts={e}")
         fixed_k = {"switch": 1, "gshard": 2, "hash": 1}.get(self.router)
         if fixed_k is not None:
-            _require(k == fixed_k, "num_experts_per_tok", k, f"{fixed_k} for router='{self.router}'")
-        _require(e % self.n_device_groups == 0, "n_device_groups", self.n_device_groups,
+            require(k == fixed_k, "num_experts_per_tok", k, f"{fixed_k} for router='{self.router}'")
+        require(e % self.n_device_groups == 0, "n_device_groups", self.n_device_groups,
                  f"a divisor of n_routed_experts={e}")
         if self.capacity_factor is not None:
-            _require(self.capacity_factor > 0, "capacity_factor", self.capacity_factor,
+            require(self.capacity_factor > 0, "capacity_factor", self.capacity_factor,
                      "a number > 0, or None for dropless routing")
 
     # ------------------------------------------------------------ constructors
@@ -201,9 +202,9 @@ class ModelConfig:
         Derives n_routed_experts = mN - K_s, num_experts_per_tok = mK - K_s, moe_intermediate_size = F/m.
         """
         n, m, k, ks, f = num_experts, granularity, top_k, num_shared, ffn_size
-        _require(m >= 1, "granularity", m, "an integer >= 1")
-        _require(f % m == 0, "ffn_size", f, f"a multiple of granularity={m}")
-        _require(0 <= ks < m * k, "num_shared", ks, f"an integer in [0, m*K={m * k})")
+        require(m >= 1, "granularity", m, "an integer >= 1")
+        require(f % m == 0, "ffn_size", f, f"a multiple of granularity={m}")
+        require(0 <= ks < m * k, "num_shared", ks, f"an integer in [0, m*K={m * k})")
         return cls(n_routed_experts=m * n - ks, num_experts_per_tok=m * k - ks, n_shared_experts=ks,
                    moe_intermediate_size=f // m, **kwargs)
 
@@ -213,16 +214,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        types_ = field_types(cls)
+        unknown = sorted(set(d) - set(types_))
         if unknown:
             raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**{k: from_data(v, types_[k], k) for k, v in d.items()})
 
     def to_hf_dict(self) -> dict[str, Any]:
         """An HF `config.json` (model_type 'deepseek') in the released checkpoints' form: their keys, sorted, with
         the remote-code `auto_map`; this project's extra fields ride along by name."""
-        d = {"architectures": ["DeepseekForCausalLM"], "model_type": "deepseek", **_HF_FIXED, **_HF_RELEASED}
+        d = {"architectures": ["DeepseekForCausalLM"], "model_type": "deepseek", **HF_FIXED, **HF_RELEASED}
         d.update(self.to_dict())
         if d["num_key_value_heads"] is None:
             d["num_key_value_heads"] = self.num_attention_heads
@@ -234,11 +235,12 @@ class ModelConfig:
         mt = d.get("model_type", "deepseek")
         if mt != "deepseek":
             raise ValueError(f"model_type={mt!r} is not supported (expected 'deepseek')")
-        for key, expected in _HF_FIXED.items():
+        for key, expected in HF_FIXED.items():
             if key in d and d[key] != expected:
                 raise ValueError(f"{key}={d[key]!r} is not supported (expected {expected!r})")
-        known = {f.name for f in fields(cls)}
-        optional = {f.name for f in fields(cls) if str(f.type).endswith("| None")}
+        types_ = field_types(cls)
+        known = set(types_)
+        optional = {name for name, tp in types_.items() if type(None) in get_args(tp)}
         # a null for a non-optional field (remote-code style) means "use the default"
         kwargs = {k: v for k, v in d.items() if k in known and (v is not None or k in optional)}
         defaults = {"aux_loss_alpha": 0.001, "seq_aux": True, "n_shared_experts": 0,
@@ -252,22 +254,23 @@ class ModelConfig:
             kwargs["n_routed_experts"] = None
         if kwargs.get("num_key_value_heads") == kwargs.get("num_attention_heads"):
             kwargs["num_key_value_heads"] = None
-        ignored = set(d) - known - _HF_IGNORED - set(_HF_FIXED)
+        ignored = set(d) - known - _HF_IGNORED - set(HF_FIXED)
         ignored.discard("pad_token_id")
         if ignored:
             raise ValueError(f"unsupported key(s) in config.json: {', '.join(sorted(ignored))}")
         return cls(**kwargs)
 
     def save(self, path: str | Path) -> None:
-        """Write as YAML (.yaml/.yml) or JSON (anything else)."""
+        """Write as JSON (.json) or YAML (anything else), as `load` reads them."""
         path = Path(path)
         text = _dump(self.to_dict(), path)
         path.write_text(text)
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
-        """Read YAML/JSON written by `save`, or an HF `config.json` (recognised by its model_type)."""
-        d = _load_mapping(Path(path))
+        """Read a file written by `save`, a recipe's `model` section, or an HF `config.json` (recognised by its
+        model_type)."""
+        d = read_mapping(path)
         if "model_type" in d or "architectures" in d:
             return cls.from_hf_dict(d)
         return cls.from_dict(d.get("model", d))
@@ -276,73 +279,9 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")
-
-
-_TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false"}
-
-
-def _check_type(name: str, value: Any, annotation: Any) -> None:
-    """Scalars must have their annotated type (a YAML string like '64' or 'yes' is refused, not compared)."""
-    base = str(annotation).removesuffix(" | None")
-    if base not in _TYPE_NAMES or value is None and base != annotation:
-        return
-    if base == "bool":
-        ok = isinstance(value, bool)
-    else:
-        ok = isinstance(value, int if base == "int" else (int, float)) and not isinstance(value, bool)
-    if not ok:
-        raise ValueError(f"{name}={value!r} is invalid: expected {_TYPE_NAMES[base]}")
-
-
-def _check_literal(name: str, value: Any, annotation: Any) -> None:
-    options = _LITERALS.get(annotation if isinstance(annotation, str) else "")
-    if options is not None and value not in options:
-        raise ValueError(f"{name}={value!r} is invalid: expected one of {', '.join(map(repr, options))}")
-
-
-_LITERALS = {
-    "RouterKind": get_args(RouterKind),
-    "ScoringFunc": get_args(ScoringFunc),
-    "ExpertsImpl": get_args(ExpertsImpl),
-}
-
-
 def _dump(d: dict[str, Any], path: Path) -> str:
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        return yaml.safe_dump(d, sort_keys=False)
-    return json.dumps(d, indent=2) + "\n"
-
-
-def _load_mapping(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text()
-    try:
-        d = _yaml_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-    except ValueError as exc:  # json.JSONDecodeError, and YAML errors re-raised below
-        raise ValueError(f"{path}: not valid {path.suffix.lstrip('.').upper()} ({exc})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    return d
-
-
-def _yaml_load(text: str) -> Any:
-    """yaml.safe_load, but reading `1e-6` as a float (YAML 1.2) rather than the string PyYAML 1.1 makes of it."""
-    import re
-
+    if path.suffix == ".json":
+        return json.dumps(d, indent=2) + "\n"
     import yaml
 
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$"),
-                                 list("-+0123456789"))
-    try:
-        return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise ValueError(str(exc).splitlines()[0]) from None
+    return yaml.safe_dump(d, sort_keys=False)

@@ -76,43 +76,44 @@ register("llama2-7b", _dense_7b(32000, 32))
 
 
 # ------------------------------------------------------------------ validation families (Tables 1-2, Fig. 3)
-def _variants(ffn: int) -> dict[str, dict[str, Any]]:
-    """Suffix -> config overrides, for a family whose standard FFN width is `ffn` (N = 16 standard experts)."""
-    def moe(n: int, m: int, k: int, ks: int, size: float = 1.0, **kw: Any) -> dict[str, Any]:
-        width = round(ffn * size)
-        return dict(n_routed_experts=m * n - ks, num_experts_per_tok=m * k - ks, n_shared_experts=ks,
-                    moe_intermediate_size=width // m, **kw)
+def _variants(ffn: int) -> dict[str, Callable[[dict[str, Any]], ModelConfig]]:
+    """Suffix -> factory over a family's shared fields, for a family whose standard FFN width is `ffn` (N = 16
+    standard experts): the MoE models in the paper's notation, through ModelConfig.from_paper."""
+    def moe(m: int, k: int, ks: int, size: float = 1.0, **kw: Any) -> Callable[[dict[str, Any]], ModelConfig]:
+        return lambda base: ModelConfig.from_paper(num_experts=16, granularity=m, top_k=k, num_shared=ks,
+                                                   ffn_size=round(ffn * size), **{**base, **kw})
 
-    def dense(mult: int) -> dict[str, Any]:
-        return dict(router="none", n_routed_experts=None, n_shared_experts=0, num_experts_per_tok=1,
-                    intermediate_size=ffn * mult, aux_loss_alpha=0.0)
+    def dense(mult: int) -> Callable[[dict[str, Any]], ModelConfig]:
+        return lambda base: ModelConfig(**{**base, "intermediate_size": ffn * mult, "aux_loss_alpha": 0.0},
+                                        router="none", n_routed_experts=None, n_shared_experts=0,
+                                        num_experts_per_tok=1)
 
     return {
         "dense": dense(1),
-        "hash": moe(16, 1, 1, 0, router="hash", aux_loss_alpha=0.0),
-        "switch": moe(16, 1, 1, 0, router="switch"),
-        "gshard": moe(16, 1, 2, 0, router="gshard"),
-        "deepseekmoe": moe(16, 4, 2, 1),
+        "hash": moe(1, 1, 0, router="hash", aux_loss_alpha=0.0),
+        "switch": moe(1, 1, 0, router="switch"),
+        "gshard": moe(1, 2, 0, router="gshard"),
+        "deepseekmoe": moe(4, 2, 1),
         # Table 2: larger baselines
-        "gshard-x1.2": moe(16, 1, 2, 0, size=1.2, router="gshard"),
-        "gshard-x1.5": moe(16, 1, 2, 0, size=1.5, router="gshard"),
+        "gshard-x1.2": moe(1, 2, 0, size=1.2, router="gshard"),
+        "gshard-x1.5": moe(1, 2, 0, size=1.5, router="gshard"),
         "dense-x4": dense(4),
         "dense-x16": dense(16),
         # Figure 3 ablation: (a) gshard, (b) + shared isolation, (c) + m=2, (d) + m=4 = deepseekmoe
-        "ablation-shared": moe(16, 1, 2, 1),
-        "ablation-m2": moe(16, 2, 2, 1),
+        "ablation-shared": moe(1, 2, 1),
+        "ablation-m2": moe(2, 2, 1),
         # shared-expert ratio (64 experts of F/4, 8 activated): 1 shared = deepseekmoe
-        "shared2": moe(16, 4, 2, 2),
-        "shared4": moe(16, 4, 2, 4),
+        "shared2": moe(4, 2, 2),
+        "shared4": moe(4, 2, 4),
         # Figure 6: half the activated routed experts
-        "deepseekmoe-half": moe(16, 4, 1, 1),
+        "deepseekmoe-half": moe(4, 1, 1),
     }
 
 
 def _family(prefix: str, base: dict[str, Any], ffn: int, names: dict[str, str] | None = None) -> None:
-    for suffix, overrides in _variants(ffn).items():
+    for suffix, build in _variants(ffn).items():
         name = (names or {}).get(suffix, f"{prefix}-{suffix}")
-        register(name, lambda o=overrides: ModelConfig(**{**base, "intermediate_size": ffn, **o}))
+        register(name, lambda b=build: b({**base, "intermediate_size": ffn}))
 
 
 _2B = dict(vocab_size=8192, hidden_size=1280, num_hidden_layers=9, num_attention_heads=10,

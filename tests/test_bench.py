@@ -36,12 +36,27 @@ def test_moe_layer_decode_json(capsys: pytest.CaptureFixture[str]) -> None:
 def test_cache_flusher_streams_twice_the_last_level_cache() -> None:
     """cache="cold" streams a buffer of twice the last-level cache (read from sysfs where it exists) before every
     timed call; "warm" does nothing."""
-    from deepseekmoe.commands.bench import _load
+    from deepseekmoe.commands.bench import load_benchmark
 
-    moe_layer = _load("moe-layer")
+    moe_layer = load_benchmark("moe-layer")
     flush = moe_layer.cache_flusher("cold", "cpu")
     flush()
     buffer = flush.__closure__[0].cell_contents  # type: ignore[union-attr]
     assert buffer.numel() * 4 == 2 * moe_layer._last_level_cache_bytes() and float(buffer[0]) == 1.0
     assert moe_layer._last_level_cache_bytes() >= 1 << 20
     assert moe_layer.cache_flusher("warm", "cpu")() is None
+
+
+def test_benchmarks_are_imported_as_modules_of_the_benchmarks_package() -> None:
+    import importlib
+    import sys
+
+    from deepseekmoe.commands.bench import BENCHMARKS, BenchOptions, bench_command, load_benchmark
+
+    for name, module in BENCHMARKS.items():
+        assert load_benchmark(name) is importlib.import_module(module) is sys.modules[module]
+    assert BenchOptions(repeats=2, memory=False, json=True).given() == {"repeats": 2, "memory": False}
+    with pytest.raises(ValueError, match="--budget-s must be positive, got nan"):
+        BenchOptions(budget_s=float("nan"))
+    with pytest.raises(ValueError, match="--seq do not apply to benchmark decode"):
+        bench_command("decode", options=BenchOptions(seq=8))

@@ -148,3 +148,41 @@ def test_micro_suite_writes_table_and_second_call_trains_nothing(tmp_path, monke
     assert compare_command(**kwargs, analyze=False) == 0
     assert (out / "runs" / "tiny-gshard" / "seed0" / "metrics.jsonl").read_text() == before
     assert json.loads((out / "results.json").read_text())["suites"] == results["suites"]
+
+
+def test_typed_recipe_settings_resolve_as_the_key_value_overrides_did(tmp_path):
+    """A run's settings are passed typed; they resolve to the config the `train.KEY=VALUE` strings compare used to
+    build gave (the strings as that code wrote them), so the runs already on disk resume with the same config."""
+    from deepseekmoe.train.config import load_config
+    from deepseekmoe.train.rundir import option_values
+
+    recipe = compare.make_recipe(steps=488, seeds=3, batch_size=8, seq_len=256, eval_batches=16, data=None,
+                                 scale="tiny")
+    strings = ["train.seed=2", "train.batch_size=8", "train.seq_len=256", "train.warmup_steps=48",
+               "train.eval_batches=16", "train.log_every=10", "train.eval_every=122", "train.save_every=48",
+               "train.keep_last=1", "train.sample_tokens=0", "train.tensorboard=false"]
+    run_dir = str(tmp_path / "runs" / "tiny-gshard" / "seed2")
+    before = load_config(None, ["preset=tiny-gshard", f"out={run_dir}", "train.max_steps=488", *strings])
+    options = option_values("tiny-gshard", None, run_dir, 488)
+    typed = {**options, **{f"train.{k}": v for k, v in compare.recipe_settings(recipe, 2).items()}}
+    after = load_config(options=typed)
+    assert after == before and after.to_yaml() == before.to_yaml()
+    (tmp_path / "config.yaml").write_text(before.to_yaml())  # --resume: the run's own config is the base
+    assert load_config(base=tmp_path / "config.yaml", options=typed) == before
+
+
+def test_the_recorded_scaling_suite_resumes_with_its_recipes(tmp_path):
+    """docs/results/scaling-tiny (recipe.json per budget) copied and resumed with the command that made it."""
+    from pathlib import Path
+
+    from deepseekmoe.analysis.scaling import budget_recipes, parse_budgets
+
+    out = tmp_path / "scaling-tiny"
+    shutil.copytree(Path(__file__).parents[1] / "docs" / "results" / "scaling-tiny", out)
+    plan = budget_recipes(parse_budgets("0.5M,1M,2M"), scale="tiny", seeds=3, batch_size=8, seq_len=256,
+                          eval_batches=16, data=None)
+    for _, name, recipe in plan:
+        assert json.loads((out / name / compare.RECIPE_JSON).read_text()) == recipe
+        compare.check_recipe(out / name, recipe)
+    with pytest.raises(UserError, match="different recipe"):
+        compare.check_recipe(out / plan[0][1], {**plan[0][2], "batch_size": 4})

@@ -173,3 +173,66 @@ def test_wrongly_typed_values_are_value_errors(tmp_path, text, message):
 def test_hf_nulls_for_non_optional_fields_mean_default(released_16b_config):
     cfg = ModelConfig.from_hf_dict({**released_16b_config, "n_shared_experts": None, "num_key_value_heads": None})
     assert cfg.n_shared_experts == 0 and cfg.num_key_value_heads is None
+
+
+# ------------------------------------------------------------------ one reader and one type check for every config
+@pytest.mark.parametrize("text, value", [
+    ("1e-3", 1e-3), ("3e-4", 3e-4), (".5", 0.5), ("5E5", 5e5), ("1.0e5", 1e5), (".5e3", 500.0), ("-2E-2", -0.02),
+    ("+1e3", 1000.0), ("1.0e-05", 1e-5), ("1_000", 1000), ("1e3x", "1e3x"), ("e3", "e3"),
+])
+def test_yaml_numbers_read_as_yaml_1_2_floats(tmp_path, text, value):
+    """PyYAML alone reads `1e-3` and `1.0e5` as strings (YAML 1.1 wants a dot and a signed exponent)."""
+    from deepseekmoe.configio import read_mapping
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"x: {text}\n")
+    read = read_mapping(path)["x"]
+    assert read == value and type(read) is type(value)
+
+
+def test_a_model_file_and_a_recipe_model_section_read_alike(tmp_path):
+    """Before one reader, a recipe read `1e-5` as a string and converted it, a model file as a float; `max_steps:
+    1e3` was the string '1e3' converted to 1000, and it still is 1000."""
+    from deepseekmoe.train.config import load_config
+
+    body = "rms_norm_eps: 1e-5\naux_loss_alpha: 3e-4\nrope_theta: 5E5\ninitializer_range: .5e-2\n"
+    (tmp_path / "model.yaml").write_text(body)
+    (tmp_path / "recipe.yaml").write_text("model:\n" + "".join(f"  {line}\n" for line in body.splitlines())
+                                          + "train:\n  lr: 3e-4\n  min_lr_ratio: .5\n  max_steps: 1e3\n")
+    model = ModelConfig.load(tmp_path / "model.yaml")
+    run = load_config(tmp_path / "recipe.yaml")
+    fields = ("rms_norm_eps", "aux_loss_alpha", "rope_theta", "initializer_range")
+    assert [getattr(model, f) for f in fields] == [getattr(run.model, f) for f in fields]
+    assert (run.model.rms_norm_eps, run.model.aux_loss_alpha, run.model.rope_theta) == (1e-5, 3e-4, 5e5)
+    assert run.model.initializer_range == 0.005 and run.train.lr == 3e-4 and run.train.min_lr_ratio == 0.5
+    assert run.train.max_steps == 1000 and type(run.train.max_steps) is int
+
+
+@pytest.mark.parametrize("section, text, message", [
+    ("train", 'lr: "1e-3"', "train.lr='1e-3' is invalid: expected a number"),
+    ("model", 'hidden_size: "64"', "model.hidden_size='64' is invalid: expected an integer"),
+    ("train", "tensorboard: 1", "train.tensorboard=1 is invalid: expected true or false"),
+    ("train", "max_steps: 2.5", "train.max_steps=2.5 is invalid: expected an integer"),
+    ("train", "step_decay_at: '[0.5]'", "train.step_decay_at='[0.5]' is invalid: expected a list"),
+])
+def test_a_recipe_file_refuses_wrong_types_as_a_model_file_does(tmp_path, section, text, message):
+    from deepseekmoe.train.config import load_config
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"{section}:\n  {text}\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(path)
+
+
+def test_typed_options_layer_between_the_file_and_the_overrides(tmp_path):
+    from deepseekmoe.train.config import load_config
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("train:\n  seed: 1\n  lr: 1e-3\n  batch_size: 2\n")
+    run = load_config(path, ["train.seed=3"], options={"train.seed": 2, "train.lr": 1, "preset": "tiny-gshard"})
+    assert (run.train.seed, run.train.lr, run.train.batch_size, run.preset) == (3, 1.0, 2, "tiny-gshard")
+    assert type(run.train.lr) is float and run.model.router == "gshard"
+    with pytest.raises(ValueError, match="train.seed='2' is invalid: expected an integer"):
+        load_config(options={"train.seed": "2"})
+    with pytest.raises(ValueError, match="unknown config key 'train.sed'"):
+        load_config(options={"train.sed": 2})

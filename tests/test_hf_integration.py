@@ -166,6 +166,21 @@ def test_config_validation_and_defaults():
     assert dense.router == "none" and not _model_config(dense).is_moe
 
 
+def test_the_config_class_fields_are_written_from_model_config():
+    """The remote code holds the field block hf_config.py writes from ModelConfig (16B values as defaults), so
+    DeepseekConfig declares ModelConfig's fields and the HF-only keys, nothing else, and its defaults are the
+    16B preset's config.json."""
+    from deepseekmoe.configio import field_types
+    from deepseekmoe.convert.hf_config import HF_ONLY, REMOTE_CONFIG, field_block, written_block
+    from deepseekmoe.presets import load_preset
+
+    assert written_block(REMOTE_CONFIG.read_text()) == field_block()
+    assert set(vars(DeepseekConfig)["__annotations__"]) == set(field_types(ModelConfig)) | set(HF_ONLY)
+    defaults = DeepseekConfig().to_dict()
+    expected = load_preset("deepseekmoe-16b").to_hf_dict()
+    assert {k: defaults[k] for k in field_types(ModelConfig)} == {k: expected[k] for k in field_types(ModelConfig)}
+
+
 @torch.no_grad()
 def test_the_released_layout_loads_natively_in_bf16(tmp_path: Path):
     """A checkpoint written as deepseek-moe-16b ships (its config.json, per-expert bf16 tensors) loads with the

@@ -190,3 +190,31 @@ def test_estimate_mfu():
     cfg = load_preset("deepseekmoe-16b")
     per_token = count(cfg, 4096).flops_per_token
     assert estimate_mfu(cfg, 4096, tokens_per_second=1000.0, peak_flops=per_token * 4000.0) == pytest.approx(0.25)
+
+
+def test_every_preset_keeps_its_recorded_config_and_counts():
+    """tests/data/presets.json: every preset's fields that differ from ModelConfig's defaults, and its parameter
+    and FLOPs counts (seq 2048), as they were when the families were written out field by field; building them
+    through ModelConfig.from_paper changed none of them."""
+    import json
+    from pathlib import Path
+
+    recorded = json.loads((Path(__file__).parent / "data" / "presets.json").read_text())
+    assert sorted(recorded) == preset_names()
+    defaults = ModelConfig().to_dict()
+    for name, expected in recorded.items():
+        cfg = load_preset(name)
+        d = cfg.to_dict()
+        changed = {k: v for k, v in d.items() if defaults[k] != v or type(defaults[k]) is not type(v)}
+        assert changed == expected["changed"], name
+        assert all(type(d[k]) is type(v) for k, v in expected["changed"].items()), name
+        acc = count(cfg, 2048)
+        assert (acc.total_params, acc.active_params, acc.flops_per_token) == (
+            expected["total_params"], expected["active_params"], expected["flops_per_token_2048"]), name
+
+
+def test_the_families_are_the_papers_notation():
+    assert load_preset("tiny-deepseekmoe") == ModelConfig.from_paper(
+        num_experts=16, granularity=4, top_k=2, num_shared=1, ffn_size=344, vocab_size=8192, hidden_size=128,
+        num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=512, intermediate_size=344)
+    assert load_preset("2b-gshard-x1.5").moe_intermediate_size == round(3416 * 1.5)

@@ -18,7 +18,8 @@ from deepseekmoe.train import trainer as trainer_module
 from deepseekmoe.checkpoint import list_checkpoints
 from deepseekmoe.convert.load import load_model
 from deepseekmoe.errors import UserError
-from deepseekmoe.train.config import TrainConfig, coerce, load_config
+from deepseekmoe.configio import from_text
+from deepseekmoe.train.config import TrainConfig, load_config
 from deepseekmoe.train.state import load_training_state
 from deepseekmoe.train.trainer import forward_backward, optimizer_step
 from train_helpers import make_data_dir, read_metrics, tiny_overrides
@@ -97,9 +98,9 @@ def test_bad_overrides_name_the_key(override: str, message: str) -> None:
 
 
 def test_coerce_scalars() -> None:
-    assert coerce("1_000", int, "k") == 1000 and coerce("1e3", int, "k") == 1000
-    assert coerce("yes", bool, "k") is True and coerce("0", bool, "k") is False
-    assert coerce("none", int | None, "k") is None and coerce("3", int | None, "k") == 3
+    assert from_text("1_000", int, "k") == 1000 and from_text("1e3", int, "k") == 1000
+    assert from_text("yes", bool, "k") is True and from_text("0", bool, "k") is False
+    assert from_text("none", int | None, "k") is None and from_text("3", int | None, "k") == 3
 
 
 # --------------------------------------------------------------------------------------- run directory

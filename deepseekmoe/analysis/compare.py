@@ -129,20 +129,19 @@ def final_checkpoint(run_dir: Path, steps: int) -> Path | None:
     return ckpts[-1] if ckpts and ckpts[-1].name.endswith(f"{steps:08d}") else None
 
 
-def recipe_overrides(recipe: dict[str, Any], seed: int) -> list[str]:
-    """The trainer's key=value overrides for one run of the suite's recipe."""
+def recipe_settings(recipe: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The trainer's TrainConfig values for one run of the suite's recipe."""
     steps = recipe["steps"]
-    return [f"train.seed={seed}", f"train.batch_size={recipe['batch_size']}", f"train.seq_len={recipe['seq_len']}",
-            f"train.warmup_steps={recipe['warmup_steps']}", f"train.eval_batches={recipe['eval_batches']}",
-            f"train.log_every={max(1, min(10, steps // 20))}", f"train.eval_every={max(1, steps // 4)}",
-            f"train.save_every={recipe['save_every']}", "train.keep_last=1", "train.sample_tokens=0",
-            "train.tensorboard=false"]
+    return {"seed": seed, "batch_size": recipe["batch_size"], "seq_len": recipe["seq_len"],
+            "warmup_steps": recipe["warmup_steps"], "eval_batches": recipe["eval_batches"],
+            "log_every": max(1, min(10, steps // 20)), "eval_every": max(1, steps // 4),
+            "save_every": recipe["save_every"], "keep_last": 1, "sample_tokens": 0, "tensorboard": False}
 
 
 def train_run(preset: str, seed: int, run_dir: Path, recipe: dict[str, Any], resume: bool) -> int:
     """One trainer run (in this process); returns the trainer's exit code (130 when interrupted)."""
-    return run_training(recipe_overrides(recipe, seed), preset=preset, data=recipe["data"], out=str(run_dir),
-                        max_steps=recipe["steps"], resume=resume)
+    return run_training(preset=preset, data=recipe["data"], out=str(run_dir), max_steps=recipe["steps"],
+                        resume=resume, train=recipe_settings(recipe, seed))
 
 
 def check_recipe(out: Path, recipe: dict[str, Any]) -> None:

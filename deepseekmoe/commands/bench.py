@@ -2,34 +2,63 @@
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
+import importlib
 import inspect
-import sys
-from pathlib import Path
+from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
-BENCHMARKS = {"moe-layer": "moe_layer.py", "train-step": "train_step.py", "decode": "decode.py"}
+# name -> the benchmark's module; each has `run(**options, as_json=...)` taking the BenchOptions it applies to
+BENCHMARKS = {"moe-layer": "benchmarks.moe_layer", "train-step": "benchmarks.train_step",
+              "decode": "benchmarks.decode"}
 
 
-def _load(name: str) -> ModuleType:
+@dataclass(kw_only=True, frozen=True)
+class BenchOptions:
+    """The options of `deepseekmoe bench` (bench_command's docstring says what each one is); None, and memory
+    left on, mean "the benchmark's default"."""
+
+    shapes: str | None = None
+    impls: str | None = None
+    presets: str | None = None
+    repeats: int | None = None
+    batch: int | None = None
+    seq: int | None = None
+    new_tokens: int | None = None
+    budget_s: float | None = None
+    dtype: str | None = None
+    device: str | None = None
+    memory: bool = True
+    cache: str | None = None
+    json: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("repeats", "batch", "seq", "new_tokens", "budget_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:  # also catches NaN
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+    def given(self) -> dict[str, Any]:
+        """The options set away from their defaults, as the benchmark's `run` takes them (json apart)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "json"}
+        return {k: v for k, v in values.items() if v is not None and not (k == "memory" and v)}
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The benchmark's module, imported from the `benchmarks` package of a source checkout."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / BENCHMARKS[name]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: benchmarks run from a source checkout of deepseekmoe")
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[path.stem] = module  # dataclasses and the sibling benchmarks look it up by name
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    try:
+        return importlib.import_module(BENCHMARKS[name])
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("benchmarks", BENCHMARKS[name]):
+            raise
+        raise FileNotFoundError("the benchmarks package is not importable: benchmarks run from a source checkout "
+                                "of deepseekmoe (pip install -e .)") from None
 
 
-def bench_command(benchmark: str, *, shapes: str | None = None, impls: str | None = None,
-                  presets: str | None = None, repeats: int | None = None, batch: int | None = None,
-                  seq: int | None = None, new_tokens: int | None = None, budget_s: float | None = None,
-                  dtype: str | None = None, device: str | None = None, memory: bool = True,
-                  cache: str | None = None, json: bool = False) -> int:
+def bench_command(benchmark: str, *, options: BenchOptions = BenchOptions()) -> int:
     """Run a benchmark: moe-layer (MoE block vs dense FFN vs transformers), train-step (tokens/s, MFU) or decode.
 
     Results print as a table, or as one JSON object with --json; benchmarks/README.md explains the method and
@@ -53,19 +82,11 @@ def bench_command(benchmark: str, *, shapes: str | None = None, impls: str | Non
             or warm.
         json: print one JSON object instead of a table.
     """
-    for name, value in {"repeats": repeats, "batch": batch, "seq": seq, "new_tokens": new_tokens,
-                        "budget_s": budget_s}.items():
-        if value is not None and not value > 0:  # also catches NaN
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    module = _load(benchmark)
-    given = {"shapes": shapes, "impls": impls, "presets": presets, "repeats": repeats, "batch": batch, "seq": seq,
-             "new_tokens": new_tokens, "budget_s": budget_s, "dtype": dtype, "device": device, "cache": cache}
-    given = {k: v for k, v in given.items() if v is not None}
-    if not memory:
-        given["memory"] = False
+    module = load_benchmark(benchmark)
+    given = options.given()
     accepted = inspect.signature(module.run).parameters
     extra = [k for k in given if k not in accepted]
     if extra:
         raise ValueError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in extra)} do not apply to "
                          f"benchmark {benchmark}")
-    return int(module.run(**given, as_json=json))
+    return int(module.run(**given, as_json=options.json))

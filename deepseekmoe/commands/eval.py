@@ -8,9 +8,9 @@ import json as jsonlib
 from pathlib import Path
 
 import numpy as np
-import yaml
 from tokenizers import Tokenizer
 
+from ..configio import read_mapping
 from ..data.builtin_cache import ensure_builtin_data
 from ..data.dataset import open_split
 from ..eval.multiple_choice import load_task, prefix_token_id, score_examples, summarize
@@ -29,8 +29,7 @@ def run_config(run_dir: Path) -> dict | None:
     path = run_dir / RUN_CONFIG_FILE
     if not path.is_file():
         return None
-    config = yaml.safe_load(path.read_text())
-    return config if isinstance(config, dict) else None
+    return read_mapping(path)
 
 
 def recorded_data(run: dict | None) -> Path:

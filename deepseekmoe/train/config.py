@@ -10,29 +10,28 @@ A recipe file (see configs/*.yaml) has four optional top-level keys besides `mod
     train: {lr: 1.0e-3}        # TrainConfig fields, applied over the defaults below
 
 Overrides are `preset=NAME`, `data=DIR`, `out=DIR`, `model.FIELD=VALUE` or `train.FIELD=VALUE`; each value is
-converted to the field's type (so `train.lr=1e-3` is a float even though YAML would read it as a string).
-Unknown keys and values of the wrong type raise ValueError naming the key.
+parsed for the field's type, and a file's values must have it (configio.py has the rules, the same for
+ModelConfig's own files). Unknown keys and values of the wrong type raise ValueError naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Callable, Literal, Mapping
 
 import yaml
 
-from .. import config as model_config_module
 from ..config import ModelConfig
+from ..configio import check, field_types, from_data, from_text, read_mapping, require
 from ..presets import load_preset
 
 Schedule = Literal["step", "cosine", "constant"]
 Precision = Literal["auto", "fp32", "bf16"]
 DEFAULT_PRESET = "tiny-deepseekmoe"
 _TOP_LEVEL = ("preset", "data", "out")
+Reader = Callable[[Any, Any, str], Any]
 
 
 @dataclass(kw_only=True)
@@ -112,23 +111,24 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        for name, tp in field_types(type(self)).items():
+            check(getattr(self, name), tp, name)
         for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches",
                      "keep_last", "max_nonfinite"):
-            _require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+            require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
         for name in ("warmup_steps", "eval_every", "save_every", "sample_tokens"):
-            _require(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
+            require(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
         for name in ("lr", "weight_decay", "grad_clip", "adam_eps", "sample_temperature"):
-            _require(getattr(self, name) >= 0, name, getattr(self, name), "a number >= 0")
+            require(getattr(self, name) >= 0, name, getattr(self, name), "a number >= 0")
         for name in ("adam_beta1", "adam_beta2", "min_lr_ratio"):
-            _require(0 <= getattr(self, name) <= 1, name, getattr(self, name), "a number in [0, 1]")
-        _require(self.step_decay_factor > 0, "step_decay_factor", self.step_decay_factor, "a number > 0")
-        _require(all(0 < f <= 1 for f in self.step_decay_at), "step_decay_at", self.step_decay_at,
+            require(0 <= getattr(self, name) <= 1, name, getattr(self, name), "a number in [0, 1]")
+        require(self.step_decay_factor > 0, "step_decay_factor", self.step_decay_factor, "a number > 0")
+        require(all(0 < f <= 1 for f in self.step_decay_at), "step_decay_at", self.step_decay_at,
                  "fractions in (0, 1]")
-        _require(self.final_eval_batches is None or self.final_eval_batches >= 1, "final_eval_batches",
+        require(self.final_eval_batches is None or self.final_eval_batches >= 1, "final_eval_batches",
                  self.final_eval_batches, "an integer >= 1 or null")
-        _require(self.peak_flops is None or self.peak_flops > 0, "peak_flops", self.peak_flops,
+        require(self.peak_flops is None or self.peak_flops > 0, "peak_flops", self.peak_flops,
                  "a number > 0 or null")
-        _check_literals(self)
 
 
 @dataclass(kw_only=True)
@@ -157,33 +157,43 @@ class RunConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: str | Path | None = None) -> RunConfig:
-    """Resolve a run configuration: defaults <- `base` file <- `path` file <- `key=value` overrides.
+                base: str | Path | None = None, options: Mapping[str, Any] | None = None) -> RunConfig:
+    """Resolve a run configuration: defaults <- `base` file <- `path` file <- `options` <- `key=value` overrides.
 
-    Files are optional; `base` is how a resumed run starts from its own RUN_DIR/config.yaml.
+    Files are optional; `base` is how a resumed run starts from its own RUN_DIR/config.yaml. `options` holds typed
+    values under the overrides' keys (`{"train.seed": 1, "preset": "tiny-gshard"}`), as commands pass them.
     """
     raw: dict[str, Any] = {"model": {}, "train": {}}
     for source in (base, path):
-        if source is None:
-            continue
-        layer = _read_yaml(Path(source))
-        unknown = sorted(set(layer) - set(_TOP_LEVEL) - {"model", "train"})
-        if unknown:
-            raise ValueError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; "
-                             f"expected {', '.join(_TOP_LEVEL)}, model, train")
-        for key, value in layer.items():
-            if key in ("model", "train"):
-                raw[key].update(_mapping(value or {}, f"{source}: {key}"))
-            else:
-                raw[key] = value
+        if source is not None:
+            _merge_file(raw, source)
+    for key, value in (options or {}).items():
+        _set(raw, check_key(key), from_data, value)
     for item in overrides:
         key, value = parse_override(item)
-        if "." in key:
-            section, name = key.split(".", 1)
-            raw[section][name] = value
-        else:
-            raw[key] = value
+        _set(raw, key, from_text, value)
     return build_run_config(raw)
+
+
+def _merge_file(raw: dict[str, Any], source: str | Path) -> None:
+    layer = read_mapping(source)
+    unknown = sorted(set(layer) - set(_TOP_LEVEL) - {"model", "train"})
+    if unknown:
+        raise ValueError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; "
+                         f"expected {', '.join(_TOP_LEVEL)}, model, train")
+    for key, value in layer.items():
+        if key not in ("model", "train"):
+            raw[key] = (from_data, value)
+            continue
+        section = value or {}
+        if not isinstance(section, dict):
+            raise ValueError(f"{source}: {key}: expected a mapping, got {type(section).__name__}")
+        raw[key].update({name: (from_data, v) for name, v in section.items()})
+
+
+def _set(raw: dict[str, Any], key: str, reader: Reader, value: Any) -> None:
+    section, _, name = key.rpartition(".")
+    (raw[section] if section else raw)[name] = (reader, value)
 
 
 def parse_override(item: str) -> tuple[str, str]:
@@ -192,134 +202,38 @@ def parse_override(item: str) -> tuple[str, str]:
     key = key.strip()
     if not sep or not key:
         raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-3)")
+    return check_key(key), value
+
+
+def check_key(key: str) -> str:
+    """A run config key (`preset`, `data`, `out`, `model.FIELD`, `train.FIELD`), or ValueError naming it."""
     if key in _TOP_LEVEL:
-        return key, value
+        return key
     section, _, name = key.partition(".")
-    known = {"model": _field_names(ModelConfig), "train": _field_names(TrainConfig)}.get(section)
+    known = {"model": field_types(ModelConfig), "train": field_types(TrainConfig)}.get(section)
     if known is None or name not in known:
         raise ValueError(f"unknown config key {key!r}: expected {', '.join(_TOP_LEVEL)}, "
                          f"model.<ModelConfig field> or train.<TrainConfig field>")
-    return key, value
+    return key
 
 
 def build_run_config(raw: dict[str, Any]) -> RunConfig:
-    """A RunConfig from a (possibly partial) dict of strings or typed values; the inverse of to_dict."""
-    preset = _optional_str(raw.get("preset", DEFAULT_PRESET))
-    base = load_preset(preset) if preset else ModelConfig()
-    model = base.replace(**_typed_fields(ModelConfig, raw.get("model") or {}, "model"))
-    train = TrainConfig(**_typed_fields(TrainConfig, raw.get("train") or {}, "train"))
-    return RunConfig(preset=preset, data=_optional_str(raw.get("data")), out=_optional_str(raw.get("out")),
-                     model=model, train=train)
+    """A RunConfig from the layered (reader, value) pairs of `load_config`, each read by its own rules."""
+    top = {key: _read(raw[key], str | None, key) for key in _TOP_LEVEL if key in raw}
+    preset = top.get("preset", DEFAULT_PRESET)
+    model = (load_preset(preset) if preset else ModelConfig()).replace(**_section(ModelConfig, raw["model"], "model"))
+    train = TrainConfig(**_section(TrainConfig, raw["train"], "train"))
+    return RunConfig(preset=preset, data=top.get("data"), out=top.get("out"), model=model, train=train)
 
 
-# ---------------------------------------------------------------------------------------------- coercion
-def _typed_fields(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls, globalns=_type_namespace())
-    known = _field_names(cls)
-    out = {}
-    for name, value in values.items():
-        if name not in known:
-            raise ValueError(f"unknown config key '{section}.{name}'")
-        out[name] = coerce(value, hints[name], f"{section}.{name}")
-    return out
+def _section(cls: type, values: dict[str, tuple[Reader, Any]], section: str) -> dict[str, Any]:
+    types_ = field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ValueError(f"unknown config key '{section}.{unknown[0]}'")
+    return {name: _read(pair, types_[name], f"{section}.{name}") for name, pair in values.items()}
 
 
-def coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert a string (from the command line) or YAML value to the annotated type, or raise ValueError."""
-    origin = get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in get_args(tp) if a is not type(None)]
-        if _is_null(value) and len(options) < len(get_args(tp)):
-            return None
-        return coerce(value, options[0], key) if len(options) == 1 else value
-    if origin is Literal:
-        if value not in get_args(tp):
-            raise ValueError(f"{key}={value!r} is invalid: expected one of "
-                             f"{', '.join(map(repr, get_args(tp)))}")
-        return value
-    if origin is list:
-        try:
-            items = yaml.safe_load(value) if isinstance(value, str) else value
-        except yaml.YAMLError:
-            raise ValueError(f"{key}={value!r} is invalid: expected a list such as [0.8, 0.9]") from None
-        if not isinstance(items, (list, tuple)):
-            raise ValueError(f"{key}={value!r} is invalid: expected a list such as [0.8, 0.9]")
-        return [coerce(v, get_args(tp)[0], key) for v in items]
-    try:
-        return _scalar(value, tp)
-    except (TypeError, ValueError):
-        raise ValueError(f"{key}={value!r} is invalid: expected {getattr(tp, '__name__', tp)}") from None
-
-
-def _scalar(value: Any, tp: Any) -> Any:
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "yes", "on", "1"):
-            return True
-        if text in ("false", "no", "off", "0"):
-            return False
-        raise ValueError(value)
-    if tp is int:
-        if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        if isinstance(value, str):
-            number = float(value)
-            if not number.is_integer():
-                raise ValueError(value)
-            return int(value) if value.strip().lstrip("+-").isdigit() else int(number)
-        return int(value)
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(value)
-        return float(value)
-    if tp is str:
-        return str(value)
-    raise TypeError(f"unsupported config type {tp}")
-
-
-def _is_null(value: Any) -> bool:
-    return value is None or isinstance(value, str) and value.strip().lower() in ("none", "null", "~", "")
-
-
-def _optional_str(value: Any) -> str | None:
-    return None if _is_null(value) else str(value)
-
-
-def _field_names(cls: type) -> set[str]:
-    return {f.name for f in fields(cls)}
-
-
-def _type_namespace() -> dict[str, Any]:
-    return {**vars(model_config_module), **globals()}
-
-
-def _check_literals(obj: Any) -> None:
-    hints = typing.get_type_hints(type(obj), globalns=_type_namespace())
-    for f in fields(obj):
-        if get_origin(hints[f.name]) is Literal:
-            coerce(getattr(obj, f.name), hints[f.name], f.name)
-
-
-def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")
-
-
-def _mapping(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(value).__name__}")
-    return value
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); a config file is YAML text") from None
-    return _mapping(data or {}, str(path))
+def _read(pair: tuple[Reader, Any], tp: Any, key: str) -> Any:
+    reader, value = pair
+    return reader(value, tp, key)

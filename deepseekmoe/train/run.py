@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 from ..data.dataset import read_meta
 from ..distributed.mesh import Parallel, shutdown
@@ -17,7 +17,7 @@ from ..model import Transformer
 from ..runtime import describe as describe_experts, parse_device
 from .config import RunConfig, TrainConfig
 from .metrics import MetricsLogger, truncate_metrics
-from .rundir import (bind_to_data, data_directory, option_overrides, resolve_run, run_lock, split_config_args,
+from .rundir import (bind_to_data, data_directory, option_values, resolve_run, run_lock, split_config_args,
                      write_config)
 from .trainer import Trainer
 
@@ -26,10 +26,14 @@ Sampler = Callable[[Transformer, Path, TrainConfig], str]
 
 def run_training(config: list[str] | tuple[str, ...] = (), *, preset: str | None = None, data: str | None = None,
                  out: str | None = None, max_steps: int | None = None, resume: bool = False, ep: int = 1,
-                 sample: Sampler | None = None) -> int:
-    """Train as `deepseekmoe train` does (its arguments) -> the exit code (128 + signal when stopped)."""
+                 sample: Sampler | None = None, train: Mapping[str, Any] | None = None) -> int:
+    """Train as `deepseekmoe train` does (its arguments) -> the exit code (128 + signal when stopped).
+
+    `train` holds typed TrainConfig values ({"seed": 1}) applied with the options, below the key=value overrides.
+    """
     path, overrides = split_config_args(config)
-    run, run_dir = resolve_run(path, option_overrides(preset, data, out, max_steps) + overrides, resume)
+    options = option_values(preset, data, out, max_steps) | {f"train.{k}": v for k, v in (train or {}).items()}
+    run, run_dir = resolve_run(path, overrides, resume, options)
     run, parallel = setup_parallel(run, ep, parse_device(run.train.device, "train.device"))
     with main_first(parallel):
         data_dir = data_directory(run)

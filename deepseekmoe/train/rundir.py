@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 from ..data.builtin_cache import ensure_builtin_data
 from ..errors import UserError
@@ -64,23 +64,22 @@ def split_config_args(args: list[str] | tuple[str, ...]) -> tuple[str | None, li
     return path, args
 
 
-def option_overrides(preset: str | None, data: str | None, out: str | None, max_steps: int | None) -> list[str]:
-    """The command-line options as overrides (applied before the explicit key=value ones)."""
-    items = [f"preset={preset}" if preset is not None else "", f"data={data}" if data is not None else "",
-             f"out={out}" if out is not None else "",
-             f"train.max_steps={max_steps}" if max_steps is not None else ""]
-    return [item for item in items if item]
+def option_values(preset: str | None, data: str | None, out: str | None, max_steps: int | None) -> dict[str, Any]:
+    """The command-line options given, as load_config's typed options (applied before the key=value ones)."""
+    given = {"preset": preset, "data": data, "out": out, "train.max_steps": max_steps}
+    return {key: value for key, value in given.items() if value is not None}
 
 
-def resolve_run(path: str | None, overrides: list[str], resume: bool) -> tuple[RunConfig, Path]:
+def resolve_run(path: str | None, overrides: list[str], resume: bool,
+                options: Mapping[str, Any] | None = None) -> tuple[RunConfig, Path]:
     """The run's config and directory; on --resume the run's own config.yaml is the base layer."""
-    run = load_config(path, overrides)
+    run = load_config(path, overrides, options=options)
     run_dir = run.run_dir
     if resume:
         saved = run_dir / RUN_CONFIG_FILE
         if not saved.is_file():
             raise FileNotFoundError(f"--resume: {run_dir} holds no run to resume (no {RUN_CONFIG_FILE})")
-        run = load_config(path, overrides, base=saved)
+        run = load_config(path, overrides, base=saved, options=options)
         if run.run_dir != run_dir:  # the directory was found by its new name: record that one
             run = dataclasses.replace(run, out=str(run_dir))
     elif run_dir.exists() and (not run_dir.is_dir() or not _holds_only_leftovers(run_dir)):

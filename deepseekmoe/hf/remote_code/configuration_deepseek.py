@@ -25,36 +25,30 @@ class DeepseekConfig(PretrainedConfig):
     model_type = "deepseek"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
+    # fields: written from deepseekmoe.config.ModelConfig by deepseekmoe/convert/hf_config.py
     vocab_size: int = 102400
     hidden_size: int = 2048
-    intermediate_size: int = 10944
-    moe_intermediate_size: int = 1408
     num_hidden_layers: int = 28
     num_attention_heads: int = 16
     num_key_value_heads: int | None = 16
-    n_shared_experts: int | None = 2
+    max_position_embeddings: int = 4096
+    intermediate_size: int = 10944
+    moe_intermediate_size: int = 1408
     n_routed_experts: int | None = 64
+    n_shared_experts: int | None = 2
     num_experts_per_tok: int | None = 6
-    moe_layer_freq: int = 1
     first_k_dense_replace: int = 1
+    moe_layer_freq: int = 1
     norm_topk_prob: bool = False
     scoring_func: str = "softmax"
     aux_loss_alpha: float = 0.001
     seq_aux: bool = True
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-06
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
     initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
-    use_cache: bool = True
-    pad_token_id: int | None = None
     bos_token_id: int | None = 100000
     eos_token_id: int | None = 100001
-    pretraining_tp: int = 1
-    tie_word_embeddings: bool = False
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    attention_bias: bool = False
-    attention_dropout: float = 0.0
     router: str | None = None
     device_aux_loss_alpha: float = 0.0
     n_device_groups: int = 1
@@ -62,6 +56,14 @@ class DeepseekConfig(PretrainedConfig):
     capacity_factor: float | None = None
     hash_seed: int = 0
     experts_impl: str = "grouped"
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    pretraining_tp: int = 1
+    rope_scaling: dict | None = None
+    attention_dropout: float = 0.0
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    # end of fields
 
     def __post_init__(self, **kwargs):
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
