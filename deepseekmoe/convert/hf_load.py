@@ -19,7 +19,7 @@ import torch
 from ..checkpoint import open_safetensors
 from ..config import ModelConfig
 from ..model import Transformer
-from ..model.router import HashRouter
+from ..model.init import assign_weights, reset_tables
 from .hf import element_offset, is_tied_head, open_hf_dir, read_hf_state
 from .hf_layout import our_source
 
@@ -85,18 +85,8 @@ def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device
     fixed tables (rotary, hash routing) built on `device`."""
     with torch.device("meta"):
         model = Transformer(config)
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    for module in model.modules():
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer.is_meta:
-                setattr(module, name, torch.empty_like(buffer, device=device))
-        if isinstance(module, HashRouter):
-            module.reset()
-    model.rotary.reset()
+    assign_weights(model, state)
+    reset_tables(model, device)
     return model.eval()
 
 
