@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..model import Transformer
-from ..model.experts import RoutedExperts
+from ..model.experts import RoutedExperts, sort_by_expert
 from ..model.moe import MoE
 
 
@@ -83,12 +83,8 @@ class ExpertParallelExperts(RoutedExperts):
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         p, n_local = self.ep_size, self.num_local
-        k = topk_idx_TK.shape[1]
         # 1. (token, slot) rows sorted by expert: the rows bound for EP rank j are contiguous
-        flat_idx_R = topk_idx_TK.reshape(-1)
-        order_R = torch.argsort(flat_idx_R, stable=True)
-        token_of_row_R = order_R // k
-        counts_E = torch.bincount(flat_idx_R, minlength=self.num_experts)
+        order_R, token_of_row_R, counts_E = sort_by_expert(topk_idx_TK, self.num_experts)
         # 2. counts_PL[j, l]: rows rank j sends to my local expert l
         counts_PL = counts_E.new_empty(p * n_local)
         dist.all_to_all_single(counts_PL, counts_E, [n_local] * p, self.sizes, group=self.group)
