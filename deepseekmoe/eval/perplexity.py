@@ -1,4 +1,4 @@
-"""Held-out loss, perplexity and bits per byte.
+"""Held-out loss, perplexity and bits per byte: the eval command's and the trainer's validation alike (`score`).
 
 What is counted. The token stream is cut into consecutive windows of S + 1 tokens that overlap by one token
 (`deepseekmoe.data.dataset.eval_batches`, the same windows as the trainer's validation): window i feeds tokens
@@ -10,18 +10,18 @@ shorter than one window is evaluated as a single shorter window). --max-batches 
                  ending a document is part of modelling the text)
   perplexity     exp(loss)
   bits_per_byte  sum of the nats / (ln 2 * bytes), where bytes = the UTF-8 bytes of the predicted tokens (special
-                 tokens count 0 bytes). When every token is scored this is the text's UTF-8 length (the one
-                 unscored token, the first, is bos: 0 bytes); counting per predicted token keeps the ratio exact
-                 when only part of the stream is scored (the trainer's val_bpb instead scales by meta.json's
-                 average bytes per token, so the two can differ slightly on a partial split).
+                 tokens count 0 bytes): exactly the text those tokens spell, however much of the stream is scored.
+                 When every token is scored this is the text's UTF-8 length (the one unscored token, the first, is
+                 bos: 0 bytes); the tokens after the last full window and the text they spell are left out alike.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterable
+from typing import ContextManager, Iterable
 
 import numpy as np
 import torch
@@ -85,6 +85,22 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     return lengths
 
 
+def score(model: Transformer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], byte_lengths: np.ndarray,
+          autocast: ContextManager | None = None) -> EvalResult:
+    """Summed nats, predicted tokens and their UTF-8 bytes (`byte_lengths`: token_byte_lengths) over (inputs,
+    targets) batches; under `autocast` where given. Gradients are the caller's to switch off."""
+    device = model.embed_tokens.weight.device
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    count = n_bytes = 0
+    for inputs, targets in batches:
+        with autocast or nullcontext():
+            logits = model(inputs.to(device)).logits
+        nats += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum")
+        count += targets.numel()
+        n_bytes += int(byte_lengths[targets.numpy()].sum())
+    return EvalResult(loss=nats.item() / count, tokens=count, bytes=n_bytes)
+
+
 @torch.inference_mode()
 def evaluate(model: Transformer, tokens: np.ndarray, byte_lengths: np.ndarray, *, batch_size: int = 8,
              seq_len: int = 512, max_batches: int | None = None, progress: bool = False) -> EvalResult:
@@ -99,18 +115,10 @@ def evaluate(model: Transformer, tokens: np.ndarray, byte_lengths: np.ndarray, *
     if int(tokens.max()) >= model.config.vocab_size:
         raise ValueError(f"held-out text holds token id {int(tokens.max())}, beyond the model's "
                          f"vocab_size={model.config.vocab_size}")
-    device = model.embed_tokens.weight.device
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    count = n_bytes = 0
     total = -(-((len(tokens) - 1) // seq_len) // batch_size)
     total = min(total, max_batches) if max_batches is not None else total
     batches = _progress(eval_batches(tokens, batch_size, seq_len, max_batches), total, progress)
-    for inputs, targets in batches:
-        logits = model(inputs.to(device)).logits
-        nats += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum")
-        count += targets.numel()
-        n_bytes += int(byte_lengths[targets.numpy()].sum())
-    return EvalResult(loss=nats.item() / count, tokens=count, bytes=n_bytes)
+    return score(model, batches, byte_lengths)
 
 
 def _progress(batches: Iterable, total: int, enabled: bool) -> Iterable:
