@@ -34,7 +34,7 @@ def _trained(make_config, steps: int = 2, **config: object):
 
 
 def _save(run_dir: Path, model, opt, sched, step: int, keep_last: int = 10) -> Path:
-    return save_training_checkpoint(run_dir, model, opt, sched, Progress(step=step, data_index=2 * step),
+    return save_training_checkpoint(run_dir, model, opt.state_dict(), sched, Progress(step=step, data_index=2 * step),
                                     "train: {}\n", None, keep_last)
 
 

@@ -300,9 +300,9 @@ class Trainer:
         return evaluate(self.model, self.val_tokens, self.cfg, self.byte_lengths, self.autocast, limit)
 
     def save(self) -> Path:
-        model, optimizer = gather_training_state(self.model, self.optimizer, self.parallel)  # full, world-size free
+        model, optimizer_state = gather_training_state(self.model, self.optimizer, self.parallel)  # world-size free
         self.last_saved = on_main(self.parallel, lambda: save_training_checkpoint(
-            self.run_dir, model, optimizer, self.scheduler, self.progress, self.run.to_yaml(),
+            self.run_dir, model, optimizer_state, self.scheduler, self.progress, self.run.to_yaml(),
             self.tokenizer_path if self.tokenizer_path.is_file() else None, self.cfg.keep_last))
         self.saved_step = self.progress.step
         return self.last_saved
