@@ -39,7 +39,7 @@ from ..presets import load_preset
 from ..train.config import load_config
 from ..train.run import run_training
 from .analyze import analyze_model, token_decoder, validation_batches, write_plots as analysis_plots
-from .results import RESULTS_JSON, read_records, read_run, table_markdown, write_json
+from .results import ANALYSIS_JSON, RESULTS_JSON, RESULTS_MD, read_records, read_run, table_markdown, write_json
 
 RECIPE_JSON = "recipe.json"
 
@@ -251,7 +251,7 @@ def suite_results(name: str, suite: Suite, presets: dict[str, str], out: Path,
 def write_results(out: Path, recipe: dict[str, Any], suites: dict[str, tuple[Suite, dict[str, str]]]) -> dict:
     results = {"recipe": recipe, "suites": [suite_results(n, s, p, out, recipe) for n, (s, p) in suites.items()]}
     write_json(out / RESULTS_JSON, results)
-    (out / "results.md").write_text(table_markdown(results))
+    (out / RESULTS_MD).write_text(table_markdown(results))
     return results
 
 
@@ -286,7 +286,7 @@ def analyze_finals(out: Path, results: dict[str, Any], recipe: dict[str, Any]) -
         checkpoints.append({"name": label, "checkpoint": str(ckpt),
                             **analyze_model(model, batches, token_decoder(ckpt, data_dir))})
     files = analysis_plots(checkpoints, out / "analysis")
-    write_json(out / "analysis" / "analysis.json", {"data": str(data_dir), "seq_len": recipe["seq_len"],
+    write_json(out / "analysis" / ANALYSIS_JSON, {"data": str(data_dir), "seq_len": recipe["seq_len"],
                                                     "batches": len(batches), "checkpoints": checkpoints,
                                                     "plots": files})
 
