@@ -14,7 +14,7 @@ from deepseekmoe.eval.perplexity import EvalResult, evaluate, token_byte_lengths
 from deepseekmoe.losses import lm_loss
 from deepseekmoe.checkpoint import save_model
 from deepseekmoe.train.config import TrainConfig
-from deepseekmoe.train.trainer import evaluate as validate
+from deepseekmoe.train.trainer import validation_metrics
 from test_generate import CORPUS, make_checkpoint, run_cli, train_tokenizer
 
 TEXT = "Mixture of experts: naïve café → 日本語 🎉\n    return a + b\n"
@@ -88,7 +88,7 @@ def test_bits_per_byte_by_hand_at_the_window_boundaries_in_eval_and_the_trainer(
     result = evaluate(model, tokens, lengths, batch_size=1, seq_len=3)
     assert result.tokens == 6 and result.bytes == 13
     assert result.bits_per_byte == pytest.approx(6 * math.log(v) / math.log(2) / 13, rel=1e-6)
-    val = validate(model, tokens, TrainConfig(batch_size=1, seq_len=3), lengths)
+    val = validation_metrics(model, tokens, TrainConfig(batch_size=1, seq_len=3), lengths)
     assert val == {"val_loss": result.loss, "val_bpb": result.bits_per_byte, "val_tokens": 6}
 
 

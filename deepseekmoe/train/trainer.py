@@ -109,8 +109,8 @@ def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, schedul
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, val_tokens: Any, cfg: TrainConfig, byte_lengths: np.ndarray,
-             autocast: ContextManager | None = None, max_batches: int | None = None) -> dict[str, float]:
+def validation_metrics(model: Transformer, val_tokens: Any, cfg: TrainConfig, byte_lengths: np.ndarray,
+                       autocast: ContextManager | None = None, max_batches: int | None = None) -> dict[str, float]:
     """LM loss and bits per byte (eval/perplexity.py) over the first `max_batches` validation batches (a fixed
     subset; None: all)."""
     was_training = model.training
@@ -297,7 +297,7 @@ class Trainer:
 
     def validate(self, final: bool = False) -> dict[str, float]:
         limit = self.cfg.final_eval_batches if final else self.cfg.eval_batches
-        return evaluate(self.model, self.val_tokens, self.cfg, self.byte_lengths, self.autocast, limit)
+        return validation_metrics(self.model, self.val_tokens, self.cfg, self.byte_lengths, self.autocast, limit)
 
     def save(self) -> Path:
         model, optimizer_state = gather_training_state(self.model, self.optimizer, self.parallel)  # world-size free
