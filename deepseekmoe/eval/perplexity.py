@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders
 
 from ..data.dataset import eval_batches
+from ..data.tokenizer import byte_level_alphabet
 from ..model import Transformer
 
 
@@ -54,17 +55,6 @@ class EvalResult:
                 "tokens": self.tokens, "bytes": self.bytes}
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """The byte-level BPE alphabet (GPT-2): printable bytes stand for themselves, the other 68 bytes are shifted to
-    code points 256, 257, ... so every byte is one visible character."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    chars = {chr(b): b for b in printable}
-    shifted = (b for b in range(256) if b not in set(printable))
-    for n, b in enumerate(shifted):
-        chars[chr(256 + n)] = b
-    return chars
-
-
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     """(V,) int64: the UTF-8 bytes each token id stands for; special tokens 0.
 
@@ -73,7 +63,7 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     """
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     lengths = np.zeros(max(vocab.values()) + 1, dtype=np.int64)
-    alphabet = _byte_level_alphabet() if isinstance(tokenizer.decoder, decoders.ByteLevel) else {}
+    alphabet = byte_level_alphabet() if isinstance(tokenizer.decoder, decoders.ByteLevel) else {}
     special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
     for token, i in vocab.items():
         if i in special:
