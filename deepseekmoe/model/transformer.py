@@ -64,6 +64,10 @@ class Transformer(nn.Module):
         """Every weight matrix ~ N(0, initializer_range) (paper: 0.006); norms = 1; rebuild fixed tables."""
         init_weights(self, self.config.initializer_range, generator)
 
+    def moe_layers(self) -> list[MoE]:
+        """The MoE blocks (`layers[i].mlp` of each MoE layer), in layer order."""
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
+
     def new_kv_caches(self, batch_size: int, max_len: int | None = None,
                       dtype: torch.dtype | None = None) -> list[KVCache]:
         """One static KV cache per layer, for incremental decoding."""
