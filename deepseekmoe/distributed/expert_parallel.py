@@ -26,7 +26,6 @@ from torch import nn
 from ..config import ModelConfig
 from ..model import Transformer
 from ..model.experts import RoutedExperts, sort_by_expert
-from ..model.moe import MoE
 
 
 class _AllToAll(torch.autograd.Function):
@@ -110,14 +109,10 @@ class ExpertParallelExperts(RoutedExperts):
         return f"experts [{self.first}, {self.first + self.num_local}) of {self.num_experts}, ep={self.ep_size}"
 
 
-def moe_layers(model: Transformer) -> list[MoE]:
-    return [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
-
-
 def apply_expert_parallel(model: Transformer, group: dist.ProcessGroup) -> Transformer:
     """Replace every MoE layer's `mlp.experts` by this rank's block of E/ep experts (weights copied from the full
     ones, so load or initialise the full model first). State-dict keys keep their names; shapes become local."""
-    for moe in moe_layers(model):
+    for moe in model.moe_layers():
         if isinstance(moe.experts, ExpertParallelExperts):
             raise ValueError("apply_expert_parallel: the model's experts are already distributed")
         moe.experts = ExpertParallelExperts(moe.experts, group)
