@@ -193,7 +193,7 @@ def test_analyze_model_writes_json_ready_results_and_plots(tmp_path):
                                             num_experts_per_tok=1), _batches())
     assert dense["layers"] == [] and "skipped" in dense
     results = [{"name": "run/step_1", **result}, {"name": "dense", **dense}]
-    files = analyze_mod.write_plots(json.loads(json.dumps(results)), tmp_path)
+    files = analyze_mod.write_routing_plots(json.loads(json.dumps(results)), tmp_path)
     assert set(files.values()) == {"run_step_1_load.png", "run_step_1_coactivation.png",
                                    "fig4_disable_top.png", "fig5_top_k.png"}
     for name in files.values():

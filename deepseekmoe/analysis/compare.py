@@ -38,7 +38,7 @@ from ..filenames import CONFIG_FILE, RUN_CONFIG_FILE
 from ..presets import load_preset
 from ..train.config import load_config
 from ..train.run import run_training
-from .analyze import analyze_model, token_decoder, validation_batches, write_plots as analysis_plots
+from .analyze import analyze_model, token_decoder, validation_batches, write_routing_plots
 from .results import ANALYSIS_JSON, RESULTS_JSON, RESULTS_MD, read_records, read_run, table_markdown, write_json
 
 RECIPE_JSON = "recipe.json"
@@ -285,7 +285,7 @@ def analyze_finals(out: Path, results: dict[str, Any], recipe: dict[str, Any]) -
         model, ckpt = load_model(ckpt)
         checkpoints.append({"name": label, "checkpoint": str(ckpt),
                             **analyze_model(model, batches, token_decoder(ckpt, data_dir))})
-    files = analysis_plots(checkpoints, out / "analysis")
+    files = write_routing_plots(checkpoints, out / "analysis")
     write_json(out / "analysis" / ANALYSIS_JSON, {"data": str(data_dir), "seq_len": recipe["seq_len"],
                                                     "batches": len(batches), "checkpoints": checkpoints,
                                                     "plots": files})

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..filenames import METRICS_FILE
-from .analyze import write_plots
+from .analyze import write_routing_plots
 from .results import ANALYSIS_JSON, HEADERS, RESULTS_JSON, load_history, read_records, read_run, recipe_line, table_rows
 
 CSS = """
@@ -107,7 +107,7 @@ def load_section(run_dirs: dict[str, Path], tmp: Path, plots: Any) -> str:
 
 def analysis_section(analysis: dict[str, Any], tmp: Path) -> str:
     results = analysis["checkpoints"]
-    files = write_plots(results, tmp)
+    files = write_routing_plots(results, tmp)
     parts = ["<h2>Routing analysis</h2>",
              f"<p class=\"note\">On {analysis['batches']} fixed validation batches of {analysis['seq_len']} tokens "
              f"from {html.escape(str(analysis['data']))}.</p>"]

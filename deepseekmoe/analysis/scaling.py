@@ -98,7 +98,7 @@ def run_scaling_suite(out: Path, budgets: list[int], scale: str, **recipe_args: 
 
 
 # ------------------------------------------------------------------------------------------------ routing
-def routing_health(run_dir: Path, recipe: dict[str, Any]) -> dict[str, float] | None:
+def final_routing_health(run_dir: Path, recipe: dict[str, Any]) -> dict[str, float] | None:
     """Mean normalised per-token routing entropy and gate mass over the MoE layers of a finished run's final
     checkpoint, on the first validation batches; cached in the run directory. None for a model without routing."""
     cache = run_dir / ROUTING_JSON
@@ -156,7 +156,7 @@ def _labels() -> list[dict[str, str]]:
 
 
 def _model_row(m: dict[str, Any], tokens: int, budget_dir: Path, recipe: dict[str, Any]) -> dict[str, Any]:
-    healths = [routing_health(run_dir_for(budget_dir, m["preset"], s), recipe) for s in range(recipe["seeds"])
+    healths = [final_routing_health(run_dir_for(budget_dir, m["preset"], s), recipe) for s in range(recipe["seeds"])
                if run_status(run_dir_for(budget_dir, m["preset"], s), recipe["steps"]) == "done"]
     healths = [h for h in healths if h]
     entropy = [h["token_entropy_normalized"] for h in healths if h["token_entropy_normalized"] is not None]

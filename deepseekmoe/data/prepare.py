@@ -117,7 +117,7 @@ DATA_FILES = frozenset({META_FILE, TOKENIZER_FILE, *TOKEN_FILES.values()})
 holding anything else is never replaced."""
 
 
-def check_output_dir(out: Path) -> None:
+def check_replaceable(out: Path) -> None:
     """Refuse to replace anything but a data directory holding only what prepare writes."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
@@ -174,7 +174,7 @@ def _make_tokenizer(tokenizer: str | None, vocab_size: int, sample: list[str] | 
 def _check_arguments(out: Path, tokenizer: str | None, vocab_size: int, val_fraction: float) -> None:
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
-    check_output_dir(out)
+    check_replaceable(out)
     if tokenizer is not None:
         load_tokenizer(tokenizer)  # fail early on a bad path or file
     elif vocab_size < MIN_VOCAB_SIZE:

@@ -214,7 +214,7 @@ def score_examples(model: Transformer, encode: Callable[[str], list[int]], examp
     return records
 
 
-def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
+def accuracies(records: list[dict[str, Any]]) -> dict[str, float]:
     """acc, acc_norm and acc_bytes (means over the examples of score_examples) and the number of examples."""
     n = len(records)
     return {**{k: sum(r[k] for r in records) / n for k in ("acc", "acc_norm", "acc_bytes")}, "examples": n}
