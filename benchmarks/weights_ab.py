@@ -28,7 +28,8 @@ from quant_16b import touch_weights  # noqa: E402
 
 def load(spec: str):
     from deepseekmoe.convert.hf import read_hf_state
-    from deepseekmoe.convert.hf_load import model_from_state, read_hf_state_mapped
+    from deepseekmoe.checkpoint import model_from_state
+    from deepseekmoe.convert.hf_load import read_hf_state_mapped
     from deepseekmoe.inference.loading import load_for_inference
     from deepseekmoe.runtime import for_device
 

@@ -26,6 +26,7 @@ from .config import ModelConfig
 from .fileio import written_atomically
 from .filenames import CONFIG_FILE, MODEL_FILE, STEP_PREFIX, TOKENIZER_FILE
 from .model import Transformer
+from .model.init import assign_weights, reset_tables
 
 
 
@@ -98,33 +99,40 @@ def find_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{p} holds no checkpoint ({MODEL_FILE} or checkpoints/{STEP_PREFIX}*)")
 
 
-def _check_shapes(state: dict[str, torch.Tensor], model: Transformer, ckpt: Path) -> None:
-    """Every tensor has the shape its config.json implies; else one error naming the tensor and both shapes."""
-    expected = model.state_dict()
+def _check_state(state: dict[str, torch.Tensor], config: ModelConfig, ckpt: Path) -> None:
+    """The tensors are those config.json implies, each of its shape; else one error naming the file."""
+    with torch.device("meta"):
+        expected = Transformer(config).state_dict()
+    if config.tie_word_embeddings and "embed_tokens.weight" in state:
+        state = {**state, "lm_head.weight": state["embed_tokens.weight"]}
     for key, tensor in state.items():
         if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
             raise ValueError(f"{ckpt / MODEL_FILE}: {key} has shape {list(tensor.shape)}, but {ckpt / CONFIG_FILE} "
                              f"implies {list(expected[key].shape)}")
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{ckpt / MODEL_FILE}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+
+
+def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device | str) -> Transformer:
+    """A Transformer in eval mode whose parameters are the tensors of `state` (assigned, never copied), with its
+    fixed tables (rotary, hash routing) built on `device`."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    assign_weights(model, state)
+    reset_tables(model, device)
+    return model.eval()
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[Transformer, Path]:
-    """Load a checkpoint (or a run's latest) -> (model in eval mode, checkpoint directory)."""
+    """Load a checkpoint (or a run's latest) -> (model in eval mode, checkpoint directory), in `dtype` (default:
+    torch's default dtype). The read tensors become the parameters: on the CPU they stay memory-mapped views of
+    model.safetensors (copy-on-write: pages are read as first used, and training writes private copies), so
+    loading needs no second copy of the weights."""
     ckpt = find_checkpoint(path)
     config = ModelConfig.from_dict(json.loads((ckpt / CONFIG_FILE).read_text()))
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.to_empty(device=device)
-    model.init_weights()  # rebuilds non-persistent tables (rotary, hash); weights are overwritten below
     state = read_safetensors(ckpt / MODEL_FILE, device=str(device))
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    _check_shapes(state, model, ckpt)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{ckpt / MODEL_FILE}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval(), ckpt
+    _check_state(state, config, ckpt)
+    model = model_from_state(config, state, device)
+    return model.to(dtype or torch.get_default_dtype()), ckpt

@@ -9,7 +9,7 @@ import torch
 from deepseekmoe import ModelConfig, RouterOutput, Transformer
 from deepseekmoe.analysis import analyze as analyze_mod
 from deepseekmoe.analysis.specialization import (
-    disable_top_experts, evaluate_loss, moe_layers, reroute, rerouted, shared_expert_swap, vary_top_k)
+    disable_top_experts, evaluate_loss, reroute, rerouted, shared_expert_swap, vary_top_k)
 from deepseekmoe.analysis.stats import LayerRoutingStats, RoutingStats
 from deepseekmoe.commands.analyze import analyze_command
 
@@ -147,12 +147,12 @@ def test_rerouted_model_disables_each_tokens_top_expert_and_restores():
         assert torch.allclose(r.topk_weight_TK, r.probs_TE.gather(1, ranked[:, 1:3]))
     assert not torch.allclose(out.logits, ref.logits)
     assert torch.equal(after.logits, ref.logits)
-    assert all("forward" not in vars(m.gate) for m in moe_layers(model))
+    assert all("forward" not in vars(m.gate) for m in model.moe_layers())
 
 
 def test_shared_off_plus_one_routed_expert_is_what_the_layer_computes():
     model = _tiny()
-    moe = moe_layers(model)[0]
+    moe = model.moe_layers()[0]
     x = torch.randn(2, 5, 32)
     with torch.no_grad(), rerouted(model, top_k=4, disable_shared=True):
         y, r = moe(x)
@@ -193,7 +193,7 @@ def test_analyze_model_writes_json_ready_results_and_plots(tmp_path):
                                             num_experts_per_tok=1), _batches())
     assert dense["layers"] == [] and "skipped" in dense
     results = [{"name": "run/step_1", **result}, {"name": "dense", **dense}]
-    files = analyze_mod.write_plots(json.loads(json.dumps(results)), tmp_path)
+    files = analyze_mod.write_routing_plots(json.loads(json.dumps(results)), tmp_path)
     assert set(files.values()) == {"run_step_1_load.png", "run_step_1_coactivation.png",
                                    "fig4_disable_top.png", "fig5_top_k.png"}
     for name in files.values():

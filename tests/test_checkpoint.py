@@ -10,7 +10,7 @@ import torch
 
 from deepseekmoe import Transformer
 from deepseekmoe.train import state as state_module
-from deepseekmoe.checkpoint import list_checkpoints, save_model
+from deepseekmoe.checkpoint import list_checkpoints, load_checkpoint, save_model
 from deepseekmoe.convert.load import load_model, resolve_checkpoint
 from deepseekmoe.train.config import TrainConfig
 from deepseekmoe.train.optim import build_optimizer, build_scheduler
@@ -34,7 +34,7 @@ def _trained(make_config, steps: int = 2, **config: object):
 
 
 def _save(run_dir: Path, model, opt, sched, step: int, keep_last: int = 10) -> Path:
-    return save_training_checkpoint(run_dir, model, opt, sched, Progress(step=step, data_index=2 * step),
+    return save_training_checkpoint(run_dir, model, opt.state_dict(), sched, Progress(step=step, data_index=2 * step),
                                     "train: {}\n", None, keep_last)
 
 
@@ -54,6 +54,40 @@ def test_model_round_trip_is_exact(tmp_path: Path, make_config, tied: bool) -> N
     _assert_same_weights(model, loaded)
     ids = torch.randint(0, model.config.vocab_size, (2, 7))
     assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def _mapped_files(tensor: torch.Tensor) -> set[str]:
+    """The files mapped where the tensor's storage lies (Linux /proc/self/maps)."""
+    ptr = tensor.untyped_storage().data_ptr()
+    found = set()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *rest = line.split()
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        if lo <= ptr < hi and len(rest) >= 5:
+            found.add(rest[4])
+    return found
+
+
+def test_a_float_checkpoint_loads_memory_mapped_and_copy_on_write(tmp_path: Path, make_config) -> None:
+    model = Transformer(make_config())
+    save_model(model, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    before = weights.read_bytes()
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert all(_mapped_files(p) == {str(weights)} for p in loaded.parameters())
+    with torch.no_grad():
+        for p in loaded.parameters():
+            p.add_(1.0)  # what an optimizer step does: a private copy of the page, never the file
+    assert weights.read_bytes() == before
+    _assert_same_weights(model, load_checkpoint(tmp_path / "ckpt")[0])
+
+
+def test_a_bf16_checkpoint_loads_in_the_default_dtype_unless_asked(tmp_path: Path, make_config) -> None:
+    model = Transformer(make_config()).to(torch.bfloat16)
+    save_model(model, tmp_path / "ckpt")
+    assert {p.dtype for p in load_checkpoint(tmp_path / "ckpt")[0].parameters()} == {torch.float32}
+    kept = load_checkpoint(tmp_path / "ckpt", dtype=torch.bfloat16)[0]
+    _assert_same_weights(model, kept)
 
 
 def test_training_state_round_trip(tmp_path: Path, make_config) -> None:

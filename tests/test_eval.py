@@ -13,6 +13,8 @@ from deepseekmoe import Transformer
 from deepseekmoe.eval.perplexity import EvalResult, evaluate, token_byte_lengths
 from deepseekmoe.losses import lm_loss
 from deepseekmoe.checkpoint import save_model
+from deepseekmoe.train.config import TrainConfig
+from deepseekmoe.train.trainer import validation_metrics
 from test_generate import CORPUS, make_checkpoint, run_cli, train_tokenizer
 
 TEXT = "Mixture of experts: naïve café → 日本語 🎉\n    return a + b\n"
@@ -73,6 +75,21 @@ def test_evaluate_equals_lm_loss_over_the_same_windows(make_config):
     window = torch.from_numpy(tokens[:6]).long()[None]
     assert short.tokens == 5
     assert short.loss == pytest.approx(lm_loss(model(window[:, :-1]).logits, window[:, 1:]).item(), rel=1e-6)
+
+
+@torch.no_grad()
+def test_bits_per_byte_by_hand_at_the_window_boundaries_in_eval_and_the_trainer(make_config):
+    model = Transformer(make_config()).eval()
+    model.lm_head.weight.zero_()  # uniform predictions: every predicted token costs ln V nats
+    v = model.config.vocab_size
+    tokens = np.array([0, 5, 6, 7, 8, 9, 10, 11])  # seq_len 3: windows t[0:4], t[3:7] predict t[1..6]; t[7] is left
+    lengths = np.zeros(v, dtype=np.int64)
+    lengths[5:12] = [1, 2, 3, 4, 1, 2, 100]  # bytes each token spells; the unscored last one must not count
+    result = evaluate(model, tokens, lengths, batch_size=1, seq_len=3)
+    assert result.tokens == 6 and result.bytes == 13
+    assert result.bits_per_byte == pytest.approx(6 * math.log(v) / math.log(2) / 13, rel=1e-6)
+    val = validation_metrics(model, tokens, TrainConfig(batch_size=1, seq_len=3), lengths)
+    assert val == {"val_loss": result.loss, "val_bpb": result.bits_per_byte, "val_tokens": 6}
 
 
 def test_eval_command_json_on_a_text_file(tmp_path, make_config, capsys):

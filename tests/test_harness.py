@@ -26,7 +26,7 @@ from conftest import tiny_config  # noqa: E402
 from deepseekmoe import Transformer  # noqa: E402
 from deepseekmoe.data.tokenizer import train_tokenizer  # noqa: E402
 from deepseekmoe.eval.harness import DeepSeekMoELM, cut_at_stop  # noqa: E402
-from deepseekmoe.eval.multiple_choice import evaluate_multiple_choice, load_task  # noqa: E402
+from deepseekmoe.eval.multiple_choice import accuracies, load_task, score_examples  # noqa: E402
 from deepseekmoe.inference.generate import encode_prompt, generate  # noqa: E402
 from deepseekmoe.checkpoint import save_model  # noqa: E402
 
@@ -179,7 +179,7 @@ def evaluated(lm, tasks):
 
 def test_multiple_choice_acc_equals_our_scorer(setup, evaluated, tasks):
     model, tok, _ = setup
-    ours = evaluate_multiple_choice(model, lambda s: encode(tok, s), load_task(tasks["mc"]), 0, batch_size=3)
+    ours = accuracies(score_examples(model, lambda s: encode(tok, s), load_task(tasks["mc"]), 0, batch_size=3))
     assert ours["acc"] == 0.5
     assert evaluated["results"]["dsm_mc"]["acc,none"] == pytest.approx(ours["acc"])
 

@@ -11,7 +11,8 @@ import torch
 from deepseekmoe import Transformer
 from deepseekmoe.convert.hf import read_hf_state
 from deepseekmoe.convert.hf_load import load_hf_model
-from deepseekmoe.convert.hf_load import copied_bytes, data_offsets, model_from_state, read_hf_state_mapped
+from deepseekmoe.checkpoint import model_from_state
+from deepseekmoe.convert.hf_load import copied_bytes, data_offsets, read_hf_state_mapped
 from deepseekmoe.inference import loading
 from test_convert import HF_CONFIG, write_official
 

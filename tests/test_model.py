@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from deepseekmoe import MoE, Transformer
+from deepseekmoe.model.init import init_weights, reset_tables
 from deepseekmoe.model.layers import FeedForward
 
 IMPLS = ["loop", "grouped"]
@@ -141,6 +142,33 @@ def test_standalone_moe_is_initialised(make_config):
     for name, p in moe.named_parameters():
         assert torch.isfinite(p).all(), name
         assert p.std().item() == pytest.approx(0.006, rel=0.2), name
+
+
+def test_init_weights_draws_from_the_generator_and_sets_norms(make_config):
+    cfg = make_config(router="hash", n_routed_experts=8, num_experts_per_tok=1, tie_word_embeddings=True)
+    a, b = Transformer(cfg), Transformer(cfg)
+    init_weights(a, 0.5, torch.Generator().manual_seed(4))
+    init_weights(b, 0.5, torch.Generator().manual_seed(4))
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            assert p.std().item() == pytest.approx(0.5, rel=0.2), name
+    assert a.lm_head.weight is a.embed_tokens.weight
+
+
+def test_reset_tables_builds_a_meta_models_tables_as_an_eager_model_has_them(make_config):
+    cfg = make_config(router="hash", n_routed_experts=8, num_experts_per_tok=1)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    reset_tables(model, "cpu")
+    eager = Transformer(cfg)
+    buffers = dict(model.named_buffers())
+    assert buffers.keys() == dict(eager.named_buffers()).keys() and len(buffers) == 2 + cfg.num_hidden_layers
+    for name, table in eager.named_buffers():
+        assert torch.equal(buffers[name], table), name
+    assert all(p.is_meta for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------------------- Transformer

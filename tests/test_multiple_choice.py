@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from deepseekmoe import ModelConfig, Transformer
-from deepseekmoe.eval.multiple_choice import (Example, encode_pair, evaluate_multiple_choice, load_task,
-                                              loglikelihoods, parse_example)
+from deepseekmoe.eval.multiple_choice import (Example, accuracies, encode_pair, load_task, loglikelihoods,
+                                              parse_example, score_examples)
 
 
 def encode(text: str) -> list[int]:
@@ -66,7 +66,7 @@ def test_acc_and_acc_norm_by_hand(model, monkeypatch):
         return [(table[c], False) for _, c in reqs]
 
     monkeypatch.setattr("deepseekmoe.eval.multiple_choice.loglikelihoods", fake)
-    res = evaluate_multiple_choice(model, encode, examples)
+    res = accuracies(score_examples(model, encode, examples))
     # raw sums pick " a" (wrong), " d" (wrong), " é" (right); per character of the choice (no delimiter):
     # -2/1 < -4/4 (right), -3/2 < -1/1 (wrong), -2/1 < -3/2 (wrong); per byte "é" is 2: -2/2 > -3/2 (right)
     assert res == {"acc": 1 / 3, "acc_norm": 1 / 3, "acc_bytes": 2 / 3, "examples": 3}
@@ -147,6 +147,6 @@ def test_eval_task_command_matches_library(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "ckpt"), "--task", str(task), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     encode = lambda s: tok.encode(s, add_special_tokens=False).ids  # noqa: E731
-    want = evaluate_multiple_choice(model, encode, load_task(task), bos_token_id=0)
+    want = accuracies(score_examples(model, encode, load_task(task), bos_token_id=0))
     assert got["acc"] == want["acc"] and got["acc_norm"] == want["acc_norm"] and got["examples"] == 5
     assert main(["eval", str(tmp_path / "ckpt"), "--task", str(tmp_path / "none.jsonl")]) == 2

@@ -88,7 +88,7 @@ def analyze_model(model: Transformer, batches: list[Batch], decode: Callable[[in
     return result
 
 
-def write_plots(results: list[dict[str, Any]], out: Path) -> dict[str, str]:
+def write_routing_plots(results: list[dict[str, Any]], out: Path) -> dict[str, str]:
     """Draw every plot of an analysis.json's checkpoints; returns {plot name: file name}."""
     from . import plots  # matplotlib is imported only when plotting
 

@@ -38,8 +38,8 @@ from ..filenames import CONFIG_FILE, RUN_CONFIG_FILE
 from ..presets import load_preset
 from ..train.config import load_config
 from ..train.run import run_training
-from .analyze import analyze_model, token_decoder, validation_batches, write_plots as analysis_plots
-from .results import RESULTS_JSON, read_records, read_run, table_markdown, write_json
+from .analyze import analyze_model, token_decoder, validation_batches, write_routing_plots
+from .results import ANALYSIS_JSON, RESULTS_JSON, RESULTS_MD, read_records, read_run, table_markdown, write_json
 
 RECIPE_JSON = "recipe.json"
 
@@ -250,7 +250,7 @@ def suite_results(name: str, suite: Suite, presets: dict[str, str], out: Path,
 def write_results(out: Path, recipe: dict[str, Any], suites: dict[str, tuple[Suite, dict[str, str]]]) -> dict:
     results = {"recipe": recipe, "suites": [suite_results(n, s, p, out, recipe) for n, (s, p) in suites.items()]}
     write_json(out / RESULTS_JSON, results)
-    (out / "results.md").write_text(table_markdown(results))
+    (out / RESULTS_MD).write_text(table_markdown(results))
     return results
 
 
@@ -284,8 +284,8 @@ def analyze_finals(out: Path, results: dict[str, Any], recipe: dict[str, Any]) -
         model, ckpt = load_model(ckpt)
         checkpoints.append({"name": label, "checkpoint": str(ckpt),
                             **analyze_model(model, batches, token_decoder(ckpt, data_dir))})
-    files = analysis_plots(checkpoints, out / "analysis")
-    write_json(out / "analysis" / "analysis.json", {"data": str(data_dir), "seq_len": recipe["seq_len"],
+    files = write_routing_plots(checkpoints, out / "analysis")
+    write_json(out / "analysis" / ANALYSIS_JSON, {"data": str(data_dir), "seq_len": recipe["seq_len"],
                                                     "batches": len(batches), "checkpoints": checkpoints,
                                                     "plots": files})
 

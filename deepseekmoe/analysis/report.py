@@ -19,8 +19,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from .analyze import write_plots
-from .results import HEADERS, RESULTS_JSON, load_history, read_records, read_run, recipe_line, table_rows
+from ..filenames import METRICS_FILE
+from .analyze import write_routing_plots
+from .results import ANALYSIS_JSON, HEADERS, RESULTS_JSON, load_history, read_records, read_run, recipe_line, table_rows
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
@@ -106,7 +107,7 @@ def load_section(run_dirs: dict[str, Path], tmp: Path, plots: Any) -> str:
 
 def analysis_section(analysis: dict[str, Any], tmp: Path) -> str:
     results = analysis["checkpoints"]
-    files = write_plots(results, tmp)
+    files = write_routing_plots(results, tmp)
     parts = ["<h2>Routing analysis</h2>",
              f"<p class=\"note\">On {analysis['batches']} fixed validation batches of {analysis['seq_len']} tokens "
              f"from {html.escape(str(analysis['data']))}.</p>"]
@@ -177,10 +178,10 @@ def build_report(directory: Path) -> str:
     from . import plots
 
     results_path = directory / RESULTS_JSON
-    analysis_path = directory / "analysis" / "analysis.json"
+    analysis_path = directory / "analysis" / ANALYSIS_JSON
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
-    if results is None and not (directory / "metrics.jsonl").is_file() and not analysis_path.is_file():
-        raise FileNotFoundError(f"{directory} holds no {RESULTS_JSON}, metrics.jsonl or analysis/analysis.json")
+    if results is None and not (directory / METRICS_FILE).is_file() and not analysis_path.is_file():
+        raise FileNotFoundError(f"{directory} holds no {RESULTS_JSON}, {METRICS_FILE} or analysis/{ANALYSIS_JSON}")
     runs, run_dirs = _runs(directory, results)
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
@@ -201,7 +202,7 @@ def build_report(directory: Path) -> str:
 def _runs(directory: Path, results: dict[str, Any] | None) -> tuple[dict[str, list[dict]], dict[str, Path]]:
     """label -> per-seed run summaries, and label -> the seed-0 run directory (for load heatmaps)."""
     if results is None:
-        if not (directory / "metrics.jsonl").is_file():
+        if not (directory / METRICS_FILE).is_file():
             return {}, {}
         return {directory.name: [read_run(directory)]}, {directory.name: directory}
     runs: dict[str, list[dict]] = {}

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import write_text_atomically
+from ..filenames import METRICS_FILE
 
 RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+ANALYSIS_JSON = "analysis.json"
 HEADERS = ("model", "total params", "activated params", "FLOPs/token", "val loss (nats/token)", "bits/byte",
            "tokens/s", "gap to reference", "gap > 2x seed std?", "paper Pile loss (2B)")
 
@@ -27,7 +30,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -33,7 +33,7 @@ from ..data.builtin_cache import ensure_builtin_data
 from .analyze import validation_batches
 from .compare import (SUITES, check_recipe, final_checkpoint, make_recipe, preset_for, run_all, run_dir_for,
                       run_status, write_results)
-from .results import write_json
+from .results import RESULTS_JSON, write_json
 from .stats import RoutingStats
 
 DEFAULT_BUDGETS = "0.5M,1M,2M,4M,8M"
@@ -41,6 +41,7 @@ DEFAULT_BUDGETS = "0.5M,1M,2M,4M,8M"
 CLAIMS = (("deepseekmoe", "gshard"), ("gshard", "switch"), ("gshard", "hash"), ("switch", "dense"),
           ("hash", "dense"), ("deepseekmoe", "dense"))
 ROUTING_JSON = "routing.json"
+SUMMARY_MD = "scaling.md"
 ROUTING_BATCHES = 4
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9}
 
@@ -92,12 +93,12 @@ def run_scaling_suite(out: Path, budgets: list[int], scale: str, **recipe_args: 
             break
     summary = summarize(out, plan, presets)
     write_summary(out, summary)
-    print((out / "scaling.md").read_text())
+    print((out / SUMMARY_MD).read_text())
     return 0 if finished else 130
 
 
 # ------------------------------------------------------------------------------------------------ routing
-def routing_health(run_dir: Path, recipe: dict[str, Any]) -> dict[str, float] | None:
+def final_routing_health(run_dir: Path, recipe: dict[str, Any]) -> dict[str, float] | None:
     """Mean normalised per-token routing entropy and gate mass over the MoE layers of a finished run's final
     checkpoint, on the first validation batches; cached in the run directory. None for a model without routing."""
     cache = run_dir / ROUTING_JSON
@@ -134,7 +135,7 @@ def _measure_routing(ckpt: Path, recipe: dict[str, Any]) -> dict[str, float] | N
 def summarize(out: Path, plan: list[tuple[int, Path, dict[str, Any]]], presets: dict[str, str]) -> dict[str, Any]:
     rows = []
     for tokens, name, recipe in plan:
-        results = json.loads((out / name / "results.json").read_text()) if (out / name / "results.json").is_file() \
+        results = json.loads((out / name / RESULTS_JSON).read_text()) if (out / name / RESULTS_JSON).is_file() \
             else None
         if results is None:
             continue
@@ -155,7 +156,7 @@ def _labels() -> list[dict[str, str]]:
 
 
 def _model_row(m: dict[str, Any], tokens: int, budget_dir: Path, recipe: dict[str, Any]) -> dict[str, Any]:
-    healths = [routing_health(run_dir_for(budget_dir, m["preset"], s), recipe) for s in range(recipe["seeds"])
+    healths = [final_routing_health(run_dir_for(budget_dir, m["preset"], s), recipe) for s in range(recipe["seeds"])
                if run_status(run_dir_for(budget_dir, m["preset"], s), recipe["steps"]) == "done"]
     healths = [h for h in healths if h]
     entropy = [h["token_entropy_normalized"] for h in healths if h["token_entropy_normalized"] is not None]
@@ -207,7 +208,7 @@ def write_summary(out: Path, summary: dict[str, Any]) -> None:
     from . import plots
 
     write_json(out / "scaling.json", summary)
-    (out / "scaling.md").write_text(summary_markdown(summary))
+    (out / SUMMARY_MD).write_text(summary_markdown(summary))
     if summary["budgets"]:
         plots.scaling_curves(summary, out / "scaling.png")
 

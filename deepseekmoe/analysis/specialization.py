@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ..model import MoE, Transformer
+from ..model import Transformer
 from ..model.router import RouterOutput
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -46,10 +46,6 @@ def reroute(probs_TE: torch.Tensor, num_disabled: int, top_k: int, norm_topk_pro
         weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
     counts_E = torch.bincount(idx_TK.reshape(-1), minlength=e)
     return RouterOutput(idx_TK.contiguous(), weight_TK.contiguous(), probs_TE, logits_TE, counts_E, batch_size)
-
-
-def moe_layers(model: Transformer) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
 
 
 def num_disabled_for(ratio: float, num_experts: int) -> int:
@@ -75,7 +71,7 @@ def rerouted(model: Transformer, *, disable_ratio: float = 0.0, top_k: int | Non
         raise ValueError(f"top_k={k} with {d} disabled experts does not fit {cfg.n_routed_experts} routed experts")
     patched: list[torch.nn.Module] = []
     try:
-        for moe in moe_layers(model):
+        for moe in model.moe_layers():
             moe.gate.forward = _rerouting_forward(moe.gate, d, k, cfg.norm_topk_prob)
             patched.append(moe.gate)
             if disable_shared and moe.shared_experts is not None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..analysis.analyze import analyze_model, checkpoint_name, token_decoder, validation_batches, write_plots
-from ..analysis.results import write_json
+from ..analysis.analyze import analyze_model, checkpoint_name, token_decoder, validation_batches, write_routing_plots
+from ..analysis.results import ANALYSIS_JSON, write_json
 from ..convert.load import load_model
 from ..data.builtin_cache import ensure_builtin_data
 from ..fileio import check_output_dir
@@ -41,8 +41,8 @@ def analyze_command(checkpoints: list[str], *, data: str | None = None, out: str
         r = analyze_model(model, val, decode, top_tokens, log=lambda s: print(s, file=sys.stderr, flush=True))
         results.append({"name": name, "checkpoint": str(ckpt), **r})
     out_dir.mkdir(parents=True, exist_ok=True)  # only now: a bad argument leaves nothing behind
-    files = write_plots(results, out_dir)
-    write_json(out_dir / "analysis.json", {"data": str(data_dir), "seq_len": length, "batches": len(val),
+    files = write_routing_plots(results, out_dir)
+    write_json(out_dir / ANALYSIS_JSON, {"data": str(data_dir), "seq_len": length, "batches": len(val),
                                             "checkpoints": results, "plots": files})
     print(f"wrote {out_dir / 'analysis.json'} and {len(files)} plots", file=sys.stderr)
     return 0

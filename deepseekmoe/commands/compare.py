@@ -6,6 +6,7 @@ from typing import Any
 
 from ..analysis.compare import (DEFAULT_STEPS, analyze_finals, check_recipe, make_recipe, resolve_suites, run_all,
                                 write_plots, write_results)
+from ..analysis.results import RESULTS_MD
 from ..analysis.scaling import DEFAULT_BUDGETS, parse_budgets, run_scaling_suite
 from ..fileio import check_output_dir
 
@@ -68,5 +69,5 @@ def compare_command(*, suite: str = "table1", data: str | None = None, steps: in
         return 130
     if analyze:
         analyze_finals(out_dir, results, recipe)
-    print((out_dir / "results.md").read_text())
+    print((out_dir / RESULTS_MD).read_text())
     return 0

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 from ..configio import read_mapping
 from ..data.builtin_cache import ensure_builtin_data
 from ..data.dataset import open_split
-from ..eval.multiple_choice import load_task, prefix_token_id, score_examples, summarize
+from ..eval.multiple_choice import accuracies, load_task, prefix_token_id, score_examples
 from ..eval.perplexity import evaluate, token_byte_lengths
 from ..filenames import RUN_CONFIG_FILE, TOKENIZER_FILE
 from ..inference.loading import load_for_inference
@@ -122,7 +122,7 @@ def _task_command(model, tokenizer, task: str, batch_size: int, as_json: bool, t
     examples = load_task(task, target_delimiter)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
     records = score_examples(model, encode, examples, prefix_token_id(model.config), batch_size)
-    result = summarize(records)
+    result = accuracies(records)
     if samples is not None:
         Path(samples).write_text("".join(jsonlib.dumps(r) + "\n" for r in records), encoding="utf-8")
     if as_json:

@@ -25,7 +25,7 @@ import torch
 from ..config import ModelConfig
 from ..data.chat import CHAT_TEMPLATE
 from ..data.tokenizer import special_token_ids
-from ..filenames import CONFIG_FILE, TOKENIZER_FILE
+from ..filenames import CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from .hf_layout import AUTO_MAP, REMOTE_CODE_DIR, REMOTE_CODE_FILES
 
 # The transformers release the remote code is written against (its API: Cache objects, `cache=` keyword).
@@ -60,11 +60,11 @@ def write_hf_files(config: ModelConfig, dtype: torch.dtype, out: Path) -> None:
     (out / CONFIG_FILE).write_text(json.dumps(hf_config_dict(config, dtype, pad), indent=2) + "\n")
     for name in REMOTE_CODE_FILES:
         shutil.copyfile(REMOTE_CODE_DIR / name, out / name)
-    if (out / TOKENIZER_FILE).is_file() and not (out / "tokenizer_config.json").is_file():
+    if (out / TOKENIZER_FILE).is_file() and not (out / TOKENIZER_CONFIG_FILE).is_file():
         _write_tokenizer_files(config, pad, out)
-    if not (out / "generation_config.json").is_file():
+    if not (out / GENERATION_CONFIG_FILE).is_file():
         ids = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": pad}
-        (out / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
+        (out / GENERATION_CONFIG_FILE).write_text(json.dumps(ids, indent=2) + "\n")
 
 
 def _write_tokenizer_files(config: ModelConfig, pad: int | None, out: Path) -> None:
@@ -86,4 +86,4 @@ def _write_tokenizer_files(config: ModelConfig, pad: int | None, out: Path) -> N
         tok.save(str(out / TOKENIZER_FILE))
     d.update(add_bos_token="bos_token" in d, add_eos_token=False, clean_up_tokenization_spaces=False,
              model_max_length=config.max_position_embeddings, chat_template=CHAT_TEMPLATE)
-    (out / "tokenizer_config.json").write_text(json.dumps(d, indent=2) + "\n")
+    (out / TOKENIZER_CONFIG_FILE).write_text(json.dumps(d, indent=2) + "\n")

@@ -26,11 +26,11 @@ import torch
 
 from ..checkpoint import open_safetensors
 from ..config import ModelConfig
-from ..filenames import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
+from ..filenames import CONFIG_FILE, GENERATION_CONFIG_FILE, MODEL_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
 # Files carried across unchanged in both directions (tokenizer and generation defaults).
-SIDE_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+SIDE_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, "special_tokens_map.json", GENERATION_CONFIG_FILE)
 # An export's remote code: this project's standalone model files (deepseekmoe/hf/remote_code), copied verbatim,
 # and the auto_map naming them (the released one, plus the sequence-classification head).
 REMOTE_CODE_DIR = Path(__file__).resolve().parent.parent / "hf" / "remote_code"

@@ -16,10 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import open_safetensors
+from ..checkpoint import model_from_state, open_safetensors
 from ..config import ModelConfig
-from ..model import Transformer
-from ..model.router import HashRouter
 from .hf import element_offset, is_tied_head, open_hf_dir, read_hf_state
 from .hf_layout import our_source
 
@@ -78,26 +76,6 @@ def copied_bytes(hf_dir: str | Path) -> int:
     _, _, layout, entries = open_hf_dir(Path(hf_dir))
     stacked = {our_source(key)[0] for key in layout if our_source(key)[1]}
     return sum(torch.Size(shape).numel() * dtype.itemsize for k, (dtype, shape) in entries.items() if k in stacked)
-
-
-def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> Transformer:
-    """A Transformer in eval mode whose parameters are the tensors of `state` (assigned, never copied), with its
-    fixed tables (rotary, hash routing) built on `device`."""
-    with torch.device("meta"):
-        model = Transformer(config)
-    if config.tie_word_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    for module in model.modules():
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            if buffer.is_meta:
-                setattr(module, name, torch.empty_like(buffer, device=device))
-        if isinstance(module, HashRouter):
-            module.reset()
-    model.rotary.reset()
-    return model.eval()
 
 
 def load_hf_model(path: str | Path, device: str | torch.device = "cpu",

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..filenames import TOKENIZER_FILE
+from ..filenames import TOKEN_FILES, TOKENIZER_FILE
 from .builtin import (BUILTIN_SOURCE, BUILTIN_TOKENIZER_TRAIN_BYTES, BUILTIN_VAL_FRACTION, DEFAULT_MAX_BYTES,
                       builtin_identity)
 from .dataset import read_meta
@@ -44,7 +44,7 @@ def _cached_is_current(data_dir: Path, identity: dict) -> bool:
     except (FileNotFoundError, ValueError):
         return False
     return meta.get("builtin") == identity and all((data_dir / f).is_file()
-                                                   for f in (TOKENIZER_FILE, "train.bin", "val.bin"))
+                                                   for f in (TOKENIZER_FILE, *TOKEN_FILES.values()))
 
 
 def ensure_builtin_data(root: str | Path | None = None, vocab_size: int = 8192,

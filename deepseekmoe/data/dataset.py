@@ -22,10 +22,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..filenames import META_FILE
+from ..filenames import META_FILE, TOKEN_FILES
 
 FORMAT = 1
-SPLITS = ("train", "val")
+SPLITS = tuple(TOKEN_FILES)
 
 
 def read_meta(data_dir: str | Path) -> dict:
@@ -58,7 +58,7 @@ def open_split(data_dir: str | Path, split: str) -> np.ndarray:
         raise ValueError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
     meta = read_meta(data_dir)
     dtype = np.dtype(meta["dtype"])
-    path = Path(data_dir) / f"{split}.bin"
+    path = Path(data_dir) / TOKEN_FILES[split]
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; run `deepseekmoe prepare` again")
     expected = meta["splits"][split]["tokens"]

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ..fileio import written_atomically
-from ..filenames import META_FILE, TOKENIZER_FILE
+from ..filenames import META_FILE, TOKEN_FILES, TOKENIZER_FILE
 from ..version import __version__
 from .builtin import BUILTIN_SOURCE, DEFAULT_MAX_BYTES, builtin_identity, builtin_inputs
 from .corpus import InputFile, ReadStats, document_key, expand_sources, iter_documents
@@ -108,16 +108,16 @@ def is_up_to_date(out: Path, input_fingerprint: str) -> bool:
         meta = read_meta(out)
     except (FileNotFoundError, ValueError):
         return False
-    files_present = all((out / f).is_file() for f in (TOKENIZER_FILE, "train.bin", "val.bin"))
+    files_present = all((out / f).is_file() for f in (TOKENIZER_FILE, *TOKEN_FILES.values()))
     return files_present and meta.get("input_fingerprint") == input_fingerprint
 
 
-DATA_FILES = frozenset({META_FILE, TOKENIZER_FILE, "train.bin", "val.bin"})
+DATA_FILES = frozenset({META_FILE, TOKENIZER_FILE, *TOKEN_FILES.values()})
 """Everything prepare writes into a data directory: the final rename replaces `out` as a whole, so a directory
 holding anything else is never replaced."""
 
 
-def check_output_dir(out: Path) -> None:
+def check_replaceable(out: Path) -> None:
     """Refuse to replace anything but a data directory holding only what prepare writes."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
@@ -174,7 +174,7 @@ def _make_tokenizer(tokenizer: str | None, vocab_size: int, sample: list[str] | 
 def _check_arguments(out: Path, tokenizer: str | None, vocab_size: int, val_fraction: float) -> None:
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
-    check_output_dir(out)
+    check_replaceable(out)
     if tokenizer is not None:
         load_tokenizer(tokenizer)  # fail early on a bad path or file
     elif vocab_size < MIN_VOCAB_SIZE:

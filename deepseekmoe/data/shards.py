@@ -16,6 +16,8 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from ..filenames import TOKEN_FILES
+
 CHUNK_CHARS = 2_000_000
 
 
@@ -65,7 +67,7 @@ def write_splits(documents: Iterable[str], is_val: list[bool], tok: Tokenizer, o
     index = 0
     # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets: about a third less CPU
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    with open(out_dir / "train.bin", "wb") as train_f, open(out_dir / "val.bin", "wb") as val_f, \
+    with open(out_dir / TOKEN_FILES["train"], "wb") as train_f, open(out_dir / TOKEN_FILES["val"], "wb") as val_f, \
             progress_bar(total_bytes, "tokenizing") as bar:
         for chunk in _chunks(documents):
             encodings = encode(chunk, add_special_tokens=False)

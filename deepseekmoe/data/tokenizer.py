@@ -26,6 +26,17 @@ PAD_NAMES = (PAD, "<｜▁pad▁｜>", "<pad>", "<|padding|>")
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # the byte alphabet, the special tokens, at least one merge
 
 
+def byte_level_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2), character -> byte: printable bytes stand for themselves, the other 68
+    bytes are shifted to code points 256, 257, ... so every byte is one visible character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars = {chr(b): b for b in printable}
+    shifted = (b for b in range(256) if b not in set(printable))
+    for n, b in enumerate(shifted):
+        chars[chr(256 + n)] = b
+    return chars
+
+
 def new_tokenizer() -> Tokenizer:
     """An untrained byte-level BPE tokenizer (no prefix space; decoding restores the exact text)."""
     tok = Tokenizer(models.BPE())

@@ -25,8 +25,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..model import Transformer
-from ..model.experts import RoutedExperts
-from ..model.moe import MoE
+from ..model.experts import RoutedExperts, sort_by_expert
 
 
 class _AllToAll(torch.autograd.Function):
@@ -83,12 +82,8 @@ class ExpertParallelExperts(RoutedExperts):
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         p, n_local = self.ep_size, self.num_local
-        k = topk_idx_TK.shape[1]
         # 1. (token, slot) rows sorted by expert: the rows bound for EP rank j are contiguous
-        flat_idx_R = topk_idx_TK.reshape(-1)
-        order_R = torch.argsort(flat_idx_R, stable=True)
-        token_of_row_R = order_R // k
-        counts_E = torch.bincount(flat_idx_R, minlength=self.num_experts)
+        order_R, token_of_row_R, counts_E = sort_by_expert(topk_idx_TK, self.num_experts)
         # 2. counts_PL[j, l]: rows rank j sends to my local expert l
         counts_PL = counts_E.new_empty(p * n_local)
         dist.all_to_all_single(counts_PL, counts_E, [n_local] * p, self.sizes, group=self.group)
@@ -114,14 +109,10 @@ class ExpertParallelExperts(RoutedExperts):
         return f"experts [{self.first}, {self.first + self.num_local}) of {self.num_experts}, ep={self.ep_size}"
 
 
-def moe_layers(model: Transformer) -> list[MoE]:
-    return [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
-
-
 def apply_expert_parallel(model: Transformer, group: dist.ProcessGroup) -> Transformer:
     """Replace every MoE layer's `mlp.experts` by this rank's block of E/ep experts (weights copied from the full
     ones, so load or initialise the full model first). State-dict keys keep their names; shapes become local."""
-    for moe in moe_layers(model):
+    for moe in model.moe_layers():
         if isinstance(moe.experts, ExpertParallelExperts):
             raise ValueError("apply_expert_parallel: the model's experts are already distributed")
         moe.experts = ExpertParallelExperts(moe.experts, group)

@@ -34,8 +34,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..model import Transformer
-from .expert_parallel import (ExpertParallelExperts, apply_expert_parallel, gather_blocks, moe_layers,
-                              with_ep_device_groups)
+from .expert_parallel import ExpertParallelExperts, apply_expert_parallel, gather_blocks, with_ep_device_groups
 from .mesh import Parallel
 
 
@@ -74,7 +73,7 @@ def apply_fsdp(model: Transformer, parallel: Parallel, *, activation_checkpointi
     policy, mesh = policy or mixed_precision(parallel.device), world_mesh(parallel)
     expert_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype,
                                          cast_forward_inputs=False)  # gate weights stay fp32
-    for moe in moe_layers(model):
+    for moe in model.moe_layers():
         unit = fully_shard(moe.experts, mesh=parallel.mesh["dp"], mp_policy=expert_policy,
                            reshard_after_forward=reshard_after_forward)
         unit.set_gradient_divide_factor(float(parallel.world_size))

@@ -69,12 +69,12 @@ def grad_clipper(model: torch.nn.Module, parallel: Parallel) -> Callable[[float]
 
 
 def gather_training_state(model: Transformer, optimizer: torch.optim.Optimizer,
-                          parallel: Parallel) -> tuple[Transformer, Any]:
-    """(full model, something whose state_dict() is the full optimizer state) for train.state to save; the
-    objects themselves for one process. Collective."""
+                          parallel: Parallel) -> tuple[Transformer, dict[str, Any]]:
+    """(full model, full optimizer state dict) for train.state to save; the model itself and its optimizer's
+    state_dict() for one process. Collective."""
     if not parallel.is_distributed:
-        return model, optimizer
-    return full_model(model), StateDict(gather_optimizer_state(optimizer, model))
+        return model, optimizer.state_dict()
+    return full_model(model), gather_optimizer_state(optimizer, model)
 
 
 def device_load_record(counts_LE: torch.Tensor, config: ModelConfig, parallel: Parallel) -> dict[str, Any]:
@@ -151,16 +151,6 @@ def shard_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimize
         local["state"][i] = {k: v[block].clone() if torch.is_tensor(v) and v.dim() == param.dim() else v
                              for k, v in state["state"][i].items()}
     return local
-
-
-class StateDict:
-    """Something with a state_dict(): hands a gathered optimizer state to code that expects an optimizer."""
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        self._state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._state
 
 
 class NullLogger:

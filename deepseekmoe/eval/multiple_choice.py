@@ -214,12 +214,7 @@ def score_examples(model: Transformer, encode: Callable[[str], list[int]], examp
     return records
 
 
-def evaluate_multiple_choice(model: Transformer, encode: Callable[[str], list[int]], examples: list[Example],
-                             bos_token_id: int | None = None, batch_size: int = 8) -> dict[str, float]:
-    """acc, acc_norm and acc_bytes (means over the examples) and the number of examples."""
-    return summarize(score_examples(model, encode, examples, bos_token_id, batch_size))
-
-
-def summarize(records: list[dict[str, Any]]) -> dict[str, float]:
+def accuracies(records: list[dict[str, Any]]) -> dict[str, float]:
+    """acc, acc_norm and acc_bytes (means over the examples of score_examples) and the number of examples."""
     n = len(records)
     return {**{k: sum(r[k] for r in records) / n for k in ("acc", "acc_norm", "acc_bytes")}, "examples": n}

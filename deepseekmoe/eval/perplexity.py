@@ -1,4 +1,4 @@
-"""Held-out loss, perplexity and bits per byte.
+"""Held-out loss, perplexity and bits per byte: the eval command's and the trainer's validation alike (`score`).
 
 What is counted. The token stream is cut into consecutive windows of S + 1 tokens that overlap by one token
 (`deepseekmoe.data.dataset.eval_batches`, the same windows as the trainer's validation): window i feeds tokens
@@ -10,18 +10,18 @@ shorter than one window is evaluated as a single shorter window). --max-batches 
                  ending a document is part of modelling the text)
   perplexity     exp(loss)
   bits_per_byte  sum of the nats / (ln 2 * bytes), where bytes = the UTF-8 bytes of the predicted tokens (special
-                 tokens count 0 bytes). When every token is scored this is the text's UTF-8 length (the one
-                 unscored token, the first, is bos: 0 bytes); counting per predicted token keeps the ratio exact
-                 when only part of the stream is scored (the trainer's val_bpb instead scales by meta.json's
-                 average bytes per token, so the two can differ slightly on a partial split).
+                 tokens count 0 bytes): exactly the text those tokens spell, however much of the stream is scored.
+                 When every token is scored this is the text's UTF-8 length (the one unscored token, the first, is
+                 bos: 0 bytes); the tokens after the last full window and the text they spell are left out alike.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterable
+from typing import ContextManager, Iterable
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders
 
 from ..data.dataset import eval_batches
+from ..data.tokenizer import byte_level_alphabet
 from ..model import Transformer
 
 
@@ -54,17 +55,6 @@ class EvalResult:
                 "tokens": self.tokens, "bytes": self.bytes}
 
 
-def _byte_level_alphabet() -> dict[str, int]:
-    """The byte-level BPE alphabet (GPT-2): printable bytes stand for themselves, the other 68 bytes are shifted to
-    code points 256, 257, ... so every byte is one visible character."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    chars = {chr(b): b for b in printable}
-    shifted = (b for b in range(256) if b not in set(printable))
-    for n, b in enumerate(shifted):
-        chars[chr(256 + n)] = b
-    return chars
-
-
 def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     """(V,) int64: the UTF-8 bytes each token id stands for; special tokens 0.
 
@@ -73,7 +63,7 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     """
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     lengths = np.zeros(max(vocab.values()) + 1, dtype=np.int64)
-    alphabet = _byte_level_alphabet() if isinstance(tokenizer.decoder, decoders.ByteLevel) else {}
+    alphabet = byte_level_alphabet() if isinstance(tokenizer.decoder, decoders.ByteLevel) else {}
     special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
     for token, i in vocab.items():
         if i in special:
@@ -83,6 +73,22 @@ def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
         else:
             lengths[i] = len(tokenizer.decode([i], skip_special_tokens=False).encode("utf-8"))
     return lengths
+
+
+def score(model: Transformer, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], byte_lengths: np.ndarray,
+          autocast: ContextManager | None = None) -> EvalResult:
+    """Summed nats, predicted tokens and their UTF-8 bytes (`byte_lengths`: token_byte_lengths) over (inputs,
+    targets) batches; under `autocast` where given. Gradients are the caller's to switch off."""
+    device = model.embed_tokens.weight.device
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    count = n_bytes = 0
+    for inputs, targets in batches:
+        with autocast or nullcontext():
+            logits = model(inputs.to(device)).logits
+        nats += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum")
+        count += targets.numel()
+        n_bytes += int(byte_lengths[targets.numpy()].sum())
+    return EvalResult(loss=nats.item() / count, tokens=count, bytes=n_bytes)
 
 
 @torch.inference_mode()
@@ -99,18 +105,10 @@ def evaluate(model: Transformer, tokens: np.ndarray, byte_lengths: np.ndarray, *
     if int(tokens.max()) >= model.config.vocab_size:
         raise ValueError(f"held-out text holds token id {int(tokens.max())}, beyond the model's "
                          f"vocab_size={model.config.vocab_size}")
-    device = model.embed_tokens.weight.device
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    count = n_bytes = 0
     total = -(-((len(tokens) - 1) // seq_len) // batch_size)
     total = min(total, max_batches) if max_batches is not None else total
     batches = _progress(eval_batches(tokens, batch_size, seq_len, max_batches), total, progress)
-    for inputs, targets in batches:
-        logits = model(inputs.to(device)).logits
-        nats += F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum")
-        count += targets.numel()
-        n_bytes += int(byte_lengths[targets.numpy()].sum())
-    return EvalResult(loss=nats.item() / count, tokens=count, bytes=n_bytes)
+    return score(model, batches, byte_lengths)
 
 
 def _progress(batches: Iterable, total: int, enabled: bool) -> Iterable:

@@ -22,7 +22,7 @@ from ..convert.quantize import check_format, read_quantized_checkpoint, read_qua
 from ..model import Transformer
 from ..model.experts import RoutedExperts
 from ..model.quantized import SCALE_SUFFIX, QuantizedLinear, QuantizedWeight
-from ..model.router import HashRouter
+from ..model.init import assign_weights, reset_tables
 from ..runtime import for_device, parse_device
 from ..filenames import MODEL_FILE, TOKENIZER_FILE
 
@@ -98,16 +98,9 @@ def build_quantized_model(config: ModelConfig, state: dict[str, torch.Tensor],
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, QuantizedLinear(take(f"{name}.weight")))
     model.to_empty(device="cpu")
-    for m in model.modules():  # non-persistent tables
-        if isinstance(m, HashRouter):
-            m.reset()
-    model.rotary.reset()
+    reset_tables(model)
     floats = {k: v for k, v in state.items() if not k.endswith(SCALE_SUFFIX) and k + SCALE_SUFFIX not in state}
-    if config.tie_word_embeddings:
-        floats["lm_head.weight"] = floats["embed_tokens.weight"]
-    model.load_state_dict(floats, strict=True, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    assign_weights(model, floats)
     return model.eval()
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
+from ..data.tokenizer import byte_level_alphabet
 from .engine import Request, Token
 
 
@@ -35,7 +36,7 @@ class LogprobFormatter:
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
-        self._bytes_of_char = {c: b for b, c in _byte_level_alphabet().items()}
+        self._bytes_of_char = byte_level_alphabet()
 
     def text(self, token: int) -> str:
         """The token's text; a piece of a multi-byte character is spelled "bytes:\\xNN" as OpenAI does."""
@@ -83,15 +84,3 @@ class LogprobFormatter:
 def best_of(requests: list[Request], n: int) -> list[Request]:
     """The n candidates with the highest cumulative log-probability (OpenAI's best_of), best first."""
     return sorted(requests, key=lambda r: r.cumulative_logprob, reverse=True)[:n]
-
-
-def _byte_level_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table, which byte-level BPE tokens are spelled in."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
-                 *range(ord("\xae"), ord("\xff") + 1)]
-    table, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table

@@ -26,6 +26,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..data.chat import CHAT_TEMPLATE, render_chat
+from ..filenames import TOKENIZER_CONFIG_FILE
 from .engine import DONE, Engine, QueueFull, Request, Token
 from .protocol import Message
 from .responses import LogprobFormatter
@@ -243,7 +244,7 @@ def bind(host: str, port: int) -> socket.socket:
 
 def checkpoint_chat_template(ckpt: Path) -> str | None:
     """The `chat_template` of the checkpoint's tokenizer_config.json, when it has one."""
-    path = ckpt / "tokenizer_config.json"
+    path = ckpt / TOKENIZER_CONFIG_FILE
     if not path.is_file():
         return None
     try:

@@ -160,17 +160,31 @@ def experts_loop(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: 
 
 
 # ---------------------------------------------------------------------------------------- sorted dispatch
+class SortedRows(NamedTuple):
+    """The R (token, slot) rows sorted by expert (step 1): each expert's rows are one contiguous segment."""
+    order_R: torch.Tensor
+    """Sorted row -> its flat (token, slot) index t * K + k."""
+    token_R: torch.Tensor
+    """Sorted row -> its token."""
+    counts_E: torch.Tensor
+    """Rows per expert, in expert order."""
+
+
+def sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int) -> SortedRows:
+    """Flatten the (token, slot) pairs, stable-sort them by expert id, count the rows of each expert."""
+    flat_idx_R = topk_idx_TK.reshape(-1)
+    order_R = torch.argsort(flat_idx_R, stable=True)
+    counts_E = torch.bincount(flat_idx_R, minlength=num_experts)
+    return SortedRows(order_R, order_R // topk_idx_TK.shape[1], counts_E)
+
+
 def experts_grouped(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
                     gate_up_proj: torch.Tensor, down_proj: torch.Tensor, kernel: Kernel,
                     runner: SegmentRunner = INLINE) -> torch.Tensor:
     """Dropless sorted dispatch (module docstring, steps 1-3), matmuls in the compute dtype, result in x's dtype."""
     if x_TD.shape[0] == 0:
         return torch.zeros_like(x_TD)
-    k = topk_idx_TK.shape[1]
-    flat_idx_R = topk_idx_TK.reshape(-1)
-    order_R = torch.argsort(flat_idx_R, stable=True)
-    counts_E = torch.bincount(flat_idx_R, minlength=gate_up_proj.shape[0])
-    token_R = order_R // k  # with order_R: rows sorted by expert -> (token, slot)
+    order_R, token_R, counts_E = sort_by_expert(topk_idx_TK, gate_up_proj.shape[0])
     device_type, out_dtype = x_TD.device.type, x_TD.dtype
     dtype = compute_dtype(x_TD)
     x_TD, gate_up_proj, down_proj = x_TD.to(dtype), gate_up_proj.to(dtype), down_proj.to(dtype)

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .experts import RoutedExperts
+from .init import init_weights
 from .layers import FeedForward
 from .router import RouterOutput, build_router
 
@@ -29,13 +30,7 @@ class MoE(nn.Module):
             if config.n_shared_experts > 0 else None
         )
         if self.experts.gate_up_proj.device.type != "meta":
-            self.init_weights(config.initializer_range)  # a standalone MoE(config) is usable at once
-
-    def init_weights(self, std: float, generator: torch.Generator | None = None) -> None:
-        """Every weight matrix (router, routed and shared experts) ~ N(0, std), as in Transformer.init_weights."""
-        with torch.no_grad():
-            for p in self.parameters():
-                p.normal_(0.0, std, generator=generator)
+            init_weights(self, config.initializer_range)  # a standalone MoE(config) is usable at once
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput]:
         """x (B, S, D) -> (y (B, S, D), RouterOutput). input_ids (B, S) is needed by the hash router only."""

@@ -9,10 +9,10 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import Attention, KVCache
-from .experts import RoutedExperts
+from .init import init_weights
 from .layers import FeedForward, RMSNorm, RotaryEmbedding
 from .moe import MoE
-from .router import HashRouter, RouterOutput, TopKRouter
+from .router import RouterOutput
 
 
 @dataclass
@@ -62,21 +62,11 @@ class Transformer(nn.Module):
 
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """Every weight matrix ~ N(0, initializer_range) (paper: 0.006); norms = 1; rebuild fixed tables."""
-        std = self.config.initializer_range
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)):
-                    module.weight.normal_(0.0, std, generator=generator)
-                elif isinstance(module, RoutedExperts):
-                    module.gate_up_proj.normal_(0.0, std, generator=generator)
-                    module.down_proj.normal_(0.0, std, generator=generator)
-                elif isinstance(module, TopKRouter):
-                    module.weight.normal_(0.0, std, generator=generator)
-                elif isinstance(module, RMSNorm):
-                    module.weight.fill_(1.0)
-                elif isinstance(module, HashRouter):
-                    module.reset()
-            self.rotary.reset()
+        init_weights(self, self.config.initializer_range, generator)
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE blocks (`layers[i].mlp` of each MoE layer), in layer order."""
+        return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]
 
     def new_kv_caches(self, batch_size: int, max_len: int | None = None,
                       dtype: torch.dtype | None = None) -> list[KVCache]:

@@ -33,9 +33,7 @@ from typing import Any, TextIO
 import torch
 
 from ..fileio import write_text_atomically
-
-METRICS_FILE = "metrics.jsonl"
-
+from ..filenames import METRICS_FILE
 
 ROUTING_SCALARS = {"expert_load_max_over_mean": "load_max_over_mean", "dead_experts": "dead_experts",
                    "expert_load_entropy": "load_entropy"}

@@ -58,14 +58,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_training_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_training_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer_state: dict[str, Any],
                              scheduler: Any, progress: Progress, run_config_yaml: str,
                              tokenizer_path: Path | None, keep_last: int) -> Path:
     """Atomically write checkpoints/step_<step>/ and delete all but the newest `keep_last` checkpoints."""
     final = checkpoint_dir(run_dir, progress.step)
     with written_atomically(final) as tmp:
         write_model_files(model, tmp, tokenizer_path)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "rng": rng_state(), "progress": asdict(progress)}, tmp / TRAINER_STATE_FILE)
         (tmp / CHECKPOINT_RUN_CONFIG_FILE).write_text(run_config_yaml)
     prune_checkpoints(run_dir, keep_last)

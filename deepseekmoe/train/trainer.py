@@ -22,17 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..accounting import estimate_mfu
 from ..checkpoint import list_checkpoints, load_checkpoint
-from ..data.dataset import PackedBatches, check_eval_windows, eval_batches, open_split, read_meta
+from ..data.dataset import PackedBatches, check_eval_windows, eval_batches, open_split
 from ..distributed import local_batch, parallelize
 from ..distributed.mesh import Parallel
 from ..distributed.training import (device_load_record, gather_training_state, grad_clipper, on_main, reduce_step_stats,
                                     shard_optimizer_state, single_process)
+from ..data.tokenizer import load_tokenizer
 from ..errors import UserError
+from ..eval.perplexity import score, token_byte_lengths
 from ..filenames import TOKENIZER_FILE
 from ..losses import total_loss
 from ..model import Transformer
@@ -107,22 +109,15 @@ def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, schedul
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, val_tokens: Any, cfg: TrainConfig, bytes_per_token: float,
-             autocast: ContextManager | None = None, max_batches: int | None = None) -> dict[str, float]:
-    """LM loss over the first `max_batches` validation batches (a fixed subset; None: all) and bits per byte."""
-    device = model.embed_tokens.weight.device
+def validation_metrics(model: Transformer, val_tokens: Any, cfg: TrainConfig, byte_lengths: np.ndarray,
+                       autocast: ContextManager | None = None, max_batches: int | None = None) -> dict[str, float]:
+    """LM loss and bits per byte (eval/perplexity.py) over the first `max_batches` validation batches (a fixed
+    subset; None: all)."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for inputs, targets in eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, max_batches):
-        with autocast or nullcontext():
-            logits = model(inputs.to(device)).logits
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
-                                       reduction="sum"))
-        count += targets.numel()
+    r = score(model, eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, max_batches), byte_lengths, autocast)
     model.train(was_training)
-    loss = total / count
-    return {"val_loss": loss, "val_bpb": loss / math.log(2) / bytes_per_token, "val_tokens": count}
+    return {"val_loss": r.loss, "val_bpb": r.bits_per_byte, "val_tokens": r.tokens}
 
 
 class StopRequest:
@@ -163,14 +158,12 @@ class Trainer:
         if self.cfg.deterministic and self.device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS makes its handle
             torch.use_deterministic_algorithms(True)
-        meta = read_meta(data_dir)
         self.val_tokens = open_split(data_dir, "val")
         check_eval_windows(self.val_tokens, self.cfg.seq_len, f"the validation split of {data_dir}")
-        val = meta["splits"]["val"]
-        self.bytes_per_token = val["bytes"] / max(val["tokens"], 1)
         self.batches = PackedBatches(open_split(data_dir, "train"), self.cfg.batch_size, self.cfg.seq_len,
                                      self.cfg.seed)
         self.tokenizer_path = data_dir / TOKENIZER_FILE
+        self.byte_lengths = token_byte_lengths(load_tokenizer(self.tokenizer_path))
         self.peak_flops = self.cfg.peak_flops or (
             GPU_PEAK_FLOPS if self.device.type == "cuda" else CPU_PEAK_FLOPS_PER_THREAD * torch.get_num_threads())
         self.peak_flops *= self.parallel.world_size  # tokens/s are counted over all processes
@@ -304,12 +297,12 @@ class Trainer:
 
     def validate(self, final: bool = False) -> dict[str, float]:
         limit = self.cfg.final_eval_batches if final else self.cfg.eval_batches
-        return evaluate(self.model, self.val_tokens, self.cfg, self.bytes_per_token, self.autocast, limit)
+        return validation_metrics(self.model, self.val_tokens, self.cfg, self.byte_lengths, self.autocast, limit)
 
     def save(self) -> Path:
-        model, optimizer = gather_training_state(self.model, self.optimizer, self.parallel)  # full, world-size free
+        model, optimizer_state = gather_training_state(self.model, self.optimizer, self.parallel)  # world-size free
         self.last_saved = on_main(self.parallel, lambda: save_training_checkpoint(
-            self.run_dir, model, optimizer, self.scheduler, self.progress, self.run.to_yaml(),
+            self.run_dir, model, optimizer_state, self.scheduler, self.progress, self.run.to_yaml(),
             self.tokenizer_path if self.tokenizer_path.is_file() else None, self.cfg.keep_last))
         self.saved_step = self.progress.step
         return self.last_saved
