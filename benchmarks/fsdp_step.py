@@ -28,6 +28,7 @@ import torch.distributed as dist
 from deepseekmoe import Transformer, load_preset
 from deepseekmoe.distributed import init_parallel, local_batch, parallelize, shutdown
 from deepseekmoe.distributed.data_parallel import clip_grad_norm_ as ddp_clip
+from deepseekmoe.distributed.expert_parallel import with_ep_device_groups
 from deepseekmoe.distributed.fsdp import apply_fsdp, clip_grad_norm_ as fsdp_clip, local_tensor
 from deepseekmoe.losses import total_loss
 from deepseekmoe.train.optim import param_groups
@@ -73,7 +74,7 @@ def main() -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
-    config = load_preset(args.preset)
+    config = with_ep_device_groups(load_preset(args.preset), args.ep)  # as the trainer's plan resolves it
     parallel = init_parallel(args.ep, config.n_routed_experts, device)
     torch.manual_seed(0)
     model = Transformer(config).to(device).train()

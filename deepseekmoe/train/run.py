@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..data.dataset import read_meta
-from ..distributed.mesh import Parallel, shutdown
-from ..distributed.training import NullLogger, main_first, setup_parallel
+from ..distributed.mesh import shutdown
+from ..distributed.plan import ParallelPlan, resolve_plan
+from ..distributed.training import NullLogger, main_first
 from ..model import Transformer
 from ..runtime import describe as describe_experts, parse_device
 from .config import RunConfig, TrainConfig
@@ -30,28 +31,27 @@ def run_training(config: list[str] | tuple[str, ...] = (), *, preset: str | None
     """Train as `deepseekmoe train` does (its arguments) -> the exit code (128 + signal when stopped)."""
     path, overrides = split_config_args(config)
     run, run_dir = resolve_run(path, option_overrides(preset, data, out, max_steps) + overrides, resume)
-    run, parallel = setup_parallel(run, ep, parse_device(run.train.device, "train.device"))
-    with main_first(parallel):
+    run, plan = resolve_plan(run, ep, parse_device(run.train.device, "train.device"))
+    with main_first(plan.parallel):
         data_dir = data_directory(run)
-    run = bind_to_data(run, read_meta(data_dir))
-    trainer = Trainer(run, run_dir, data_dir, resume=resume, parallel=parallel)  # checks before writing
-    with run_lock(run_dir) if parallel.is_main else nullcontext():
-        return _train(trainer, run, run_dir, data_dir, resume, parallel, sample)
+    run = bind_to_data(run, read_meta(data_dir))  # the run config is final from here on
+    trainer = Trainer(run, run_dir, data_dir, plan, resume=resume)  # checks before writing
+    with run_lock(run_dir) if plan.parallel.is_main else nullcontext():
+        return _train(trainer, run, run_dir, data_dir, resume, plan, sample)
 
 
 
 def _train(trainer: Trainer, run: RunConfig, run_dir: Path, data_dir: Path, resume: bool,
-           parallel: Parallel, sample: Sampler | None) -> int:
+           plan: ParallelPlan, sample: Sampler | None) -> int:
     """run_training once the run is set up and its directory locked: write, train, report."""
-    main = parallel.is_main
+    main = plan.parallel.is_main
     if main:
         write_config(run_dir, run)
         if resume:
             truncate_metrics(run_dir, trainer.progress.step)
         print(f"training {run.preset or 'custom model'} ({trainer.model.num_parameters():,} parameters) on "
               f"{data_dir} -> {run_dir}, {trainer.device}, steps {trainer.progress.step}..{run.train.max_steps}"
-              + (f", {parallel.world_size} processes (dp {parallel.dp} x ep {parallel.ep})"
-                 if parallel.is_distributed else ""), flush=True)
+              + (f", {plan.describe()}" if plan.describe() else ""), flush=True)
         print(f"routed experts: {describe_experts(trainer.model, trainer.device, trainer.compute_dtype)}", flush=True)
     logger = (MetricsLogger(run_dir, run.train.max_steps, trainer.progress.step, run.train.tensorboard)
               if main else NullLogger())
@@ -68,5 +68,5 @@ def _train(trainer: Trainer, run: RunConfig, run_dir: Path, data_dir: Path, resu
         text = sample(trainer.model, trainer.tokenizer_path, run.train)  # every rank: EP forwards are collective
         if main:
             print("sample:", text, sep="\n")
-    shutdown(parallel)
+    shutdown(plan.parallel)
     return 0
