@@ -9,17 +9,18 @@ Checkpoints: with `sharded_checkpoints` every process writes its own shards (tra
 otherwise `gather_for_save` gives the full single-device model and optimizer state that rank 0 writes (`on_main`).
 `shard_optimizer_state` cuts a full optimizer state (a single-file checkpoint) down to what this process holds.
 
-Plans: `ParallelPlan` (the interface, and the null plan of one process), `DataParallel` (DDP + EP under torchrun) and `FullySharded` (FSDP2 + EP,
-`train.fsdp`, on one process or N). `resolve_plan(run, ep, device)` joins torchrun's process group, builds the
-(dp, ep) mesh and resolves the run config against it (the EP ranks as device-level balance groups, the batch
-split); the plan and the config it returns are frozen: nothing changes either later.
+Plans: `ParallelPlan` (the interface, and the null plan of one process), `DataParallel` (DDP + EP under
+torchrun) and `FullySharded` (FSDP2 + EP, `train.fsdp`, on one process or N). `resolve_plan(run, ep, device)` joins
+torchrun's process group, builds the (dp, ep) mesh and resolves the run config against it (the EP ranks as
+device-level balance groups, the batch split); the plan and the config it returns are frozen: nothing changes
+either later.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, TypeVar
 
@@ -74,6 +75,10 @@ class ParallelPlan:
                               model: nn.Module) -> dict[str, Any]:
         return state
 
+    def generation_context(self) -> AbstractContextManager:
+        """Where to generate with the trained model (the end-of-training sample)."""
+        return nullcontext()
+
     def on_main(self, fn: Callable[[], T]) -> T:
         return training.on_main(self.parallel, fn)
 
@@ -119,6 +124,11 @@ class FullySharded(DataParallel):
 
     def autocast(self) -> AbstractContextManager | None:
         return None if self.parallel.is_distributed else super().autocast()
+
+    def generation_context(self) -> AbstractContextManager:
+        """bf16 parameters meet the fp32 KV cache a generation allocates from the sharded parameters' dtype: autocast
+        makes attention take both in bf16."""
+        return super().autocast() if self.bf16 and self.parallel.is_distributed else nullcontext()
 
     def parallelize(self, model: Transformer) -> nn.Module:
         return fsdp.apply_fsdp(model, self.parallel, activation_checkpointing=self.activation_checkpointing,

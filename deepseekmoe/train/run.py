@@ -27,10 +27,10 @@ Sampler = Callable[[Transformer, Path, TrainConfig], str]
 
 def run_training(config: list[str] | tuple[str, ...] = (), *, preset: str | None = None, data: str | None = None,
                  out: str | None = None, max_steps: int | None = None, resume: bool = False, ep: int = 1,
-                 sample: Sampler | None = None) -> int:
+                 fsdp: bool | None = None, sample: Sampler | None = None) -> int:
     """Train as `deepseekmoe train` does (its arguments) -> the exit code (128 + signal when stopped)."""
     path, overrides = split_config_args(config)
-    run, run_dir = resolve_run(path, option_overrides(preset, data, out, max_steps) + overrides, resume)
+    run, run_dir = resolve_run(path, option_overrides(preset, data, out, max_steps, fsdp) + overrides, resume)
     run, plan = resolve_plan(run, ep, parse_device(run.train.device, "train.device"))
     with main_first(plan.parallel):
         data_dir = data_directory(run)
@@ -65,7 +65,8 @@ def _train(trainer: Trainer, run: RunConfig, run_dir: Path, data_dir: Path, resu
         print(f"validation loss {final['val_loss']:.4f} nats/token, {final['val_bpb']:.4f} bits/byte "
               f"({final['val_tokens']:,} tokens); checkpoint {trainer.last_saved}")
     if run.train.sample_tokens and sample is not None:
-        text = sample(trainer.model, trainer.tokenizer_path, run.train)  # every rank: EP forwards are collective
+        with plan.generation_context():  # every rank: EP and FSDP forwards are collective
+            text = sample(trainer.model, trainer.tokenizer_path, run.train)
         if main:
             print("sample:", text, sep="\n")
     shutdown(plan.parallel)

@@ -64,11 +64,13 @@ def split_config_args(args: list[str] | tuple[str, ...]) -> tuple[str | None, li
     return path, args
 
 
-def option_overrides(preset: str | None, data: str | None, out: str | None, max_steps: int | None) -> list[str]:
+def option_overrides(preset: str | None, data: str | None, out: str | None, max_steps: int | None,
+                     fsdp: bool | None = None) -> list[str]:
     """The command-line options as overrides (applied before the explicit key=value ones)."""
     items = [f"preset={preset}" if preset is not None else "", f"data={data}" if data is not None else "",
              f"out={out}" if out is not None else "",
-             f"train.max_steps={max_steps}" if max_steps is not None else ""]
+             f"train.max_steps={max_steps}" if max_steps is not None else "",
+             f"train.fsdp={fsdp}" if fsdp is not None else ""]
     return [item for item in items if item]
 
 

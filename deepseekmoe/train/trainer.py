@@ -10,6 +10,7 @@ statistics are per micro-batch, which is not the same as over the whole step.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -27,19 +28,22 @@ import torch
 import torch.nn.functional as F
 
 from ..accounting import estimate_mfu
-from ..checkpoint import list_checkpoints, load_checkpoint
+from ..checkpoint import is_sharded, list_checkpoints, load_checkpoint
+from ..config import ModelConfig
 from ..data.dataset import PackedBatches, check_eval_windows, eval_batches, open_split, read_meta
 from ..distributed.plan import ParallelPlan
 from ..distributed.training import device_load_record
 from ..errors import UserError
-from ..filenames import TOKENIZER_FILE
+from ..filenames import CONFIG_FILE, TOKENIZER_FILE
 from ..losses import total_loss
 from ..model import Transformer
 from ..runtime import for_device
 from .config import RunConfig, TrainConfig
 from .metrics import MetricsLogger, routing_health
 from .optim import build_optimizer, build_scheduler, lr_at
-from .state import Progress, load_training_state, save_training_checkpoint, set_rng_state
+from .sharded_checkpoint import load_sharded
+from .state import (Progress, load_training_state, save_sharded_training_checkpoint, save_training_checkpoint,
+                    set_rng_state)
 
 CPU_PEAK_FLOPS_PER_THREAD = 100e9  # fp32 FMA peak of one modern x86 core, roughly (AVX2/AVX-512 at ~3 GHz)
 GPU_PEAK_FLOPS = 989e12  # H100/H200 dense bf16
@@ -185,38 +189,44 @@ class Trainer:
 
     def _fresh(self) -> None:
         torch.manual_seed(self.cfg.seed)
-        self.model = Transformer(self.run.model).to(self.device).train()
-        self.module = self.plan.parallelize(self.model)
-        self.runtime = for_device(self.model, self.device)
-        self.optimizer = build_optimizer(self.model, self.cfg)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg)
+        self._build(Transformer(self.run.model).to(self.device))
         self.progress = Progress()
 
-    def _restore(self) -> None:
-        ckpt, state, self.model = self._newest_readable_checkpoint()
-        self.model.train()
-        if self.model.config != self.run.model:
-            raise ValueError(f"--resume: the model config differs from the checkpoint's ({ckpt}); "
-                             "model.* cannot change when resuming")
+    def _build(self, model: Transformer) -> None:
+        """The plan applied to the full model, then the optimizer and schedule over what this process holds."""
+        self.model = model.train()
         self.module = self.plan.parallelize(self.model)
         self.runtime = for_device(self.model, self.device)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
-        self.optimizer.load_state_dict(self.plan.shard_optimizer_state(state["optimizer"], self.optimizer,
-                                                                       self.model))
+
+    def _restore(self) -> None:
+        """Continue from the newest checkpoint, single-file or sharded, whatever layout and world size wrote it."""
+        ckpt, state, model = self._newest_readable_checkpoint()
+        if model is None:  # sharded: the weights load into the model as this plan lays it out
+            torch.manual_seed(self.cfg.seed)
+            model = Transformer(self.run.model).to(self.device)
+        self._build(model)
+        if is_sharded(ckpt):
+            load_sharded(ckpt, self.model, self.optimizer, self.plan.parallel)
+        else:
+            self.optimizer.load_state_dict(self.plan.shard_optimizer_state(state["optimizer"], self.optimizer,
+                                                                           self.model))
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.progress = state["progress"]
         self.last_saved, self.saved_step = ckpt, self.progress.step
 
-    def _newest_readable_checkpoint(self) -> tuple[Path, dict[str, Any], Transformer]:
-        """The newest checkpoint whose training state and weights load; a damaged newer one (a file truncated by a
-        full disk or a crash outside the atomic save) is skipped with a warning."""
+    def _newest_readable_checkpoint(self) -> tuple[Path, dict[str, Any], Transformer | None]:
+        """The newest checkpoint whose training state and weights load (a sharded one's weights load later); a
+        damaged newer one (a file truncated by a full disk or a crash outside the atomic save) is skipped with a
+        warning. A checkpoint of another model is an error."""
         problem = ""
         for ckpt in reversed(list_checkpoints(self.run_dir)):
             try:
                 state = load_training_state(ckpt)
-                model, _ = load_checkpoint(ckpt, device=self.device)
+                model = None if is_sharded(ckpt) else load_checkpoint(ckpt, device=self.device)[0]
+                config = ModelConfig.from_dict(json.loads((ckpt / CONFIG_FILE).read_text()))
             except FileNotFoundError:
                 raise
             except Exception as exc:  # safetensors, torch.load and zip readers raise their own types
@@ -224,6 +234,9 @@ class Trainer:
                 print(f"warning: --resume: checkpoint {ckpt} cannot be read ({problem}); trying an older one",
                       file=sys.stderr, flush=True)
                 continue
+            if config != self.run.model:
+                raise ValueError(f"--resume: the model config differs from the checkpoint's ({ckpt}); "
+                                 "model.* cannot change when resuming")
             return ckpt, state, model
         raise ValueError(f"--resume: no checkpoint in {self.run_dir} can be read (the oldest: {problem})")
 
@@ -307,10 +320,17 @@ class Trainer:
         return evaluate(self.model, self.val_tokens, self.cfg, self.bytes_per_token, self.autocast, limit)
 
     def save(self) -> Path:
-        model, optimizer = self.plan.gather_for_save(self.model, self.optimizer)  # full, world-size free
-        self.last_saved = self.plan.on_main(lambda: save_training_checkpoint(
-            self.run_dir, model, optimizer, self.scheduler, self.progress, self.run.to_yaml(),
-            self.tokenizer_path if self.tokenizer_path.is_file() else None, self.cfg.keep_last))
+        """A checkpoint of this step: sharded (every process writes its shards) or the gathered full state."""
+        tokenizer = self.tokenizer_path if self.tokenizer_path.is_file() else None
+        if self.plan.sharded_checkpoints:
+            self.last_saved = save_sharded_training_checkpoint(
+                self.run_dir, self.model, self.optimizer, self.scheduler, self.progress, self.run.to_yaml(),
+                tokenizer, self.cfg.keep_last, self.plan.parallel)
+        else:
+            model, optimizer = self.plan.gather_for_save(self.model, self.optimizer)  # full, world-size free
+            self.last_saved = self.plan.on_main(lambda: save_training_checkpoint(
+                self.run_dir, model, optimizer, self.scheduler, self.progress, self.run.to_yaml(), tokenizer,
+                self.cfg.keep_last))
         self.saved_step = self.progress.step
         return self.last_saved
 
