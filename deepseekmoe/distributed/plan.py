@@ -153,12 +153,17 @@ def resolve_plan(run: Any, ep: int, device: torch.device) -> tuple[Any, Parallel
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     cfg = run.train
+    check_options(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     parallel = init_parallel(ep, run.model.n_routed_experts if run.model.is_moe else None, device)
     training.check_batch(cfg.batch_size, parallel)
-    if cfg.activation_checkpointing and parallel.is_distributed and not cfg.fsdp:
-        raise ValueError(f"train.activation_checkpointing=true on {parallel.world_size} processes needs "
-                         "train.fsdp=true (--fsdp)")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     kind = FullySharded if cfg.fsdp else DataParallel if parallel.is_distributed else ParallelPlan
     run = dataclasses.replace(run, model=with_ep_device_groups(run.model, ep))
     return run, kind(parallel, bf16, cfg.activation_checkpointing)
+
+
+def check_options(cfg: Any, world_size: int) -> None:
+    """Refuse train options that no plan runs together (ValueError naming them), before any process group."""
+    if cfg.activation_checkpointing and world_size > 1 and not cfg.fsdp:
+        raise ValueError(f"train.activation_checkpointing=true on {world_size} processes needs train.fsdp=true "
+                         "(--fsdp)")
