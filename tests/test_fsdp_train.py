@@ -141,6 +141,8 @@ def test_one_process_fsdp_is_bit_identical_and_writes_sharded(tmp_path, capsys):
         assert len(err) == 1 and "is a sharded checkpoint (train --fsdp); convert it first: deepseekmoe " \
             f"convert --from-sharded {ckpt} --out CHECKPOINT" in err[0], err
     assert not (tmp_path / "hf").exists()
+    assert cli_main(["train", *base, "--fsdp", "train.keep_last=1", "--out", str(tmp_path / "kept")]) == 0
+    assert [p.name for p in (tmp_path / "kept" / "checkpoints").iterdir()] == ["step_00000004"]  # pruned
 
 
 def test_conversion_errors_are_one_line(tmp_path, capsys):

@@ -10,6 +10,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
+from ..accounting import count
 from ..data.dataset import read_meta
 from ..distributed.mesh import shutdown
 from ..distributed.plan import ParallelPlan, resolve_plan
@@ -49,7 +50,7 @@ def _train(trainer: Trainer, run: RunConfig, run_dir: Path, data_dir: Path, resu
         write_config(run_dir, run)
         if resume:
             truncate_metrics(run_dir, trainer.progress.step)
-        print(f"training {run.preset or 'custom model'} ({trainer.model.num_parameters():,} parameters) on "
+        print(f"training {run.preset or 'custom model'} ({count(run.model).total_params:,} parameters) on "
               f"{data_dir} -> {run_dir}, {trainer.device}, steps {trainer.progress.step}..{run.train.max_steps}"
               + (f", {plan.describe()}" if plan.describe() else ""), flush=True)
         print(f"routed experts: {describe_experts(trainer.model, trainer.device, trainer.compute_dtype)}", flush=True)
