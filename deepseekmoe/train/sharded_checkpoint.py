@@ -16,9 +16,11 @@ cuts again over dp, in proportions DTensor cannot describe (`expert_bounds` bloc
 divide E); one expert lives whole on one rank, so any (dp, ep) layout reads exactly the experts it holds. Dense
 tensors are DTensors, which DCP reshards to the reading layout by itself.
 
-`save_sharded` and `load_sharded` are collective. `sharded_to_single` / `single_to_sharded` convert offline, in
-one process, to and from the single-file checkpoint (model.safetensors, config.json, trainer_state.pt with the
-positional full optimizer state of `train.state`), so a sharded checkpoint exports to HF through it.
+`save_sharded` and `load_sharded` are collective; the trainer saves through them under `train --fsdp` (state.py) and
+resumes from them under any plan. `sharded_to_single` / `single_to_sharded` (`convert --from-sharded` /
+`--to-sharded`) convert offline, in one process, to and from the single-file checkpoint (model.safetensors,
+config.json, trainer_state.pt with the positional full optimizer state of `train.state`), so a sharded checkpoint
+exports to HF through it.
 """
 
 from __future__ import annotations
