@@ -29,7 +29,7 @@ def convert_command(*, from_hf: str | None = None, to_hf: str | None = None, fro
     per --group-size input columns); generate, eval and serve run it.
     `--from-sharded CHECKPOINT --out CHECKPOINT` turns a sharded checkpoint (`train --fsdp`; or a run's latest)
     into a single-file one, weights and AdamW state gathered to full size, so eval, generate, serve and --to-hf
-    read it and `train --resume` continues from it; `--to-sharded CHECKPOINT --out DIR` goes back (both in one
+    read it and, in a run's checkpoints/, `train --resume` continues from it; `--to-sharded CHECKPOINT --out DIR` goes back (both in one
     process, no torchrun).
 
     Args:
