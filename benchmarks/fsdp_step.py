@@ -1,15 +1,18 @@
-"""One training step (forward, backward, clip, AdamW) with FSDP2 + EP against DDP + EP, per rank: time and memory.
+"""One training step of the trainer (`train --fsdp` against `train`, under torchrun) per rank: time and memory.
 
     torchrun --nproc-per-node N benchmarks/fsdp_step.py --wrapper fsdp|ddp --ep E [--preset tiny-deepseekmoe]
              [--batch 8] [--seq-len 128] [--repeats 5] [--checkpoint-blocks] [--json]
-    python benchmarks/fsdp_step.py ...     (one process: the plain model, no wrapper)
+    python benchmarks/fsdp_step.py ...     (one process: the model as built, either wrapper)
 
+The step is the trainer's own: the parallel plan `train` resolves (distributed/plan.py: FullySharded for
+--wrapper fsdp, i.e. train.fsdp, DataParallel otherwise), trainer.forward_backward, plan.reduce, and
+trainer.optimizer_step with the plan's global-norm clip and AdamW; only the data is one fixed random batch.
 gloo on CPU (one thread per process), NCCL on CUDA (bf16 compute: FSDP2's mixed-precision policy, autocast for
 DDP). The global batch (--batch sequences) is split over the N processes. Reported, rank 0 prints:
   * step_ms      median over --repeats (after one warm-up step) of the slowest rank (barrier before each step);
-  * state_MB     the largest rank's parameters + gradients + AdamW states as held (FSDP shards, DDP replicas);
-  * peak_MB      the largest rank's peak: CUDA max_memory_allocated, or on CPU the process's peak RSS (ru_maxrss:
-                 includes the Python/torch runtime, about 300-400 MB, so only differences between runs mean much).
+  * state_MB     per rank, parameters + gradients + AdamW states as held (FSDP shards, DDP replicas);
+  * peak_MB      per rank, CUDA max_memory_allocated, or on CPU the process's peak RSS (ru_maxrss: includes the
+                 Python/torch runtime, about 300-400 MB, so only differences between runs mean much).
 One wrapper per launch, so each peak is its own run's.
 """
 
@@ -17,20 +20,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import time
-from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.distributed as dist
 
-from deepseekmoe import Transformer, load_preset
-from deepseekmoe.distributed import init_parallel, local_batch, parallelize, shutdown
-from deepseekmoe.distributed.data_parallel import clip_grad_norm_ as ddp_clip
-from deepseekmoe.distributed.fsdp import apply_fsdp, clip_grad_norm_ as fsdp_clip, local_tensor
-from deepseekmoe.losses import total_loss
-from deepseekmoe.train.optim import param_groups
+from deepseekmoe import load_preset
+from deepseekmoe.distributed import shutdown
+from deepseekmoe.distributed.fsdp import local_tensor
+from deepseekmoe.distributed.plan import resolve_plan
+from deepseekmoe.model import Transformer
+from deepseekmoe.train.config import RunConfig, TrainConfig
+from deepseekmoe.train.optim import build_optimizer, build_scheduler
+from deepseekmoe.train.trainer import forward_backward, optimizer_step
 
 
 def _bytes(t: torch.Tensor | None) -> int:
@@ -46,11 +52,12 @@ def _state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     return sum(_bytes(p) + _bytes(p.grad) for p in params) + moments
 
 
-def _max(value: float, device: torch.device) -> float:
-    t = torch.tensor([float(value)], device=device)
+def _per_rank(value: float) -> list[float]:
+    values = [value]
     if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
+        values = [0.0] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+    return values
 
 
 def _peak_mb(device: torch.device) -> float:
@@ -70,35 +77,31 @@ def main() -> None:
     ap.add_argument("--checkpoint-blocks", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # one GPU per process
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(1)
-    config = load_preset(args.preset)
-    parallel = init_parallel(args.ep, config.n_routed_experts, device)
+    cfg = TrainConfig(fsdp=args.wrapper == "fsdp", activation_checkpointing=args.checkpoint_blocks,
+                      batch_size=args.batch, seq_len=args.seq_len, lr=1e-4, warmup_steps=0, schedule="constant",
+                      device=str(device))
+    run, plan = resolve_plan(RunConfig(preset=args.preset, model=load_preset(args.preset), train=cfg), args.ep,
+                             device)
+    parallel = plan.parallel
     torch.manual_seed(0)
-    model = Transformer(config).to(device).train()
-    if args.wrapper == "fsdp":
-        module = apply_fsdp(model, parallel, activation_checkpointing=args.checkpoint_blocks)
-        clip = fsdp_clip
-    else:
-        module, clip = parallelize(model, parallel), ddp_clip
-    autocast = (torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and args.wrapper == "ddp"
-                else nullcontext())
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4)
-    batch = torch.randint(0, config.vocab_size, (args.batch, args.seq_len + 1),
+    model = Transformer(run.model).to(device).train()
+    module = plan.parallelize(model)
+    opt, autocast = build_optimizer(model, cfg), plan.autocast()
+    sched = build_scheduler(opt, cfg)
+    batch = torch.randint(0, run.model.vocab_size, (args.batch, args.seq_len + 1),
                           generator=torch.Generator().manual_seed(1))
-    batch = local_batch(batch, parallel).to(device)
+    batch = plan.local_batch(batch).to(device)
     state = [0]
 
     def step() -> None:
-        with autocast:
-            out = module(batch[:, :-1])
-            loss = total_loss(out.logits, batch[:, 1:], out.router_outputs, model.config).total
-        loss.backward()
-        clip(model, 1.0, parallel)
+        losses, counts = forward_backward(model, [(batch[:, :-1], batch[:, 1:])], autocast, module)
+        losses, _ = plan.reduce(losses, counts)
         state[0] = _state_bytes(model, opt)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(model, opt, sched, cfg, losses[0], partial(plan.clip, model))
 
     times = []
     for i in range(args.repeats + 1):
@@ -109,13 +112,14 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i:
-            times.append(_max(time.perf_counter() - start, device))
+            times.append(max(_per_rank(time.perf_counter() - start)))
     result = {"preset": args.preset, "processes": parallel.world_size, "dp": parallel.dp, "ep": parallel.ep,
-              "wrapper": args.wrapper if parallel.is_distributed else "none",
-              "checkpoint_blocks": args.checkpoint_blocks, "backend": dist.get_backend() if dist.is_initialized()
-              else "none", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "step_ms": statistics.median(times) * 1e3, "state_MB": _max(state[0], device) / 2**20,
-              "peak_MB": _max(_peak_mb(device), device)}
+              "plan": type(plan).__name__, "checkpoint_blocks": args.checkpoint_blocks,
+              "backend": dist.get_backend() if dist.is_initialized() else "none",
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "step_ms": statistics.median(times) * 1e3,
+              "state_MB": [round(v / 2**20, 1) for v in _per_rank(state[0])],
+              "peak_MB": [round(v, 0) for v in _per_rank(_peak_mb(device))]}
     if parallel.is_main:
         print(json.dumps(result) if args.json else
               "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))

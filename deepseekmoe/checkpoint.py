@@ -5,6 +5,9 @@
     tokenizer.json      the run's tokenizer, when it has one
 
 A run directory keeps checkpoints under RUN_DIR/checkpoints/step_XXXXXXXX/; `find_checkpoint` accepts either.
+`train --fsdp` writes sharded checkpoints there instead (train/sharded_checkpoint.py: dcp/ in place of
+model.safetensors); the run's checkpoint list holds both kinds, and the commands that read weights ask for a
+conversion (`convert --from-sharded`) in one line.
 This module knows only this format; `convert/load.py` loads any checkpoint path, ours or Hugging Face's.
 Directories are written with `fileio.written_atomically`: a kill or a power loss leaves the old directory or the
 new one, complete.
@@ -24,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .fileio import written_atomically
-from .filenames import CONFIG_FILE, MODEL_FILE, STEP_PREFIX, TOKENIZER_FILE
+from .filenames import CONFIG_FILE, MODEL_FILE, SHARDED_DIR, SHARDED_METADATA_FILE, STEP_PREFIX, TOKENIZER_FILE
 from .model import Transformer
 from .model.init import assign_weights, reset_tables
 
@@ -75,28 +78,35 @@ def save_model(model: Transformer, directory: str | Path, tokenizer_path: str | 
     return final
 
 
+def is_sharded(path: str | Path) -> bool:
+    """A sharded checkpoint directory (train/sharded_checkpoint.py), complete."""
+    return (Path(path) / SHARDED_DIR / SHARDED_METADATA_FILE).is_file()
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run (single-file or sharded), oldest first."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir()
              if p.is_dir() and p.name.startswith(STEP_PREFIX) and ".tmp-" not in p.name
-             and not p.name.endswith(".old") and (p / MODEL_FILE).is_file()]
+             and not p.name.endswith(".old") and ((p / MODEL_FILE).is_file() or is_sharded(p))]
     return sorted(found, key=lambda p: p.name)
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or the latest checkpoint of a run directory (`convert.load` adds HF directories)."""
+def find_checkpoint(path: str | Path, sharded: bool = False) -> Path:
+    """A checkpoint directory, or the latest checkpoint of a run directory (`convert.load` adds HF directories).
+    A sharded one is an error naming the conversion command unless `sharded` allows it."""
     p = Path(path)
-    if (p / MODEL_FILE).is_file():
-        return p
-    ckpts = list_checkpoints(p)
-    if ckpts:
-        return ckpts[-1]
-    if not p.exists():
-        raise FileNotFoundError(f"no such checkpoint or run directory: {p}")
-    raise FileNotFoundError(f"{p} holds no checkpoint ({MODEL_FILE} or checkpoints/{STEP_PREFIX}*)")
+    found = p if (p / MODEL_FILE).is_file() or is_sharded(p) else (list_checkpoints(p) or [None])[-1]
+    if found is None:
+        if not p.exists():
+            raise FileNotFoundError(f"no such checkpoint or run directory: {p}")
+        raise FileNotFoundError(f"{p} holds no checkpoint ({MODEL_FILE} or checkpoints/{STEP_PREFIX}*)")
+    if is_sharded(found) and not sharded:
+        raise ValueError(f"{found} is a sharded checkpoint (train --fsdp); convert it first: deepseekmoe convert "
+                         f"--from-sharded {found} --out CHECKPOINT")
+    return found
 
 
 def _check_state(state: dict[str, torch.Tensor], config: ModelConfig, ckpt: Path) -> None:

@@ -3,6 +3,8 @@
     a checkpoint directory     MODEL_FILE, CONFIG_FILE (ModelConfig as JSON), TOKENIZER_FILE,
                                CHECKPOINT_RUN_CONFIG_FILE (the run config it was trained with), TRAINER_STATE_FILE
                                (optimizer, scheduler, RNG and progress: a training checkpoint)
+    a sharded checkpoint       SHARDED_DIR/ (torch.distributed.checkpoint's files), SHARDED_EXTRA_FILE, CONFIG_FILE,
+                               TOKENIZER_FILE, CHECKPOINT_RUN_CONFIG_FILE
     a run directory            RUN_CONFIG_FILE (the resolved run config), METRICS_FILE (the training log),
                                checkpoints/STEP_PREFIX########/
     a data directory           META_FILE, TOKENIZER_FILE, TOKEN_FILES (one token file per split)
@@ -15,6 +17,9 @@ CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
 CHECKPOINT_RUN_CONFIG_FILE = "run_config.yaml"
 TRAINER_STATE_FILE = "trainer_state.pt"
+SHARDED_DIR = "dcp"
+SHARDED_EXTRA_FILE = "extra_state.pt"
+SHARDED_METADATA_FILE = ".metadata"  # what torch.distributed.checkpoint writes last into SHARDED_DIR
 RUN_CONFIG_FILE = "config.yaml"
 STEP_PREFIX = "step_"
 META_FILE = "meta.json"

@@ -24,11 +24,13 @@ from deepseekmoe import MoE, Transformer
 from deepseekmoe.cli import main as cli_main
 from deepseekmoe.distributed import Parallel, all_to_all, clip_grad_norm_, init_parallel, local_batch, parallelize
 from deepseekmoe.distributed.expert_parallel import ExpertParallelExperts, full_model
+from deepseekmoe.distributed.plan import resolve_plan
 from deepseekmoe.distributed.training import gather_optimizer_state, shard_optimizer_state
 from deepseekmoe.losses import device_balance_loss, total_loss
 from deepseekmoe.model.experts import experts_loop
 from deepseekmoe.checkpoint import save_model
 from deepseekmoe.convert.load import load_model
+from deepseekmoe.train.config import RunConfig
 
 pytestmark = pytest.mark.slow  # one 2-process spawn for the module: ~10-20 s on 2 busy cores
 
@@ -150,10 +152,10 @@ def _training(parallel: Parallel, ckpt_in: Path, ckpt_out: Path) -> dict:
             "round_trip": round_trip}
 
 
-def _default_device_groups(parallel: Parallel) -> int:
-    model = Transformer(tiny_config())
-    parallelize(model, parallel)
-    return model.config.n_device_groups
+def _default_device_groups(parallel: Parallel) -> tuple[int, str]:
+    """The run config as the trainer's plan resolves it at ep=2, and the plan's kind."""
+    run, plan = resolve_plan(RunConfig(model=tiny_config()), parallel.ep, parallel.device)
+    return run.model.n_device_groups, type(plan).__name__
 
 
 def _worker(rank: int, port: int, tmp: str) -> None:
@@ -222,7 +224,7 @@ def test_device_balance_loss_ep2_equals_two_groups(two_ranks):
     expected = device_balance_loss(routing, 1.0, 2)
     got = (ranks[0]["moe"]["dev_loss"] + ranks[1]["moe"]["dev_loss"]) / 2  # mean over sequences
     torch.testing.assert_close(got, expected.detach(), **TOL)
-    assert ranks[0]["default_groups"] == 2  # ep=2 makes the EP ranks the devices
+    assert ranks[0]["default_groups"] == (2, "DataParallel")  # ep=2 makes the EP ranks the devices
 
 
 @pytest.mark.parametrize("target", [0, 1])

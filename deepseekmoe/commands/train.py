@@ -12,7 +12,8 @@ from ..train.run import run_training
 
 
 def train_command(config: list[str] = (), *, preset: str | None = None, data: str | None = None,  # type: ignore[assignment]
-                  out: str | None = None, max_steps: int | None = None, resume: bool = False, ep: int = 1) -> int:
+                  out: str | None = None, max_steps: int | None = None, resume: bool = False, ep: int = 1,
+                  fsdp: bool | None = None) -> int:
     """Train a model with the paper's recipe; with no arguments, tiny-deepseekmoe on the built-in corpus (~5 min).
 
     Writes RUN_DIR (default runs/<preset>): config.yaml (the resolved config), metrics.jsonl, checkpoints/.
@@ -30,9 +31,12 @@ def train_command(config: list[str] = (), *, preset: str | None = None, data: st
         resume: continue the run in the run directory from its latest checkpoint.
         ep: expert-parallel degree under `torchrun --nproc-per-node N` (N / ep data-parallel replicas);
             train.batch_size is the global batch, split over the N processes.
+        fsdp: shard parameters, gradients and AdamW state over the processes (FSDP2, with --ep) and write
+            sharded checkpoints (overrides train.fsdp; --no-fsdp turns it off). A run resumes at any number
+            of processes and --ep, with or without it.
     """
     return run_training(config, preset=preset, data=data, out=out, max_steps=max_steps, resume=resume, ep=ep,
-                        sample=sample_text)
+                        fsdp=fsdp, sample=sample_text)
 
 
 def sample_text(model: Transformer, tokenizer_path: Path, cfg: TrainConfig) -> str:

@@ -12,7 +12,7 @@ tensors so the optimizer, clipping and state-dict code stays single-device, and 
 replicated dense weights (1.4B parameters) on 8 x 80 GB GPUs with ep=8 (`deepseekmoe plan`). Where the dense part
 itself outgrows a GPU (145B: ~10B dense parameters, 160 GB of weights + AdamW state), fsdp.py shards it with
 fully_shard over all ranks and each expert block over its dp replicas (`deepseekmoe plan --fsdp`); the trainer runs
-this DDP layout.
+this DDP layout unless told `--fsdp` (plan.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..model import Transformer
-from .expert_parallel import apply_expert_parallel, expert_parameters, with_ep_device_groups
+from .expert_parallel import apply_expert_parallel, expert_parameters
 from .mesh import Parallel
 
 
@@ -51,10 +51,9 @@ def apply_data_parallel(model: Transformer, parallel: Parallel) -> nn.Module:
 
 def parallelize(model: Transformer, parallel: Parallel) -> nn.Module:
     """Expert parallel (when ep > 1), then data parallel. The model is changed in place; the returned module
-    is the one to call for training. With ep > 1 and n_device_groups left at 1, the device-level balance loss
-    uses the EP ranks as its devices (`expert_parallel.with_ep_device_groups`), as the paper does for 145B."""
+    is the one to call for training. The model's config is used as it is: a trainer's carries the EP ranks as
+    the device-level balance loss's devices (`expert_parallel.with_ep_device_groups`), as the paper does for 145B."""
     if parallel.ep > 1:
-        model.config = with_ep_device_groups(model.config, parallel.ep)
         apply_expert_parallel(model, parallel.ep_group)
     return apply_data_parallel(model, parallel)
 

@@ -34,15 +34,21 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..model import Transformer
-from .expert_parallel import ExpertParallelExperts, apply_expert_parallel, gather_blocks, with_ep_device_groups
+from .expert_parallel import ExpertParallelExperts, apply_expert_parallel, gather_blocks
 from .mesh import Parallel
+
+
+def precision_policy(bf16: bool) -> MixedPrecisionPolicy:
+    """bf16 parameters for compute with fp32 gradient reduction (the sharded fp32 parameters stay the master
+    weights), or fp32 throughout (no casts)."""
+    if bf16:
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
 
 
 def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
     """bf16 compute with fp32 reduction on CUDA; fp32 (no casts) elsewhere."""
-    if device.type == "cuda":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return MixedPrecisionPolicy()
+    return precision_policy(device.type == "cuda")
 
 
 def world_mesh(parallel: Parallel) -> DeviceMesh:
@@ -61,14 +67,14 @@ def checkpoint_blocks(model: Transformer) -> None:
 def apply_fsdp(model: Transformer, parallel: Parallel, *, activation_checkpointing: bool = False,
                reshard_after_forward: bool = True, policy: MixedPrecisionPolicy | None = None) -> Transformer:
     """Expert parallel (ep > 1), then FSDP2 units: experts over dp, blocks and root over all ranks. The model is
-    changed in place and is the module to call. One process: only activation checkpointing applies. `policy`
-    defaults to `mixed_precision(parallel.device)`."""
+    changed in place and is the module to call; its config is used as it is (a trainer's carries the EP ranks as
+    device-level groups: `expert_parallel.with_ep_device_groups`). One process: only activation checkpointing
+    applies. `policy` defaults to `mixed_precision(parallel.device)`."""
     if activation_checkpointing:
         checkpoint_blocks(model)
     if not parallel.is_distributed:
         return model
     if parallel.ep > 1:
-        model.config = with_ep_device_groups(model.config, parallel.ep)
         apply_expert_parallel(model, parallel.ep_group)
     policy, mesh = policy or mixed_precision(parallel.device), world_mesh(parallel)
     expert_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype,

@@ -2,9 +2,10 @@
 
 Layout: rank = dp_index * ep + ep_index, so the ranks of one expert-parallel group are consecutive (on GPUs, one
 node's NVLink domain carries the all-to-all). Every rank reads its own slice of the global batch: the EP ranks of
-one group share the routed experts of each layer (each holds E/ep of them) but not their tokens. The dense part of
-the model (embeddings, attention, dense FFNs, shared experts, routers, norms, LM head) is replicated on all
-dp * ep ranks; each routed expert is replicated on the dp ranks that hold the same expert block.
+one group share the routed experts of each layer (each holds E/ep of them) but not their tokens. Under DDP the dense
+part of the model (embeddings, attention, dense FFNs, shared experts, routers, norms, LM head) is replicated on all
+dp * ep ranks and each routed expert on the dp ranks that hold the same expert block; FSDP2 (fsdp.py) shards both
+over those same ranks instead.
 """
 
 from __future__ import annotations

@@ -1,45 +1,30 @@
-"""The glue between the single-device trainer and torchrun: run-config defaults, step statistics over ranks,
-and world-size independent training checkpoints.
+"""What the parallel plans (plan.py) share: step statistics over ranks, rank-0-first and rank-0-only blocks, and
+world-size independent single-file training checkpoints.
 
 Checkpoints (a gathered full state, not torch.distributed.checkpoint): every rank all-gathers the expert weights
 and their AdamW moments over its EP group; rank 0 writes the single-device files (model.safetensors with full
 expert tensors, trainer_state.pt with the optimizer state of the full model) through train.state. Optimizer state
 is keyed by parameter position, and expert parallelism keeps every parameter in its place, so the same file
-resumes at any world size: each rank loads it whole and keeps its experts' block (`shard_optimizer_state`).
+resumes at any world size: each rank loads it whole and keeps its experts' block (`shard_optimizer_state`), and
+under FSDP2 its shard of that.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..config import ModelConfig
 from ..model import Transformer
-from .data_parallel import clip_grad_norm_
-from .expert_parallel import ExpertParallelExperts, expert_bounds, full_model, gather_blocks, with_ep_device_groups
-from .mesh import Parallel, init_parallel
+from .expert_parallel import ExpertParallelExperts, expert_bounds, full_model, gather_blocks
+from .mesh import Parallel
 
 T = TypeVar("T")
-
-
-def single_process(device: torch.device) -> Parallel:
-    return Parallel(None, 1, 1, 0, device)
-
-
-def setup_parallel(run: Any, ep: int, device: torch.device) -> tuple[Any, Parallel]:
-    """Join torchrun's process group (when WORLD_SIZE > 1) with a (dp, ep) mesh; returns the run config with the
-    device-level groups defaulted to the EP ranks, and this process's Parallel. `run` is a train RunConfig."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    parallel = init_parallel(ep, run.model.n_routed_experts if run.model.is_moe else None, device)
-    check_batch(run.train.batch_size, parallel)
-    return dataclasses.replace(run, model=with_ep_device_groups(run.model, ep)), parallel
 
 
 @contextmanager
@@ -59,13 +44,6 @@ def on_main(parallel: Parallel, fn: Callable[[], T]) -> T:
     box = [fn() if parallel.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]  # type: ignore[return-value]
-
-
-def grad_clipper(model: torch.nn.Module, parallel: Parallel) -> Callable[[float], torch.Tensor] | None:
-    """A clip function for trainer.optimizer_step when distributed (None keeps torch's own for one process)."""
-    if not parallel.is_distributed:
-        return None
-    return lambda max_norm: clip_grad_norm_(model, max_norm, parallel)
 
 
 def gather_training_state(model: Transformer, optimizer: torch.optim.Optimizer,
@@ -139,7 +117,8 @@ def gather_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Mod
 
 def shard_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimizer,
                           model: torch.nn.Module) -> dict[str, Any]:
-    """The inverse of `gather_optimizer_state` for this rank: expert state tensors cut to the local block."""
+    """The inverse of `gather_optimizer_state` for this rank: expert state tensors cut to the local block, and for
+    FSDP2's DTensor parameters to this rank's shard."""
     owner = _expert_owner(model)
     local = copy.copy(state)
     local["state"] = dict(state["state"])
@@ -150,7 +129,17 @@ def shard_optimizer_state(state: dict[str, Any], optimizer: torch.optim.Optimize
         block = slice(module.first, module.first + module.num_local)
         local["state"][i] = {k: v[block].clone() if torch.is_tensor(v) and v.dim() == param.dim() else v
                              for k, v in state["state"][i].items()}
+    for i, param in enumerate(_positions(optimizer)):
+        if isinstance(param, DTensor) and i in local["state"]:
+            local["state"][i] = {k: _like(v, param) for k, v in local["state"][i].items()}
     return local
+
+
+def _like(value: Any, param: DTensor) -> Any:
+    """A full (or EP block) state tensor as a DTensor sharded like `param`; each rank cuts its own shard."""
+    if not torch.is_tensor(value) or value.dim() != param.dim():
+        return value
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
 
 
 class NullLogger:

@@ -79,6 +79,12 @@ class TrainConfig:
     """auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
     precision: Precision = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16 (autocast; weights stay fp32)."""
+    fsdp: bool = False
+    """Shard parameters, gradients and AdamW state over the processes with FSDP2 (composed with --ep); the
+    checkpoints are then sharded (torch.distributed.checkpoint), one shard per process."""
+    activation_checkpointing: bool = False
+    """Keep only each block's input and recompute its forward in backward (less activation memory, one more
+    forward); with fsdp, or on one process."""
     deterministic: bool = False
     """On CUDA, torch's deterministic algorithms (the experts' index_add_ without atomics, a fixed cuBLAS
     workspace): the same bits on every run, at a cost not yet measured. CPU runs are deterministic without it."""

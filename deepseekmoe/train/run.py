@@ -10,9 +10,11 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from ..accounting import count
 from ..data.dataset import read_meta
-from ..distributed.mesh import Parallel, shutdown
-from ..distributed.training import NullLogger, main_first, setup_parallel
+from ..distributed.mesh import shutdown
+from ..distributed.plan import ParallelPlan, resolve_plan
+from ..distributed.training import NullLogger, main_first
 from ..model import Transformer
 from ..runtime import describe as describe_experts, parse_device
 from .config import RunConfig, TrainConfig
@@ -26,36 +28,36 @@ Sampler = Callable[[Transformer, Path, TrainConfig], str]
 
 def run_training(config: list[str] | tuple[str, ...] = (), *, preset: str | None = None, data: str | None = None,
                  out: str | None = None, max_steps: int | None = None, resume: bool = False, ep: int = 1,
-                 sample: Sampler | None = None, train: Mapping[str, Any] | None = None) -> int:
+                 fsdp: bool | None = None, sample: Sampler | None = None,
+                 train: Mapping[str, Any] | None = None) -> int:
     """Train as `deepseekmoe train` does (its arguments) -> the exit code (128 + signal when stopped).
 
     `train` holds typed TrainConfig values ({"seed": 1}) applied with the options, below the key=value overrides.
     """
     path, overrides = split_config_args(config)
-    options = option_values(preset, data, out, max_steps) | {f"train.{k}": v for k, v in (train or {}).items()}
+    options = option_values(preset, data, out, max_steps, fsdp) | {f"train.{k}": v for k, v in (train or {}).items()}
     run, run_dir = resolve_run(path, overrides, resume, options)
-    run, parallel = setup_parallel(run, ep, parse_device(run.train.device, "train.device"))
-    with main_first(parallel):
+    run, plan = resolve_plan(run, ep, parse_device(run.train.device, "train.device"))
+    with main_first(plan.parallel):
         data_dir = data_directory(run)
-    run = bind_to_data(run, read_meta(data_dir))
-    trainer = Trainer(run, run_dir, data_dir, resume=resume, parallel=parallel)  # checks before writing
-    with run_lock(run_dir) if parallel.is_main else nullcontext():
-        return _train(trainer, run, run_dir, data_dir, resume, parallel, sample)
+    run = bind_to_data(run, read_meta(data_dir))  # the run config is final from here on
+    trainer = Trainer(run, run_dir, data_dir, plan, resume=resume)  # checks before writing
+    with run_lock(run_dir) if plan.parallel.is_main else nullcontext():
+        return _train(trainer, run, run_dir, data_dir, resume, plan, sample)
 
 
 
 def _train(trainer: Trainer, run: RunConfig, run_dir: Path, data_dir: Path, resume: bool,
-           parallel: Parallel, sample: Sampler | None) -> int:
+           plan: ParallelPlan, sample: Sampler | None) -> int:
     """run_training once the run is set up and its directory locked: write, train, report."""
-    main = parallel.is_main
+    main = plan.parallel.is_main
     if main:
         write_config(run_dir, run)
         if resume:
             truncate_metrics(run_dir, trainer.progress.step)
-        print(f"training {run.preset or 'custom model'} ({trainer.model.num_parameters():,} parameters) on "
+        print(f"training {run.preset or 'custom model'} ({count(run.model).total_params:,} parameters) on "
               f"{data_dir} -> {run_dir}, {trainer.device}, steps {trainer.progress.step}..{run.train.max_steps}"
-              + (f", {parallel.world_size} processes (dp {parallel.dp} x ep {parallel.ep})"
-                 if parallel.is_distributed else ""), flush=True)
+              + (f", {plan.describe()}" if plan.describe() else ""), flush=True)
         print(f"routed experts: {describe_experts(trainer.model, trainer.device, trainer.compute_dtype)}", flush=True)
     logger = (MetricsLogger(run_dir, run.train.max_steps, trainer.progress.step, run.train.tensorboard)
               if main else NullLogger())
@@ -69,8 +71,9 @@ def _train(trainer: Trainer, run: RunConfig, run_dir: Path, data_dir: Path, resu
         print(f"validation loss {final['val_loss']:.4f} nats/token, {final['val_bpb']:.4f} bits/byte "
               f"({final['val_tokens']:,} tokens); checkpoint {trainer.last_saved}")
     if run.train.sample_tokens and sample is not None:
-        text = sample(trainer.model, trainer.tokenizer_path, run.train)  # every rank: EP forwards are collective
+        with plan.generation_context():  # every rank: EP and FSDP forwards are collective
+            text = sample(trainer.model, trainer.tokenizer_path, run.train)
         if main:
             print("sample:", text, sep="\n")
-    shutdown(parallel)
+    shutdown(plan.parallel)
     return 0

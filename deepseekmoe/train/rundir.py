@@ -64,9 +64,10 @@ def split_config_args(args: list[str] | tuple[str, ...]) -> tuple[str | None, li
     return path, args
 
 
-def option_values(preset: str | None, data: str | None, out: str | None, max_steps: int | None) -> dict[str, Any]:
+def option_values(preset: str | None, data: str | None, out: str | None, max_steps: int | None,
+                  fsdp: bool | None = None) -> dict[str, Any]:
     """The command-line options given, as load_config's typed options (applied before the key=value ones)."""
-    given = {"preset": preset, "data": data, "out": out, "train.max_steps": max_steps}
+    given = {"preset": preset, "data": data, "out": out, "train.max_steps": max_steps, "train.fsdp": fsdp}
     return {key: value for key, value in given.items() if value is not None}
 
 

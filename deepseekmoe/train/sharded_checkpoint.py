@@ -16,9 +16,11 @@ cuts again over dp, in proportions DTensor cannot describe (`expert_bounds` bloc
 divide E); one expert lives whole on one rank, so any (dp, ep) layout reads exactly the experts it holds. Dense
 tensors are DTensors, which DCP reshards to the reading layout by itself.
 
-`save_sharded` and `load_sharded` are collective. `sharded_to_single` / `single_to_sharded` convert offline, in
-one process, to and from the single-file checkpoint (model.safetensors, config.json, trainer_state.pt with the
-positional full optimizer state of `train.state`), so a sharded checkpoint exports to HF through it.
+`save_sharded` and `load_sharded` are collective; the trainer saves through them under `train --fsdp` (state.py) and
+resumes from them under any plan. `sharded_to_single` / `single_to_sharded` (`convert --from-sharded` /
+`--to-sharded`) convert offline, in one process, to and from the single-file checkpoint (model.safetensors,
+config.json, trainer_state.pt with the positional full optimizer state of `train.state`), so a sharded checkpoint
+exports to HF through it.
 """
 
 from __future__ import annotations
@@ -35,19 +37,18 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..checkpoint import load_checkpoint, write_model_files
+from ..checkpoint import find_checkpoint, is_sharded, load_checkpoint, write_model_files
 from ..config import ModelConfig
 from ..distributed.expert_parallel import ExpertParallelExperts
 from ..distributed.fsdp import local_tensor
 from ..distributed.mesh import Parallel
 from ..fileio import atomic_directory, commit_directory, sync_tree, written_atomically
-from ..filenames import CHECKPOINT_RUN_CONFIG_FILE, CONFIG_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE
+from ..filenames import (CHECKPOINT_RUN_CONFIG_FILE, CONFIG_FILE, SHARDED_DIR, SHARDED_EXTRA_FILE, TOKENIZER_FILE,
+                         TRAINER_STATE_FILE)
 from ..model import Transformer
 from ..model.experts import RoutedExperts
 from .optim import param_groups
 
-DCP_DIR = "dcp"
-EXTRA_FILE = "extra_state.pt"
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
@@ -139,7 +140,7 @@ def _extra(model: nn.Module, optimizer: torch.optim.Optimizer | None, extra: dic
 def _write_side_files(tmp: Path, config: ModelConfig, extra: dict, tokenizer_path: Path | None,
                       run_config_yaml: str | None) -> None:
     (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    torch.save(extra, tmp / EXTRA_FILE)
+    torch.save(extra, tmp / SHARDED_EXTRA_FILE)
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
     if run_config_yaml is not None:
@@ -158,7 +159,7 @@ def save_sharded(directory: str | Path, model: Transformer, optimizer: torch.opt
     if parallel.is_distributed:
         dist.broadcast_object_list(box, src=0)
     tmp = Path(box[0])  # type: ignore[arg-type]
-    _dcp(dcp.save, flat_state(model, optimizer), tmp / DCP_DIR, parallel.is_distributed)
+    _dcp(dcp.save, flat_state(model, optimizer), tmp / SHARDED_DIR, parallel.is_distributed)
     if parallel.is_main:
         try:
             _write_side_files(tmp, model.config, _extra(model, optimizer, extra),
@@ -174,7 +175,7 @@ def save_sharded(directory: str | Path, model: Transformer, optimizer: torch.opt
 
 
 def read_extra(directory: str | Path) -> dict[str, Any]:
-    return torch.load(Path(directory) / EXTRA_FILE, map_location="cpu", weights_only=False)
+    return torch.load(Path(directory) / SHARDED_EXTRA_FILE, map_location="cpu", weights_only=False)
 
 
 def load_sharded(directory: str | Path, model: Transformer, optimizer: torch.optim.Optimizer | None,
@@ -187,7 +188,7 @@ def load_sharded(directory: str | Path, model: Transformer, optimizer: torch.opt
         raise ValueError(f"{directory / CONFIG_FILE}: the model config differs from the model being loaded")
     if optimizer is not None:
         init_optimizer_state(optimizer)
-    _dcp(dcp.load, flat_state(model, optimizer), directory / DCP_DIR, parallel.is_distributed)
+    _dcp(dcp.load, flat_state(model, optimizer), directory / SHARDED_DIR, parallel.is_distributed)
     extra = read_extra(directory)
     if optimizer is not None:
         for group, saved_group in zip(optimizer.param_groups, extra["param_groups"]):
@@ -198,7 +199,7 @@ def load_sharded(directory: str | Path, model: Transformer, optimizer: torch.opt
 # ------------------------------------------------------------------ offline conversion (one process)
 def read_sharded(directory: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of dcp/ at full size, assembled from all ranks' shards, keyed as written."""
-    path = Path(directory) / DCP_DIR
+    path = Path(directory) / SHARDED_DIR
     meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     flat = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()}
     _dcp(dcp.load, flat, path, False)
@@ -213,9 +214,11 @@ def _stack(flat: dict[str, torch.Tensor], prefix: str, name: str, num_experts: i
 
 
 def sharded_to_single(src: str | Path, dst: str | Path) -> Path:
-    """A sharded checkpoint -> a single-file one (model.safetensors, config.json; trainer_state.pt with the full
-    positional optimizer state when the checkpoint has one), written atomically."""
-    src = Path(src)
+    """A sharded checkpoint (or a run's latest) -> a single-file one (model.safetensors, config.json;
+    trainer_state.pt with the full positional optimizer state when the checkpoint has one), written atomically."""
+    src = find_checkpoint(src, sharded=True)
+    if not is_sharded(src):
+        raise ValueError(f"{src} is a single-file checkpoint, not a sharded one")
     config = ModelConfig.from_dict(json.loads((src / CONFIG_FILE).read_text()))
     flat, extra, e = read_sharded(src), read_extra(src), config.n_routed_experts or 0
     with torch.device("meta"):

@@ -5,6 +5,8 @@ RUN_DIR/checkpoints/step_XXXXXXXX/
     trainer_state.pt    optimizer and LR-scheduler state dicts, RNG states (torch CPU/CUDA, Python), the data
                         position (next batch index), the step and the non-finite-loss counters
     run_config.yaml     the resolved RunConfig the run was using
+or, written by a fully sharded run (`train --fsdp`), a sharded checkpoint (sharded_checkpoint.py) whose
+extra_state.pt holds the scheduler, RNG and progress, and whose dcp/ holds the weights and the AdamW state.
 
 Each checkpoint is written aside and renamed into place (fileio.written_atomically), so a crash while
 saving leaves the previous checkpoints untouched; afterwards only the newest `keep_last` are kept.
@@ -20,10 +22,11 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import list_checkpoints, write_model_files
+from ..checkpoint import is_sharded, list_checkpoints, write_model_files
+from ..distributed.mesh import Parallel
 from ..fileio import written_atomically
 from ..filenames import CHECKPOINT_RUN_CONFIG_FILE, STEP_PREFIX, TRAINER_STATE_FILE
-
+from .sharded_checkpoint import read_extra, save_sharded
 
 
 @dataclass
@@ -58,6 +61,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _resume_state(scheduler: Any, progress: Progress) -> dict[str, Any]:
+    return {"scheduler": scheduler.state_dict(), "rng": rng_state(), "progress": asdict(progress)}
+
+
 def save_training_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer_state: dict[str, Any],
                              scheduler: Any, progress: Progress, run_config_yaml: str,
                              tokenizer_path: Path | None, keep_last: int) -> Path:
@@ -65,20 +72,37 @@ def save_training_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer_st
     final = checkpoint_dir(run_dir, progress.step)
     with written_atomically(final) as tmp:
         write_model_files(model, tmp, tokenizer_path)
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                    "rng": rng_state(), "progress": asdict(progress)}, tmp / TRAINER_STATE_FILE)
+        torch.save({"optimizer": optimizer_state, **_resume_state(scheduler, progress)}, tmp / TRAINER_STATE_FILE)
         (tmp / CHECKPOINT_RUN_CONFIG_FILE).write_text(run_config_yaml)
     prune_checkpoints(run_dir, keep_last)
     return final
 
 
+def save_sharded_training_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                                     scheduler: Any, progress: Progress, run_config_yaml: str,
+                                     tokenizer_path: Path | None, keep_last: int, parallel: Parallel) -> Path:
+    """`save_training_checkpoint` as a sharded checkpoint: every rank writes its shards; rank 0 the rest and the
+    pruning. Collective."""
+    final = save_sharded(checkpoint_dir(run_dir, progress.step), model, optimizer, parallel,
+                         _resume_state(scheduler, progress), tokenizer_path, run_config_yaml)
+    if parallel.is_main:
+        prune_checkpoints(run_dir, keep_last)
+    return final
+
+
 def load_training_state(ckpt: Path) -> dict[str, Any]:
-    """trainer_state.pt of a checkpoint: {"optimizer", "scheduler", "rng", "progress": Progress}."""
+    """What resumes a run besides the weights: {"optimizer" (single-file checkpoints only; a sharded one's is in
+    its dcp/), "scheduler", "rng", "progress": Progress}."""
     path = ckpt / TRAINER_STATE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{ckpt} has no {TRAINER_STATE_FILE}: it is a model-only checkpoint, "
-                                "which cannot be resumed")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if is_sharded(ckpt):
+        state = read_extra(ckpt)
+    elif path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        state = {}
+    if "progress" not in state:
+        held = "scheduler, RNG and progress" if is_sharded(ckpt) else TRAINER_STATE_FILE
+        raise FileNotFoundError(f"{ckpt} has no {held}: it is a model-only checkpoint, which cannot be resumed")
     state["progress"] = Progress(**state["progress"])
     return state
 

@@ -10,6 +10,7 @@ statistics are per micro-batch, which is not the same as over the whole step.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -19,6 +20,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
@@ -26,23 +28,24 @@ import numpy as np
 import torch
 
 from ..accounting import estimate_mfu
-from ..checkpoint import list_checkpoints, load_checkpoint
+from ..checkpoint import is_sharded, list_checkpoints, load_checkpoint
+from ..config import ModelConfig
 from ..data.dataset import PackedBatches, check_eval_windows, eval_batches, open_split
-from ..distributed import local_batch, parallelize
-from ..distributed.mesh import Parallel
-from ..distributed.training import (device_load_record, gather_training_state, grad_clipper, on_main, reduce_step_stats,
-                                    shard_optimizer_state, single_process)
 from ..data.tokenizer import load_tokenizer
+from ..distributed.plan import ParallelPlan
+from ..distributed.training import device_load_record
 from ..errors import UserError
 from ..eval.perplexity import score, token_byte_lengths
-from ..filenames import TOKENIZER_FILE
+from ..filenames import CONFIG_FILE, TOKENIZER_FILE
 from ..losses import total_loss
 from ..model import Transformer
-from ..runtime import for_device, parse_device
+from ..runtime import for_device
 from .config import RunConfig, TrainConfig
 from .metrics import MetricsLogger, routing_health
 from .optim import build_optimizer, build_scheduler, lr_at
-from .state import Progress, load_training_state, save_training_checkpoint, set_rng_state
+from .sharded_checkpoint import load_sharded
+from .state import (Progress, load_training_state, save_sharded_training_checkpoint, save_training_checkpoint,
+                    set_rng_state)
 
 CPU_PEAK_FLOPS_PER_THREAD = 100e9  # fp32 FMA peak of one modern x86 core, roughly (AVX2/AVX-512 at ~3 GHz)
 GPU_PEAK_FLOPS = 989e12  # H100/H200 dense bf16
@@ -91,7 +94,7 @@ def _stack_counts(router_outputs: list, device: torch.device) -> torch.Tensor:
 
 def optimizer_step(model: Transformer, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig,
                    loss: torch.Tensor, clip: Callable[[float], torch.Tensor] | None = None) -> tuple[float, bool]:
-    """Clip (with `clip` if given: the distributed global norm), then step (only when the loss and gradient norm
+    """Clip (with `clip` if given: a parallel plan's global norm), then step (only when the loss and gradient norm
     are finite); always advance the schedule.
 
     Returns (gradient norm before clipping, whether the update was applied).
@@ -146,15 +149,15 @@ class StopRequest:
 
 
 class Trainer:
-    """Owns the model, optimizer, schedule, data and progress of one run directory."""
+    """Owns the model, optimizer, schedule, data and progress of one run directory; `plan` (distributed/plan.py,
+    resolved with the run config) says how the processes share the work."""
 
-    def __init__(self, run: RunConfig, run_dir: Path, data_dir: Path, resume: bool = False,
-                 parallel: Parallel | None = None) -> None:
-        self.run, self.cfg, self.run_dir, self.data_dir = run, run.train, run_dir, data_dir
-        self.device = parallel.device if parallel else parse_device(self.cfg.device, "train.device")
-        self.parallel = parallel or single_process(self.device)
-        self.autocast = autocast_context(self.device, self.cfg.precision)
-        self.compute_dtype = self.autocast.fast_dtype if self.autocast is not None else torch.float32
+    def __init__(self, run: RunConfig, run_dir: Path, data_dir: Path, plan: ParallelPlan,
+                 resume: bool = False) -> None:
+        self.run, self.cfg, self.run_dir, self.data_dir, self.plan = run, run.train, run_dir, data_dir, plan
+        self.device = plan.parallel.device
+        self.autocast = plan.autocast()
+        self.compute_dtype = plan.compute_dtype
         if self.cfg.deterministic and self.device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS makes its handle
             torch.use_deterministic_algorithms(True)
@@ -166,7 +169,7 @@ class Trainer:
         self.byte_lengths = token_byte_lengths(load_tokenizer(self.tokenizer_path))
         self.peak_flops = self.cfg.peak_flops or (
             GPU_PEAK_FLOPS if self.device.type == "cuda" else CPU_PEAK_FLOPS_PER_THREAD * torch.get_num_threads())
-        self.peak_flops *= self.parallel.world_size  # tokens/s are counted over all processes
+        self.peak_flops *= plan.parallel.world_size  # tokens/s are counted over all processes
         self.last_saved: Path | None = None
         self.saved_step: int | None = None
         if resume and not list_checkpoints(run_dir):  # stopped before its first checkpoint: nothing to restore
@@ -179,37 +182,44 @@ class Trainer:
 
     def _fresh(self) -> None:
         torch.manual_seed(self.cfg.seed)
-        self.model = Transformer(self.run.model).to(self.device).train()
-        self.module = parallelize(self.model, self.parallel)  # expert + data parallel under torchrun
-        self.runtime = for_device(self.model, self.device)
-        self.optimizer = build_optimizer(self.model, self.cfg)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg)
+        self._build(Transformer(self.run.model).to(self.device))
         self.progress = Progress()
 
-    def _restore(self) -> None:
-        ckpt, state, self.model = self._newest_readable_checkpoint()
-        self.model.train()
-        if self.model.config != self.run.model:
-            raise ValueError(f"--resume: the model config differs from the checkpoint's ({ckpt}); "
-                             "model.* cannot change when resuming")
-        self.module = parallelize(self.model, self.parallel)
+    def _build(self, model: Transformer) -> None:
+        """The plan applied to the full model, then the optimizer and schedule over what this process holds."""
+        self.model = model.train()
+        self.module = self.plan.parallelize(self.model)
         self.runtime = for_device(self.model, self.device)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
-        self.optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], self.optimizer, self.model))
+
+    def _restore(self) -> None:
+        """Continue from the newest checkpoint, single-file or sharded, whatever layout and world size wrote it."""
+        ckpt, state, model = self._newest_readable_checkpoint()
+        if model is None:  # sharded: the weights load into the model as this plan lays it out
+            torch.manual_seed(self.cfg.seed)
+            model = Transformer(self.run.model).to(self.device)
+        self._build(model)
+        if is_sharded(ckpt):
+            load_sharded(ckpt, self.model, self.optimizer, self.plan.parallel)
+        else:
+            self.optimizer.load_state_dict(self.plan.shard_optimizer_state(state["optimizer"], self.optimizer,
+                                                                           self.model))
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.progress = state["progress"]
         self.last_saved, self.saved_step = ckpt, self.progress.step
 
-    def _newest_readable_checkpoint(self) -> tuple[Path, dict[str, Any], Transformer]:
-        """The newest checkpoint whose training state and weights load; a damaged newer one (a file truncated by a
-        full disk or a crash outside the atomic save) is skipped with a warning."""
+    def _newest_readable_checkpoint(self) -> tuple[Path, dict[str, Any], Transformer | None]:
+        """The newest checkpoint whose training state and weights load (a sharded one's weights load later); a
+        damaged newer one (a file truncated by a full disk or a crash outside the atomic save) is skipped with a
+        warning. A checkpoint of another model is an error."""
         problem = ""
         for ckpt in reversed(list_checkpoints(self.run_dir)):
             try:
                 state = load_training_state(ckpt)
-                model, _ = load_checkpoint(ckpt, device=self.device)
+                model = None if is_sharded(ckpt) else load_checkpoint(ckpt, device=self.device)[0]
+                config = ModelConfig.from_dict(json.loads((ckpt / CONFIG_FILE).read_text()))
             except FileNotFoundError:
                 raise
             except Exception as exc:  # safetensors, torch.load and zip readers raise their own types
@@ -217,6 +227,9 @@ class Trainer:
                 print(f"warning: --resume: checkpoint {ckpt} cannot be read ({problem}); trying an older one",
                       file=sys.stderr, flush=True)
                 continue
+            if config != self.run.model:
+                raise ValueError(f"--resume: the model config differs from the checkpoint's ({ckpt}); "
+                                 "model.* cannot change when resuming")
             return ckpt, state, model
         raise ValueError(f"--resume: no checkpoint in {self.run_dir} can be read (the oldest: {problem})")
 
@@ -224,16 +237,16 @@ class Trainer:
     def next_micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out = []
         for _ in range(self.cfg.grad_accum):
-            inputs, targets = (local_batch(t, self.parallel) for t in self.batches.batch(self.progress.data_index))
+            inputs, targets = (self.plan.local_batch(t) for t in self.batches.batch(self.progress.data_index))
             self.progress.data_index += 1
             out.append((inputs.to(self.device), targets.to(self.device)))
         return out
 
     def train_step(self) -> StepResult:
         losses, counts = forward_backward(self.model, self.next_micro_batches(), self.autocast, self.module)
-        losses, counts = reduce_step_stats(losses, counts, self.parallel)
+        losses, counts = self.plan.reduce(losses, counts)
         grad_norm, finite = optimizer_step(self.model, self.optimizer, self.scheduler, self.cfg, losses[0],
-                                           grad_clipper(self.model, self.parallel))
+                                           partial(self.plan.clip, self.model))
         self.progress.step += 1
         self._count_nonfinite(finite)
         return StepResult(dict(zip(_LOSS_NAMES, losses.tolist())), counts.cpu(), grad_norm, finite)
@@ -293,22 +306,24 @@ class Trainer:
                 **r.losses, "grad_norm": r.grad_norm, "tokens_per_s": tokens_per_s,
                 "mfu": estimate_mfu(self.run.model, cfg.seq_len, tokens_per_s, self.peak_flops),
                 "tokens": self.progress.step * tokens_per_step, "skipped_steps": self.progress.nonfinite_total,
-                **routing_health(counts_LE), **device_load_record(counts_LE, self.model.config, self.parallel)}
+                **routing_health(counts_LE), **device_load_record(counts_LE, self.model.config, self.plan.parallel)}
 
     def validate(self, final: bool = False) -> dict[str, float]:
         limit = self.cfg.final_eval_batches if final else self.cfg.eval_batches
         return validation_metrics(self.model, self.val_tokens, self.cfg, self.byte_lengths, self.autocast, limit)
 
     def save(self) -> Path:
-        model, optimizer_state = gather_training_state(self.model, self.optimizer, self.parallel)  # world-size free
-        self.last_saved = on_main(self.parallel, lambda: save_training_checkpoint(
-            self.run_dir, model, optimizer_state, self.scheduler, self.progress, self.run.to_yaml(),
-            self.tokenizer_path if self.tokenizer_path.is_file() else None, self.cfg.keep_last))
+        """A checkpoint of this step: sharded (every process writes its shards) or the gathered full state."""
+        tokenizer = self.tokenizer_path if self.tokenizer_path.is_file() else None
+        if self.plan.sharded_checkpoints:
+            self.last_saved = save_sharded_training_checkpoint(
+                self.run_dir, self.model, self.optimizer, self.scheduler, self.progress, self.run.to_yaml(),
+                tokenizer, self.cfg.keep_last, self.plan.parallel)
+        else:
+            model, optimizer_state = self.plan.gather_for_save(self.model, self.optimizer)  # full, world-size free
+            self.last_saved = self.plan.on_main(lambda: save_training_checkpoint(
+                self.run_dir, model, optimizer_state, self.scheduler, self.progress, self.run.to_yaml(), tokenizer,
+                self.cfg.keep_last))
         self.saved_step = self.progress.step
         return self.last_saved
 
-
-def autocast_context(device: torch.device, precision: str) -> ContextManager | None:
-    """bf16 autocast on GPU by default (weights, optimizer state and losses stay fp32); fp32 on CPU."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else None
