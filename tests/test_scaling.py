@@ -9,6 +9,7 @@ import pytest
 
 from deepseekmoe.analysis import compare, scaling
 from deepseekmoe.cli import main
+from deepseekmoe.data.dataset import read_meta
 from train_helpers import make_data_dir, read_metrics
 
 
@@ -62,9 +63,16 @@ def test_micro_scaling_suite_end_to_end_and_resume(tmp_path, monkeypatch, capsys
     out = tmp_path / "scaling"
     argv = ["compare", "--suite", "scaling", "--budgets", "128,256", "--seeds", "2", "--data", str(data),
             "--out", str(out), "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1"]
+    written = []  # the summary is rewritten after every budget, so an interrupted suite leaves the budgets done
+    real_write = scaling.write_summary
+    monkeypatch.setattr(scaling, "write_summary", lambda o, s: (written.append([b["label"] for b in s["budgets"]]),
+                                                                real_write(o, s)))
     assert main(argv) == 0
+    assert written == [["128"], ["128", "256"]]
     summary = json.loads((out / "scaling.json").read_text())
     assert [(b["label"], b["steps"]) for b in summary["budgets"]] == [("128", 2), ("256", 4)]
+    windows = read_meta(data)["splits"]["train"]["tokens"] // 33  # samples of seq_len + 1 tokens per epoch
+    assert [b["epochs"] for b in summary["budgets"]] == [pytest.approx(2 * 2 / windows), pytest.approx(4 * 2 / windows)]
     for budget in summary["budgets"]:
         assert list(budget["models"]) == ["dense", "hash", "switch", "gshard", "deepseekmoe"]
         assert [(c["better"], c["worse"]) for c in budget["claims"]] == list(scaling.CLAIMS)
@@ -83,7 +91,7 @@ def test_micro_scaling_suite_end_to_end_and_resume(tmp_path, monkeypatch, capsys
         assert budget["claims"][0]["gap"] == pytest.approx(gap)
     assert (out / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "scaling.md").read_text()
-    assert "| 128 | 2 |" in md and "DeepSeekMoE < GShard" in md and "per doubling" in md
+    assert f"| 128 | 2 | {4 / windows:.2f} |" in md and "DeepSeekMoE < GShard" in md and "per doubling" in md
     assert json.loads((out / "budget_256" / "results.json").read_text())["recipe"]["steps"] == 4
 
     monkeypatch.setattr(compare, "train_run", lambda *a, **k: pytest.fail("a finished run was trained again"))

@@ -30,6 +30,7 @@ import torch
 
 from ..convert.load import load_model
 from ..data.builtin_cache import ensure_builtin_data
+from ..data.dataset import read_meta
 from .analyze import validation_batches
 from .compare import (SUITES, check_recipe, final_checkpoint, make_recipe, preset_for, run_all, run_dir_for,
                       run_status, write_results)
@@ -89,10 +90,9 @@ def run_scaling_suite(out: Path, budgets: list[int], scale: str, **recipe_args: 
               file=sys.stderr, flush=True)
         finished = run_all(jobs, out / name, recipe)
         write_results(out / name, recipe, {"table1": (suite, presets)})
+        write_summary(out, summarize(out, plan, presets))  # the budgets so far: a long suite reads as it goes
         if not finished:
             break
-    summary = summarize(out, plan, presets)
-    write_summary(out, summary)
     print((out / SUMMARY_MD).read_text())
     return 0 if finished else 130
 
@@ -133,22 +133,32 @@ def _measure_routing(ckpt: Path, recipe: dict[str, Any]) -> dict[str, float] | N
 
 # ------------------------------------------------------------------------------------------------ summary
 def summarize(out: Path, plan: list[tuple[int, Path, dict[str, Any]]], presets: dict[str, str]) -> dict[str, Any]:
-    rows = []
+    rows, train_tokens = [], None
     for tokens, name, recipe in plan:
         results = json.loads((out / name / RESULTS_JSON).read_text()) if (out / name / RESULTS_JSON).is_file() \
             else None
         if results is None:
             continue
+        train_tokens = train_tokens or training_split_tokens(recipe)
         models = {}
         for m in results["suites"][0]["models"]:
             models[m["suffix"]] = _model_row(m, tokens, out / name, recipe)
         claims = [judge(models[a], models[b]) | {"better": a, "worse": b} for a, b in CLAIMS]
-        rows.append({"tokens": tokens, "label": budget_label(tokens), "steps": recipe["steps"], "models": models,
+        rows.append({"tokens": tokens, "label": budget_label(tokens), "steps": recipe["steps"],
+                     "epochs": recipe["steps"] * recipe["batch_size"] / (train_tokens // (recipe["seq_len"] + 1)),
+                     "models": models,
                      "claims": claims, "full_ordering": all(c["verdict"] == "holds" for c in claims)})
     first = next((r["label"] for r in rows if r["full_ordering"]), None)
     return {"recipe": {k: v for k, v in plan[0][2].items() if k != "steps"}, "budgets": rows,
             "labels": {m["suffix"]: m["label"] for m in _labels()}, "first_full_ordering": first,
             "trends": trends(rows)}
+
+
+def training_split_tokens(recipe: dict[str, Any]) -> int:
+    """Tokens in the training split the recipe's runs read (the built-in corpus when it names no data); a run
+    reads it in windows of seq_len + 1 tokens, so `epochs` = samples / (tokens // (seq_len + 1))."""
+    data = Path(recipe["data"]) if recipe["data"] else Path(ensure_builtin_data())
+    return read_meta(data)["splits"]["train"]["tokens"]
 
 
 def _labels() -> list[dict[str, str]]:
@@ -232,13 +242,14 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines = ["# Scaling: the Table 1 models at several token budgets", "",
              f"Batches of {r['batch_size']} x {r['seq_len']} tokens, seeds 0..{r['seeds'] - 1}, validation on "
              f"{r['eval_batches']} fixed batches; data: {r['data'] or 'built-in corpus'}; scale: {r['scale']}. "
-             "Each budget is its own run with its own schedule.", ""]
-    head = ["budget (tokens)", "steps"] + list(labels.values())
+             "Each budget is its own run with its own schedule; epochs: passes over the training split (beyond 1, "
+             "every window is seen again).", ""]
+    head = ["budget (tokens)", "steps", "epochs"] + list(labels.values())
     lines += ["## Validation loss (nats/token, mean ± std over seeds)", "", "| " + " | ".join(head) + " |",
               "|" + "---|" * len(head)]
     for row in rows:
         cells = [_pm(row["models"][sfx]["loss_mean"], row["models"][sfx]["loss_std"]) for sfx in labels]
-        lines.append(f"| {row['label']} | {row['steps']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['label']} | {row['steps']} | {row['epochs']:.2f} | " + " | ".join(cells) + " |")
     claim_names = [f"{labels[a]} < {labels[b]}" for a, b in CLAIMS]
     lines += ["", "## The paper's claims (gap = loss of the first minus the second; holds when below -2 x pooled "
               "seed std)", "", "| budget | " + " | ".join(claim_names) + " | full ordering |",
