@@ -107,6 +107,23 @@ def test_a_changed_recipe_is_refused(tmp_path):
         compare.check_recipe(tmp_path, {**recipe, "steps": 5})
 
 
+def test_a_learning_rate_is_part_of_the_recipe_only_when_given(tmp_path):
+    """--lr reaches every run's TrainConfig; a recipe without it reads as before (the recorded suites resume),
+    and a directory made at one learning rate refuses another, or the default, in either direction."""
+    args = dict(steps=488, seeds=3, batch_size=8, seq_len=256, eval_batches=16, data=None, scale="tiny")
+    default, searched = compare.make_recipe(**args), compare.make_recipe(**args, lr=8e-3)
+    assert "lr" not in default and "lr" not in compare.recipe_settings(default, 0)
+    assert searched == {**default, "lr": 8e-3} and compare.recipe_settings(searched, 1)["lr"] == 8e-3
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    compare._record_recipe(tmp_path / "a", default)
+    compare._record_recipe(tmp_path / "b", searched)
+    with pytest.raises(UserError, match="different recipe .*lr=None"):
+        compare.check_recipe(tmp_path / "a", searched)
+    with pytest.raises(UserError, match="different recipe .*lr=0.008"):
+        compare.check_recipe(tmp_path / "b", default)
+    compare.check_recipe(tmp_path / "b", {**searched, "seeds": 5})
+
+
 def test_a_refused_command_leaves_no_recipe_behind(tmp_path, capsys):
     """A bad argument that the trainer refuses before writing anything leaves no recipe.json, so the corrected
     command (another recipe) is not refused as a different recipe."""

@@ -135,7 +135,8 @@ def recipe_settings(recipe: dict[str, Any], seed: int) -> dict[str, Any]:
     return {"seed": seed, "batch_size": recipe["batch_size"], "seq_len": recipe["seq_len"],
             "warmup_steps": recipe["warmup_steps"], "eval_batches": recipe["eval_batches"],
             "log_every": max(1, min(10, steps // 20)), "eval_every": max(1, steps // 4),
-            "save_every": recipe["save_every"], "keep_last": 1, "sample_tokens": 0, "tensorboard": False}
+            "save_every": recipe["save_every"], "keep_last": 1, "sample_tokens": 0, "tensorboard": False,
+            **({"lr": recipe["lr"]} if "lr" in recipe else {})}
 
 
 def train_run(preset: str, seed: int, run_dir: Path, recipe: dict[str, Any], resume: bool) -> int:
@@ -148,7 +149,7 @@ def check_recipe(out: Path, recipe: dict[str, Any]) -> None:
     path = out / RECIPE_JSON
     if path.is_file():
         old = json.loads(path.read_text())
-        changed = sorted(k for k in recipe if k != "seeds" and old.get(k) != recipe[k])
+        changed = sorted(k for k in recipe.keys() | old.keys() if k != "seeds" and old.get(k) != recipe.get(k))
         if changed:
             listed = ", ".join(f"{k}={old.get(k)}" for k in changed)
             raise UserError(f"{out} holds runs made with a different recipe ({listed}); use another --out")
@@ -291,8 +292,10 @@ def analyze_finals(out: Path, results: dict[str, Any], recipe: dict[str, Any]) -
 
 
 def make_recipe(*, steps: int, seeds: int, batch_size: int, seq_len: int, eval_batches: int, data: str | None,
-                scale: str) -> dict[str, Any]:
-    """The one recipe of a comparison: every model trains with it (schedule derived from the step count)."""
+                scale: str, lr: float | None = None) -> dict[str, Any]:
+    """The one recipe of a comparison: every model trains with it (schedule derived from the step count). `lr`
+    is recorded only when given, so a recipe at the train config's default reads as before."""
     return {"steps": steps, "seeds": seeds, "batch_size": batch_size, "seq_len": seq_len,
             "eval_batches": eval_batches, "warmup_steps": max(1, min(50, steps // 10)),
-            "save_every": max(1, steps // 10), "data": str(Path(data).resolve()) if data else None, "scale": scale}
+            "save_every": max(1, steps // 10), "data": str(Path(data).resolve()) if data else None, "scale": scale,
+            **({"lr": lr} if lr is not None else {})}

@@ -99,7 +99,8 @@ def recipe_line(recipe: dict[str, Any]) -> str:
     tokens = recipe["steps"] * recipe["batch_size"] * recipe["seq_len"]
     return (f"{recipe['steps']} steps x {recipe['batch_size']} x {recipe['seq_len']} tokens = {tokens:,} training "
             f"tokens per run, seeds 0..{recipe['seeds'] - 1}, validation on {recipe['eval_batches']} fixed "
-            f"batches; data: {recipe['data'] or 'built-in corpus'}; scale: {recipe['scale']}")
+            f"batches; data: {recipe['data'] or 'built-in corpus'}; scale: {recipe['scale']}"
+            + (f"; peak lr {recipe['lr']:g}" if "lr" in recipe else ""))
 
 
 def table_markdown(results: dict[str, Any]) -> str:

@@ -241,7 +241,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     r = summary["recipe"]
     lines = ["# Scaling: the Table 1 models at several token budgets", "",
              f"Batches of {r['batch_size']} x {r['seq_len']} tokens, seeds 0..{r['seeds'] - 1}, validation on "
-             f"{r['eval_batches']} fixed batches; data: {r['data'] or 'built-in corpus'}; scale: {r['scale']}. "
+             f"{r['eval_batches']} fixed batches; data: {r['data'] or 'built-in corpus'}; scale: {r['scale']}"
+             + (f"; peak lr {r['lr']:g}" if "lr" in r else "") + ". "
              "Each budget is its own run with its own schedule; epochs: passes over the training split (beyond 1, "
              "every window is seen again).", ""]
     head = ["budget (tokens)", "steps", "epochs"] + list(labels.values())

@@ -23,7 +23,7 @@ def _scaling(suite: str, out: str, budgets: str | None, steps: int | None, model
 def compare_command(*, suite: str = "table1", data: str | None = None, steps: int | None = None, seeds: int = 2,
                     scale: str = "tiny", out: str = "compare", models: list[str] | None = None,
                     batch_size: int = 8, seq_len: int = 256, eval_batches: int = 16,
-                    analyze: bool = True, budgets: str | None = None) -> int:
+                    analyze: bool = True, budgets: str | None = None, lr: float | None = None) -> int:
     """Train the paper's comparison suites with one recipe and write results.json, results.md, loss_curves.png.
 
     Each model of the suite is trained on the same data with the same recipe, seeds and token budget; the table
@@ -47,13 +47,17 @@ def compare_command(*, suite: str = "table1", data: str | None = None, steps: in
         analyze: also run the routing analysis on seed 0's final checkpoints (not for scaling).
         budgets: scaling: training tokens per run, comma-separated (default 0.5M,1M,2M,4M,8M); each budget is
             its own full run with its own schedule, in OUT/budget_<tokens>/.
+        lr: peak learning rate of every run (default: the train config's, 4e-3); to search it, run one --out per
+            value, alike for every model.
     """
     for name, value in {"seeds": seeds, "steps": steps, "batch-size": batch_size, "seq-len": seq_len,
                         "eval-batches": eval_batches}.items():
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be at least 1, got {value}")
+    if lr is not None and not lr > 0:
+        raise ValueError(f"--lr must be positive, got {lr}")
     common = {"seeds": seeds, "batch_size": batch_size, "seq_len": seq_len, "eval_batches": eval_batches,
-              "data": data}
+              "data": data, "lr": lr}
     if suite == "scaling" or budgets is not None:
         return _scaling(suite, out, budgets, steps, models, scale, common)
     suites = resolve_suites(suite, scale, models)
