@@ -1,5 +1,4 @@
-"""The CPU runtime's threads: large matmuls in row blocks on the workers, the calling thread's intra-op count, the
-gauge that moves hand-offs into the calling thread (the same bits either way)."""
+"""The CPU runtime's threads: large matmuls in row blocks on the workers, the calling thread's intra-op count."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ from deepseekmoe import Transformer
 from deepseekmoe.losses import total_loss
 from deepseekmoe.runtime import for_device
 from deepseekmoe.runtime.cpu import CpuRuntime, intra_op_threads
-from deepseekmoe.runtime.gauge import BACK_OFF_S, WORTH, Gauge
 from deepseekmoe.runtime.linear import WorkerLinear, blocks
 
 
@@ -140,66 +138,3 @@ def test_for_device_applies_to_dense_models_too(make_config, two_threads) -> Non
     assert isinstance(runtime, CpuRuntime)
     assert type(model.lm_head) is WorkerLinear
     runtime.close()
-
-
-def test_gauge_keeps_work_in_the_caller_while_handing_off_does_not_pay() -> None:
-    now = [0.0]
-    gauge = Gauge(2, clock=lambda: now[0])
-    assert gauge.wide()
-    gauge.record(cpu_s=0.019, wall_s=0.010)  # both workers busy the whole time: 1.9x
-    assert gauge.wide() and gauge.speedup > WORTH
-    for _ in range(4):  # a worker waiting for a core: the hand-offs take longer than one thread alone
-        gauge.record(cpu_s=0.010, wall_s=0.020)
-    assert gauge.speedup < WORTH and not gauge.wide()
-    now[0] += BACK_OFF_S / 2
-    assert not gauge.wide()
-    now[0] += BACK_OFF_S
-    assert gauge.wide()  # measure afresh: the old, slow hand-offs are forgotten
-    gauge.record(cpu_s=0.018, wall_s=0.010)
-    assert gauge.speedup == pytest.approx(1.8) and gauge.wide()
-
-
-def test_parts_run_in_the_calling_thread_while_the_gauge_says_so(two_threads, monkeypatch) -> None:
-    monkeypatch.delenv("DEEPSEEKMOE_CALLER_THREADS", raising=False)
-    with CpuRuntime.apply(nn.Linear(4, 4, bias=False)) as runtime:
-        where: list[bool] = []
-        for wide in (True, False):
-            monkeypatch.setattr(runtime.gauge, "wide", lambda wide=wide: wide)
-            where.clear()
-            runtime.run_parts([lambda: where.append(runtime.in_worker()) for _ in range(8)])
-            assert where == [wide] * 8
-    with CpuRuntime(2) as runtime:  # the caller at two intra-op threads: always the workers
-        monkeypatch.setattr(runtime.gauge, "wide", lambda: False)
-        where.clear()
-        runtime.run_parts([lambda: where.append(runtime.in_worker()) for _ in range(4)])
-        assert where == [True] * 4
-
-
-@pytest.mark.parametrize("moe", [True, False])
-def test_training_gives_the_same_bits_on_the_workers_and_in_the_caller(make_config, two_threads, monkeypatch,
-                                                                       moe: bool) -> None:
-    """The gauge may move any hand-off into the calling thread: losses and weights stay the same bits."""
-    monkeypatch.delenv("DEEPSEEKMOE_CALLER_THREADS", raising=False)
-    cfg = make_config() if moe else make_config(router="none", n_routed_experts=None, n_shared_experts=0)
-    ids = torch.randint(0, cfg.vocab_size, (4, 33), generator=torch.Generator().manual_seed(1))
-
-    def run(wide) -> tuple[list[float], list[torch.Tensor]]:
-        torch.manual_seed(0)
-        model = Transformer(cfg)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        losses = []
-        with CpuRuntime.apply(model, min_linear_work=0, min_expert_work=0) as runtime:
-            monkeypatch.setattr(runtime.gauge, "wide", wide)
-            for _ in range(3):
-                o = model(ids[:, :-1])
-                loss = total_loss(o.logits, ids[:, 1:], o.router_outputs, cfg).total
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
-        return losses, [p.detach().clone() for p in model.parameters()]
-    flip = iter(range(10**6))
-    runs = [run(lambda: True), run(lambda: False), run(lambda: next(flip) % 3 == 0)]
-    for losses, weights in runs[1:]:
-        assert losses == runs[0][0]
-        assert all(torch.equal(a, b) for a, b in zip(weights, runs[0][1]))

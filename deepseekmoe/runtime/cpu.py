@@ -19,12 +19,6 @@ Each chunk writes rows and weight gradients of its own experts only and its sums
 committed in expert order, so the result does not depend on which worker ran what: the same bits every time.
 Smaller calls run in the calling thread.
 
-Every hand-off to the workers is timed (`gauge.Gauge`): where the workers' CPU seconds fall short of 1.2x the
-hand-off's wall seconds (another process holds a core and a worker waits for it), the calling thread runs the same
-parts itself for a while, then hands off again to measure afresh. The calling thread at one intra-op thread runs
-the very operations a worker would, so this never changes a bit of the result; with more caller threads
-(DEEPSEEKMOE_CALLER_THREADS) the workers always take the work.
-
 Without gradients, a handful of rows (decode) run weight-major (`linear_rows`), in the routed experts and in every
 FeedForward (dense layers, shared experts).
 
@@ -37,7 +31,6 @@ import contextlib
 import itertools
 import os
 import threading
-import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
@@ -49,7 +42,6 @@ from torch import nn
 from ..model.experts import INLINE, Commit, RoutedExperts
 from ..model.layers import FeedForward
 from ..model.quantized import ROW_BLOCK, QuantizedLinear, QuantizedWeight, quantized_linear
-from .gauge import Gauge
 from .linear import WEIGHT_MAJOR_MAX_ROWS, WorkerLinear, linear_rows
 
 MIN_EXPERT_WORK = 128 << 20
@@ -88,7 +80,6 @@ class CpuRuntime:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._in_worker = threading.local()
-        self.gauge = Gauge(workers)
         self._executor()  # start the workers now, not in a model's forward
         self._lowered = caller_threads is not None
         if self._lowered:  # put back by close(), or when the runtime is dropped with its model
@@ -147,7 +138,7 @@ class CpuRuntime:
     def run(self, fn: Callable[[list[int]], Commit], experts: list[int], rows: list[int]) -> None:
         """fn over chunks of the experts on the workers, and each chunk's commit in chunk order, by whichever
         worker completes the run of finished chunks; all in the calling thread where there is too little work."""
-        if not self.parallel(rows) or not self.hand_off():
+        if not self.parallel(rows):
             INLINE.run(fn, experts, rows)
             return
         chunks = split(experts, rows, self.workers * CHUNKS_PER_WORKER)
@@ -167,15 +158,11 @@ class CpuRuntime:
                         while committed[0] in done:
                             done.pop(committed[0])()
                             committed[0] += 1
-        self._on_workers(work, min(self.workers, len(chunks)))
+        for f in [self._executor().submit(work) for _ in range(min(self.workers, len(chunks)))]:
+            f.result()
 
     def run_parts(self, parts: list[Callable[[], None]]) -> None:
-        """Every part on the workers, each taking the next one as it finishes one, or in the calling thread one
-        after another where handing off does not pay (`hand_off`); returns when all are done."""
-        if not self.hand_off():
-            for part in parts:
-                part()
-            return
+        """Every part on the workers, each taking the next one as it finishes one; returns when all are done."""
         next_part = itertools.count()
         inference = torch.is_inference_mode_enabled()
 
@@ -184,27 +171,8 @@ class CpuRuntime:
             with torch.inference_mode(inference), torch.no_grad():
                 while (i := next(next_part)) < len(parts):
                     parts[i]()
-        self._on_workers(work, min(self.workers, len(parts)))
-
-    def hand_off(self) -> bool:
-        """Whether work goes to the workers now: always where the calling thread has more than one intra-op
-        thread (it would not compute the same bits), else while the gauge finds that it pays."""
-        return torch.get_num_threads() > 1 or self.gauge.wide()
-
-    def _on_workers(self, work: Callable[[], None], n: int) -> None:
-        """work() on n workers at once, returning when all are done; the gauge hears how long it took."""
-        spent: list[float] = []
-
-        def timed() -> None:
-            start = time.thread_time()
-            try:
-                work()
-            finally:
-                spent.append(time.thread_time() - start)
-        start = time.perf_counter()
-        for f in [self._executor().submit(timed) for _ in range(n)]:
+        for f in [self._executor().submit(work) for _ in range(min(self.workers, len(parts)))]:
             f.result()
-        self.gauge.record(sum(spent), time.perf_counter() - start)
 
     def in_worker(self) -> bool:
         """Whether this is one of the runtime's worker threads."""
