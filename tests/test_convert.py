@@ -19,7 +19,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from deepseekmoe import ModelConfig, Transformer, cli
 from deepseekmoe.convert.hf_layout import hf_layout, is_hf_directory
-from deepseekmoe.convert.hf_export import parse_size, plan_shards
+from deepseekmoe.convert.hf_export import plan_shards
+from deepseekmoe.units import parse_bytes
 from deepseekmoe.checkpoint import save_model
 from deepseekmoe.convert.load import load_model
 
@@ -248,7 +249,11 @@ def test_cli_argument_errors(hf_dir: Path, tmp_path: Path, capsys):
 
 
 def test_sizes_and_greedy_shards():
-    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1500") == 1500
+    assert parse_bytes("5GB") == 5 * 10**9 and parse_bytes("2GiB") == 2 * 2**30 and parse_bytes("1500") == 1500
+    assert parse_bytes("400GB/s") == 4e11 and parse_bytes(" 1.5 mib ") == 1.5 * 2**20 and parse_bytes(3e9) == 3e9
+    for bad in ("5 parsecs", "GB", "-1GB", "0", ""):
+        with pytest.raises(ValueError, match="--max-shard-size "):
+            parse_bytes(bad, "--max-shard-size")
     assert plan_shards([("a", 4), ("b", 4), ("c", 9), ("d", 1)], 8) == [["a", "b"], ["c"], ["d"]]
 
 

@@ -9,7 +9,8 @@ import pytest
 from conftest import tiny_config
 from deepseekmoe.accounting import count
 from deepseekmoe.cli import main
-from deepseekmoe.distributed.planner import fewest_gpus, fsdp_shard_params, parse_size, plan
+from deepseekmoe.distributed.planner import fewest_gpus, fsdp_shard_params, plan
+from deepseekmoe.units import parse_bytes
 from deepseekmoe.presets import load_preset
 
 
@@ -55,7 +56,7 @@ def test_fp32_has_no_master_copy_and_accumulation_scales_traffic():
 
 
 def test_16b_bf16_inference_fits_one_40gb_gpu():
-    p = plan(load_preset("deepseekmoe-16b"), gpus=1, gpu_memory=parse_size("40GB"), inference=True)
+    p = plan(load_preset("deepseekmoe-16b"), gpus=1, gpu_memory=parse_bytes("40GB"), inference=True)
     assert 32.7e9 < p.memory["weights"] < 32.8e9  # 16.38B parameters x 2 bytes
     assert p.fits and p.total_memory < 40e9
     assert "optimizer" not in p.memory
@@ -80,10 +81,10 @@ def test_impossible_settings_raise(kwargs, message):
         plan(load_preset("deepseekmoe-16b"), gpu_memory=80e9, **kwargs)
 
 
-def test_parse_size():
-    assert parse_size("80GB") == 80e9 and parse_size("40GiB") == 40 * 2**30 and parse_size("400GB/s") == 400e9
+def test_parse_bytes():
+    assert parse_bytes("80GB") == 80e9 and parse_bytes("40GiB") == 40 * 2**30 and parse_bytes("400GB/s") == 400e9
     with pytest.raises(ValueError, match="80XB"):
-        parse_size("80XB")
+        parse_bytes("80XB")
 
 
 @pytest.mark.parametrize("option, value", [("--flops", "0"), ("--flops", "nan"), ("--flops", "-5"),

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 from ..convert.hf import convert_from_hf
-from ..convert.hf_export import convert_to_hf, parse_size
+from ..convert.hf_export import convert_to_hf
 from ..convert.quantize import check_format, convert_quantized
 from ..train.sharded_checkpoint import sharded_to_single, single_to_sharded
+from ..units import parse_bytes
 
 
 def convert_command(*, from_hf: str | None = None, to_hf: str | None = None, from_checkpoint: str | None = None,
@@ -72,6 +73,6 @@ def convert_command(*, from_hf: str | None = None, to_hf: str | None = None, fro
     elif to_sharded is not None:
         single_to_sharded(src, dst)
     else:
-        convert_to_hf(src, dst, parse_size(max_shard_size), progress=True)
+        convert_to_hf(src, dst, int(parse_bytes(max_shard_size, "--max-shard-size")), progress=True)
     print(f"wrote {dst}", file=sys.stderr)
     return 0

@@ -6,7 +6,8 @@ import json as jsonlib
 import math
 from dataclasses import asdict
 
-from ..distributed.planner import Plan, fewest_gpus, parse_size, plan
+from ..distributed.planner import Plan, fewest_gpus, plan
+from ..units import parse_bytes
 from ..errors import UserError
 from .info import model_config, print_rows
 
@@ -67,14 +68,14 @@ def plan_command(*, preset: str | None = None, config: str | None = None, gpus: 
         fit: plan the fewest GPUs (ep x 1, 2, 4, ...) at which the run fits, instead of --gpus.
         json: print one JSON object.
     """
-    bandwidth = parse_size(link_bandwidth, "link_bandwidth")
+    bandwidth = parse_bytes(link_bandwidth, "--link-bandwidth")
     for name, value, given in (("--flops", flops, flops), ("--link-bandwidth", bandwidth, link_bandwidth),
                                ("--gpus", gpus, gpus), ("--ep", ep, ep), ("--micro-batch", micro_batch, micro_batch),
                                ("--seq-len", seq_len, seq_len)):
         if value is not None and (not math.isfinite(value) or value <= 0):
             raise UserError(f"{name} {given} must be a positive number")
     cfg = model_config(preset, config)
-    kwargs = dict(gpu_memory=parse_size(gpu_memory, "gpu_memory"), ep=ep, micro_batch=micro_batch,
+    kwargs = dict(gpu_memory=parse_bytes(gpu_memory, "--gpu-memory"), ep=ep, micro_batch=micro_batch,
                   seq_len=seq_len, dtype=dtype, flops=flops, link_bandwidth=bandwidth, global_batch=global_batch,
                   inference=inference, recompute=recompute, fsdp=fsdp)
     found = fewest_gpus(cfg, **kwargs) if fit else plan(cfg, gpus=gpus, **kwargs)  # type: ignore[arg-type]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -21,21 +20,12 @@ from ..checkpoint import open_safetensors
 from ..config import ModelConfig
 from ..fileio import written_atomically
 from ..filenames import CONFIG_FILE, MODEL_FILE
+from ..units import parse_bytes
 from .hf_files import write_hf_files
 from .hf_layout import (INDEX_FILE, Shape, copy_side_files, format_shape, hf_layout, is_hf_directory, our_entries,
                         our_source)
 from .load import resolve_checkpoint
 from .stream import DTYPES, SafetensorsWriter
-
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5 * 10**9 bytes ('GiB' is 2**30); a plain number is bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, flags=re.IGNORECASE)
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"max shard size {text!r} is invalid: expected a size such as 5GB, 500MB or 2GiB")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
 
 
 def plan_shards(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
@@ -111,7 +101,7 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str |
     ckpt, out = resolve_checkpoint(checkpoint), Path(out)
     if is_hf_directory(ckpt):
         raise ValueError(f"{ckpt} is already a Hugging Face directory; --to-hf takes one of our checkpoints")
-    max_bytes = parse_size(max_shard_size)
+    max_bytes = int(parse_bytes(max_shard_size, "max_shard_size"))
     config = ModelConfig.from_dict(json.loads((ckpt / CONFIG_FILE).read_text()))
     layout = hf_layout(config)
     with written_atomically(out) as tmp:

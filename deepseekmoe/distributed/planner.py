@@ -47,7 +47,6 @@ Sizes: "GB" is 10^9 bytes, "GiB" 2^30 (an "A100 40GB" has 40 GiB, so 40GB is the
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 from ..accounting import count
@@ -55,16 +54,6 @@ from ..config import ModelConfig
 from .mesh import check_sizes
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str, what: str = "size") -> float:
-    """'80GB' -> 8e10, '40GiB' -> 40 * 2**30, '400GB/s' (with per_second) -> 4e11."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower().removesuffix("/s"))
-    if not m or m.group(2) not in _UNITS:
-        raise ValueError(f"{what}={text!r} is invalid: expected a number with a unit such as 80GB, 40GiB, 400GB/s")
-    return float(m.group(1)) * _UNITS[m.group(2)]
 
 
 def routed_expert_params(c: ModelConfig) -> int:
