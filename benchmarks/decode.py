@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_layer import machine  # noqa: E402
 
 from deepseekmoe import Transformer, load_preset  # noqa: E402
+from deepseekmoe.errors import UserValueError  # noqa: E402
 from deepseekmoe.runtime import for_device  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def make_decode(preset: str, impl: str, batch: int, prompt_len: int, new_tokens:
     """impl: grouped (as `deepseekmoe generate` runs it: runtime.for_device, the CPU runtime where there are 2+
     threads), grouped-inline (no runtime: plain matmuls in the calling thread), loop (the reference)."""
     if impl not in ("grouped", "grouped-inline", "loop"):
-        raise ValueError(f"unknown impl {impl!r}; expected grouped, grouped-inline or loop")
+        raise UserValueError(f"unknown impl {impl!r}; expected grouped, grouped-inline or loop")
     cfg = load_preset(preset)
     cfg.experts_impl = "loop" if impl == "loop" else "grouped"
     torch.manual_seed(0)

@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 
 from deepseekmoe import MoE, ModelConfig
+from deepseekmoe.errors import UserValueError
 from deepseekmoe.runtime.cpu import CpuRuntime
 from deepseekmoe.model.layers import FeedForward
 
@@ -403,15 +404,15 @@ def run(*, shapes: str = DEFAULT_SHAPES, impls: str | None = None, repeats: int 
     names = [s.strip() for s in shapes.split(",") if s.strip()]
     unknown = [s for s in names if s not in SHAPES]
     if unknown:
-        raise ValueError(f"unknown shape(s) {', '.join(unknown)}; available: {', '.join(SHAPES)}")
+        raise UserValueError(f"unknown shape(s) {', '.join(unknown)}; available: {', '.join(SHAPES)}")
     chosen = [i.strip() for i in impls.split(",")] if impls else ["dense", *OURS, *HF]
     bad = [i for i in chosen if i not in ["dense", *OURS, *HF]]
     if bad:
-        raise ValueError(f"unknown impl(s) {', '.join(bad)}; available: {', '.join(['dense', *OURS, *HF])}")
+        raise UserValueError(f"unknown impl(s) {', '.join(bad)}; available: {', '.join(['dense', *OURS, *HF])}")
     if cache not in ("cold", "warm"):
-        raise ValueError(f"cache={cache!r}: expected cold or warm")
+        raise UserValueError(f"cache={cache!r}: expected cold or warm")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA device is available")
+        raise UserValueError("device=cuda but no CUDA device is available")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if as_json else (lambda m: print(m, flush=True))
     info = machine()

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_layer import add_compete_option, competing_process, machine  # noqa: E402
 
 from deepseekmoe import Transformer, load_preset  # noqa: E402
+from deepseekmoe.errors import UserValueError  # noqa: E402
 from deepseekmoe.runtime import for_device  # noqa: E402
 from deepseekmoe.runtime.cpu import CpuRuntime  # noqa: E402
 from deepseekmoe.accounting import count, estimate_mfu  # noqa: E402
@@ -51,7 +52,7 @@ call, however small; loop: the reference."""
 
 def build(preset: str, impl: str, seed: int = 0) -> tuple[Transformer, torch.optim.Optimizer]:
     if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; expected one of {', '.join(IMPLS)}")
+        raise UserValueError(f"unknown impl {impl!r}; expected one of {', '.join(IMPLS)}")
     cfg = load_preset(preset)
     cfg.experts_impl = "loop" if impl == "loop" else "grouped"
     torch.manual_seed(seed)

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from .config import ModelConfig
+from .errors import UserValueError
 
 
 @dataclass
@@ -53,7 +54,7 @@ def _layer_params(c: ModelConfig, layer_idx: int, active: bool) -> int:
 def count(config: ModelConfig, seq_len: int | None = None) -> Accounting:
     c = config
     if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
-        raise ValueError(f"seq_len={seq_len!r} is invalid: expected an integer >= 1")
+        raise UserValueError(f"seq_len={seq_len!r} is invalid: expected an integer >= 1")
     s = seq_len or c.max_position_embeddings
     d, v, layers = c.hidden_size, c.vocab_size, c.num_hidden_layers
     norms = d * (2 * layers + 1)

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
+from .errors import UserValueError
 from .fileio import written_atomically
 from .filenames import CONFIG_FILE, MODEL_FILE, SHARDED_DIR, SHARDED_METADATA_FILE, STEP_PREFIX, TOKENIZER_FILE
 from .model import Transformer
@@ -51,8 +52,8 @@ def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.T
         raise _unreadable(path, exc) from None
 
 
-def _unreadable(path: str | Path, exc: Exception) -> ValueError:
-    return ValueError(f"{path} is not a readable safetensors file ({exc}); it may be truncated")
+def _unreadable(path: str | Path, exc: Exception) -> UserValueError:
+    return UserValueError(f"{path} is not a readable safetensors file ({exc}); it may be truncated")
 
 
 def model_state(model: Transformer) -> dict[str, torch.Tensor]:
@@ -104,7 +105,7 @@ def find_checkpoint(path: str | Path, sharded: bool = False) -> Path:
             raise FileNotFoundError(f"no such checkpoint or run directory: {p}")
         raise FileNotFoundError(f"{p} holds no checkpoint ({MODEL_FILE} or checkpoints/{STEP_PREFIX}*)")
     if is_sharded(found) and not sharded:
-        raise ValueError(f"{found} is a sharded checkpoint (train --fsdp); convert it first: deepseekmoe convert "
+        raise UserValueError(f"{found} is a sharded checkpoint (train --fsdp); convert it first: deepseekmoe convert "
                          f"--from-sharded {found} --out CHECKPOINT")
     return found
 
@@ -117,11 +118,11 @@ def _check_state(state: dict[str, torch.Tensor], config: ModelConfig, ckpt: Path
         state = {**state, "lm_head.weight": state["embed_tokens.weight"]}
     for key, tensor in state.items():
         if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(f"{ckpt / MODEL_FILE}: {key} has shape {list(tensor.shape)}, but {ckpt / CONFIG_FILE} "
+            raise UserValueError(f"{ckpt / MODEL_FILE}: {key} has shape {list(tensor.shape)}, but {ckpt / CONFIG_FILE} "
                              f"implies {list(expected[key].shape)}")
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"{ckpt / MODEL_FILE}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        raise UserValueError(f"{ckpt / MODEL_FILE}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
 
 
 def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device | str) -> Transformer:

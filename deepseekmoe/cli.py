@@ -6,9 +6,9 @@ Argument rules (read from the function's signature):
   * `bool` options are flags (`--x/--no-x`); `X | None` options default to None;
   * a keyword-only parameter typed as a dataclass takes the dataclass's fields as its options;
   * the docstring's first paragraph is the description; lines `name: text` under "Args:" are per-argument help.
-Errors a user can fix (bad paths, bad values) raise `errors.UserError`, ValueError (invalid settings) or
-FileNotFoundError and are printed as one line `deepseekmoe: error: ...` with exit code 2; anything else keeps its
-traceback.
+Errors a user can fix (bad paths, bad values) raise `errors.UserError` (`errors.UserValueError` for an invalid
+value or setting) or FileNotFoundError and are printed as one line `deepseekmoe: error: ...` with exit code 2;
+anything else, a ValueError from inside a library included, keeps its traceback.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args.pop("command")
     try:
         result = _call(fn, args)
-    except (UserError, ValueError, FileNotFoundError) as exc:
+    except (UserError, FileNotFoundError) as exc:
         print(f"deepseekmoe: error: {exc}", file=sys.stderr)
         return 2
     except (PermissionError, IsADirectoryError, NotADirectoryError) as exc:  # a path the user gave

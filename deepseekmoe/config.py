@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from .configio import check, field_types, from_data, read_mapping, require
+from .errors import UserValueError
 
 RouterKind = Literal["softmax_topk", "switch", "gshard", "hash", "none"]
 ScoringFunc = Literal["softmax"]
@@ -183,7 +184,7 @@ class ModelConfig:
         e, k = self.n_routed_experts, self.num_experts_per_tok
         require(k >= 1, "num_experts_per_tok", k, "an integer >= 1")
         if k > e:
-            raise ValueError(f"num_experts_per_tok={k} exceeds n_routed_experts={e}")
+            raise UserValueError(f"num_experts_per_tok={k} exceeds n_routed_experts={e}")
         fixed_k = {"switch": 1, "gshard": 2, "hash": 1}.get(self.router)
         if fixed_k is not None:
             require(k == fixed_k, "num_experts_per_tok", k, f"{fixed_k} for router='{self.router}'")
@@ -217,7 +218,7 @@ class ModelConfig:
         types_ = field_types(cls)
         unknown = sorted(set(d) - set(types_))
         if unknown:
-            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+            raise UserValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
         return cls(**{k: from_data(v, types_[k], k) for k, v in d.items()})
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -234,10 +235,10 @@ class ModelConfig:
         """Read an HF DeepSeek `config.json` dict. Keys this model cannot honour raise ValueError."""
         mt = d.get("model_type", "deepseek")
         if mt != "deepseek":
-            raise ValueError(f"model_type={mt!r} is not supported (expected 'deepseek')")
+            raise UserValueError(f"model_type={mt!r} is not supported (expected 'deepseek')")
         for key, expected in HF_FIXED.items():
             if key in d and d[key] != expected:
-                raise ValueError(f"{key}={d[key]!r} is not supported (expected {expected!r})")
+                raise UserValueError(f"{key}={d[key]!r} is not supported (expected {expected!r})")
         types_ = field_types(cls)
         known = set(types_)
         optional = {name for name, tp in types_.items() if type(None) in get_args(tp)}
@@ -257,7 +258,7 @@ class ModelConfig:
         ignored = set(d) - known - _HF_IGNORED - set(HF_FIXED)
         ignored.discard("pad_token_id")
         if ignored:
-            raise ValueError(f"unsupported key(s) in config.json: {', '.join(sorted(ignored))}")
+            raise UserValueError(f"unsupported key(s) in config.json: {', '.join(sorted(ignored))}")
         return cls(**kwargs)
 
     def save(self, path: str | Path) -> None:

@@ -25,6 +25,7 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
+from .errors import UserValueError
 
 _DATA_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 _NULL_WORDS = ("none", "null", "~", "")
@@ -50,15 +51,15 @@ def check(value: Any, tp: Any, key: str) -> None:
         check(value, _only_option(tp), key)
     elif origin is Literal:
         if value not in get_args(tp):
-            raise ValueError(f"{key}={value!r} is invalid: expected one of {', '.join(map(repr, get_args(tp)))}")
+            raise UserValueError(f"{key}={value!r} is invalid: expected one of {', '.join(map(repr, get_args(tp)))}")
     elif origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}={value!r} is invalid: expected a list such as [0.8, 0.9]")
+            raise UserValueError(f"{key}={value!r} is invalid: expected a list such as [0.8, 0.9]")
         for item in value:
             check(item, get_args(tp)[0], key)
     elif tp in _DATA_NAMES:
         if not _has_type(value, tp):
-            raise ValueError(f"{key}={value!r} is invalid: expected {_DATA_NAMES[tp]}")
+            raise UserValueError(f"{key}={value!r} is invalid: expected {_DATA_NAMES[tp]}")
     else:
         raise TypeError(f"unsupported config type {tp} for {key}")
 
@@ -66,7 +67,7 @@ def check(value: Any, tp: Any, key: str) -> None:
 def require(ok: bool, name: str, value: Any, allowed: str) -> None:
     """A config's range check: ValueError `name=value is invalid: expected allowed` unless ok."""
     if not ok:
-        raise ValueError(f"{name}={value!r} is invalid: expected {allowed}")
+        raise UserValueError(f"{name}={value!r} is invalid: expected {allowed}")
 
 
 def from_data(value: Any, tp: Any, key: str) -> Any:
@@ -98,21 +99,21 @@ def from_text(text: str, tp: Any, key: str) -> Any:
     try:
         return _parse_scalar(text, tp)
     except ValueError:
-        raise ValueError(f"{key}={text!r} is invalid: expected {tp.__name__}") from None
+        raise UserValueError(f"{key}={text!r} is invalid: expected {tp.__name__}") from None
 
 
 def _parse_scalar(text: str, tp: Any) -> Any:
     if tp is bool:
         word = text.strip().lower()
         if word not in _TRUE_WORDS + _FALSE_WORDS:
-            raise ValueError(text)
+            raise UserValueError(text)
         return word in _TRUE_WORDS
     if tp is int:
         if text.strip().lstrip("+-").isdigit():
             return int(text)
         number = float(text)
         if not number.is_integer():
-            raise ValueError(text)
+            raise UserValueError(text)
         return int(number)
     if tp is float:
         return float(text)
@@ -129,7 +130,7 @@ def _flow_list(text: str, key: str) -> list[Any]:
     except yaml.YAMLError:
         items = None
     if not isinstance(items, list):
-        raise ValueError(f"{key}={text!r} is invalid: expected a list such as [0.8, 0.9]")
+        raise UserValueError(f"{key}={text!r} is invalid: expected a list such as [0.8, 0.9]")
     return items
 
 
@@ -166,15 +167,15 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); a config file is {kind} text") from None
+        raise UserValueError(f"{path}: not UTF-8 text (byte {exc.start}); a config file is {kind} text") from None
     try:
         data = json.loads(text) if kind == "JSON" else _yaml_load(text)
     except ValueError as exc:  # json.JSONDecodeError, and YAML errors as _yaml_load raises them
-        raise ValueError(f"{path}: not valid {kind} ({exc})") from None
+        raise UserValueError(f"{path}: not valid {kind} ({exc})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise UserValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
 
 
@@ -184,7 +185,7 @@ def _yaml_load(text: str) -> Any:
     try:
         return yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ValueError(str(exc).splitlines()[0]) from None
+        raise UserValueError(str(exc).splitlines()[0]) from None
 
 
 @functools.cache

@@ -16,6 +16,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from .errors import UserValueError
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 NEARLY_FULL_BYTES = 16 << 20
@@ -25,7 +26,7 @@ def check_output_file(path: str | Path, what: str = "--out") -> Path:
     """`path` can be written as a file: not a directory, and its nearest existing parent is a writable directory."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{what} {path} is a directory; give a file name")
+        raise UserValueError(f"{what} {path} is a directory; give a file name")
     _check_parent(path, what)
     return path
 
@@ -34,7 +35,7 @@ def check_output_dir(path: str | Path, what: str = "--out") -> Path:
     """`path` is a directory or can be made one: nothing that is not a directory stands in the way."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"{what} {path} exists and is not a directory")
+        raise UserValueError(f"{what} {path} exists and is not a directory")
     _check_parent(path, what)
     return path
 
@@ -49,9 +50,9 @@ def _nearest_existing(path: Path) -> Path:
 def _check_parent(path: Path, what: str) -> None:
     parent = _nearest_existing(path.absolute().parent)
     if not parent.is_dir():
-        raise ValueError(f"{what} {path}: {parent} is not a directory")
+        raise UserValueError(f"{what} {path}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: {parent} is not writable")
+        raise UserValueError(f"{what} {path}: {parent} is not writable")
 
 
 def as_disk_full(exc: BaseException, target: Path) -> OSError | None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .errors import UserValueError
 from .model.router import RouterOutput
 
 
@@ -28,7 +29,7 @@ def _fraction_and_prob(r: RouterOutput, seq_aux: bool) -> tuple[torch.Tensor, to
     capacity drop (the router's choice is what the loss balances).
     """
     if r.probs_TE is None:
-        raise ValueError("balance losses need routing probabilities; the hash router has none")
+        raise UserValueError("balance losses need routing probabilities; the hash router has none")
     e, k = r.num_experts, r.top_k
     g = r.batch_size if seq_aux else 1
     probs_GTE = r.probs_TE.view(g, -1, e)
@@ -53,7 +54,7 @@ def device_balance_loss(r: RouterOutput, alpha: float, num_groups: int, seq_aux:
     f_GE, p_GE = _fraction_and_prob(r, seq_aux)
     g, e = f_GE.shape
     if e % num_groups:
-        raise ValueError(f"n_device_groups={num_groups} does not divide n_routed_experts={e}")
+        raise UserValueError(f"n_device_groups={num_groups} does not divide n_routed_experts={e}")
     f_dev = f_GE.view(g, num_groups, -1).mean(dim=-1)
     p_dev = p_GE.view(g, num_groups, -1).sum(dim=-1)
     return alpha * (f_dev * p_dev).sum(dim=-1).mean()
@@ -62,7 +63,7 @@ def device_balance_loss(r: RouterOutput, alpha: float, num_groups: int, seq_aux:
 def z_loss(r: RouterOutput, alpha: float) -> torch.Tensor:
     """Router z-loss (ST-MoE): alpha * mean_t logsumexp(logits_t)^2."""
     if r.logits_TE is None:
-        raise ValueError("z-loss needs router logits; the hash router has none")
+        raise UserValueError("z-loss needs router logits; the hash router has none")
     return alpha * torch.logsumexp(r.logits_TE, dim=-1).pow(2).mean()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from .errors import UserValueError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -17,8 +18,8 @@ def parse_bytes(text: str | int | float, what: str = "size") -> float:
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:e\d+)?)\s*([a-z]*)\s*", str(text).lower().removesuffix("/s"))
         if not m or m.group(2) not in _UNITS:
-            raise ValueError(f"{what} {text!r} is invalid: expected a size such as 5GB, 500MB, 40GiB or 400GB/s")
+            raise UserValueError(f"{what} {text!r} is invalid: expected a size such as 5GB, 500MB, 40GiB or 400GB/s")
         value = float(m.group(1)) * _UNITS[m.group(2)]
     if not value > 0:
-        raise ValueError(f"{what} {text!r} must be a positive size")
+        raise UserValueError(f"{what} {text!r} must be a positive size")
     return value

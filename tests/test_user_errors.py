@@ -3,6 +3,7 @@ the output path untouched (absent before, absent after; an existing file or dire
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -121,3 +122,26 @@ def test_a_closed_pipe_is_not_a_traceback():
     proc = subprocess.run(f"{sys.executable} -m deepseekmoe info --preset deepseekmoe-145b | true",
                           shell=True, capture_output=True, text=True)
     assert proc.stderr == "", proc.stderr
+
+
+@pytest.mark.parametrize("error, one_line", [("UserValueError", True), ("ValueError", False), ("KeyError", False)])
+def test_only_user_errors_become_one_line(monkeypatch, capsys, error, one_line):
+    """A bad setting (UserValueError, also a ValueError for callers that catch that) is one line and exit code 2;
+    a ValueError or KeyError from anywhere else is a bug, and keeps its traceback."""
+    import deepseekmoe.commands.info as info
+    from deepseekmoe import errors
+
+    exc = {"UserValueError": errors.UserValueError, "ValueError": ValueError, "KeyError": KeyError}[error]
+    assert issubclass(errors.UserValueError, ValueError) and issubclass(errors.UserValueError, errors.UserError)
+
+    @functools.wraps(info.info_command)  # the same options
+    def fails(**_: object) -> int:
+        raise exc("something is off")
+
+    monkeypatch.setattr(info, "info_command", fails)
+    if one_line:
+        assert main(["info"]) == 2
+        assert capsys.readouterr().err == "deepseekmoe: error: something is off\n"
+    else:
+        with pytest.raises(exc, match="something is off"):
+            main(["info"])

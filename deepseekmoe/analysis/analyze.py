@@ -20,6 +20,7 @@ from typing import Any, Callable
 from tokenizers import Tokenizer
 
 from ..data.dataset import eval_batches, open_split
+from ..errors import UserValueError
 from ..filenames import TOKENIZER_FILE
 from ..model import Transformer
 from .specialization import Batch, disable_top_experts, evaluate_loss, shared_expert_swap, vary_top_k
@@ -30,7 +31,7 @@ def validation_batches(data_dir: str | Path, batch_size: int, seq_len: int, num_
     """The first `num_batches` sequential windows of the validation split, materialised once."""
     batches = list(eval_batches(open_split(data_dir, "val"), batch_size, seq_len, max_batches=num_batches))
     if not batches:
-        raise ValueError(f"{data_dir}: the validation split holds no window of {seq_len + 1} tokens")
+        raise UserValueError(f"{data_dir}: the validation split holds no window of {seq_len + 1} tokens")
     return batches
 
 
@@ -53,7 +54,7 @@ def token_decoder(ckpt: Path, data_dir: Path) -> Callable[[int], str] | None:
     """Token id -> text with the checkpoint's tokenizer; refuses a data dir made with a different one."""
     own, data_tok = ckpt / TOKENIZER_FILE, data_dir / TOKENIZER_FILE
     if own.is_file() and data_tok.is_file() and _sha256(own) != _sha256(data_tok):
-        raise ValueError(f"{ckpt} was trained with a different tokenizer than {data_dir}")
+        raise UserValueError(f"{ckpt} was trained with a different tokenizer than {data_dir}")
     path = own if own.is_file() else data_tok if data_tok.is_file() else None
     if path is None:
         return None

@@ -33,7 +33,7 @@ from ..checkpoint import list_checkpoints
 from ..config import ModelConfig
 from ..convert.load import load_model
 from ..data.builtin_cache import ensure_builtin_data
-from ..errors import UserError
+from ..errors import UserError, UserValueError
 from ..filenames import CONFIG_FILE, RUN_CONFIG_FILE
 from ..presets import load_preset
 from ..train.config import load_config
@@ -104,7 +104,7 @@ def resolve_suites(suite: str, scale: str, models: list[str] | None) -> dict[str
     names = list(SUITES) if suite == "all" else [suite]
     unknown = [n for n in names if n not in SUITES]
     if unknown:
-        raise ValueError(f"unknown suite {unknown[0]!r}; choose one of {', '.join(SUITES)}, all")
+        raise UserValueError(f"unknown suite {unknown[0]!r}; choose one of {', '.join(SUITES)}, all")
     return {n: (SUITES[n], {sfx: preset_for(scale, sfx) for _, sfx in SUITES[n].models}) for n in names}
 
 

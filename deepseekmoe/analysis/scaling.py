@@ -31,6 +31,7 @@ import torch
 from ..convert.load import load_model
 from ..data.builtin_cache import ensure_builtin_data
 from ..data.dataset import read_meta
+from ..errors import UserValueError
 from .analyze import validation_batches
 from .compare import (SUITES, check_recipe, final_checkpoint, make_recipe, preset_for, run_all, run_dir_for,
                       run_status, write_results)
@@ -53,7 +54,7 @@ def parse_budgets(text: str) -> list[int]:
     for item in text.split(","):
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMB]?)\s*", item, flags=re.IGNORECASE)
         if not m or float(m.group(1)) <= 0:
-            raise ValueError(f"--budgets: {item.strip()!r} is not a token count such as 500K, 0.5M or 2M")
+            raise UserValueError(f"--budgets: {item.strip()!r} is not a token count such as 500K, 0.5M or 2M")
         budgets.add(int(float(m.group(1)) * _UNITS[m.group(2).upper()]))
     return sorted(budgets)
 

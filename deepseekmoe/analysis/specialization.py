@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserValueError
 from ..model import Transformer
 from ..model.router import RouterOutput
 
@@ -38,7 +39,7 @@ def reroute(probs_TE: torch.Tensor, num_disabled: int, top_k: int, norm_topk_pro
     """Mask each token's `num_disabled` most probable experts, then take the top-`top_k` of the rest."""
     t, e = probs_TE.shape
     if num_disabled + top_k > e:
-        raise ValueError(f"cannot disable {num_disabled} and still activate {top_k} of {e} routed experts")
+        raise UserValueError(f"cannot disable {num_disabled} and still activate {top_k} of {e} routed experts")
     # The (d+1)-th..(d+K)-th most probable experts are exactly the top-K once the top d are masked.
     weight_TK, idx_TK = torch.topk(probs_TE, num_disabled + top_k, dim=-1)
     weight_TK, idx_TK = weight_TK[:, num_disabled:], idx_TK[:, num_disabled:]
@@ -59,16 +60,16 @@ def rerouted(model: Transformer, *, disable_ratio: float = 0.0, top_k: int | Non
     """Route every MoE layer differently inside the block (see the module docstring); restores on exit."""
     cfg = model.config
     if not cfg.is_moe:
-        raise ValueError("a dense model has no routing to change")
+        raise UserValueError("a dense model has no routing to change")
     if cfg.router == "hash":
-        raise ValueError("the hash router has no routing probabilities, so its experts cannot be re-ranked")
+        raise UserValueError("the hash router has no routing probabilities, so its experts cannot be re-ranked")
     if disable_shared and cfg.n_shared_experts == 0:
-        raise ValueError("the model has no shared experts to disable")
+        raise UserValueError("the model has no shared experts to disable")
     assert cfg.n_routed_experts is not None
     k = cfg.num_experts_per_tok if top_k is None else top_k
     d = num_disabled_for(disable_ratio, cfg.n_routed_experts)
     if k < 1 or d + k > cfg.n_routed_experts:
-        raise ValueError(f"top_k={k} with {d} disabled experts does not fit {cfg.n_routed_experts} routed experts")
+        raise UserValueError(f"top_k={k} with {d} disabled experts does not fit {cfg.n_routed_experts} routed experts")
     patched: list[torch.nn.Module] = []
     try:
         for moe in model.moe_layers():
@@ -109,7 +110,7 @@ def evaluate_loss(model: Transformer, batches: Iterable[Batch],
         if on_output is not None:
             on_output(out, inputs)
     if count == 0:
-        raise ValueError("no validation tokens to evaluate on")
+        raise UserValueError("no validation tokens to evaluate on")
     return total / count
 
 

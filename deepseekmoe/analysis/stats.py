@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..errors import UserValueError
 from ..model.router import RouterOutput
 
 
@@ -139,7 +140,7 @@ class RoutingStats:
 
     def update(self, router_outputs: list[RouterOutput], input_ids: torch.Tensor | None = None) -> None:
         if len(router_outputs) != len(self.layers):
-            raise ValueError(f"got {len(router_outputs)} router outputs for {len(self.layers)} MoE layers")
+            raise UserValueError(f"got {len(router_outputs)} router outputs for {len(self.layers)} MoE layers")
         for layer, r in zip(self.layers, router_outputs):
             layer.update(r, input_ids)
 

@@ -8,6 +8,7 @@ import inspect
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
+from ..errors import UserValueError
 
 # name -> the benchmark's module; each has `run(**options, as_json=...)` taking the BenchOptions it applies to
 BENCHMARKS = {"moe-layer": "benchmarks.moe_layer", "train-step": "benchmarks.train_step",
@@ -37,7 +38,7 @@ class BenchOptions:
         for name in ("repeats", "batch", "seq", "new_tokens", "budget_s"):
             value = getattr(self, name)
             if value is not None and not value > 0:  # also catches NaN
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+                raise UserValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
     def given(self) -> dict[str, Any]:
         """The options set away from their defaults, as the benchmark's `run` takes them (json apart)."""
@@ -48,7 +49,7 @@ class BenchOptions:
 def load_benchmark(name: str) -> ModuleType:
     """The benchmark's module, imported from the `benchmarks` package of a source checkout."""
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
+        raise UserValueError(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
     try:
         return importlib.import_module(BENCHMARKS[name])
     except ModuleNotFoundError as exc:
@@ -87,6 +88,6 @@ def bench_command(benchmark: str, *, options: BenchOptions = BenchOptions()) -> 
     accepted = inspect.signature(module.run).parameters
     extra = [k for k in given if k not in accepted]
     if extra:
-        raise ValueError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in extra)} do not apply to "
+        raise UserValueError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in extra)} do not apply to "
                          f"benchmark {benchmark}")
     return int(module.run(**given, as_json=options.json))

@@ -8,15 +8,16 @@ from ..analysis.compare import (DEFAULT_STEPS, analyze_finals, check_recipe, mak
                                 write_plots, write_results)
 from ..analysis.results import RESULTS_MD
 from ..analysis.scaling import DEFAULT_BUDGETS, parse_budgets, run_scaling_suite
+from ..errors import UserValueError
 from ..fileio import check_output_dir
 
 
 def _scaling(suite: str, out: str, budgets: str | None, steps: int | None, models: list[str] | None, scale: str,
              common: dict[str, Any]) -> int:
     if suite != "scaling":
-        raise ValueError("--budgets applies to --suite scaling only")
+        raise UserValueError("--budgets applies to --suite scaling only")
     if steps is not None or models:
-        raise ValueError("--steps and --models do not apply to --suite scaling: --budgets sets the steps")
+        raise UserValueError("--steps and --models do not apply to --suite scaling: --budgets sets the steps")
     return run_scaling_suite(check_output_dir(out), parse_budgets(budgets or DEFAULT_BUDGETS), scale, **common)
 
 
@@ -53,9 +54,9 @@ def compare_command(*, suite: str = "table1", data: str | None = None, steps: in
     for name, value in {"seeds": seeds, "steps": steps, "batch-size": batch_size, "seq-len": seq_len,
                         "eval-batches": eval_batches}.items():
         if value is not None and value < 1:
-            raise ValueError(f"--{name} must be at least 1, got {value}")
+            raise UserValueError(f"--{name} must be at least 1, got {value}")
     if lr is not None and not lr > 0:
-        raise ValueError(f"--lr must be positive, got {lr}")
+        raise UserValueError(f"--lr must be positive, got {lr}")
     common = {"seeds": seeds, "batch_size": batch_size, "seq_len": seq_len, "eval_batches": eval_batches,
               "data": data, "lr": lr}
     if suite == "scaling" or budgets is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..convert.hf import convert_from_hf
 from ..convert.hf_export import convert_to_hf
 from ..convert.quantize import check_format, convert_quantized
+from ..errors import UserValueError
 from ..train.sharded_checkpoint import sharded_to_single, single_to_sharded
 from ..units import parse_bytes
 
@@ -47,23 +48,23 @@ def convert_command(*, from_hf: str | None = None, to_hf: str | None = None, fro
     """
     sources = (from_hf, to_hf, from_checkpoint, from_sharded, to_sharded)
     if sum(p is not None for p in sources) != 1:
-        raise ValueError("give exactly one of --from-hf HF_DIR, --to-hf CHECKPOINT, --from-checkpoint CHECKPOINT, "
+        raise UserValueError("give exactly one of --from-hf HF_DIR, --to-hf CHECKPOINT, --from-checkpoint CHECKPOINT, "
                          "--from-sharded CHECKPOINT or --to-sharded CHECKPOINT")
     if (from_checkpoint is not None or to_hf is not None) and (quantize is None) == (to_hf is None):
-        raise ValueError("--from-checkpoint needs --quantize int8|int4; --to-hf exports float weights only")
+        raise UserValueError("--from-checkpoint needs --quantize int8|int4; --to-hf exports float weights only")
     if quantize is not None and (from_sharded or to_sharded):
-        raise ValueError("--quantize takes --from-hf or --from-checkpoint; convert a sharded checkpoint with "
+        raise UserValueError("--quantize takes --from-hf or --from-checkpoint; convert a sharded checkpoint with "
                          "--from-sharded first")
     src, dst = Path(next(p for p in sources if p is not None)), Path(out)
     if not src.exists():
         raise FileNotFoundError(f"no such directory: {src}")
     if dst.resolve() == src.resolve():
-        raise ValueError(f"--out {dst} is the source directory; choose another path")
+        raise UserValueError(f"--out {dst} is the source directory; choose another path")
     if dst.resolve() in src.resolve().parents:
-        raise ValueError(f"--out {dst} contains the source {src}; replacing it would delete the source: "
+        raise UserValueError(f"--out {dst} contains the source {src}; replacing it would delete the source: "
                          "choose another path")
     if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):
-        raise ValueError(f"--out {dst} already exists and is not empty (pass --overwrite to replace it)")
+        raise UserValueError(f"--out {dst} already exists and is not empty (pass --overwrite to replace it)")
     if quantize is not None:
         convert_quantized(src, dst, check_format(quantize, group_size), group_size, progress=True)
     elif from_hf is not None:

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 from ..configio import read_mapping
 from ..data.builtin_cache import ensure_builtin_data
 from ..data.dataset import open_split
+from ..errors import UserValueError
 from ..eval.multiple_choice import accuracies, load_task, prefix_token_id, score_examples
 from ..eval.perplexity import evaluate, token_byte_lengths
 from ..filenames import RUN_CONFIG_FILE, TOKENIZER_FILE
@@ -36,7 +37,7 @@ def recorded_data(run: dict | None) -> Path:
     """The data directory a run trained on: its `data`, or the built-in corpus when that is null (as the trainer
     resolves it)."""
     if run is None:
-        raise ValueError("no run config.yaml records the training data; pass --data DATA_DIR_OR_TEXT_FILE")
+        raise UserValueError("no run config.yaml records the training data; pass --data DATA_DIR_OR_TEXT_FILE")
     if run.get("data"):
         return Path(str(run["data"]))
     return Path(ensure_builtin_data())
@@ -45,7 +46,7 @@ def recorded_data(run: dict | None) -> Path:
 def _check_same_tokenizer(data_dir: Path, tokenizer: Tokenizer) -> None:
     data_tokenizer = data_dir / TOKENIZER_FILE
     if data_tokenizer.is_file() and Tokenizer.from_file(str(data_tokenizer)).get_vocab() != tokenizer.get_vocab():
-        raise ValueError(f"{data_dir} was tokenized with a different tokenizer than the checkpoint's")
+        raise UserValueError(f"{data_dir} was tokenized with a different tokenizer than the checkpoint's")
 
 
 def heldout_tokens(data: Path, tokenizer: Tokenizer, bos_token_id: int | None,
@@ -58,7 +59,7 @@ def heldout_tokens(data: Path, tokenizer: Tokenizer, bos_token_id: int | None,
         raise FileNotFoundError(f"no such data directory or text file: {data}")
     text = data.read_text(encoding="utf-8", errors="replace")
     if not text:
-        raise ValueError(f"{data} is empty: there is no text to evaluate")
+        raise UserValueError(f"{data} is empty: there is no text to evaluate")
     bos = [bos_token_id] if bos_token_id is not None else []
     eos = [eos_token_id] if eos_token_id is not None else []
     return np.asarray(bos + tokenizer.encode(text, add_special_tokens=False).ids + eos, dtype=np.int64)
@@ -98,7 +99,7 @@ def eval_command(checkpoint: str, *, data: str | None = None, task: str | None =
     """
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("max_batches", max_batches)):
         if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={value} must be >= 1")
+            raise UserValueError(f"--{name.replace('_', '-')}={value} must be >= 1")
     model, tokenizer, ckpt = load_for_inference(checkpoint, device, quantize)
     if task is not None:
         return _task_command(model, tokenizer, task, batch_size, json, target_delimiter, samples)

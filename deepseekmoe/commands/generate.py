@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import UserValueError
 from ..inference.generate import TextStream, encode_prompt, generate, stdout_write
 from ..inference.loading import load_for_inference
 from ..inference.sampling import check_sampling
@@ -16,7 +17,7 @@ from ..model import Transformer
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
     """The prompt text from --prompt, or from --prompt-file (a path, or '-' for stdin)."""
     if (prompt is None) == (prompt_file is None):
-        raise ValueError("give exactly one of --prompt TEXT or --prompt-file PATH ('-' reads stdin)")
+        raise UserValueError("give exactly one of --prompt TEXT or --prompt-file PATH ('-' reads stdin)")
     if prompt is not None:
         return prompt
     if prompt_file == "-":
@@ -30,10 +31,10 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 def fit_new_tokens(model: Transformer, prompt_len: int, max_new_tokens: int) -> int:
     """max_new_tokens, lowered to what still fits the context; a prompt that does not fit is an error."""
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+        raise UserValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
     limit = model.config.max_position_embeddings
     if prompt_len > limit:
-        raise ValueError(f"the prompt is {prompt_len} tokens long; the model's context is "
+        raise UserValueError(f"the prompt is {prompt_len} tokens long; the model's context is "
                          f"max_position_embeddings={limit} tokens")
     room = limit - prompt_len + 1
     if max_new_tokens > room:

@@ -6,6 +6,7 @@ import os
 
 from ..data.dataset import read_meta
 from ..data.prepare import prepare
+from ..errors import UserValueError
 
 
 def prepare_command(sources: list[str], *, out: str, vocab_size: int = 8192, tokenizer: str | None = None,
@@ -47,7 +48,7 @@ def prepare_command(sources: list[str], *, out: str, vocab_size: int = 8192, tok
     """
     if workers is not None:
         if workers < 1:
-            raise ValueError(f"--workers {workers} must be at least 1")
+            raise UserValueError(f"--workers {workers} must be at least 1")
         os.environ["RAYON_NUM_THREADS"] = str(workers)  # read when the tokenizers thread pool starts
     data_dir = prepare(sources, out, vocab_size=vocab_size, tokenizer=tokenizer, val_fraction=val_fraction,
                        builtin_max_bytes=int(builtin_max_mb * 1e6),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uvicorn
 
+from ..errors import UserValueError
 from ..inference.engine import Engine
 from ..inference.loading import load_for_inference
 from ..inference.routes import make_app
@@ -35,15 +36,15 @@ def serve_command(checkpoint: str, *, host: str = "127.0.0.1", port: int = 8000,
     for name, value in (("--max-tokens", max_tokens), ("--max-batch-size", max_batch_size),
                         ("--max-queue", max_queue)):
         if value is not None and value < 1:
-            raise ValueError(f"{name} {value} must be at least 1")
+            raise UserValueError(f"{name} {value} must be at least 1")
     if not request_timeout > 0:
-        raise ValueError(f"--request-timeout {request_timeout} must be a positive number of seconds")
+        raise UserValueError(f"--request-timeout {request_timeout} must be a positive number of seconds")
     sock = bind(host, port)
     try:
         model, tokenizer, ckpt = load_for_inference(checkpoint, device, quantize)
         context = model.config.max_position_embeddings
         if max_tokens is not None and max_tokens >= context:
-            raise ValueError(f"--max-tokens {max_tokens} must be below the model's context of {context} tokens")
+            raise UserValueError(f"--max-tokens {max_tokens} must be below the model's context of {context} tokens")
         settings = Settings(served_model_name or checkpoint, max_tokens or context - 1, api_key, request_timeout,
                             checkpoint_chat_template(ckpt))
     except BaseException:

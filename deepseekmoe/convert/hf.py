@@ -23,6 +23,7 @@ import torch
 
 from ..checkpoint import open_safetensors
 from ..config import ModelConfig
+from ..errors import UserValueError
 from ..fileio import written_atomically
 from ..filenames import CONFIG_FILE, MODEL_FILE
 from .hf_layout import (INDEX_FILE, Shape, copy_side_files, format_shape, hf_layout, is_hf_directory, our_entries,
@@ -37,7 +38,7 @@ def read_hf_config(hf_dir: Path) -> ModelConfig:
     try:
         return ModelConfig.from_hf_dict(json.loads(path.read_text()))
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise UserValueError(f"{path}: {exc}") from None
 
 
 def _inside(name: object) -> bool:
@@ -54,13 +55,13 @@ def weight_files(hf_dir: Path) -> dict[str, list[str]]:
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no weight_map")
+            raise UserValueError(f"{index}: no weight_map")
         files: dict[str, list[str]] = {}
         for key, name in weight_map.items():
             files.setdefault(name, []).append(key)
         for name in files:
             if not _inside(name):  # judged on the name alone: hub caches link shards to blobs elsewhere
-                raise ValueError(f"{index} names the shard {name!r}, which is not a file inside {hf_dir}")
+                raise UserValueError(f"{index} names the shard {name!r}, which is not a file inside {hf_dir}")
             if not (hf_dir / name).is_file():
                 raise FileNotFoundError(f"{index} names {name}, which does not exist")
         return dict(sorted(files.items()))
@@ -77,14 +78,16 @@ def _check_keys(hf_dir: Path, files: dict[str, list[str]], layout: dict[str, Sha
     present = {k: name for name, keys in files.items() for k in keys}
     missing = [k for k in layout if k not in present]
     if missing:
-        raise ValueError(f"{hf_dir}: missing tensor {missing[0]} (expected shape {format_shape(layout[missing[0]])} from "
+        raise UserValueError(f"{hf_dir}: missing tensor {missing[0]} (expected shape "
+                             f"{format_shape(layout[missing[0]])} from "
                          f"config.json; {len(missing)} missing in all)")
     unexpected = [k for k in present if k not in layout and not is_tied_head(k, layout)]
     if unexpected:
         key, name = unexpected[0], present[unexpected[0]]
         with open_safetensors(str(hf_dir / name)) as f:
             shape = f.get_slice(key).get_shape() if key in f.keys() else "?"
-        raise ValueError(f"{hf_dir / name}: unexpected tensor {key} with shape {format_shape(shape)} (not in the model "
+        raise UserValueError(f"{hf_dir / name}: unexpected tensor {key} with shape {format_shape(shape)} (not "
+                             f"in the model "
                          f"config.json describes; {len(unexpected)} unexpected in all)")
 
 
@@ -103,11 +106,11 @@ def _scan(hf_dir: Path, files: dict[str, list[str]], layout: dict[str, Shape]) -
                 if is_tied_head(key, layout):
                     continue
                 if key not in stored:
-                    raise ValueError(f"{hf_dir / INDEX_FILE} places {key} in {name}, which does not contain it")
+                    raise UserValueError(f"{hf_dir / INDEX_FILE} places {key} in {name}, which does not contain it")
                 piece = f.get_slice(key)
                 shape = tuple(piece.get_shape())
                 if shape != layout[key]:
-                    raise ValueError(f"{hf_dir / name}: tensor {key} has shape {format_shape(shape)}, expected "
+                    raise UserValueError(f"{hf_dir / name}: tensor {key} has shape {format_shape(shape)}, expected "
                                      f"{format_shape(layout[key])} from config.json")
                 dtypes[key] = DTYPES[piece.get_dtype()]
     return dtypes
@@ -139,7 +142,7 @@ def stream_hf_pieces(hf_dir: Path, files: dict[str, list[str]], layout: dict[str
 def open_hf_dir(hf_dir: Path) -> tuple[ModelConfig, dict[str, list[str]], dict[str, Shape], dict]:
     """Read config.json and the shard headers; every check that needs no tensor data happens here."""
     if not is_hf_directory(hf_dir):
-        raise ValueError(f"{hf_dir} is not a Hugging Face DeepSeekMoE directory (config.json with model_type "
+        raise UserValueError(f"{hf_dir} is not a Hugging Face DeepSeekMoE directory (config.json with model_type "
                          f"'deepseek' beside HF-keyed safetensors weights)")
     config = read_hf_config(hf_dir)
     layout = hf_layout(config)

@@ -18,6 +18,7 @@ import torch
 
 from ..checkpoint import open_safetensors
 from ..config import ModelConfig
+from ..errors import UserValueError
 from ..fileio import written_atomically
 from ..filenames import CONFIG_FILE, MODEL_FILE
 from ..units import parse_bytes
@@ -61,13 +62,15 @@ def _check_our_checkpoint(path: Path, f, config: ModelConfig, layout: dict[str, 
     stored = set(f.keys())
     for key, shape in expected.items():
         if key not in stored:
-            raise ValueError(f"{path}: missing tensor {key} (expected shape {format_shape(shape)} from config.json)")
+            raise UserValueError(f"{path}: missing tensor {key} (expected shape {format_shape(shape)} from "
+                                 f"config.json)")
         found = tuple(f.get_slice(key).get_shape())
         if found != shape:
-            raise ValueError(f"{path}: tensor {key} has shape {format_shape(found)}, expected {format_shape(shape)} from config.json")
+            raise UserValueError(f"{path}: tensor {key} has shape {format_shape(found)}, expected "
+                                 f"{format_shape(shape)} from config.json")
     extra = sorted(stored - set(expected))
     if extra:
-        raise ValueError(f"{path}: unexpected tensor {extra[0]} with shape "
+        raise UserValueError(f"{path}: unexpected tensor {extra[0]} with shape "
                          f"{format_shape(f.get_slice(extra[0]).get_shape())} (not in the model config.json describes)")
     return {k: DTYPES[f.get_slice(our_source(k)[0]).get_dtype()] for k in layout}
 
@@ -100,7 +103,7 @@ def convert_to_hf(checkpoint: str | Path, out: str | Path, max_shard_size: str |
     """Our checkpoint (or a run's latest) -> an HF directory in the official layout, atomically."""
     ckpt, out = resolve_checkpoint(checkpoint), Path(out)
     if is_hf_directory(ckpt):
-        raise ValueError(f"{ckpt} is already a Hugging Face directory; --to-hf takes one of our checkpoints")
+        raise UserValueError(f"{ckpt} is already a Hugging Face directory; --to-hf takes one of our checkpoints")
     max_bytes = int(parse_bytes(max_shard_size, "max_shard_size"))
     config = ModelConfig.from_dict(json.loads((ckpt / CONFIG_FILE).read_text()))
     layout = hf_layout(config)

@@ -26,6 +26,7 @@ import torch
 
 from ..checkpoint import open_safetensors
 from ..config import ModelConfig
+from ..errors import UserValueError
 from ..filenames import CONFIG_FILE, GENERATION_CONFIG_FILE, MODEL_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -137,7 +138,7 @@ def our_entries(config: ModelConfig, dtypes: dict[str, torch.dtype]) -> dict[str
         if index:
             rows = shape[0] * (1 if index[1] is None else 2)
             if our_key in entries and entries[our_key][0] != dtype:
-                raise ValueError(f"tensor {hf_key} has dtype {dtype}, but the other experts of its layer are "
+                raise UserValueError(f"tensor {hf_key} has dtype {dtype}, but the other experts of its layer are "
                                  f"{entries[our_key][0]}")
             shape = (config.n_routed_experts, rows, shape[1])
         entries[our_key] = (dtype, shape)

@@ -18,6 +18,7 @@ import torch
 
 from ..checkpoint import model_from_state, open_safetensors
 from ..config import ModelConfig
+from ..errors import UserValueError
 from .hf import element_offset, is_tied_head, open_hf_dir, read_hf_state
 from .hf_layout import our_source
 
@@ -35,13 +36,13 @@ def _read_into(f, span: tuple[int, int], out: torch.Tensor) -> None:
     """The bytes span of the open file f, read into the contiguous tensor `out` (as many bytes)."""
     view = memoryview(out.view(torch.uint8).numpy())
     if span[1] - span[0] != view.nbytes:
-        raise ValueError(f"{f.name}: {span[1] - span[0]} bytes where {view.nbytes} were expected")
+        raise UserValueError(f"{f.name}: {span[1] - span[0]} bytes where {view.nbytes} were expected")
     f.seek(span[0])
     done = 0
     while done < view.nbytes:
         got = f.readinto(view[done:])
         if not got:
-            raise ValueError(f"{f.name} ends inside a tensor")
+            raise UserValueError(f"{f.name} ends inside a tensor")
         done += got
 
 

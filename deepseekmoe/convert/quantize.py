@@ -36,6 +36,7 @@ from typing import Iterator, Protocol
 import torch
 
 from ..config import ModelConfig
+from ..errors import UserValueError
 from ..model.int4_layout import LAYOUTS, block_rows, kernel_layout, to_layout
 from ..model.quantized import FORMATS, GROUP_SIZES, SCALE_SUFFIX, Format, int4_group_size, quantize
 from ..checkpoint import CONFIG_FILE, MODEL_FILE, open_safetensors
@@ -52,9 +53,9 @@ class Sink(Protocol):
 
 def check_format(fmt: str, group_size: int) -> Format:
     if fmt not in FORMATS:
-        raise ValueError(f"--quantize {fmt!r} is not a format: expected one of {', '.join(FORMATS)}")
+        raise UserValueError(f"--quantize {fmt!r} is not a format: expected one of {', '.join(FORMATS)}")
     if fmt == "int4" and group_size not in GROUP_SIZES:
-        raise ValueError(f"--group-size {group_size} is not supported by the int4 kernel: use one of "
+        raise UserValueError(f"--group-size {group_size} is not supported by the int4 kernel: use one of "
                          f"{', '.join(map(str, GROUP_SIZES))}")
     return fmt  # type: ignore[return-value]
 
@@ -99,7 +100,7 @@ def stored_layout(quantization: dict, where: Path) -> str:
     """The int4 layout a `quantization` entry names ("rows" where it names none)."""
     layout = quantization.get("int4_layout") or "rows"
     if layout not in LAYOUTS:
-        raise ValueError(f"{where}: quantization.int4_layout={layout!r} is not one of {', '.join(LAYOUTS)}")
+        raise UserValueError(f"{where}: quantization.int4_layout={layout!r} is not one of {', '.join(LAYOUTS)}")
     return layout
 
 
@@ -186,7 +187,7 @@ def checkpoint_entries(ckpt: Path) -> tuple[ModelConfig, Entries]:
 
     raw = json.loads((ckpt / CONFIG_FILE).read_text())
     if "quantization" in raw:
-        raise ValueError(f"{ckpt} is already quantized ({raw['quantization'].get('format')})")
+        raise UserValueError(f"{ckpt} is already quantized ({raw['quantization'].get('format')})")
     config = ModelConfig.from_dict(raw)
     with open_safetensors(ckpt / MODEL_FILE) as f:
         entries = {k: (DTYPES[f.get_slice(k).get_dtype()], tuple(f.get_slice(k).get_shape())) for k in f.keys()}
@@ -268,7 +269,7 @@ def read_quantized_checkpoint(ckpt: Path) -> tuple[ModelConfig, dict, dict[str, 
         return None
     fmt = quantization.get("format") if isinstance(quantization, dict) else None
     if fmt not in FORMATS:
-        raise ValueError(f"{ckpt / CONFIG_FILE}: quantization.format={fmt!r} is not one of {', '.join(FORMATS)}")
+        raise UserValueError(f"{ckpt / CONFIG_FILE}: quantization.format={fmt!r} is not one of {', '.join(FORMATS)}")
     stored_layout(quantization, ckpt / CONFIG_FILE)
     config = ModelConfig.from_dict(raw)
     with open_safetensors(ckpt / MODEL_FILE) as f:

@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 
 import torch
+from ..errors import UserValueError
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -51,9 +52,9 @@ class SafetensorsWriter:
         """Write `tensor` (flattened) into tensor `name` from element `start` on; the dtype must match."""
         offset, dtype, numel = self._offsets[name]
         if tensor.dtype != dtype:
-            raise ValueError(f"{name}: writing {tensor.dtype} data into a {dtype} tensor")
+            raise UserValueError(f"{name}: writing {tensor.dtype} data into a {dtype} tensor")
         if start + tensor.numel() > numel:
-            raise ValueError(f"{name}: {tensor.numel()} elements from {start} overrun its {numel}")
+            raise UserValueError(f"{name}: {tensor.numel()} elements from {start} overrun its {numel}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         self._file.seek(self._data_start + offset + start * dtype.itemsize)
         self._file.write(data)

@@ -14,6 +14,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from ..errors import UserValueError
 from .corpus import InputFile
 
 BUILTIN_SOURCE = "builtin"
@@ -39,7 +40,7 @@ def _stdlib_sources(root: Path) -> list[Path]:
 def builtin_inputs(max_bytes: int = DEFAULT_MAX_BYTES) -> list[InputFile]:
     """The built-in corpus's input files, in their fixed order, up to about max_bytes of file size."""
     if max_bytes <= 0:
-        raise ValueError(f"the built-in corpus size cap must be positive, got {max_bytes} bytes")
+        raise UserValueError(f"the built-in corpus size cap must be positive, got {max_bytes} bytes")
     inputs: list[InputFile] = []
     total = 0
     try:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
+from ..errors import UserValueError
 from .tables import hub_documents, hub_identity, table_documents
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
@@ -127,7 +128,7 @@ def expand_source(source: str, text_field: str = "text") -> list[InputFile]:
 def expand_sources(sources: list[str], text_field: str = "text") -> list[InputFile]:
     """All input files of several sources, each file once (first mention wins)."""
     if not sources:
-        raise ValueError("no sources given: name files, directories, globs, hf:NAME or `builtin`")
+        raise UserValueError("no sources given: name files, directories, globs, hf:NAME or `builtin`")
     seen: set[Path | str] = set()
     inputs = []
     for source in sources:
@@ -192,7 +193,7 @@ def _text_documents(inp: InputFile, stats: ReadStats) -> Iterator[str]:
     text, bad = decode_utf8(raw)
     reason = binary_reason(raw, text, bad)
     if reason is not None:
-        raise ValueError(f"{inp.path} is not text ({reason}); prepare reads text files, .jsonl, .json, .parquet "
+        raise UserValueError(f"{inp.path} is not text ({reason}); prepare reads text files, .jsonl, .json, .parquet "
                          "and .arrow")
     if bad:
         stats.replaced[str(inp.path)] = bad
@@ -211,12 +212,12 @@ def _jsonl_documents(inp: InputFile, stats: ReadStats) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{inp.path}:{lineno}: invalid JSON ({exc.msg})") from None
+                raise UserValueError(f"{inp.path}:{lineno}: invalid JSON ({exc.msg})") from None
             except RecursionError:
-                raise ValueError(f"{inp.path}:{lineno}: JSON nested too deeply to read") from None
+                raise UserValueError(f"{inp.path}:{lineno}: JSON nested too deeply to read") from None
             text = record.get(inp.text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise ValueError(f"{inp.path}:{lineno}: expected an object with a string field "
+                raise UserValueError(f"{inp.path}:{lineno}: expected an object with a string field "
                                  f"\"{inp.text_field}\"" + _fields_hint(record))
             text, bad = _replace_surrogates(text)
             bad_total += bad
@@ -255,7 +256,7 @@ def read_documents(inp: InputFile, stats: ReadStats) -> Iterator[str]:
         yield from reader(inp, stats)
     except (OSError, EOFError, zlib.error) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
-        raise ValueError(f"cannot read {inp.path}: {reason}") from None
+        raise UserValueError(f"cannot read {inp.path}: {reason}") from None
 
 
 def iter_documents(inputs: list[InputFile], stats: ReadStats) -> Iterator[str]:

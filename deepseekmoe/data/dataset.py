@@ -22,6 +22,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..errors import UserValueError
 from ..filenames import META_FILE, TOKEN_FILES
 
 FORMAT = 1
@@ -37,10 +38,10 @@ def read_meta(data_dir: str | Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        raise UserValueError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise ValueError(f"{path}: unsupported data format {found!r} (this version reads format {FORMAT})")
+        raise UserValueError(f"{path}: unsupported data format {found!r} (this version reads format {FORMAT})")
     missing = [k for k in ("vocab_size", "dtype", "splits") if k not in meta]
     splits = meta.get("splits")
     whole = isinstance(splits, dict) and all(isinstance(splits.get(s), dict) and "tokens" in splits[s]
@@ -48,14 +49,14 @@ def read_meta(data_dir: str | Path) -> dict:
     if not missing and not whole:
         missing = ["splits.train.tokens / splits.val.tokens"]
     if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}; recreate the directory with `deepseekmoe prepare`")
+        raise UserValueError(f"{path} lacks {', '.join(missing)}; recreate the directory with `deepseekmoe prepare`")
     return meta
 
 
 def open_split(data_dir: str | Path, split: str) -> np.ndarray:
     """The token stream of one split as a read-only 1-D memmap (an empty array for an empty split)."""
     if split not in SPLITS:
-        raise ValueError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
+        raise UserValueError(f"split={split!r}: expected one of {', '.join(SPLITS)}")
     meta = read_meta(data_dir)
     dtype = np.dtype(meta["dtype"])
     path = Path(data_dir) / TOKEN_FILES[split]
@@ -64,15 +65,15 @@ def open_split(data_dir: str | Path, split: str) -> np.ndarray:
     expected = meta["splits"][split]["tokens"]
     size = path.stat().st_size
     if size != expected * dtype.itemsize:
-        raise ValueError(f"{path} holds {size} bytes, meta.json promises {expected} {dtype} tokens; "
+        raise UserValueError(f"{path} holds {size} bytes, meta.json promises {expected} {dtype} tokens; "
                          "the directory is damaged, run `deepseekmoe prepare --force`")
     if expected == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def _windows_error(tokens: np.ndarray, window: int, what: str) -> ValueError:
-    return ValueError(f"{what} of {len(tokens)} tokens is too small for one window of {window} tokens "
+def _windows_error(tokens: np.ndarray, window: int, what: str) -> UserValueError:
+    return UserValueError(f"{what} of {len(tokens)} tokens is too small for one window of {window} tokens "
                       f"(seq_len + 1); use a shorter seq_len or more text")
 
 
@@ -81,7 +82,7 @@ class PackedBatches:
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0) -> None:
         if batch_size < 1 or seq_len < 1:
-            raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
+            raise UserValueError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
         self.tokens = tokens
         self.batch_size = batch_size
         self.seq_len = seq_len
@@ -111,7 +112,7 @@ class PackedBatches:
     def window_starts(self, index: int) -> list[int]:
         """Token offsets of the windows that make batch `index`."""
         if index < 0:
-            raise ValueError(f"batch index must be >= 0, got {index}")
+            raise UserValueError(f"batch index must be >= 0, got {index}")
         starts = []
         for sample in range(index * self.batch_size, (index + 1) * self.batch_size):
             epoch, pos = divmod(sample, self.num_windows)
@@ -142,7 +143,7 @@ def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
     first is a target exactly once, up to the last full window (the few tokens after it are not scored).
     """
     if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
+        raise UserValueError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
     num_windows = check_eval_windows(tokens, seq_len)
     for n, first in enumerate(range(0, num_windows, batch_size)):
         if max_batches is not None and n >= max_batches:

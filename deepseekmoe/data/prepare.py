@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import UserValueError
 from ..fileio import written_atomically
 from ..filenames import META_FILE, TOKEN_FILES, TOKENIZER_FILE
 from ..version import __version__
@@ -63,7 +64,7 @@ def choose_validation(keys: list[int], sizes: list[int], val_fraction: float) ->
     """
     n = len(keys)
     if n < 2:
-        raise ValueError(f"the corpus is too small for a train/validation split: {n} document, need at least 2 "
+        raise UserValueError(f"the corpus is too small for a train/validation split: {n} document, need at least 2 "
                          "(add text, or more files)")
     target = val_fraction * sum(sizes)
     order = sorted(range(n), key=lambda i: (keys[i], i))
@@ -120,16 +121,16 @@ holding anything else is never replaced."""
 def check_replaceable(out: Path) -> None:
     """Refuse to replace anything but a data directory holding only what prepare writes."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+        raise UserValueError(f"--out {out} exists and is not a directory")
     if not out.is_dir() or not any(out.iterdir()):
         return
     if not (out / META_FILE).is_file():
-        raise ValueError(f"--out {out} exists and is not a data directory (no {META_FILE}); "
+        raise UserValueError(f"--out {out} exists and is not a data directory (no {META_FILE}); "
                          "choose a new or empty directory")
     others = sorted(p.name for p in out.iterdir() if p.name not in DATA_FILES)
     if others:
         listed = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-        raise ValueError(f"--out {out} also holds files prepare did not write ({listed}); move them or choose "
+        raise UserValueError(f"--out {out} also holds files prepare did not write ({listed}); move them or choose "
                          "another directory (prepare replaces the directory as a whole)")
 
 
@@ -138,7 +139,7 @@ def check_inputs_outside(out: Path, inputs: list[InputFile]) -> None:
     target = out.resolve()
     inside = next((f.path for f in inputs if f.kind != "hf" and target in f.path.resolve().parents), None)
     if inside is not None:
-        raise ValueError(f"--out {out} contains the input {inside}; choose a directory outside the sources")
+        raise UserValueError(f"--out {out} contains the input {inside}; choose a directory outside the sources")
 
 
 def write_meta(directory: Path, meta: dict) -> None:
@@ -173,12 +174,12 @@ def _make_tokenizer(tokenizer: str | None, vocab_size: int, sample: list[str] | 
 
 def _check_arguments(out: Path, tokenizer: str | None, vocab_size: int, val_fraction: float) -> None:
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
+        raise UserValueError(f"val_fraction={val_fraction} must be between 0 and 1 (exclusive)")
     check_replaceable(out)
     if tokenizer is not None:
         load_tokenizer(tokenizer)  # fail early on a bad path or file
     elif vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB_SIZE}")
+        raise UserValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB_SIZE}")
 
 
 def _write_data(tmp: Path, inputs: list[InputFile], keys: list[int], sizes: list[int], is_val: list[bool], *,
@@ -220,7 +221,7 @@ def prepare(sources: list[str], out: str | Path, *, vocab_size: int = 8192, toke
     stats = ReadStats()
     keys, sizes = scan(inputs, stats)
     if not keys:
-        raise ValueError(f"no text found in {' '.join(sources)} (every input file is empty)")
+        raise UserValueError(f"no text found in {' '.join(sources)} (every input file is empty)")
     is_val = choose_validation(keys, sizes, val_fraction)
     log(f"read {len(inputs)} files: {len(keys)} documents, {sum(sizes) / 1e6:.2f} MB of text")
     _report_replacements(stats)

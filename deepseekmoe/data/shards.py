@@ -16,6 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from ..errors import UserValueError
 from ..filenames import TOKEN_FILES
 
 CHUNK_CHARS = 2_000_000
@@ -88,5 +89,5 @@ def write_splits(documents: Iterable[str], is_val: list[bool], tok: Tokenizer, o
     return counts
 
 
-def _changed(expected: int) -> ValueError:
-    return ValueError(f"the input files changed while they were read (expected {expected} documents); run again")
+def _changed(expected: int) -> UserValueError:
+    return UserValueError(f"the input files changed while they were read (expected {expected} documents); run again")

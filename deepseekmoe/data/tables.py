@@ -12,6 +12,7 @@ import contextlib
 import os
 from pathlib import Path
 from typing import Any, Iterator
+from ..errors import UserValueError
 
 HUB_PREFIX = "hf:"
 BATCH_ROWS = 1024
@@ -22,7 +23,7 @@ def import_datasets(what: str) -> Any:
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"reading {what} needs the `datasets` package: pip install 'deepseekmoe[data]'") from None
+        raise UserValueError(f"reading {what} needs the `datasets` package: pip install 'deepseekmoe[data]'") from None
     return datasets
 
 
@@ -58,7 +59,7 @@ def parse_hub_source(source: str) -> tuple[str, str]:
     """`hf:NAME[:SPLIT]` -> (NAME, SPLIT); the split defaults to train."""
     name, _, split = source[len(HUB_PREFIX):].partition(":")
     if not name:
-        raise ValueError(f"{source}: expected hf:NAME or hf:NAME:SPLIT (a dataset in the local HF cache)")
+        raise UserValueError(f"{source}: expected hf:NAME or hf:NAME:SPLIT (a dataset in the local HF cache)")
     return name, split or "train"
 
 
@@ -74,7 +75,7 @@ def load_hub(source: str) -> Any:
             hint = "" if isinstance(exc, (ValueError, KeyError)) else (
                 "; it must be in the cache already (load it once with datasets.load_dataset while online, or "
                 "set HF_DATASETS_CACHE)")
-            raise ValueError(f"{source}: cannot load it from the local datasets cache "
+            raise UserValueError(f"{source}: cannot load it from the local datasets cache "
                              f"{datasets.config.HF_DATASETS_CACHE} ({reason}){hint}") from None
 
 
@@ -119,7 +120,7 @@ def table_documents(path: Path, builder: str, field: str) -> Iterator[str]:
         raise
     except Exception as exc:  # pyarrow's and datasets' many parse errors: the file is not what its name says
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"cannot read {path} as {builder}: {reason}") from None
+        raise UserValueError(f"cannot read {path} as {builder}: {reason}") from None
 
 
 def hub_documents(source: str, field: str) -> Iterator[str]:

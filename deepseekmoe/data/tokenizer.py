@@ -15,6 +15,7 @@ from typing import Iterable
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ..errors import UserValueError
 from ..filenames import TOKENIZER_FILE
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -48,7 +49,7 @@ def new_tokenizer() -> Tokenizer:
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE tokenizer with ids 0, 1, 2 = bos, eos, pad, then the 256 byte symbols, then merges."""
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB_SIZE}")
+        raise UserValueError(f"vocab_size={vocab_size} is too small: a byte-level BPE needs at least {MIN_VOCAB_SIZE}")
     tok = new_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=sys.stderr.isatty(),
@@ -67,7 +68,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     try:
         return Tokenizer.from_file(str(p))
     except Exception as exc:  # the Rust side raises a bare Exception on any parse error
-        raise ValueError(f"{p} is not a valid tokenizer.json: {str(exc).splitlines()[0]}") from None
+        raise UserValueError(f"{p} is not a valid tokenizer.json: {str(exc).splitlines()[0]}") from None
 
 
 def _first_id(tok: Tokenizer, names: tuple[str, ...]) -> int | None:
@@ -83,7 +84,7 @@ def special_token_ids(tok: Tokenizer) -> dict[str, int]:
     eos = _first_id(tok, EOS_NAMES)
     bos = _first_id(tok, BOS_NAMES)
     if eos is None:
-        raise ValueError(f"the tokenizer has no end-of-sequence token (looked for {', '.join(EOS_NAMES)})")
+        raise UserValueError(f"the tokenizer has no end-of-sequence token (looked for {', '.join(EOS_NAMES)})")
     bos = eos if bos is None else bos
     pad = _first_id(tok, PAD_NAMES)
     return {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos if pad is None else pad}

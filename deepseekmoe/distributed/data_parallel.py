@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import UserValueError
 from ..model import Transformer
 from .expert_parallel import apply_expert_parallel, expert_parameters
 from .mesh import Parallel
@@ -62,7 +63,7 @@ def local_batch(batch: torch.Tensor, parallel: Parallel) -> torch.Tensor:
     """This rank's contiguous slice (dim 0) of a global batch; the slices of all ranks tile it in rank order."""
     b, w = batch.shape[0], parallel.world_size
     if b % w:
-        raise ValueError(f"batch size {b} is not divisible by the world size {w}")
+        raise UserValueError(f"batch size {b} is not divisible by the world size {w}")
     return batch[parallel.rank * (b // w):(parallel.rank + 1) * (b // w)]
 
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import UserValueError
 from ..model import Transformer
 from ..model.experts import RoutedExperts, sort_by_expert
 
@@ -72,7 +73,7 @@ class ExpertParallelExperts(RoutedExperts):
         self.ep_size, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
         e = experts.num_experts
         if e < self.ep_size:
-            raise ValueError(f"ep={self.ep_size} exceeds n_routed_experts={e}: every EP rank needs an expert")
+            raise UserValueError(f"ep={self.ep_size} exceeds n_routed_experts={e}: every EP rank needs an expert")
         self.num_experts, self.bounds = e, expert_bounds(e, self.ep_size)
         self.sizes = [b - a for a, b in zip(self.bounds, self.bounds[1:])]  # experts per EP rank
         self.first, self.num_local = self.bounds[self.ep_rank], self.sizes[self.ep_rank]
@@ -114,7 +115,7 @@ def apply_expert_parallel(model: Transformer, group: dist.ProcessGroup) -> Trans
     ones, so load or initialise the full model first). State-dict keys keep their names; shapes become local."""
     for moe in model.moe_layers():
         if isinstance(moe.experts, ExpertParallelExperts):
-            raise ValueError("apply_expert_parallel: the model's experts are already distributed")
+            raise UserValueError("apply_expert_parallel: the model's experts are already distributed")
         moe.experts = ExpertParallelExperts(moe.experts, group)
     return model
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from ..errors import UserValueError
 
 
 @dataclass
@@ -52,16 +53,16 @@ class Parallel:
 def check_sizes(world_size: int, ep: int, n_routed_experts: int | None) -> None:
     """Raise ValueError unless `ep` divides the world size and every EP rank gets at least one routed expert."""
     if ep < 1:
-        raise ValueError(f"ep={ep} is invalid: expected an integer >= 1")
+        raise UserValueError(f"ep={ep} is invalid: expected an integer >= 1")
     if ep > world_size:
-        raise ValueError(f"ep={ep} needs at least {ep} processes (GPUs), got {world_size}; launch with "
+        raise UserValueError(f"ep={ep} needs at least {ep} processes (GPUs), got {world_size}; launch with "
                          f"torchrun --nproc-per-node {ep} ...")
     if world_size % ep:
-        raise ValueError(f"ep={ep} does not divide the number of processes (GPUs) {world_size}")
+        raise UserValueError(f"ep={ep} does not divide the number of processes (GPUs) {world_size}")
     if ep > 1 and n_routed_experts is None:
-        raise ValueError(f"ep={ep} needs a model with routed experts (this one is dense)")
+        raise UserValueError(f"ep={ep} needs a model with routed experts (this one is dense)")
     if n_routed_experts is not None and ep > n_routed_experts:
-        raise ValueError(f"ep={ep} exceeds n_routed_experts={n_routed_experts}: every EP rank needs an expert")
+        raise UserValueError(f"ep={ep} exceeds n_routed_experts={n_routed_experts}: every EP rank needs an expert")
 
 
 def default_device() -> torch.device:

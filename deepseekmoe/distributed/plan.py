@@ -27,6 +27,7 @@ from typing import Any, Callable, ClassVar, TypeVar
 import torch
 from torch import nn
 
+from ..errors import UserValueError
 from ..model import Transformer
 from . import data_parallel, fsdp, training
 from .expert_parallel import with_ep_device_groups
@@ -169,5 +170,5 @@ def resolve_plan(run: Any, ep: int, device: torch.device) -> tuple[Any, Parallel
 def check_options(cfg: Any, world_size: int) -> None:
     """Refuse train options that no plan runs together (ValueError naming them), before any process group."""
     if cfg.activation_checkpointing and world_size > 1 and not cfg.fsdp:
-        raise ValueError(f"train.activation_checkpointing=true on {world_size} processes needs train.fsdp=true "
+        raise UserValueError(f"train.activation_checkpointing=true on {world_size} processes needs train.fsdp=true "
                          "(--fsdp)")

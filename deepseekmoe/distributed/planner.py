@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 from ..accounting import count
 from ..config import ModelConfig
+from ..errors import UserValueError
 from .mesh import check_sizes
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -225,16 +226,16 @@ def fewest_gpus(c: ModelConfig, *, ep: int, limit: int = 16384, **kwargs) -> Pla
 def _check(c: ModelConfig, gpus: int, ep: int, micro_batch: int, s: int, dtype: str,
            global_batch: int | None) -> None:
     if gpus < 1:
-        raise ValueError(f"gpus={gpus} is invalid: expected an integer >= 1")
+        raise UserValueError(f"gpus={gpus} is invalid: expected an integer >= 1")
     if ep > gpus:
-        raise ValueError(f"ep={ep} exceeds gpus={gpus}")
+        raise UserValueError(f"ep={ep} exceeds gpus={gpus}")
     check_sizes(gpus, ep, c.n_routed_experts if c.is_moe else None)
     if micro_batch < 1:
-        raise ValueError(f"micro_batch={micro_batch} is invalid: expected an integer >= 1")
+        raise UserValueError(f"micro_batch={micro_batch} is invalid: expected an integer >= 1")
     if not 1 <= s <= c.max_position_embeddings:
-        raise ValueError(f"seq_len={s} is invalid: expected 1..max_position_embeddings={c.max_position_embeddings}")
+        raise UserValueError(f"seq_len={s} is invalid: expected 1..max_position_embeddings={c.max_position_embeddings}")
     if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype={dtype!r} is invalid: expected one of {', '.join(DTYPE_BYTES)}")
+        raise UserValueError(f"dtype={dtype!r} is invalid: expected one of {', '.join(DTYPE_BYTES)}")
     if global_batch is not None and (global_batch < 1 or global_batch % (micro_batch * gpus)):
-        raise ValueError(f"global_batch={global_batch} is not a multiple of micro_batch x gpus = "
+        raise UserValueError(f"global_batch={global_batch} is not a multiple of micro_batch x gpus = "
                          f"{micro_batch * gpus}")

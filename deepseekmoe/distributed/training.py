@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..config import ModelConfig
+from ..errors import UserValueError
 from ..model import Transformer
 from .expert_parallel import ExpertParallelExperts, expert_bounds, full_model, gather_blocks
 from .mesh import Parallel
@@ -64,7 +65,7 @@ def device_load_record(counts_LE: torch.Tensor, config: ModelConfig, parallel: P
 
 def check_batch(batch_size: int, parallel: Parallel) -> None:
     if batch_size % parallel.world_size:
-        raise ValueError(f"train.batch_size={batch_size} is not divisible by the {parallel.world_size} processes "
+        raise UserValueError(f"train.batch_size={batch_size} is not divisible by the {parallel.world_size} processes "
                          "(each takes an equal slice of every micro-batch)")
 
 

@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+from ..errors import UserValueError
 
 try:
     import lm_eval.models  # noqa: F401 - registers lm-eval's own models first (lazily), so they stay reachable
@@ -76,9 +77,10 @@ def _positive_int(name: str, value: Any) -> int:
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} must be a positive integer (lm-eval's 'auto' is not supported)") from None
+        raise UserValueError(f"{name}={value!r} must be a positive integer (lm-eval's 'auto' is not "
+                             f"supported)") from None
     if n < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
+        raise UserValueError(f"{name}={value!r} must be a positive integer")
     return n
 
 
@@ -105,7 +107,7 @@ class DeepSeekMoELM(LM):
         del max_batch_size  # lm-eval passes it for its automatic batch sizes, which this model does not use
         self.batch_size = _positive_int("batch_size", batch_size)
         if dtype is not None and dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not one of {', '.join(_DTYPES)}")
+            raise UserValueError(f"dtype={dtype!r} is not one of {', '.join(_DTYPES)}")
         self.model, self.tokenizer, self.checkpoint = load_for_inference(str(pretrained), _usable(device))
         if dtype is not None:
             self.model.to(_DTYPES[dtype])
@@ -113,11 +115,11 @@ class DeepSeekMoELM(LM):
         limit = self.model.config.max_position_embeddings
         self.max_length = limit if max_length is None else _positive_int("max_length", max_length)
         if self.max_length > limit:
-            raise ValueError(f"max_length={self.max_length} exceeds the model's max_position_embeddings={limit}")
+            raise UserValueError(f"max_length={self.max_length} exceeds the model's max_position_embeddings={limit}")
         cfg = self.model.config
         self.prefix_token_id = prefix_token_id(cfg)
         if self.prefix_token_id is None:
-            raise ValueError(f"{self.checkpoint}: the model config names neither bos_token_id nor eos_token_id; "
+            raise UserValueError(f"{self.checkpoint}: the model config names neither bos_token_id nor eos_token_id; "
                              "lm-eval needs one to condition the first token on")
         self.eos_token_id = cfg.eos_token_id
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from ..errors import UserValueError
 from ..model import Transformer
 
 TARGET_DELIMITER = " "
@@ -101,9 +102,10 @@ def parse_example(d: dict[str, Any], target_delimiter: str = TARGET_DELIMITER) -
         if keys <= d.keys():
             example = parse(d, target_delimiter)
             if not 0 <= example.label < len(example.requests):
-                raise ValueError(f"label {example.label} is not the index of one of {len(example.requests)} choices")
+                raise UserValueError(f"label {example.label} is not the index of one of {len(example.requests)} "
+                                     f"choices")
             return example
-    raise ValueError(f"unrecognised multiple-choice item with keys {sorted(d)}; expected one of "
+    raise UserValueError(f"unrecognised multiple-choice item with keys {sorted(d)}; expected one of "
                      + "; ".join("+".join(sorted(k)) for k, _ in _FORMATS))
 
 
@@ -117,9 +119,9 @@ def load_task(path: str | Path, target_delimiter: str = TARGET_DELIMITER) -> lis
             try:
                 examples.append(parse_example(json.loads(line), target_delimiter))
             except (json.JSONDecodeError, KeyError, IndexError, ValueError, TypeError, AttributeError) as exc:
-                raise ValueError(f"{p}:{n}: {exc}") from None
+                raise UserValueError(f"{p}:{n}: {exc}") from None
     if not examples:
-        raise ValueError(f"{p}: no examples")
+        raise UserValueError(f"{p}: no examples")
     return examples
 
 
@@ -152,7 +154,7 @@ def loglikelihoods(model: Transformer, encode: Callable[[str], list[int]], reque
     for context, continuation in requests:
         ctx, cont = encode_pair(encode, context, continuation)
         if len(cont) == 0:
-            raise ValueError(f"empty continuation {continuation!r} for context {context[:40]!r}")
+            raise UserValueError(f"empty continuation {continuation!r} for context {context[:40]!r}")
         ids = ([bos_token_id] if bos_token_id is not None else []) + ctx + cont
         ids = ids[-(max_len + 1):]
         items.append((ids, min(len(cont), len(ids) - 1)))

@@ -30,6 +30,7 @@ from tokenizers import Tokenizer, decoders
 
 from ..data.dataset import eval_batches
 from ..data.tokenizer import byte_level_alphabet
+from ..errors import UserValueError
 from ..model import Transformer
 
 
@@ -96,14 +97,14 @@ def evaluate(model: Transformer, tokens: np.ndarray, byte_lengths: np.ndarray, *
              seq_len: int = 512, max_batches: int | None = None, progress: bool = False) -> EvalResult:
     """Loss, token and byte counts of `model` over a flat token stream (see the module docstring)."""
     if len(tokens) < 2:
-        raise ValueError(f"held-out text has {len(tokens)} token(s); need at least 2 to predict one")
+        raise UserValueError(f"held-out text has {len(tokens)} token(s); need at least 2 to predict one")
     if seq_len > model.config.max_position_embeddings:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings="
+        raise UserValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings="
                          f"{model.config.max_position_embeddings}")
 
     seq_len = min(seq_len, len(tokens) - 1)
     if int(tokens.max()) >= model.config.vocab_size:
-        raise ValueError(f"held-out text holds token id {int(tokens.max())}, beyond the model's "
+        raise UserValueError(f"held-out text holds token id {int(tokens.max())}, beyond the model's "
                          f"vocab_size={model.config.vocab_size}")
     total = -(-((len(tokens) - 1) // seq_len) // batch_size)
     total = min(total, max_batches) if max_batches is not None else total

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 from tokenizers import Tokenizer
 
+from ..errors import UserValueError
 from ..model import Transformer
 from .metrics import EngineMetrics
 from .params import SamplingParams, choose_token, process_logits
@@ -169,12 +170,12 @@ class Engine:
         n = len(request.prompt_ids)
         request.params.check(self.model.config.vocab_size)
         if n == 0:
-            raise ValueError("the prompt is empty")
+            raise UserValueError("the prompt is empty")
         if n + request.params.max_tokens > self.context:
-            raise ValueError(f"prompt of {n} tokens + max_tokens {request.params.max_tokens} exceeds the "
+            raise UserValueError(f"prompt of {n} tokens + max_tokens {request.params.max_tokens} exceeds the "
                              f"model's context of {self.context} tokens")
         if any(not 0 <= t < self.model.config.vocab_size for t in request.prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
+            raise UserValueError(f"prompt token ids must be in [0, {self.model.config.vocab_size})")
         with self._wake:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (the limit); try again later")

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from tokenizers import Tokenizer
 
+from ..errors import UserValueError
 from ..model import Transformer
 from ..model.attention import KVCache
 from .sampling import check_sampling, sample
@@ -41,9 +42,9 @@ def check_length(model: Transformer, prompt_len: int, max_new_tokens: int) -> No
     """Generating N tokens after S prompt tokens feeds S + N - 1 positions; they must fit the model's context."""
     limit = model.config.max_position_embeddings
     if prompt_len < 1:
-        raise ValueError("the prompt is empty: give at least one token")
+        raise UserValueError("the prompt is empty: give at least one token")
     if prompt_len + max_new_tokens - 1 > limit:
-        raise ValueError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model's "
+        raise UserValueError(f"prompt of {prompt_len} tokens + {max_new_tokens} new tokens exceeds the model's "
                          f"max_position_embeddings={limit}")
 
 
@@ -78,7 +79,7 @@ def generate(model: Transformer, prompt_ids: Sequence[int] | torch.Tensor, max_n
     device = model.embed_tokens.weight.device
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
     if prompt.dim() > 1:
-        raise ValueError(f"generate continues one prompt (1-D ids), got shape {tuple(prompt.shape)}; "
+        raise UserValueError(f"generate continues one prompt (1-D ids), got shape {tuple(prompt.shape)}; "
                          "generate_tokens decodes a batch")
     prompt_BS = prompt.reshape(1, -1)
     check_length(model, prompt_BS.shape[1], max_new_tokens)

@@ -19,6 +19,7 @@ from ..config import ModelConfig
 from ..convert.hf_layout import is_hf_directory
 from ..convert.load import load_model, resolve_checkpoint
 from ..convert.quantize import check_format, read_quantized_checkpoint, read_quantized_state
+from ..errors import UserValueError
 from ..model import Transformer
 from ..model.experts import RoutedExperts
 from ..model.quantized import SCALE_SUFFIX, QuantizedLinear, QuantizedWeight
@@ -43,7 +44,7 @@ def load_for_inference(path: str | Path, device: str | None = None, quantize: st
     try:
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
     except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
-        raise ValueError(f"cannot read tokenizer {tokenizer_path}: {exc}") from None
+        raise UserValueError(f"cannot read tokenizer {tokenizer_path}: {exc}") from None
     model = load_weights(ckpt, None if device is None else parse_device(device, "--device"), quantize, group_size)
     for_device(model, model.lm_head.weight.device)
     return model, tokenizer, ckpt
@@ -57,7 +58,7 @@ def load_weights(ckpt: Path, device: torch.device | None = None, quantize: str |
     if device is None:
         device = torch.device("cpu") if stored is not None or quantize is not None else parse_device(None, "--device")
     if stored is not None and quantize is not None and quantize != stored[1]["format"]:
-        raise ValueError(f"{ckpt} is stored in {stored[1]['format']}; --quantize {quantize} cannot requantize it")
+        raise UserValueError(f"{ckpt} is stored in {stored[1]['format']}; --quantize {quantize} cannot requantize it")
     if stored is None and quantize is not None:
         fmt = check_format(quantize, group_size)
         _check_cpu(device, ckpt)
@@ -73,7 +74,8 @@ def load_weights(ckpt: Path, device: torch.device | None = None, quantize: str |
 
 def _check_cpu(device: torch.device, ckpt: Path) -> None:
     if device.type != "cpu":
-        raise ValueError(f"{ckpt}: quantized weights run on the CPU only (its int8/int4 kernels); pass --device cpu "
+        raise UserValueError(f"{ckpt}: quantized weights run on the CPU only (its int8/int4 kernels); pass "
+                             f"--device cpu "
                          f"or load the float weights on {device}")
 
 
@@ -125,7 +127,7 @@ def check_fits_in_memory(ckpt: Path) -> None:
 
     need, have = copied_bytes(ckpt), available_memory()
     if have is not None and need > have:
-        raise ValueError(f"{ckpt} holds {weight_bytes(ckpt) / 1e9:.2f} GB of float weights, {need / 1e9:.2f} GB "
+        raise UserValueError(f"{ckpt} holds {weight_bytes(ckpt) / 1e9:.2f} GB of float weights, {need / 1e9:.2f} GB "
                          f"of them routed experts that loading copies, and this machine has {have / 1e9:.2f} GB "
                          f"of memory available: pass --quantize int8 (about half the bytes) or --quantize int4 "
                          f"(about a quarter)")

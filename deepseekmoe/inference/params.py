@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import UserValueError
 from .sampling import check_sampling, logits_to_probs, sample_from_probs
 
 
@@ -50,14 +51,14 @@ class SamplingParams:
         """Raise ValueError naming the first setting out of range."""
         check_sampling(self.temperature, self.top_k, self.top_p)
         if self.max_tokens < 0 or self.min_tokens < 0:
-            raise ValueError(f"max_tokens={self.max_tokens} and min_tokens={self.min_tokens} must be >= 0")
+            raise UserValueError(f"max_tokens={self.max_tokens} and min_tokens={self.min_tokens} must be >= 0")
         if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p={self.min_p} must be in [0, 1]")
+            raise UserValueError(f"min_p={self.min_p} must be in [0, 1]")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
+            raise UserValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
         bad = [t for t in [*self.logit_bias, *self.stop_token_ids] if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary of {vocab_size} tokens")
+            raise UserValueError(f"token id {bad[0]} is outside the vocabulary of {vocab_size} tokens")
 
     @property
     def needs_history(self) -> bool:

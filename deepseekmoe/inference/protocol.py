@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import UserValueError
 from .params import SamplingParams
 
 TokenIds = list[int]
@@ -57,7 +58,7 @@ class SamplingFields(Strict):
         bias = {}
         for key, value in (self.logit_bias or {}).items():
             if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+                raise UserValueError(f"logit_bias keys must be token ids, got {key!r}")
             bias[int(key)] = max(-100.0, min(100.0, value))
         return SamplingParams(
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,

@@ -10,29 +10,30 @@ from __future__ import annotations
 import math
 
 import torch
+from ..errors import UserValueError
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ValueError naming the first out-of-range setting."""
     if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 means greedy)")
+        raise UserValueError(f"temperature={temperature} must be a finite number >= 0 (0 means greedy)")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1")
+        raise UserValueError(f"top_k={top_k} must be >= 1")
     if top_p is not None and not 0.0 < top_p <= 1.0:  # also refuses nan
-        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        raise UserValueError(f"top_p={top_p} must be in (0, 1]")
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """logits / temperature in fp32. temperature must be > 0 (0 means greedy: use `greedy` instead)."""
     if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0 to sample (0 means greedy decoding)")
+        raise UserValueError(f"temperature={temperature} must be > 0 to sample (0 means greedy decoding)")
     return logits.float() / temperature
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep exactly the k largest logits (ties broken by torch.topk), -inf elsewhere."""
     if k < 1:
-        raise ValueError(f"top_k={k} must be >= 1")
+        raise UserValueError(f"top_k={k} must be >= 1")
     if k >= logits.shape[-1]:
         return logits
     values, idx = torch.topk(logits, k, dim=-1)
@@ -46,7 +47,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     likely token is always kept and the set stops at the first token that makes the sum reach p.
     """
     if not 0.0 < p <= 1.0:
-        raise ValueError(f"top_p={p} must be in (0, 1]")
+        raise UserValueError(f"top_p={p} must be in (0, 1]")
     if p >= 1.0:
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)

@@ -26,6 +26,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..data.chat import CHAT_TEMPLATE, render_chat
+from ..errors import UserValueError
 from ..filenames import TOKENIZER_CONFIG_FILE
 from .engine import DONE, Engine, QueueFull, Request, Token
 from .protocol import Message
@@ -224,11 +225,11 @@ def stream_error(r: Request) -> str | None:
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on host:port, or one error line naming what is wrong (before any model is loaded)."""
     if not 0 <= port <= 65535:
-        raise ValueError(f"--port {port} is not a TCP port (0-65535; 0 picks a free one)")
+        raise UserValueError(f"--port {port} is not a TCP port (0-65535; 0 picks a free one)")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
-        raise ValueError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+        raise UserValueError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -237,7 +238,7 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         why = "the address is already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-        raise ValueError(f"cannot listen on {host}:{port}: {why}") from None
+        raise UserValueError(f"cannot listen on {host}:{port}: {why}") from None
     sock.set_inheritable(True)
     return sock
 
@@ -250,7 +251,7 @@ def checkpoint_chat_template(ckpt: Path) -> str | None:
     try:
         template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise ValueError(f"{path}: not a JSON object ({exc})") from None
+        raise UserValueError(f"{path}: not a JSON object ({exc})") from None
     if template is not None and not isinstance(template, str):
-        raise ValueError(f"{path}: chat_template must be a string (named templates are not supported)")
+        raise UserValueError(f"{path}: chat_template must be a string (named templates are not supported)")
     return template

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import UserValueError
 from .layers import apply_rotary
 
 
@@ -37,7 +38,7 @@ class KVCache(nn.Module):
             return self._update_rows(start, k, v)
         end = start + k.shape[2]
         if end > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; asked to write up to {end}")
+            raise UserValueError(f"KV cache holds {self.k.shape[2]} positions; asked to write up to {end}")
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
@@ -47,7 +48,7 @@ class KVCache(nn.Module):
         b, s = k.shape[0], k.shape[2]
         end = int(start_B.max()) + s
         if end > self.k.shape[2] or b > self.k.shape[0]:
-            raise ValueError(f"KV cache holds {self.k.shape[0]} rows of {self.k.shape[2]} positions; asked to "
+            raise UserValueError(f"KV cache holds {self.k.shape[0]} rows of {self.k.shape[2]} positions; asked to "
                              f"write {b} rows up to {end}")
         pos_BS = start_B[:, None] + torch.arange(s, device=start_B.device)
         rows_B1 = torch.arange(b, device=start_B.device)[:, None]

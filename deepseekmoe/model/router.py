@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import UserValueError
 
 
 @dataclass
@@ -116,7 +117,7 @@ class HashRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, batch_size: int, input_ids: torch.Tensor | None = None) -> RouterOutput:
         if input_ids is None:
-            raise ValueError("the hash router needs the token ids: call MoE(x, input_ids=...)")
+            raise UserValueError("the hash router needs the token ids: call MoE(x, input_ids=...)")
         idx_TK = self.table[input_ids.reshape(-1)].unsqueeze(1)
         weight_TK = torch.ones(idx_TK.shape, dtype=torch.float32, device=x_TD.device)
         return RouterOutput(idx_TK, weight_TK, None, None, _counts(idx_TK, self.num_experts, None), batch_size)
@@ -127,4 +128,4 @@ def build_router(config: ModelConfig, layer_idx: int = 0) -> nn.Module:
         return HashRouter(config, layer_idx)
     if config.router in ("softmax_topk", "switch", "gshard"):
         return TopKRouter(config)
-    raise ValueError(f"router={config.router!r} has no routed experts")
+    raise UserValueError(f"router={config.router!r} has no routed experts")

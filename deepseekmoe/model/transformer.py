@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import UserValueError
 from .attention import Attention, KVCache
 from .init import init_weights
 from .layers import FeedForward, RMSNorm, RotaryEmbedding
@@ -92,7 +93,7 @@ class Transformer(nn.Module):
         per_row = isinstance(start_pos, torch.Tensor)
         end = (int(start_pos.max()) if per_row else start_pos) + s
         if end > self.config.max_position_embeddings:
-            raise ValueError(f"sequence reaches position {end}, beyond "
+            raise UserValueError(f"sequence reaches position {end}, beyond "
                              f"max_position_embeddings={self.config.max_position_embeddings}")
         if per_row:
             cos, sin = self.rotary(start_pos[:, None] + torch.arange(s, device=input_ids.device))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UserValueError
 from ..model.experts import RoutedExperts
 from .cpu import CpuRuntime, intra_op_threads
 
@@ -23,9 +24,9 @@ def parse_device(name: str | None, setting: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"{setting}={name!r} is not a device: expected auto, cpu, cuda or cuda:N") from None
+        raise UserValueError(f"{setting}={name!r} is not a device: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{setting}={name!r} but no CUDA device is available")
+        raise UserValueError(f"{setting}={name!r} but no CUDA device is available")
     return device
 
 

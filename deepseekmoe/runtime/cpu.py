@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserValueError
 from ..model.experts import INLINE, Commit, RoutedExperts
 from ..model.layers import FeedForward
 from ..model.quantized import ROW_BLOCK, QuantizedLinear, QuantizedWeight, quantized_linear
@@ -73,7 +74,7 @@ class CpuRuntime:
                  min_weight_bytes: int = MIN_WEIGHT_BYTES, caller_threads: int | None = None,
                  min_linear_work: int = MIN_LINEAR_WORK) -> None:
         if workers < 1:
-            raise ValueError(f"workers={workers} must be at least 1")
+            raise UserValueError(f"workers={workers} must be at least 1")
         self.workers, self.expert_bytes = workers, expert_bytes
         self.min_expert_work, self.min_weight_bytes = min_expert_work, min_weight_bytes
         self.min_linear_work = min_linear_work
@@ -249,7 +250,7 @@ def caller_threads_setting() -> int:
     if not value:
         return CALLER_THREADS
     if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"DEEPSEEKMOE_CALLER_THREADS={value!r} is not a positive integer")
+        raise UserValueError(f"DEEPSEEKMOE_CALLER_THREADS={value!r} is not a positive integer")
     return int(value)
 
 

@@ -25,6 +25,7 @@ import yaml
 
 from ..config import ModelConfig
 from ..configio import check, field_types, from_data, from_text, read_mapping, require
+from ..errors import UserValueError
 from ..presets import load_preset
 
 Schedule = Literal["step", "cosine", "constant"]
@@ -185,7 +186,7 @@ def _merge_file(raw: dict[str, Any], source: str | Path) -> None:
     layer = read_mapping(source)
     unknown = sorted(set(layer) - set(_TOP_LEVEL) - {"model", "train"})
     if unknown:
-        raise ValueError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; "
+        raise UserValueError(f"{source}: unknown top-level key(s) {', '.join(unknown)}; "
                          f"expected {', '.join(_TOP_LEVEL)}, model, train")
     for key, value in layer.items():
         if key not in ("model", "train"):
@@ -193,7 +194,7 @@ def _merge_file(raw: dict[str, Any], source: str | Path) -> None:
             continue
         section = value or {}
         if not isinstance(section, dict):
-            raise ValueError(f"{source}: {key}: expected a mapping, got {type(section).__name__}")
+            raise UserValueError(f"{source}: {key}: expected a mapping, got {type(section).__name__}")
         raw[key].update({name: (from_data, v) for name, v in section.items()})
 
 
@@ -207,7 +208,7 @@ def parse_override(item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ValueError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-3)")
+        raise UserValueError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-3)")
     return check_key(key), value
 
 
@@ -218,7 +219,7 @@ def check_key(key: str) -> str:
     section, _, name = key.partition(".")
     known = {"model": field_types(ModelConfig), "train": field_types(TrainConfig)}.get(section)
     if known is None or name not in known:
-        raise ValueError(f"unknown config key {key!r}: expected {', '.join(_TOP_LEVEL)}, "
+        raise UserValueError(f"unknown config key {key!r}: expected {', '.join(_TOP_LEVEL)}, "
                          f"model.<ModelConfig field> or train.<TrainConfig field>")
     return key
 
@@ -236,7 +237,7 @@ def _section(cls: type, values: dict[str, tuple[Reader, Any]], section: str) -> 
     types_ = field_types(cls)
     unknown = sorted(set(values) - set(types_))
     if unknown:
-        raise ValueError(f"unknown config key '{section}.{unknown[0]}'")
+        raise UserValueError(f"unknown config key '{section}.{unknown[0]}'")
     return {name: _read(pair, types_[name], f"{section}.{name}") for name, pair in values.items()}
 
 

@@ -32,6 +32,7 @@ from typing import Any, TextIO
 
 import torch
 
+from ..errors import UserValueError
 from ..fileio import write_text_atomically
 from ..filenames import METRICS_FILE
 
@@ -66,7 +67,7 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             if number < len(lines):
-                raise ValueError(f"{path} line {number} is not a JSON record; repair or remove that line") from None
+                raise UserValueError(f"{path} line {number} is not a JSON record; repair or remove that line") from None
             print(f"warning: {path}: dropped an incomplete last line", file=sys.stderr)
             continue
         if record.get("step", 0) <= last_step:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from ..data.builtin_cache import ensure_builtin_data
-from ..errors import UserError
+from ..errors import UserError, UserValueError
 from ..fileio import write_text_atomically
 from ..filenames import RUN_CONFIG_FILE
 from .config import RunConfig, load_config
@@ -102,7 +102,7 @@ def bind_to_data(run: RunConfig, meta: dict) -> RunConfig:
     model = run.model.replace(vocab_size=int(meta["vocab_size"]), bos_token_id=meta.get("bos_token_id"),
                               eos_token_id=meta.get("eos_token_id"))
     if run.train.seq_len > model.max_position_embeddings:
-        raise ValueError(f"train.seq_len={run.train.seq_len} exceeds model.max_position_embeddings="
+        raise UserValueError(f"train.seq_len={run.train.seq_len} exceeds model.max_position_embeddings="
                          f"{model.max_position_embeddings}")
     return dataclasses.replace(run, model=model)
 

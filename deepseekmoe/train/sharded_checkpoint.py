@@ -42,6 +42,7 @@ from ..config import ModelConfig
 from ..distributed.expert_parallel import ExpertParallelExperts
 from ..distributed.fsdp import local_tensor
 from ..distributed.mesh import Parallel
+from ..errors import UserValueError
 from ..fileio import atomic_directory, commit_directory, sync_tree, written_atomically
 from ..filenames import (CHECKPOINT_RUN_CONFIG_FILE, CONFIG_FILE, SHARDED_DIR, SHARDED_EXTRA_FILE, TOKENIZER_FILE,
                          TRAINER_STATE_FILE)
@@ -185,7 +186,7 @@ def load_sharded(directory: str | Path, model: Transformer, optimizer: torch.opt
     directory = Path(directory)
     saved = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
     if saved.replace(n_device_groups=1) != model.config.replace(n_device_groups=1):
-        raise ValueError(f"{directory / CONFIG_FILE}: the model config differs from the model being loaded")
+        raise UserValueError(f"{directory / CONFIG_FILE}: the model config differs from the model being loaded")
     if optimizer is not None:
         init_optimizer_state(optimizer)
     _dcp(dcp.load, flat_state(model, optimizer), directory / SHARDED_DIR, parallel.is_distributed)
@@ -218,7 +219,7 @@ def sharded_to_single(src: str | Path, dst: str | Path) -> Path:
     trainer_state.pt with the full positional optimizer state when the checkpoint has one), written atomically."""
     src = find_checkpoint(src, sharded=True)
     if not is_sharded(src):
-        raise ValueError(f"{src} is a single-file checkpoint, not a sharded one")
+        raise UserValueError(f"{src} is a single-file checkpoint, not a sharded one")
     config = ModelConfig.from_dict(json.loads((src / CONFIG_FILE).read_text()))
     flat, extra, e = read_sharded(src), read_extra(src), config.n_routed_experts or 0
     with torch.device("meta"):

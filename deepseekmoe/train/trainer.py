@@ -34,7 +34,7 @@ from ..data.dataset import PackedBatches, check_eval_windows, eval_batches, open
 from ..data.tokenizer import load_tokenizer
 from ..distributed.plan import ParallelPlan
 from ..distributed.training import device_load_record
-from ..errors import UserError
+from ..errors import UserError, UserValueError
 from ..eval.perplexity import score, token_byte_lengths
 from ..filenames import CONFIG_FILE, TOKENIZER_FILE
 from ..losses import total_loss
@@ -228,10 +228,10 @@ class Trainer:
                       file=sys.stderr, flush=True)
                 continue
             if config != self.run.model:
-                raise ValueError(f"--resume: the model config differs from the checkpoint's ({ckpt}); "
+                raise UserValueError(f"--resume: the model config differs from the checkpoint's ({ckpt}); "
                                  "model.* cannot change when resuming")
             return ckpt, state, model
-        raise ValueError(f"--resume: no checkpoint in {self.run_dir} can be read (the oldest: {problem})")
+        raise UserValueError(f"--resume: no checkpoint in {self.run_dir} can be read (the oldest: {problem})")
 
     # ------------------------------------------------------------------------------------------ one step
     def next_micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
