@@ -31,9 +31,10 @@ from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from ..model import Transformer
+from ..model.init import init_order
 from .expert_parallel import ExpertParallelExperts, apply_expert_parallel, gather_blocks
 from .mesh import Parallel
 
@@ -89,6 +90,40 @@ def apply_fsdp(model: Transformer, parallel: Parallel, *, activation_checkpointi
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
+
+
+@torch.no_grad()
+def init_shards(model: Transformer) -> None:
+    """Initialise the shards of a model built on the meta device, laid out by `apply_fsdp` and materialised
+    (`to_empty`) exactly as `init_weights` initialises the whole model on the CPU: the same generator, the same
+    order. Each weight is drawn in full on the CPU, one at a time, and only this rank's part is kept: its EP block
+    of the experts, then its FSDP shard. Rotary and hash tables are left to `reset_tables`."""
+    std = model.config.initializer_range
+    for module, name, drawn in init_order(model):
+        param = getattr(module, name)
+        if not drawn:
+            local_tensor(param).fill_(1.0)
+            continue
+        ep = module if isinstance(module, ExpertParallelExperts) else None
+        shape = (ep.num_experts, *param.shape[1:]) if ep is not None else param.shape
+        full = torch.empty(shape, dtype=param.dtype).normal_(0.0, std)
+        copy_shard(param, full[ep.first:ep.first + ep.num_local] if ep is not None else full)
+
+
+def copy_shard(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's rows of `full` (the whole tensor, on any device) into `param`: an FSDP2 parameter
+    (dim-0 chunks of ceil(n / mesh size) rows, the last ones shorter or empty, as torch.chunk cuts) or a plain one."""
+    rows = full
+    if isinstance(param, DTensor):
+        if param.placements != (Shard(0),):
+            raise ValueError(f"copy_shard: expected FSDP2's Shard(0), got {param.placements}")
+        mesh = param.device_mesh
+        chunk = -(-full.shape[0] // mesh.size())
+        rows = full[mesh.get_local_rank() * chunk:(mesh.get_local_rank() + 1) * chunk]
+    local = local_tensor(param)
+    if local.shape != rows.shape:
+        raise ValueError(f"copy_shard: the local shard is {tuple(local.shape)}, the rows {tuple(rows.shape)}")
+    local.copy_(rows)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,10 @@ from typing import Any, Callable, ClassVar, TypeVar
 import torch
 from torch import nn
 
+from ..config import ModelConfig
 from ..errors import UserValueError
 from ..model import Transformer
+from ..model.init import DrawsOnMeta, reset_tables
 from . import data_parallel, fsdp, training
 from .expert_parallel import with_ep_device_groups
 from .mesh import Parallel, init_parallel
@@ -53,6 +55,14 @@ class ParallelPlan:
 
     def autocast(self) -> AbstractContextManager | None:
         return torch.autocast(self.parallel.device.type, dtype=torch.bfloat16) if self.bf16 else None
+
+    def build(self, config: ModelConfig, model: Transformer | None = None,
+              initialise: bool = True) -> tuple[Transformer, nn.Module]:
+        """(the model as this plan lays it out, in training mode; the module to call): `model` (full, loaded) or
+        a new one, whose weights are initialised from the global generator as `Transformer(config)` initialises
+        them, or (initialise=False) left for a checkpoint to fill. Here: the full model, built on the CPU, moved."""
+        model = (model if model is not None else Transformer(config).to(self.parallel.device)).train()
+        return model, self.parallelize(model)
 
     def parallelize(self, model: Transformer) -> nn.Module:
         """Apply the plan to the full model (in place); returns the module to call for training."""
@@ -133,6 +143,22 @@ class FullySharded(DataParallel):
         """bf16 parameters meet the fp32 KV cache a generation allocates from the sharded parameters' dtype: autocast
         makes attention take both in bf16."""
         return super().autocast() if self.bf16 and self.parallel.is_distributed else nullcontext()
+
+    def build(self, config: ModelConfig, model: Transformer | None = None,
+              initialise: bool = True) -> tuple[Transformer, nn.Module]:
+        """Under torchrun a new model is built on the meta device, laid out, and only this rank's shards are
+        materialised: initialised bit for bit as one process initialises the whole model (`fsdp.init_shards`,
+        the generators left as that build leaves them), or left for a sharded checkpoint to fill."""
+        if model is not None or not self.parallel.is_distributed:
+            return super().build(config, model, initialise)
+        with torch.device("meta"), DrawsOnMeta() if initialise else nullcontext():
+            model = Transformer(config).train()
+        module = self.parallelize(model)
+        model.to_empty(device=self.parallel.device)
+        if initialise:
+            fsdp.init_shards(model)
+        reset_tables(model)
+        return model, module
 
     def parallelize(self, model: Transformer) -> nn.Module:
         return fsdp.apply_fsdp(model, self.parallel, activation_checkpointing=self.activation_checkpointing,

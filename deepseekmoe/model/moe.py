@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .experts import RoutedExperts
-from .init import init_weights
+from .init import drawing_on_meta, init_weights
 from .layers import FeedForward
 from .router import RouterOutput, build_router
 
@@ -29,7 +29,7 @@ class MoE(nn.Module):
             FeedForward(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
             if config.n_shared_experts > 0 else None
         )
-        if self.experts.gate_up_proj.device.type != "meta":
+        if self.experts.gate_up_proj.device.type != "meta" or drawing_on_meta():
             init_weights(self, config.initializer_range)  # a standalone MoE(config) is usable at once
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterOutput]:

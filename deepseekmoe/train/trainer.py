@@ -182,13 +182,13 @@ class Trainer:
 
     def _fresh(self) -> None:
         torch.manual_seed(self.cfg.seed)
-        self._build(Transformer(self.run.model).to(self.device))
+        self._build()
         self.progress = Progress()
 
-    def _build(self, model: Transformer) -> None:
-        """The plan applied to the full model, then the optimizer and schedule over what this process holds."""
-        self.model = model.train()
-        self.module = self.plan.parallelize(self.model)
+    def _build(self, model: Transformer | None = None, initialise: bool = True) -> None:
+        """The model as the plan lays it out (`model`, loaded in full, or a new one: `plan.build`), then the
+        optimizer and schedule over what this process holds."""
+        self.model, self.module = self.plan.build(self.run.model, model, initialise)
         self.runtime = for_device(self.model, self.device)
         self.optimizer = build_optimizer(self.model, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
@@ -198,8 +198,7 @@ class Trainer:
         ckpt, state, model = self._newest_readable_checkpoint()
         if model is None:  # sharded: the weights load into the model as this plan lays it out
             torch.manual_seed(self.cfg.seed)
-            model = Transformer(self.run.model).to(self.device)
-        self._build(model)
+        self._build(model, initialise=False)
         if is_sharded(ckpt):
             load_sharded(ckpt, self.model, self.optimizer, self.plan.parallel)
         else:
