@@ -201,5 +201,9 @@ def test_the_recorded_scaling_suite_resumes_with_its_recipes(tmp_path):
     for _, name, recipe in plan:
         assert json.loads((out / name / compare.RECIPE_JSON).read_text()) == recipe
         compare.check_recipe(out / name, recipe)
+    for preset in ("tiny-dense", "tiny-hash", "tiny-switch", "tiny-gshard", "tiny-deepseekmoe"):
+        for seed in range(3):  # the complete budgets' runs are in the repository, so nothing of them trains again
+            for _, name, recipe in plan[:2]:
+                assert compare.run_status(compare.run_dir_for(out / name, preset, seed), recipe["steps"]) == "done"
     with pytest.raises(UserError, match="different recipe"):
         compare.check_recipe(out / plan[0][1], {**plan[0][2], "batch_size": 4})
