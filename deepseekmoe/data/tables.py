@@ -84,7 +84,7 @@ def hub_identity(source: str) -> str:
     return load_hub(source)._fingerprint
 
 
-class FieldError(ValueError):
+class FieldError(UserValueError):
     """A row without the text field, or whose text field is not a string."""
 
 
