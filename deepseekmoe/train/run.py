@@ -75,5 +75,6 @@ def _train(trainer: Trainer, run: RunConfig, run_dir: Path, data_dir: Path, resu
             text = sample(trainer.model, trainer.tokenizer_path, run.train)
         if main:
             print("sample:", text, sep="\n")
+    trainer.release()  # the process groups then go in shutdown, which frees them without the GIL
     shutdown(plan.parallel)
     return 0

@@ -10,6 +10,7 @@ statistics are per micro-batch, which is not the same as over the whole step.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -264,6 +265,14 @@ class Trainer:
                            f"{good or 'none'}; try a lower train.lr")
 
     # ------------------------------------------------------------------------------------------ the loop
+    def release(self) -> None:
+        """Drop the model, its parallel wrappers and the optimizer before the process groups are destroyed. A DDP
+        reducer holds its group: were it the group's last holder, the group would be destroyed while this thread
+        holds the GIL, and gloo's worker threads, which need the GIL to free the tensors of the last collectives,
+        would wait on it forever (torchrun's processes then never exit)."""
+        self.model = self.module = self.optimizer = None  # type: ignore[assignment]
+        gc.collect()
+
     def fit(self, logger: MetricsLogger) -> int | None:
         """Train to max_steps; returns the signal that stopped it early (after saving), None when it ran to the
         end."""
