@@ -24,9 +24,9 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_layer import machine  # noqa: E402
+from train_step import make_step  # noqa: E402
 
 from deepseekmoe import Transformer, load_preset  # noqa: E402
-from deepseekmoe.losses import total_loss  # noqa: E402
 
 RANDOM = ("aten.empty", "aten.rand", "aten.normal", "aten.uniform", "aten.bernoulli")
 
@@ -65,16 +65,10 @@ def train(preset: str, threads: int, steps: int, mode: Recheck | None = None) ->
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = Transformer(load_preset(preset))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ids = torch.randint(0, model.config.vocab_size, (8, 257), generator=torch.Generator().manual_seed(1))
+    step = make_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3), batch=8, seq=256)
     for _ in range(steps):
         with mode if mode is not None else contextlib.nullcontext():
-            out = model(ids[:, :-1])
-            loss = total_loss(out.logits, ids[:, 1:], out.router_outputs, model.config).total
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            step()
     digest = hashlib.sha256()
     for p in model.parameters():
         digest.update(p.detach().numpy().tobytes())
