@@ -9,7 +9,7 @@ from deepseekmoe.analysis import compare
 from deepseekmoe.analysis.results import HEADERS, table_rows
 from deepseekmoe.commands.compare import compare_command
 from deepseekmoe.errors import UserError
-from train_helpers import make_data_dir
+from train_helpers import make_data_dir, read_metrics
 
 
 def test_suites_resolve_to_matched_presets():
@@ -165,6 +165,28 @@ def test_micro_suite_writes_table_and_second_call_trains_nothing(tmp_path, monke
     assert compare_command(**kwargs, analyze=False) == 0
     assert (out / "runs" / "tiny-gshard" / "seed0" / "metrics.jsonl").read_text() == before
     assert json.loads((out / "results.json").read_text())["suites"] == results["suites"]
+
+
+@pytest.mark.slow
+def test_runs_side_by_side_in_child_processes_give_the_bits_of_runs_in_process(tmp_path, monkeypatch):
+    """--jobs 2 trains in child processes: the losses, training and validation, must be the run's in this process
+    to the last bit."""
+    data = make_data_dir(tmp_path / "data")
+    kwargs = dict(models=["tiny-dense", "tiny-deepseekmoe"], steps=3, seeds=2, data=str(data), batch_size=2,
+                  seq_len=32, eval_batches=1, analyze=False)
+    assert compare_command(**kwargs, out=str(tmp_path / "one")) == 0
+    assert compare_command(**kwargs, out=str(tmp_path / "two"), jobs=2) == 0
+    for preset in ("tiny-dense", "tiny-deepseekmoe"):
+        for seed in range(2):
+            one, two = (read_metrics(tmp_path / d / "runs" / preset / f"seed{seed}", "train") for d in ("one", "two"))
+            assert [r["loss"] for r in one] == [r["loss"] for r in two] and len(one) == 3
+            assert (tmp_path / "two" / "logs" / f"{preset}-seed{seed}.log").read_text()  # the child's output
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["suites"][0]["models"] for d in ("one", "two"))
+    assert [m["val_loss_mean"] for m in one] == [m["val_loss_mean"] for m in two]
+    monkeypatch.setattr(compare, "train_child", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert compare_command(**kwargs, out=str(tmp_path / "two"), jobs=2) == 0
+    with pytest.raises(ValueError, match="--jobs must be at least 1"):
+        compare_command(**kwargs, out=str(tmp_path / "three"), jobs=0)
 
 
 def test_typed_recipe_settings_resolve_as_the_key_value_overrides_did(tmp_path):

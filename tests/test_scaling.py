@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from deepseekmoe.analysis import compare, scaling
+from deepseekmoe.analysis import compare, lr_search, scaling
 from deepseekmoe.cli import main
 from deepseekmoe.data.dataset import read_meta
 from train_helpers import make_data_dir, read_metrics
@@ -31,6 +31,32 @@ def test_each_budget_gets_its_own_steps_and_schedule():
     (t1, d1, r1), (t2, d2, r2) = plan
     assert (d1.name, r1["steps"], r1["warmup_steps"], r1["save_every"]) == ("budget_2.048K", 32, 3, 3)
     assert (d2.name, r2["steps"], r2["warmup_steps"], r2["save_every"]) == ("budget_65.536K", 1024, 50, 102)
+
+
+def test_lr_labels_name_directories():
+    assert [scaling.lr_label(v) for v in (4e-3, 0.004 / 8, 2.5e-3, 1e-2, 3e-4 * 2)] == ["4e-3", "5e-4", "2.5e-3",
+                                                                                         "1e-2", "6e-4"]
+
+
+def test_bracket_moves_by_factors_until_both_neighbours_are_worse():
+    calls = []
+
+    def loss_at(lr):  # a bowl in log2(lr) with its bottom at 2**-10 (about 9.8e-4)
+        calls.append(lr)
+        return (math.log2(lr) + 10) ** 2
+
+    best, tried = lr_search.bracket(2**-8, loss_at)
+    assert best == 2**-10 and calls == [2**-8, 2**-9, 2**-7, 2**-10, 2**-11]
+    assert tried == {lr: (math.log2(lr) + 10) ** 2 for lr in calls}
+    calls.clear()  # a best at the start costs its two neighbours only
+    assert lr_search.bracket(2**-10, loss_at)[0] == 2**-10 and calls == [2**-10, 2**-11, 2**-9]
+    # a diverged run (nan) is worse than any other; an interrupted one (None) stops the search
+    assert lr_search.bracket(1.0, lambda lr: {1.0: 5.0, 0.5: 6.0, 2.0: math.nan}[lr]) == (
+        1.0, {1.0: 5.0, 0.5: 6.0, 2.0: pytest.approx(math.nan, nan_ok=True)})
+    assert lr_search.bracket(1.0, lambda lr: None if lr == 0.5 else 3.0) == (None, {1.0: 3.0})
+    # a loss that keeps falling stops after MAX_TRIES learning rates
+    best, tried = lr_search.bracket(1.0, lambda lr: lr)
+    assert len(tried) == lr_search.MAX_TRIES and best == min(tried)
 
 
 def _m(mean, std):
@@ -77,8 +103,9 @@ def test_micro_scaling_suite_end_to_end_and_resume(tmp_path, monkeypatch, capsys
         assert list(budget["models"]) == ["dense", "hash", "switch", "gshard", "deepseekmoe"]
         assert [(c["better"], c["worse"]) for c in budget["claims"]] == list(scaling.CLAIMS)
         for sfx, m in budget["models"].items():
-            finals = [read_metrics(out / f"budget_{budget['label']}" / "runs" / m["preset"] / f"seed{s}", "val")[-1]
-                      for s in range(2)]
+            assert m["lr"] == 4e-3  # no search: every model at the train config's peak lr
+            finals = [read_metrics(out / f"budget_{budget['label']}" / "lr_4e-3" / "runs" / m["preset"] / f"seed{s}",
+                                   "val")[-1] for s in range(2)]
             losses = [f["val_loss"] for f in finals]
             assert m["seeds"] == 2 and m["loss_mean"] == pytest.approx(sum(losses) / 2)
             assert m["loss_std"] == pytest.approx(abs(losses[0] - losses[1]) / math.sqrt(2))
@@ -93,12 +120,47 @@ def test_micro_scaling_suite_end_to_end_and_resume(tmp_path, monkeypatch, capsys
     md = (out / "scaling.md").read_text()
     assert f"| 128 | 2 | {4 / windows:.2f} |" in md and "DeepSeekMoE < GShard" in md and "per doubling" in md
     assert json.loads((out / "budget_256" / "results.json").read_text())["recipe"]["steps"] == 4
+    assert json.loads((out / "budget_256" / "lr_4e-3" / "recipe.json").read_text())["lr"] == 4e-3
+    assert "Peak learning rate, searched" not in md
 
     monkeypatch.setattr(compare, "train_run", lambda *a, **k: pytest.fail("a finished run was trained again"))
     capsys.readouterr()
     assert main(argv) == 0
     assert json.loads((out / "scaling.json").read_text()) == summary
-    for checkpoints in out.glob("budget_*/runs/*/seed*/checkpoints"):  # keep only the small files, as in docs/
+    for checkpoints in out.glob("budget_*/lr_*/runs/*/seed*/checkpoints"):  # keep only the small files, as in docs/
         shutil.rmtree(checkpoints)
     assert main(argv) == 0
     assert json.loads((out / "scaling.json").read_text()) == summary  # routing health was cached
+
+
+@pytest.mark.slow
+def test_micro_lr_search_trains_each_model_at_its_own_best_and_resumes(tmp_path, monkeypatch, capsys):
+    data = make_data_dir(tmp_path / "data")
+    out = tmp_path / "scaling"
+    argv = ["compare", "--suite", "scaling", "--budgets", "128", "--seeds", "2", "--data", str(data), "--out",
+            str(out), "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1", "--lr-search", "--lr", "0.05"]
+    assert main(argv) == 0
+    budget = out / "budget_128"
+    results = json.loads((budget / "results.json").read_text())
+    summary = json.loads((out / "scaling.json").read_text())
+    row = summary["budgets"][0]
+    for m in results["suites"][0]["models"]:
+        sfx, best = m["suffix"], m["lr"]
+        tried = {float(lr): loss for lr, loss in results["lr_search"][sfx].items()}
+        assert results["best_lr"][sfx] == scaling.lr_label(best) and tried[best] == min(tried.values())
+        assert best / 2 in tried and best * 2 in tried  # bracketed on both sides (well within MAX_TRIES here)
+        for lr, loss in tried.items():  # seed 0 at every lr tried, in that lr's own directory and recipe
+            lr_dir = budget / f"lr_{scaling.lr_label(lr)}"
+            assert json.loads((lr_dir / "recipe.json").read_text())["lr"] == lr
+            assert read_metrics(lr_dir / "runs" / m["preset"] / "seed0", "val")[-1]["val_loss"] == loss
+            assert (lr_dir / "runs" / m["preset"] / "seed1").exists() == (lr == best)  # other seeds at the best
+        finals = [read_metrics(budget / f"lr_{scaling.lr_label(best)}" / "runs" / m["preset"] / f"seed{s}",
+                               "val")[-1]["val_loss"] for s in range(2)]
+        assert m["val_loss_mean"] == pytest.approx(sum(finals) / 2) and row["models"][sfx]["lr"] == best
+    md = (out / "scaling.md").read_text()
+    assert "Peak learning rate, searched alike" in md and "(lr " in md
+    monkeypatch.setattr(compare, "train_run", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert main(argv) == 0  # the search reads its finished runs and takes the same path
+    assert json.loads((out / "scaling.json").read_text()) == summary
+    assert main([*argv, "--eval-batches", "2"]) == 2  # another recipe in the same OUT: refused
+    assert "different recipe" in capsys.readouterr().err

@@ -6,6 +6,7 @@ budget. Layout of OUT:
 
     recipe.json                   the recipe; a later call with a different one is refused (results would mix)
     runs/<preset>/seed<k>/        one trainer run directory per (model, seed), shared by the suites
+    logs/<preset>-seed<k>.log     the trainer's output of a run trained in a child process (--jobs 2 or more)
     results.json, results.md      the tables (see `table_rows`), rewritten after every finished run
     loss_curves.png               per suite: training LM loss (mean over seeds, min..max shaded)
     analysis/                     routing statistics and Figs. 4-5 on seed 0's final checkpoints (--analyze)
@@ -22,8 +23,11 @@ import json
 import math
 import shutil
 import statistics
+import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,33 +166,72 @@ def _record_recipe(out: Path, recipe: dict[str, Any]) -> None:
         write_json(out / RECIPE_JSON, recipe)
 
 
-def run_all(jobs: list[tuple[str, int]], out: Path, recipe: dict[str, Any]) -> bool:
-    """Train every (preset, seed) not yet done, with progress; False when interrupted."""
-    started, trained = time.perf_counter(), 0
-    for i, (preset, seed) in enumerate(jobs):
-        run_dir = run_dir_for(out, preset, seed)
-        status = run_status(run_dir, recipe["steps"])
-        head = f"[{i + 1}/{len(jobs)}] {preset} seed {seed}"
-        if status == "done":
-            print(f"{head}: done, skipped", file=sys.stderr, flush=True)
-            continue
-        if status == "new" and run_dir.exists():
-            shutil.rmtree(run_dir)  # started but never checkpointed: nothing to keep
-        print(f"{head}: {'resuming' if status == 'partial' else 'training'}", file=sys.stderr, flush=True)
-        try:
-            code = train_run(preset, seed, run_dir, recipe, resume=status == "partial")
-        finally:
-            if run_dir.exists():
-                _record_recipe(out, recipe)
-        if code != 0:
-            print(f"{head}: interrupted; run the same command again to resume", file=sys.stderr)
-            return False
-        trained += 1
-        elapsed = time.perf_counter() - started
-        left = sum(run_status(run_dir_for(out, p, s), recipe["steps"]) != "done" for p, s in jobs[i + 1:])
-        print(f"{head}: finished; {elapsed / 60:.1f} min so far, about {elapsed / trained * left / 60:.0f} min "
-              f"left for {left} run(s)", file=sys.stderr, flush=True)
+def run_one(preset: str, seed: int, out: Path, recipe: dict[str, Any], head: str, child: bool = False) -> bool:
+    """Train one (preset, seed) of OUT unless it is done: afresh, or resumed from its checkpoint; False when
+    interrupted. `child`: in a child process (`train_child`)."""
+    run_dir = run_dir_for(out, preset, seed)
+    status = run_status(run_dir, recipe["steps"])
+    if status == "done":
+        print(f"{head}: done, skipped", file=sys.stderr, flush=True)
+        return True
+    if status == "new" and run_dir.exists():
+        shutil.rmtree(run_dir)  # started but never checkpointed: nothing to keep
+    print(f"{head}: {'resuming' if status == 'partial' else 'training'}", file=sys.stderr, flush=True)
+    try:
+        code = (train_child if child else train_run)(preset, seed, run_dir, recipe, resume=status == "partial")
+    finally:
+        if run_dir.exists():
+            _record_recipe(out, recipe)
+    if child and code not in (0, 130):
+        raise RuntimeError(f"{head}: the trainer exited with code {code}; its output: {child_log(out, preset, seed)}")
+    if code != 0:
+        print(f"{head}: interrupted; run the same command again to resume", file=sys.stderr)
+        return False
     return True
+
+
+def child_log(out: Path, preset: str, seed: int) -> Path:
+    return out / "logs" / f"{preset}-seed{seed}.log"
+
+
+def train_child(preset: str, seed: int, run_dir: Path, recipe: dict[str, Any], resume: bool) -> int:
+    """train_run in a child process with this process's environment (so its thread count, and so the same bits
+    as in this process), its output appended to OUT/logs/<preset>-seed<k>.log."""
+    out = run_dir.parents[2]
+    log = child_log(out, preset, seed)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    job = json.dumps({"preset": preset, "seed": seed, "run_dir": str(run_dir), "recipe": recipe, "resume": resume})
+    with open(log, "a") as f:
+        return subprocess.run([sys.executable, "-m", "deepseekmoe.analysis.child", job], stdout=f,
+                              stderr=subprocess.STDOUT).returncode
+
+
+def run_all(jobs: list[tuple[str, int]], out: Path, recipe: dict[str, Any], workers: int = 1) -> bool:
+    """Train every (preset, seed) not yet done, `workers` at a time (more than one: in child processes), with
+    progress; False when interrupted."""
+    started, trained = time.perf_counter(), []
+    lock = threading.Lock()
+
+    def one(i: int, job: tuple[str, int]) -> bool:
+        preset, seed = job
+        head = f"[{i + 1}/{len(jobs)}] {preset} seed {seed}"
+        was_done = run_status(run_dir_for(out, preset, seed), recipe["steps"]) == "done"
+        if not run_one(preset, seed, out, recipe, head, child=workers > 1):
+            return False
+        if not was_done:
+            with lock:
+                trained.append(job)
+                elapsed = time.perf_counter() - started
+                left = sum(run_status(run_dir_for(out, p, s), recipe["steps"]) != "done" for p, s in jobs)
+                print(f"{head}: finished; {elapsed / 60:.1f} min so far, about "
+                      f"{elapsed / len(trained) * left / workers / 60:.0f} min left for {left} run(s)",
+                      file=sys.stderr, flush=True)
+        return True
+
+    if workers == 1:
+        return all(one(i, job) for i, job in enumerate(jobs))  # stops at the first interrupted run
+    with ThreadPoolExecutor(workers) as pool:
+        return all(list(pool.map(one, range(len(jobs)), jobs)))
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -235,9 +278,14 @@ def gap_to_reference(m: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
     return {"gap": gap, "noise": noise, "beyond_noise": abs(gap) > noise}
 
 
-def suite_results(name: str, suite: Suite, presets: dict[str, str], out: Path,
-                  recipe: dict[str, Any]) -> dict[str, Any]:
-    models = [model_results(presets[sfx], label, out, recipe) | {"suffix": sfx} for label, sfx in suite.models]
+def suite_results(name: str, suite: Suite, presets: dict[str, str], out: Path, recipe: dict[str, Any],
+                  at: dict[str, tuple[Path, dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """The suite's table; `at` gives, per suffix, another (directory, recipe) to read a model's runs from (the
+    scaling suite's model at its own learning rate), recorded in its row as "lr"."""
+    models = []
+    for label, sfx in suite.models:
+        where, rec = (at or {}).get(sfx, (out, recipe))
+        models.append(model_results(presets[sfx], label, where, rec) | {"suffix": sfx, "lr": rec.get("lr")})
     ref = next(m for m in models if m["suffix"] == suite.reference)
     paper = dict(suite.paper_loss)
     for m in models:
@@ -248,8 +296,12 @@ def suite_results(name: str, suite: Suite, presets: dict[str, str], out: Path,
             "observed_order": " < ".join(m["label"] for m in ranked), "models": models}
 
 
-def write_results(out: Path, recipe: dict[str, Any], suites: dict[str, tuple[Suite, dict[str, str]]]) -> dict:
-    results = {"recipe": recipe, "suites": [suite_results(n, s, p, out, recipe) for n, (s, p) in suites.items()]}
+def write_results(out: Path, recipe: dict[str, Any], suites: dict[str, tuple[Suite, dict[str, str]]],
+                  at: dict[str, tuple[Path, dict[str, Any]]] | None = None,
+                  extra: dict[str, Any] | None = None) -> dict:
+    """results.json and results.md of OUT (`at`: see suite_results; `extra`: more keys for results.json)."""
+    results = {"recipe": recipe, "suites": [suite_results(n, s, p, out, recipe, at) for n, (s, p) in suites.items()],
+               **(extra or {})}
     write_json(out / RESULTS_JSON, results)
     (out / RESULTS_MD).write_text(table_markdown(results))
     return results

@@ -69,7 +69,8 @@ def compare_section(results: dict[str, Any]) -> str:
              "the 2B models after 100B tokens and show the expected ordering, not comparable values.</p>"]
     for suite in results["suites"]:
         classes = ["ref" if m["label"] == suite["reference"] else "" for m in suite["models"]]
-        parts += [f"<h3>{html.escape(suite['title'])}</h3>", _table(HEADERS, table_rows(suite), classes),
+        rows = table_rows(suite, results["recipe"])
+        parts += [f"<h3>{html.escape(suite['title'])}</h3>", _table(HEADERS, rows, classes),
                   f"<p>Observed order (lowest loss first): <b>{html.escape(suite['observed_order'] or '–')}</b>"]
         if suite["paper_note"]:
             parts.append(f"<br>Paper: {html.escape(suite['paper_note'])}.")

@@ -82,13 +82,22 @@ def _verdict(m: dict[str, Any], is_reference: bool) -> str:
     return "yes" if m["beyond_noise"] else f"no (noise {m['noise']:.4f})"
 
 
-def table_rows(suite: dict[str, Any]) -> list[list[str]]:
-    """One row of strings per model, in HEADERS order."""
+def lr_label(lr: float) -> str:
+    """0.004 -> '4e-3', 0.0005 -> '5e-4', 0.0025 -> '2.5e-3' (the scaling suite's directory names)."""
+    mantissa, exponent = f"{lr:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def table_rows(suite: dict[str, Any], recipe: dict[str, Any] | None = None) -> list[list[str]]:
+    """One row of strings per model, in HEADERS order; a model trained at another peak lr than the recipe's
+    (the scaling suite's, each model at its best) names it after its label."""
     rows = []
     for m in suite["models"]:
         is_ref = m["label"] == suite["reference"]
         gap = "–" if m.get("gap") is None or is_ref else f"{m['gap']:+.4f}"
-        rows.append([m["label"], human(m["total_params"]), human(m["active_params"]), human(m["flops_per_token"]),
+        own_lr = m.get("lr") is not None and "lr" not in (recipe or {})
+        label = f"{m['label']} (lr {lr_label(m['lr'])})" if own_lr else m["label"]
+        rows.append([label, human(m["total_params"]), human(m["active_params"]), human(m["flops_per_token"]),
                      _pm(m["val_loss_mean"], m["val_loss_std"]), _pm(m["val_bpb_mean"], m["val_bpb_std"]),
                      f"{m['tokens_per_s']:,.0f}" if m.get("tokens_per_s") else "–", gap, _verdict(m, is_ref),
                      f"{m['paper_loss']:.3f}" if m.get("paper_loss") else "–"])
@@ -111,7 +120,7 @@ def table_markdown(results: dict[str, Any]) -> str:
     for suite in results["suites"]:
         lines += [f"## {suite['title']}", "", "| " + " | ".join(HEADERS) + " |",
                   "|" + "---|" * len(HEADERS)]
-        lines += ["| " + " | ".join(row) + " |" for row in table_rows(suite)]
+        lines += ["| " + " | ".join(row) + " |" for row in table_rows(suite, results["recipe"])]
         lines += ["", f"Observed order (val loss, lowest first): {suite['observed_order'] or '–'}", ""]
         if suite["paper_note"]:
             lines += [f"Paper: {suite['paper_note']}.", ""]

@@ -2,13 +2,15 @@
 ordering appears.
 
 Every budget is a full comparison of its own (its own steps and LR schedule, nothing reused from another budget),
-kept in OUT/budget_<tokens>/ with the layout of any `compare` directory (recipe.json, runs/, results.json), so it
-resumes and can be read by `compare` and `report` alone. The budgets run smallest first, seed 0 of every model
-before seed 1, so the first results come early. Layout of OUT:
+kept in OUT/budget_<tokens>/ as one `compare` directory per peak learning rate (lr_<lr>/: recipe.json, runs/,
+results.json), so it resumes and each lr can be read by `compare` and `report` alone; with --lr-search each model's
+peak lr is searched alike at every budget (lr_search.py), otherwise every model trains at --lr. The budgets run
+smallest first, seed 0 of every model before seed 1, so the first results come early. Layout of OUT:
 
-    budget_<tokens>/              one table1 comparison per budget
-    scaling.json, scaling.md      per budget: each model's loss (mean ± std), the paper's pairwise claims judged
-                                  against 2 x the pooled seed noise, routing entropy and gate mass; the trend
+    budget_<tokens>/lr_<lr>/      one table1 comparison per budget and peak lr
+    budget_<tokens>/results.json  every model at its own peak lr, and the losses of the lr search
+    scaling.json, scaling.md      per budget: each model's loss (mean ± std) and lr, the paper's pairwise claims
+                                  judged against 2 x the pooled seed noise, routing entropy and gate mass; the trend
     scaling.png                   loss against tokens and against training FLOPs, entropy and gate mass
 
 A claim "A < B" holds at a budget when B's mean loss exceeds A's by more than 2 x sqrt((s_A^2 + s_B^2) / 2) (sample
@@ -33,9 +35,10 @@ from ..data.builtin_cache import ensure_builtin_data
 from ..data.dataset import read_meta
 from ..errors import UserValueError
 from .analyze import validation_batches
-from .compare import (SUITES, check_recipe, final_checkpoint, make_recipe, preset_for, run_all, run_dir_for,
-                      run_status, write_results)
-from .results import RESULTS_JSON, write_json
+from ..train.config import TrainConfig
+from .compare import SUITES, final_checkpoint, make_recipe, preset_for, run_dir_for, run_status
+from .lr_search import Budget, lr_dir
+from .results import RESULTS_JSON, lr_label, write_json
 from .stats import RoutingStats
 
 DEFAULT_BUDGETS = "0.5M,1M,2M,4M,8M"
@@ -77,20 +80,23 @@ def budget_recipes(budgets: list[int], **recipe_args: Any) -> list[tuple[int, Pa
     return out
 
 
-def run_scaling_suite(out: Path, budgets: list[int], scale: str, **recipe_args: Any) -> int:
+def run_scaling_suite(out: Path, budgets: list[int], scale: str, lr: float | None = None, lr_search: bool = False,
+                      workers: int = 1, **recipe_args: Any) -> int:
+    """Every budget in turn (lr_search.Budget: seed 0 of each model at its start or searched lr, then the other
+    seeds at its best); the summary is rewritten after each. `lr`: the first budget's starting peak lr."""
     suite = SUITES["table1"]
     presets = {sfx: preset_for(scale, sfx) for _, sfx in suite.models}
     plan = budget_recipes(budgets, scale=scale, **recipe_args)
-    for _, name, recipe in plan:  # every budget's recipe checked before any training
-        check_recipe(out / name, recipe)
-    seeds = recipe_args["seeds"]
-    jobs = [(presets[sfx], s) for s in range(seeds) for _, sfx in suite.models]
+    runs = [Budget(out / name, suite, presets, recipe, workers) for _, name, recipe in plan]
+    for budget in runs:  # every budget's recipes checked before any training
+        budget.check()
+    starts = {sfx: lr or TrainConfig().lr for sfx in presets}
     finished = True
-    for i, (tokens, name, recipe) in enumerate(plan):
-        print(f"budget {i + 1}/{len(plan)}: {budget_label(tokens)} tokens per run ({recipe['steps']} steps)",
-              file=sys.stderr, flush=True)
-        finished = run_all(jobs, out / name, recipe)
-        write_results(out / name, recipe, {"table1": (suite, presets)})
+    for i, ((tokens, _, recipe), budget) in enumerate(zip(plan, runs)):
+        print(f"budget {i + 1}/{len(plan)}: {budget_label(tokens)} tokens per run ({recipe['steps']} steps)"
+              + (", peak lr searched per model" if lr_search else ""), file=sys.stderr, flush=True)
+        finished, best, _ = budget.run(starts, lr_search)
+        starts |= best
         write_summary(out, summarize(out, plan, presets))  # the budgets so far: a long suite reads as it goes
         if not finished:
             break
@@ -147,7 +153,7 @@ def summarize(out: Path, plan: list[tuple[int, Path, dict[str, Any]]], presets: 
         claims = [judge(models[a], models[b]) | {"better": a, "worse": b} for a, b in CLAIMS]
         rows.append({"tokens": tokens, "label": budget_label(tokens), "steps": recipe["steps"],
                      "epochs": recipe["steps"] * recipe["batch_size"] / (train_tokens // (recipe["seq_len"] + 1)),
-                     "models": models,
+                     "models": models, "lr_search": results.get("lr_search", {}),
                      "claims": claims, "full_ordering": all(c["verdict"] == "holds" for c in claims)})
     first = next((r["label"] for r in rows if r["full_ordering"]), None)
     return {"recipe": {k: v for k, v in plan[0][2].items() if k != "steps"}, "budgets": rows,
@@ -167,12 +173,13 @@ def _labels() -> list[dict[str, str]]:
 
 
 def _model_row(m: dict[str, Any], tokens: int, budget_dir: Path, recipe: dict[str, Any]) -> dict[str, Any]:
-    healths = [final_routing_health(run_dir_for(budget_dir, m["preset"], s), recipe) for s in range(recipe["seeds"])
-               if run_status(run_dir_for(budget_dir, m["preset"], s), recipe["steps"]) == "done"]
+    runs = [run_dir_for(lr_dir(budget_dir, m["lr"]), m["preset"], s) for s in range(recipe["seeds"])] \
+        if m.get("lr") is not None else []
+    healths = [final_routing_health(d, recipe) for d in runs if run_status(d, recipe["steps"]) == "done"]
     healths = [h for h in healths if h]
     entropy = [h["token_entropy_normalized"] for h in healths if h["token_entropy_normalized"] is not None]
-    return {"label": m["label"], "preset": m["preset"], "loss_mean": m["val_loss_mean"], "loss_std": m["val_loss_std"],
-            "seeds": m["num_seeds"], "training_flops": m["flops_per_token"] * tokens,
+    return {"label": m["label"], "preset": m["preset"], "lr": m.get("lr"), "loss_mean": m["val_loss_mean"],
+            "loss_std": m["val_loss_std"], "seeds": m["num_seeds"], "training_flops": m["flops_per_token"] * tokens,
             "token_entropy_normalized": sum(entropy) / len(entropy) if entropy else None,
             "gate_mass": sum(h["gate_mass"] for h in healths) / len(healths) if healths else None}
 
@@ -243,15 +250,17 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines = ["# Scaling: the Table 1 models at several token budgets", "",
              f"Batches of {r['batch_size']} x {r['seq_len']} tokens, seeds 0..{r['seeds'] - 1}, validation on "
              f"{r['eval_batches']} fixed batches; data: {r['data'] or 'built-in corpus'}; scale: {r['scale']}"
-             + (f"; peak lr {r['lr']:g}" if "lr" in r else "") + ". "
-             "Each budget is its own run with its own schedule; epochs: passes over the training split (beyond 1, "
-             "every window is seen again).", ""]
+             + ". Each budget is its own run with its own schedule; epochs: passes over the training split (beyond "
+             "1, every window is seen again); lr: the peak learning rate each model was trained at.", ""]
     head = ["budget (tokens)", "steps", "epochs"] + list(labels.values())
     lines += ["## Validation loss (nats/token, mean ± std over seeds)", "", "| " + " | ".join(head) + " |",
               "|" + "---|" * len(head)]
     for row in rows:
-        cells = [_pm(row["models"][sfx]["loss_mean"], row["models"][sfx]["loss_std"]) for sfx in labels]
+        cells = [_pm(row["models"][sfx]["loss_mean"], row["models"][sfx]["loss_std"])
+                 + (f" (lr {lr_label(row['models'][sfx]['lr'])})" if row["models"][sfx].get("lr") else "")
+                 for sfx in labels]
         lines.append(f"| {row['label']} | {row['steps']} | {row['epochs']:.2f} | " + " | ".join(cells) + " |")
+    lines += _search_lines(labels, rows)
     claim_names = [f"{labels[a]} < {labels[b]}" for a, b in CLAIMS]
     lines += ["", "## The paper's claims (gap = loss of the first minus the second; holds when below -2 x pooled "
               "seed std)", "", "| budget | " + " | ".join(claim_names) + " | full ordering |",
@@ -277,6 +286,20 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                  if t["crossing_tokens"] else "")
         lines.append(f"- {name}: gap changes by {t['slope_per_doubling']:+.4f} per doubling{cross}")
     return "\n".join(lines) + "\n"
+
+
+def _search_lines(labels: dict[str, str], rows: list[dict[str, Any]]) -> list[str]:
+    """Seed 0's loss at every peak lr tried, per budget and model (the lr each model was trained at in bold)."""
+    if not any(len(t) > 1 for row in rows for t in row["lr_search"].values()):
+        return []
+    lines = ["", "## Peak learning rate, searched alike for every model (seed 0's loss at each lr tried)", ""]
+    for row in rows:
+        for sfx, tried in row["lr_search"].items():
+            best = row["models"][sfx].get("lr")
+            cells = [f"**{lr} {loss:.4f}**" if best is not None and lr == lr_label(best) else f"{lr} {loss:.4f}"
+                     for lr, loss in sorted(tried.items(), key=lambda kv: float(kv[0]))]
+            lines.append(f"- {row['label']}, {labels[sfx]}: " + ", ".join(cells))
+    return lines
 
 
 def _health(m: dict[str, Any]) -> str:
