@@ -13,7 +13,9 @@ at each model's best. The rule is the same for every model: nothing is tuned for
 every model trains at the one starting lr. The starting lr of a budget is the model's best at the budget before it
 in the same call (the first budget: --lr, else the train config's 4e-3), since the best lr moves slowly with the
 budget. Runs resume like any `compare` run, and a search that is run again reads the runs it finished instead of
-training them: the same runs give the same losses, so it takes the same path.
+training them: the same runs give the same losses, so it takes the same path. The rule is local: where seed noise
+makes the loss anything but a bowl in the lr, it can stop at a best whose neighbours are worse while a rate further
+away, untried, would be better still.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def bracket(start: float, loss_at: Callable[[float], float | None], factor: floa
 
 class Budget:
     """One budget's runs: the table1 models, their recipe at any lr, and where each run lives. `workers` > 1
-    trains that many runs at a time in child processes (compare.run_all): the models' searches side by side,
+    trains that many runs at a time in child processes (compare.train_child): the models' searches side by side,
     then their other seeds."""
 
     def __init__(self, budget_dir: Path, suite: Suite, presets: dict[str, str], recipe: dict[str, Any],
