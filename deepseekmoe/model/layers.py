@@ -1,10 +1,59 @@
-"""Building blocks shared by dense layers and shared experts: RMSNorm, rotary embeddings, SwiGLU FFN."""
+"""Building blocks shared by dense layers and shared experts: RMSNorm, rotary embeddings, SwiGLU FFN; the decode
+paths' shared parts.
+
+Decoding runs a handful of token rows without gradients, where each aten op's fixed cost (dispatch, a view, an
+allocation) outweighs its arithmetic. Calls like that (`decoding`) take shorter paths: one RMSNorm kernel, the
+attention's q/k/v and a FeedForward's gate/up projections as one matmul each against weights concatenated once
+(`FusedWeight`), one rotary rotation for q and k together (attention.py), and the routed experts' few-rows kernel
+(experts.py). They compute the same function as the plain paths, whose bits training keeps; the fused matmuls may
+round differently (tests/test_decode_paths.py). A module's `decode_path` attribute (True) turns its own off, for
+A/B measurements (`Transformer.use_decode_paths`).
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+DECODE_MAX_ROWS = 16
+"""Calls of at most this many token rows without gradients take the decode paths (decode batches; a prefill or an
+evaluation batch has more rows and keeps the plain paths)."""
+FUSED_MAX_BYTES = 8 << 20
+"""Weights are concatenated for the decode paths up to this many bytes in all: larger matmuls are bound by reading
+their weights, not by fixed costs, and keep the plain modules (and the CPU runtime's row blocks, runtime/linear.py)
+without a second copy of their weights."""
+
+
+def decoding(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether a call on x (..., D) with these weights takes the decode paths: few rows, nothing to differentiate."""
+    if x.numel() > DECODE_MAX_ROWS * x.shape[-1]:
+        return False
+    return not torch.is_grad_enabled() or not (x.requires_grad or any(w.requires_grad for w in weights))
+
+
+class FusedWeight:
+    """The concatenation (along the output dimension) of some weights, built on first use and built again when any
+    of them is another tensor or was written in place (an optimizer step, `load_state_dict`, `model.to`)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._weight: torch.Tensor | None = None
+
+    def get(self, *weights: torch.Tensor) -> torch.Tensor:
+        key = tuple((w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype, w.device) for w in weights)
+        if key != self._key or self._weight is None:
+            with torch.no_grad():
+                self._weight = torch.cat([w.detach() for w in weights])
+            self._key = key
+        return self._weight
+
+
+def can_fuse(*weights: object) -> bool:
+    """Float weights (not quantized ones) of at most FUSED_MAX_BYTES in all."""
+    return (all(isinstance(w, torch.Tensor) for w in weights)
+            and sum(w.nbytes for w in weights) <= FUSED_MAX_BYTES)  # type: ignore[union-attr]
 
 
 class RMSNorm(nn.Module):
@@ -14,9 +63,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.decode_path = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if self.decode_path and dtype == torch.float32 == self.weight.dtype and decoding(x, self.weight):
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the same ops in one call, in fp32
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -49,6 +101,12 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions], self.sin[positions]
 
 
+def silu_mul(gu_N2F: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a gate/up projection (N, 2F) whose first F columns are the gate."""
+    gate_NF, up_NF = gu_N2F.chunk(2, dim=-1)
+    return F.silu(gate_NF).mul_(up_NF)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
@@ -60,6 +118,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (xf * cos + _rotate_half(xf) * sin).to(x.dtype)
 
 
+def apply_rotary_tables(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary with fewer ops, for the model's own tables (RotaryEmbedding), whose sin has equal halves: then
+    rotate_half(x) * sin = [-(x2 * s), x1 * s] = the halves of x swapped, times sin, the first half negated. The
+    same bits as apply_rotary."""
+    xf = x.float()
+    rotated = xf.unflatten(-1, (2, -1)).flip(-2).flatten(-2).mul_(sin)
+    rotated[..., :x.shape[-1] // 2].neg_()
+    return (xf * cos).add_(rotated).to(x.dtype)
+
+
 class FeedForward(nn.Module):
     """SwiGLU FFN: down(silu(gate(x)) * up(x)). Dense layers and the (merged) shared experts."""
 
@@ -68,6 +136,15 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.decode_path = True
+        self._gate_up = FusedWeight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused(x):
+            return self.down_proj(silu_mul(F.linear(x, self._gate_up.get(self.gate_proj.weight, self.up_proj.weight))))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether this call runs gate and up as one matmul (the decode path, see the module docstring)."""
+        gate, up = self.gate_proj.weight, self.up_proj.weight
+        return self.decode_path and can_fuse(gate, up) and decoding(x, gate, up)
