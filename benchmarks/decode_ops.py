@@ -1,10 +1,11 @@
 """Where a decode step's operations go: aten ops per generated token, by module, from the torch profiler.
 
     python benchmarks/decode_ops.py [--presets tiny-deepseekmoe,tiny-dense] [--batch 1,8] [--steps 10]
+                                    [--decode-paths on|off]
 
 The model is built as benchmarks/decode.py builds it (random weights, `runtime.for_device`), a random prompt is
-prefilled, and --steps greedy decode steps (model forward + argmax, as `generate_tokens` runs them) are profiled.
-Every aten op, nested ones included (F.linear's mm and its transpose view count as two), is charged to the
+prefilled, and --steps greedy decode steps (model forward + argmax, as `generate_tokens` runs them) are profiled,
+with the model's decode paths (model/layers.py) or, `--decode-paths off`, the plain modules. Every aten op, nested ones included (F.linear's mm and its transpose view count as two), is charged to the
 innermost module scope it ran in: attention (projections, rotary, KV cache, SDPA), norm (RMSNorm), router,
 routed experts, shared experts, dense FFN, LM head, embedding, block (the residual adds), model (rotary tables,
 the layers' glue) and loop (what runs outside the model: argmax, the token's reshape). Ops per token = ops per
@@ -79,11 +80,12 @@ def label_modules(model: Transformer) -> list:
     return handles
 
 
-def profile_decode(preset: str, batch: int, steps: int, prompt_len: int = 32):
+def profile_decode(preset: str, batch: int, steps: int, decode_paths: bool = True, prompt_len: int = 32):
     """(ops per step by scope, self CPU microseconds per step by scope, op names per step) over `steps` steps."""
     cfg = load_preset(preset)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
+    model.use_decode_paths(decode_paths)
     for_device(model, "cpu")
     prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -116,8 +118,8 @@ def charge(events, steps: int):
     return counts, times, names
 
 
-def report(preset: str, batch: int, steps: int, top: int) -> None:
-    counts, times, names = profile_decode(preset, batch, steps)
+def report(preset: str, batch: int, steps: int, top: int, decode_paths: bool) -> None:
+    counts, times, names = profile_decode(preset, batch, steps, decode_paths)
     total, total_t = sum(counts.values()) / steps, sum(times.values())
     print(f"\n{preset}, batch {batch}: {total:.0f} aten ops a step, {total / batch:.0f} a token "
           f"(self CPU {total_t / steps / 1e3:.2f} ms a step)")
@@ -134,12 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default="tiny-deepseekmoe,tiny-dense")
     p.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--decode-paths", default="on", choices=["on", "off"])
     p.add_argument("--top", type=int, default=8, help="op names listed per scope")
     args = p.parse_args(argv)
     print(" ".join(f"{k}={v}" for k, v in machine().items()))
     for preset in args.presets.split(","):
         for batch in (int(b) for b in args.batch.split(",")):
-            report(preset.strip(), batch, args.steps, args.top)
+            report(preset.strip(), batch, args.steps, args.top, args.decode_paths == "on")
     return 0
 
 
