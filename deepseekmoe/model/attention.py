@@ -42,9 +42,9 @@ class KVCache(nn.Module):
         end = start + k.shape[2]
         if end > self.k.shape[2]:
             raise UserValueError(f"KV cache holds {self.k.shape[2]} positions; asked to write up to {end}")
-        self.k.narrow(2, start, k.shape[2]).copy_(k)
-        self.v.narrow(2, start, k.shape[2]).copy_(v)
-        return self.k.narrow(2, 0, end), self.v.narrow(2, 0, end)
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
 
     def _update_rows(self, start_B: torch.Tensor, k: torch.Tensor,
                      v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
