@@ -5,12 +5,12 @@
 
 The model is built as benchmarks/decode.py builds it (random weights, `runtime.for_device`), a random prompt is
 prefilled, and --steps greedy decode steps (model forward + argmax, as `generate_tokens` runs them) are profiled,
-with the model's decode paths (model/layers.py) or, `--decode-paths off`, the plain modules. Every aten op, nested ones included (F.linear's mm and its transpose view count as two), is charged to the
-innermost module scope it ran in: attention (projections, rotary, KV cache, SDPA), norm (RMSNorm), router,
-routed experts, shared experts, dense FFN, LM head, embedding, block (the residual adds), model (rotary tables,
-the layers' glue) and loop (what runs outside the model: argmax, the token's reshape). Ops per token = ops per
-step / batch; the op-time share comes from the profiler's self CPU time (noisy on a busy machine; the counts are
-exact).
+with the model's decode paths (model/layers.py) or, `--decode-paths off`, the plain modules. Every aten op, nested
+ones included (F.linear's mm and its transpose view count as two), is charged to the innermost module scope it ran
+in: attention (projections, rotary, KV cache, SDPA), norm (RMSNorm), router, routed experts, shared experts, dense
+FFN, LM head, embedding, block (the residual adds), model (rotary tables, the layers' glue) and loop (what runs
+outside the model: argmax, the token's reshape). Ops per token = ops per step / batch; the op-time share comes from
+the profiler's self CPU time (noisy on a busy machine; the counts are exact).
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ A/B measurements (`Transformer.use_decode_paths`).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,18 +37,20 @@ def decoding(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 class FusedWeight:
     """The concatenation (along the output dimension) of some weights, built on first use and built again when any
-    of them is another tensor or was written in place (an optimizer step, `load_state_dict`, `model.to`)."""
+    of them is another tensor, holds other memory or was written in place (an optimizer step, `load_state_dict`,
+    `model.to`, `param.data = ...`)."""
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
+        self._refs: tuple[weakref.ref, ...] = ()
+        self._key: tuple = ()
         self._weight: torch.Tensor | None = None
 
     def get(self, *weights: torch.Tensor) -> torch.Tensor:
-        key = tuple((w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype, w.device) for w in weights)
-        if key != self._key or self._weight is None:
-            with torch.no_grad():
+        key = tuple((w.data_ptr(), -1 if w.is_inference() else w._version) for w in weights)
+        if key != self._key or any(ref() is not w for ref, w in zip(self._refs, weights)) or self._weight is None:
+            with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, usable outside inference mode
                 self._weight = torch.cat([w.detach() for w in weights])
-            self._key = key
+            self._refs, self._key = tuple(weakref.ref(w) for w in weights), key
         return self._weight
 
 
@@ -68,7 +72,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         if self.decode_path and dtype == torch.float32 == self.weight.dtype and decoding(x, self.weight):
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # the same ops in one call, in fp32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one call; on the CPU the same bits in fp32
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
