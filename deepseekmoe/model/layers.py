@@ -2,12 +2,13 @@
 paths' shared parts.
 
 Decoding runs a handful of token rows without gradients, where each aten op's fixed cost (dispatch, a view, an
-allocation) outweighs its arithmetic. Calls like that (`decoding`) take shorter paths: one RMSNorm kernel, the
-attention's q/k/v and a FeedForward's gate/up projections as one matmul each against weights concatenated once
-(`FusedWeight`), one rotary rotation for q and k together (attention.py), and the routed experts' few-rows kernel
-(experts.py). They compute the same function as the plain paths, whose bits training keeps; the fused matmuls may
-round differently (tests/test_decode_paths.py). A module's `decode_path` attribute (True) turns its own off, for
-A/B measurements (`Transformer.use_decode_paths`).
+allocation) outweighs its arithmetic. Calls like that (`decoding`) take shorter paths: the attention's q/k/v and a
+FeedForward's gate/up projections as one matmul each against weights concatenated once (`FusedWeight`), one rotary
+rotation for q and k together (attention.py), and the routed experts' few-rows kernel (experts.py). They compute
+the same function as the plain paths, whose bits training keeps; the fused matmuls may round differently
+(tests/test_decode_paths.py). RMSNorm keeps its ops (`F.rms_norm`, the same bits on the CPU, made a decode step
+slower: benchmarks/README.md). A module's `decode_path` attribute (True) turns its own off, for A/B measurements
+(`Transformer.use_decode_paths`).
 """
 
 from __future__ import annotations
@@ -67,12 +68,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        self.decode_path = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        if self.decode_path and dtype == torch.float32 == self.weight.dtype and decoding(x, self.weight):
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one call; on the CPU the same bits in fp32
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
