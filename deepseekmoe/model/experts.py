@@ -18,9 +18,10 @@ Weights (HF-transformers v5 layout, nn.Linear convention out x in):
                     (torch's grouped GEMM over the segment offsets: no host sync, no Python loop) or "per_expert"
                     (plain matmuls segment by segment, any dtype and width; one host sync for the counts);
                  3. combine: add the rows into their tokens (`index_add_`), in sorted order.
-               Without gradients, a few float rows (decode: `FEW_ROWS`) take the per-expert kernel's few-rows form:
+               Without gradients, a few fp32 rows (decode: `FEW_ROWS`) take the per-expert kernel's few-rows form:
                each expert's two matmuls write into row buffers shared by all experts, and the SwiGLU, the gate
-               weights and the combine run once over all rows instead of once per expert.
+               weights and the combine run once over all rows instead of once per expert (in bf16 the runner's
+               weight-major `linear` is the faster matmul on the CPU, so bf16 keeps the per-expert form).
                Backward is hand-written (`_GroupedExperts`): weight gradients are written per expert (autograd
                through `weight[e]` would zero-fill a full (E, 2F, D) tensor per expert), the gates scale h before
                down_proj so d(gate) = <dh, h>, and h = silu(g) * u is recomputed from the saved gate/up projection.
@@ -210,7 +211,7 @@ def experts_grouped(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_T
             ops = _Rows(x_TD, gate_up_proj, down_proj, weight_R, token_R, segments, runner)
             if ops.grouped:
                 y_TD, _ = _grouped_forward(ops, False)
-            elif few_rows and len(order_R) <= FEW_ROWS and not isinstance(gate_up_proj, QuantizedWeight):
+            elif few_rows and len(order_R) <= FEW_ROWS and dtype == torch.float32 and not ops.quantized:
                 y_TD = _few_rows_forward(ops)
             else:
                 y_TD, _ = _per_expert_forward(ops, False)
@@ -253,6 +254,10 @@ class _Rows(NamedTuple):
     @property
     def grouped(self) -> bool:
         return isinstance(self.segments, torch.Tensor)
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.gate_up_proj, QuantizedWeight)
 
 
 def _combine(rows_RD: torch.Tensor, token_R: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -333,7 +338,7 @@ experts are 56); more rows keep `_per_expert_forward`, which holds no buffer for
 
 
 def _few_rows_forward(ops: _Rows) -> torch.Tensor:
-    """y_TD as `_per_expert_forward` computes it, for a few float rows without autograd: each expert's two matmuls
+    """y_TD as `_per_expert_forward` computes it, for a few fp32 rows without autograd: each expert's two matmuls
     write into (R, 2F) and (R, D) buffers shared by all experts; SwiGLU and the gate weights run once per chunk of
     experts (once in all in the calling thread) and the combine once. A chunk writes only its own rows."""
     bounds = _bounds(ops.segments)
