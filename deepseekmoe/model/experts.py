@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import silu_mul
 from .quantized import QuantizedWeight, linear
 
 Kernel = Literal["grouped_mm", "per_expert"]
@@ -265,6 +264,11 @@ def _combine(rows_RD: torch.Tensor, token_R: torch.Tensor, num_tokens: int) -> t
     return rows_RD.new_zeros(num_tokens, rows_RD.shape[1]).index_add_(0, token_R, rows_RD)
 
 
+def _silu_mul(gu_N2F: torch.Tensor) -> torch.Tensor:
+    gate_NF, up_NF = gu_N2F.chunk(2, dim=-1)
+    return F.silu(gate_NF).mul_(up_NF)
+
+
 def _swiglu_grad(gu_N2F: torch.Tensor, dh_NF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(h = silu(g) * u, d h / d[g, u] for the upstream gradient dh as one (N, 2F) tensor)."""
     gate_NF, up_NF = gu_N2F.chunk(2, dim=-1)
@@ -281,7 +285,7 @@ def _grouped_forward(ops: _Rows, keep: bool) -> tuple[torch.Tensor, torch.Tensor
     """(y_TD, the (R, 2F) gate/up projection where `keep`)."""
     offs = ops.segments
     gu_R2F = F.grouped_mm(ops.x_TD.index_select(0, ops.token_R), ops.gate_up_proj.transpose(1, 2), offs=offs)
-    hw_RF = silu_mul(gu_R2F).mul_(ops.weight_R.unsqueeze(-1))
+    hw_RF = _silu_mul(gu_R2F).mul_(ops.weight_R.unsqueeze(-1))
     y_RD = F.grouped_mm(hw_RF, ops.down_proj.transpose(1, 2), offs=offs)
     return _combine(y_RD, ops.token_R, ops.x_TD.shape[0]), gu_R2F if keep else None
 
@@ -324,7 +328,7 @@ def _per_expert_forward(ops: _Rows, keep: bool) -> tuple[torch.Tensor, dict[int,
             gu_N2F = linear(ops.x_TD.index_select(0, tok_N), ops.gate_up_proj[e])
             if gus is not None:
                 gus[e] = gu_N2F
-            h_NF = silu_mul(gu_N2F).mul_(ops.weight_R[s:t, None])
+            h_NF = _silu_mul(gu_N2F).mul_(ops.weight_R[s:t, None])
             outs.append((tok_N, linear(h_NF, ops.down_proj[e])))
         return lambda: [y_TD.index_add_(0, tok_N, y_ND) for tok_N, y_ND in outs]
 
@@ -355,7 +359,7 @@ def _few_rows_forward(ops: _Rows) -> torch.Tensor:
         for e, x_ND, gu_N2F in zip(chosen, x_parts[i:j], gu_parts[i:j]):
             torch.mm(x_ND, gate_up_ID[e], out=gu_N2F)
         first, last = bounds[chosen[0]][0], bounds[chosen[-1]][1]
-        h_NF = silu_mul(gu_R2F[first:last]).mul_(ops.weight_R[first:last, None])
+        h_NF = _silu_mul(gu_R2F[first:last]).mul_(ops.weight_R[first:last, None])
         for e, h_part, y_ND in zip(chosen, h_NF.split(rows[i:j]), y_parts[i:j]):
             torch.mm(h_part, down_FD[e], out=y_ND)
         return _nothing

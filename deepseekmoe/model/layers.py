@@ -2,13 +2,13 @@
 paths' shared parts.
 
 Decoding runs a handful of token rows without gradients, where each aten op's fixed cost (dispatch, a view, an
-allocation) outweighs its arithmetic. Calls like that (`decoding`) take shorter paths: the attention's q/k/v and a
-FeedForward's gate/up projections as one matmul each against weights concatenated once (`FusedWeight`), one rotary
-rotation for q and k together (attention.py), and the routed experts' few-rows kernel (experts.py). They compute
-the same function as the plain paths, whose bits training keeps; the fused matmuls may round differently
-(tests/test_decode_paths.py). RMSNorm keeps its ops (`F.rms_norm`, the same bits on the CPU, made a decode step
-slower: benchmarks/README.md). A module's `decode_path` attribute (True) turns its own off, for A/B measurements
-(`Transformer.use_decode_paths`).
+allocation) outweighs its arithmetic. Calls like that (`decoding`) take shorter paths: the attention's q/k/v
+projections as one matmul against their weights concatenated once (`FusedWeight`) and one rotary rotation for q and
+k together (attention.py), and the routed experts' few-rows kernel (experts.py). They compute the same function as
+the plain paths, whose bits training keeps; the fused matmul may round differently (tests/test_decode_paths.py).
+Measured and left out (benchmarks/README.md): a FeedForward's gate/up as one matmul, RMSNorm as `F.rms_norm` (the
+same bits on the CPU); both made a decode step slower. A module's `decode_path` attribute (True) turns its own off,
+for A/B measurements (`Transformer.use_decode_paths`).
 """
 
 from __future__ import annotations
@@ -105,12 +105,6 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions], self.sin[positions]
 
 
-def silu_mul(gu_N2F: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of a gate/up projection (N, 2F) whose first F columns are the gate."""
-    gate_NF, up_NF = gu_N2F.chunk(2, dim=-1)
-    return F.silu(gate_NF).mul_(up_NF)
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([-x2, x1], dim=-1)
@@ -140,15 +134,6 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.decode_path = True
-        self._gate_up = FusedWeight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused(x):
-            return self.down_proj(silu_mul(F.linear(x, self._gate_up.get(self.gate_proj.weight, self.up_proj.weight))))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-    def fused(self, x: torch.Tensor) -> bool:
-        """Whether this call runs gate and up as one matmul (the decode path, see the module docstring)."""
-        gate, up = self.gate_proj.weight, self.up_proj.weight
-        return self.decode_path and can_fuse(gate, up) and decoding(x, gate, up)

@@ -66,7 +66,7 @@ class Transformer(nn.Module):
         init_weights(self, self.config.initializer_range, generator)
 
     def use_decode_paths(self, enabled: bool = True) -> None:
-        """Turn the decode paths (model/layers.py: fused projections, one rotation for q and k, the routed experts'
+        """Turn the decode paths (model/layers.py: q/k/v as one matmul, one rotation for q and k, the routed experts'
         few-rows form) on or off in every module; off, a decode step runs the plain modules' ops (A/B measurements,
         tests)."""
         for m in self.modules():

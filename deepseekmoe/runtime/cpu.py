@@ -311,12 +311,11 @@ def _single_threaded_pool(size: int) -> ThreadPoolExecutor:
 
 class SmallRowsFeedForward(FeedForward):
     """FeedForward whose matmuls run through `linear_rows` where there is nothing to differentiate and only a
-    handful of rows (decode) and its weights are too large for the fused decode path (model/layers.py); the same
-    numbers as FeedForward otherwise."""
+    handful of rows (decode); the same numbers as FeedForward otherwise."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or self.gate_proj.weight.requires_grad)
-        if wants_grad or x.numel() > WEIGHT_MAJOR_MAX_ROWS * x.shape[-1] or self.fused(x):
+        if wants_grad or x.numel() > WEIGHT_MAJOR_MAX_ROWS * x.shape[-1]:
             return super().forward(x)
         x_NI = x.reshape(-1, x.shape[-1])
         h_NF = F.silu(linear_rows(x_NI, self.gate_proj.weight)).mul_(linear_rows(x_NI, self.up_proj.weight))
