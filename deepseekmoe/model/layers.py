@@ -56,8 +56,8 @@ class FusedWeight:
 
 
 def can_fuse(*weights: object) -> bool:
-    """fp32 weights (not quantized ones) of at most FUSED_MAX_BYTES in all. In bf16 and fp16 the CPU runtime's
-    weight-major matmuls (runtime/linear.py) beat one x @ W^T of the concatenation, so those keep the plain
+    """fp32 weights (not quantized ones) of at most FUSED_MAX_BYTES in all. In bf16 and fp16 the CPU runtime runs
+    small-row matmuls weight-major (runtime/linear.py), faster there than x @ W^T, so those keep the plain
     modules."""
     return (all(isinstance(w, torch.Tensor) and w.dtype == torch.float32 for w in weights)
             and sum(w.nbytes for w in weights) <= FUSED_MAX_BYTES)  # type: ignore[union-attr]
