@@ -1,6 +1,6 @@
 """This checkout against an earlier git revision, side by side in one process: training step, decode, MoE layer.
 
-    python benchmarks/ab_revision.py --baseline REV [--what train,decode,layer] [--presets tiny-deepseekmoe]
+    python benchmarks/ab_revision.py --baseline REV [--what train,decode,decode8,layer] [--presets tiny-deepseekmoe]
                                      [--rounds 6] [--compete]
 
 The package as it was at REV is extracted (`git archive`) into a temporary directory and imported under another
@@ -77,18 +77,24 @@ def train_call(pkg, preset: str, current: bool, batch: int = 8, seq: int = 256):
     return step
 
 
-def decode_call(pkg, preset: str, current: bool, prompt_len: int = 32, new_tokens: int = 64):
+def decode_call(pkg, preset: str, current: bool, prompt_len: int = 32, new_tokens: int = 64, batch: int = 1):
     model = _prepare(pkg, preset, current).eval()
-    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len),
+                           generator=torch.Generator().manual_seed(1))
 
     @torch.inference_mode()
     def decode() -> float:
-        caches = model.new_kv_caches(1, prompt_len + new_tokens)
+        caches = model.new_kv_caches(batch, prompt_len + new_tokens)
         tok = model(prompt, 0, caches).logits[:, -1].argmax(-1, keepdim=True)
         for pos in range(prompt_len, prompt_len + new_tokens):
             tok = model(tok, pos, caches).logits[:, -1].argmax(-1, keepdim=True)
-        return new_tokens
+        return batch * new_tokens
     return decode
+
+
+def decode8_call(pkg, preset: str, current: bool):
+    """Decode at batch 8 (`--what decode8`)."""
+    return decode_call(pkg, preset, current, batch=8)
 
 
 def layer_call(pkg, shape: str, current: bool):
@@ -132,6 +138,7 @@ def run(baseline: str, what: list[str], presets: list[str], shapes: list[str], r
     rows = []
     jobs = [(f"train {p}", train_call, p) for p in presets if "train" in what]
     jobs += [(f"decode {p}", decode_call, p) for p in presets if "decode" in what]
+    jobs += [(f"decode8 {p}", decode8_call, p) for p in presets if "decode8" in what]
     jobs += [(f"layer {s}", layer_call, s) for s in shapes if "layer" in what]
     with tempfile.TemporaryDirectory() as tmp:
         old = load_revision(baseline, Path(tmp)) if side != "this" else None

@@ -4,6 +4,9 @@
 start_pos[b]: sequences of different lengths decoded together, each in its own cache row, as a serving engine
 does). With a tensor, the forward batch is the cache's first B rows and each query sees its own row's keys up to
 its own position.
+
+A decode call (layers.decoding) projects q, k and v with one matmul against their concatenated weights and rotates
+q and k together (layers.apply_rotary_tables).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import UserValueError
-from .layers import apply_rotary
+from .layers import FusedWeight, apply_rotary, apply_rotary_tables, can_fuse, decoding
 
 
 class KVCache(nn.Module):
@@ -71,15 +74,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, hkv * hd, bias=False)
         self.v_proj = nn.Linear(d, hkv * hd, bias=False)
         self.o_proj = nn.Linear(h * hd, d, bias=False)
+        self.decode_path = True
+        self._qkv = FusedWeight()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor = 0,
                 cache: KVCache | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """key_mask (B, S_k) bool, True for real tokens: padding keys are hidden from every query."""
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        weights = self.q_proj.weight, self.k_proj.weight, self.v_proj.weight
+        if self.decode_path and can_fuse(*weights) and decoding(x, *weights):
+            q, k, v = self._fused_qkv(x, cos, sin)
+        else:
+            q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
+            k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, hd)
+            v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
         if isinstance(start_pos, torch.Tensor):
@@ -89,6 +98,16 @@ class Attention(nn.Module):
         else:
             out = _masked_sdpa(q, k, v, start_pos, key_mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+    def _fused_qkv(self, x: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated q, k and v (B, heads, S, hd) from one matmul and one rotation."""
+        b, s, _ = x.shape
+        h, hkv = self.num_heads, self.num_kv_heads
+        weight = self._qkv.get(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        qkv = F.linear(x, weight).view(b, s, h + 2 * hkv, self.head_dim).transpose(1, 2)  # (B, H + 2 Hkv, S, hd)
+        q, k = apply_rotary_tables(qkv[:, :h + hkv], cos, sin).split([h, hkv], dim=1)
+        return q, k, qkv[:, h + hkv:]
 
 
 def _causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:

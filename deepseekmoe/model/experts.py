@@ -18,6 +18,10 @@ Weights (HF-transformers v5 layout, nn.Linear convention out x in):
                     (torch's grouped GEMM over the segment offsets: no host sync, no Python loop) or "per_expert"
                     (plain matmuls segment by segment, any dtype and width; one host sync for the counts);
                  3. combine: add the rows into their tokens (`index_add_`), in sorted order.
+               Without gradients, a few fp32 rows (decode: `FEW_ROWS`) take the per-expert kernel's few-rows form:
+               each expert's two matmuls write into row buffers shared by all experts, and the SwiGLU, the gate
+               weights and the combine run once over all rows instead of once per expert (in bf16 the runner's
+               weight-major `linear` is the faster matmul on the CPU, so bf16 keeps the per-expert form).
                Backward is hand-written (`_GroupedExperts`): weight gradients are written per expert (autograd
                through `weight[e]` would zero-fill a full (E, 2F, D) tensor per expert), the gates scale h before
                down_proj so d(gate) = <dh, h>, and h = silu(g) * u is recomputed from the saved gate/up projection.
@@ -60,6 +64,9 @@ class SegmentRunner(Protocol):
 
     def linear(self, x_NI: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor: ...
 
+    def parallel(self, rows: list[int]) -> bool:
+        """Whether `run` would hand a call with these rows per expert to other threads."""
+
 
 class InlineRunner:
     """Every expert in the calling thread, in expert order, each committed at once (so no more than one expert's
@@ -70,6 +77,9 @@ class InlineRunner:
             fn([e])()
 
     linear = staticmethod(linear)
+
+    def parallel(self, rows: list[int]) -> bool:
+        return False
 
     def __repr__(self) -> str:
         return "inline"
@@ -91,6 +101,8 @@ class RoutedExperts(nn.Module):
         """Where the per-expert kernel's segments run; replaced from outside (deepseekmoe.runtime.cpu)."""
         self.pinned_kernel: Kernel | None = None
         """A kernel to use instead of the chosen one (benchmarks); None: `kernel` decides."""
+        self.decode_path = True
+        """Whether a few rows without gradients take the few-rows form (module docstring)."""
 
     def forward(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor) -> torch.Tensor:
         """y_t = sum_k w_{t,k} * FFN_{idx_{t,k}}(x_t), in x_TD's dtype."""
@@ -98,7 +110,7 @@ class RoutedExperts(nn.Module):
             return experts_loop(x_TD, topk_idx_TK, topk_weight_TK, self.gate_up_proj, self.down_proj)
         kernel = self.kernel(x_TD.device.type, compute_dtype(x_TD))
         return experts_grouped(x_TD, topk_idx_TK, topk_weight_TK, self.gate_up_proj, self.down_proj, kernel,
-                               self.runner)
+                               self.runner, few_rows=self.decode_path)
 
     def kernel(self, device_type: str, dtype: torch.dtype) -> Kernel | None:
         """The grouped kernel used on this device type at this compute dtype (None for "loop")."""
@@ -180,8 +192,9 @@ def sort_by_expert(topk_idx_TK: torch.Tensor, num_experts: int) -> SortedRows:
 
 def experts_grouped(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_TK: torch.Tensor,
                     gate_up_proj: torch.Tensor, down_proj: torch.Tensor, kernel: Kernel,
-                    runner: SegmentRunner = INLINE) -> torch.Tensor:
-    """Dropless sorted dispatch (module docstring, steps 1-3), matmuls in the compute dtype, result in x's dtype."""
+                    runner: SegmentRunner = INLINE, few_rows: bool = True) -> torch.Tensor:
+    """Dropless sorted dispatch (module docstring, steps 1-3), matmuls in the compute dtype, result in x's dtype;
+    `few_rows`: whether a few rows without gradients take the few-rows form."""
     if x_TD.shape[0] == 0:
         return torch.zeros_like(x_TD)
     order_R, token_R, counts_E = sort_by_expert(topk_idx_TK, gate_up_proj.shape[0])
@@ -195,7 +208,12 @@ def experts_grouped(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_T
             y_TD = _GroupedExperts.apply(x_TD, gate_up_proj, down_proj, weight_R, token_R, segments, runner)
         else:  # the same forward without autograd's bookkeeping (decode: fixed costs dominate)
             ops = _Rows(x_TD, gate_up_proj, down_proj, weight_R, token_R, segments, runner)
-            y_TD, _ = (_grouped_forward if ops.grouped else _per_expert_forward)(ops, False)
+            if ops.grouped:
+                y_TD, _ = _grouped_forward(ops, False)
+            elif few_rows and len(order_R) <= FEW_ROWS and dtype == torch.float32 and not ops.quantized:
+                y_TD = _few_rows_forward(ops)
+            else:
+                y_TD, _ = _per_expert_forward(ops, False)
     return y_TD.to(out_dtype)
 
 
@@ -235,6 +253,10 @@ class _Rows(NamedTuple):
     @property
     def grouped(self) -> bool:
         return isinstance(self.segments, torch.Tensor)
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.gate_up_proj, QuantizedWeight)
 
 
 def _combine(rows_RD: torch.Tensor, token_R: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -312,6 +334,45 @@ def _per_expert_forward(ops: _Rows, keep: bool) -> tuple[torch.Tensor, dict[int,
 
     ops.runner.run(chunk, list(bounds), [t - s for s, t in bounds.values()])
     return y_TD, gus
+
+
+FEW_ROWS = 128
+"""Without gradients, calls of at most this many (token, slot) rows run `_few_rows_forward` (decode: 8 rows of 7
+experts are 56); more rows keep `_per_expert_forward`, which holds no buffer for all rows at once."""
+
+
+def _few_rows_forward(ops: _Rows) -> torch.Tensor:
+    """y_TD as `_per_expert_forward` computes it, for a few fp32 rows without autograd: each expert's two matmuls
+    write into (R, 2F) and (R, D) buffers shared by all experts; SwiGLU and the gate weights run once per chunk of
+    experts (once in all in the calling thread) and the combine once. A chunk writes only its own rows."""
+    bounds = _bounds(ops.segments)
+    x_RD = ops.x_TD.index_select(0, ops.token_R)
+    gu_R2F = x_RD.new_empty(x_RD.shape[0], ops.gate_up_proj.shape[1])
+    y_RD = torch.empty_like(x_RD)
+    experts, rows = list(bounds), [t - s for s, t in bounds.values()]
+    position = {e: i for i, e in enumerate(experts)}
+    gate_up_ID, down_FD = ops.gate_up_proj.transpose(1, 2), ops.down_proj.transpose(1, 2)  # (E, D, 2F), (E, F, D)
+    x_parts, gu_parts, y_parts = x_RD.split(rows), gu_R2F.split(rows), y_RD.split(rows)
+
+    def chunk(chosen: list[int]) -> Commit:
+        i, j = position[chosen[0]], position[chosen[-1]] + 1
+        for e, x_ND, gu_N2F in zip(chosen, x_parts[i:j], gu_parts[i:j]):
+            torch.mm(x_ND, gate_up_ID[e], out=gu_N2F)
+        first, last = bounds[chosen[0]][0], bounds[chosen[-1]][1]
+        h_NF = _silu_mul(gu_R2F[first:last]).mul_(ops.weight_R[first:last, None])
+        for e, h_part, y_ND in zip(chosen, h_NF.split(rows[i:j]), y_parts[i:j]):
+            torch.mm(h_part, down_FD[e], out=y_ND)
+        return _nothing
+
+    if ops.runner.parallel(rows):
+        ops.runner.run(chunk, experts, rows)
+    else:
+        chunk(experts)
+    return _combine(y_RD, ops.token_R, ops.x_TD.shape[0])
+
+
+def _nothing() -> None:
+    """The commit of a chunk that wrote only its own rows."""
 
 
 def _per_expert_backward(ops: _Rows, grad_TD: torch.Tensor, gus: dict[int, torch.Tensor]):

@@ -65,6 +65,14 @@ class Transformer(nn.Module):
         """Every weight matrix ~ N(0, initializer_range) (paper: 0.006); norms = 1; rebuild fixed tables."""
         init_weights(self, self.config.initializer_range, generator)
 
+    def use_decode_paths(self, enabled: bool = True) -> None:
+        """Turn the decode paths (model/layers.py: q/k/v as one matmul, one rotation for q and k, the routed experts'
+        few-rows form) on or off in every module; off, a decode step runs the plain modules' ops (A/B measurements,
+        tests)."""
+        for m in self.modules():
+            if hasattr(m, "decode_path"):
+                m.decode_path = enabled
+
     def moe_layers(self) -> list[MoE]:
         """The MoE blocks (`layers[i].mlp` of each MoE layer), in layer order."""
         return [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoE)]

@@ -19,8 +19,8 @@ Each chunk writes rows and weight gradients of its own experts only and its sums
 committed in expert order, so the result does not depend on which worker ran what: the same bits every time.
 Smaller calls run in the calling thread.
 
-Without gradients, a handful of rows (decode) run weight-major (`linear_rows`), in the routed experts and in every
-FeedForward (dense layers, shared experts).
+Without gradients, a handful of rows (decode) run `linear_rows` (weight-major in bf16 and fp16), in the routed
+experts and in every FeedForward (dense layers, shared experts).
 
 Nothing happens at import; the pool belongs to the runtime object and is shut down by `close`.
 """

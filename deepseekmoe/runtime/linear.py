@@ -34,8 +34,12 @@ class Runner(Protocol):
 
 
 WEIGHT_MAJOR_MAX_ROWS = 7
-"""`linear_rows`: up to this many rows x @ W^T runs weight-major, as W @ x^T: MKL's kernel for that operand order
-is 2-3x faster than x @ W^T for 2-7 rows on the CPU measured (benchmarks/README.md)..."""
+"""`linear_rows`: up to this many rows x @ W^T runs weight-major, as W @ x^T, in bf16 and fp16: MKL's kernel for
+that operand order is faster for 1-7 rows on the CPU measured (0.55-0.77x the time at one intra-op thread, the
+calling thread's count under the runtime; 2-3x at two threads: benchmarks/README.md); in fp32 at one thread it is
+slower (1.3-5x for 1-4 rows), so fp32 runs x @ W^T..."""
+WEIGHT_MAJOR_DTYPES = (torch.bfloat16, torch.float16)
+"""The dtypes `linear_rows` runs weight-major."""
 PAD_ONE_ROW_MAX_BYTES = 1 << 20
 """... and a single row is doubled to run that way where W is at most this large (0.6x the time of a GEMV for a
 512 KB matrix; 1.4-1.6x for a 23 MB one, where the GEMV wins)."""
@@ -43,9 +47,11 @@ PAD_ONE_ROW_MAX_BYTES = 1 << 20
 
 def linear_rows(x_NI: torch.Tensor, weight_OI: torch.Tensor | QuantizedWeight) -> torch.Tensor:
     """x @ W^T for a handful of rows (decode), without autograd, in the operand order that is fastest for the row
-    count; other sizes are plain F.linear; a quantized W runs its own kernel. The result may be a transposed view."""
+    count and dtype; other sizes are plain F.linear; a quantized W runs its own kernel. The result may be a transposed view."""
     if isinstance(weight_OI, QuantizedWeight):
         return quantized_linear(x_NI, weight_OI)
+    if weight_OI.dtype not in WEIGHT_MAJOR_DTYPES:
+        return F.linear(x_NI, weight_OI)
     n = x_NI.shape[0]
     if n == 1 and weight_OI.nbytes <= PAD_ONE_ROW_MAX_BYTES:
         return torch.mm(weight_OI, x_NI.expand(2, -1).contiguous().t())[:, :1].t()
