@@ -210,22 +210,36 @@ def test_typed_recipe_settings_resolve_as_the_key_value_overrides_did(tmp_path):
     assert load_config(base=tmp_path / "config.yaml", options=typed) == before
 
 
-def test_the_recorded_scaling_suite_resumes_with_its_recipes(tmp_path):
-    """docs/results/scaling-tiny (recipe.json per budget) copied and resumed with the command that made it."""
+def test_the_recorded_scaling_suite_resumes_with_its_recipes(tmp_path, monkeypatch):
+    """docs/results/scaling-tiny (the small files of every finished run) copied and resumed with the command that
+    made it: every lr directory's recipe is the budget's, and each complete budget's search, run again on the
+    recorded runs, trains nothing and ends at the recorded best lr of every model."""
     from pathlib import Path
 
+    from deepseekmoe.analysis.lr_search import Budget, lr_dir
     from deepseekmoe.analysis.scaling import budget_recipes, parse_budgets
 
     out = tmp_path / "scaling-tiny"
     shutil.copytree(Path(__file__).parents[1] / "docs" / "results" / "scaling-tiny", out)
     plan = budget_recipes(parse_budgets("0.5M,1M,2M"), scale="tiny", seeds=3, batch_size=8, seq_len=256,
                           eval_batches=16, data=None)
+    suite = compare.SUITES["table1"]
+    presets = {sfx: f"tiny-{sfx}" for _, sfx in suite.models}
+    monkeypatch.setattr(compare, "train_run", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    starts, complete = {sfx: 4e-3 for sfx in presets}, 0
     for _, name, recipe in plan:
-        assert json.loads((out / name / compare.RECIPE_JSON).read_text()) == recipe
-        compare.check_recipe(out / name, recipe)
-    for preset in ("tiny-dense", "tiny-hash", "tiny-switch", "tiny-gshard", "tiny-deepseekmoe"):
-        for seed in range(3):  # the complete budgets' runs are in the repository, so nothing of them trains again
-            for _, name, recipe in plan[:2]:
-                assert compare.run_status(compare.run_dir_for(out / name, preset, seed), recipe["steps"]) == "done"
+        budget = Budget(out / name, suite, presets, recipe)
+        budget.check()
+        results = out / name / "results.json"
+        models = json.loads(results.read_text())["suites"][0]["models"] if results.is_file() else []
+        if not models or not all(m["num_seeds"] == 3 for m in models):
+            break  # the budget still training when the results were recorded
+        finished, best, _ = budget.run(starts, search=True)
+        assert finished and best == {m["suffix"]: m["lr"] for m in models}
+        for sfx, lr in best.items():
+            assert all(compare.run_status(compare.run_dir_for(lr_dir(out / name, lr), presets[sfx], s),
+                                          recipe["steps"]) == "done" for s in range(3))
+        starts, complete = best, complete + 1
+    assert complete >= 2  # 0.5M and 1M
     with pytest.raises(UserError, match="different recipe"):
-        compare.check_recipe(out / plan[0][1], {**plan[0][2], "batch_size": 4})
+        Budget(out / plan[0][1], suite, presets, {**plan[0][2], "batch_size": 4}).check()
