@@ -87,9 +87,11 @@ class Budget:
         """Train (or resume, or skip when finished) one run; its final validation loss, None when interrupted."""
         out, preset = lr_dir(self.dir, lr), self.presets[sfx]
         head = f"{self.dir.name}: {preset} seed {seed} at peak lr {lr_label(lr)}"
-        if not run_one(preset, seed, out, self.recipe(lr), head, child=self.workers > 1):
-            return None
-        return read_run(run_dir_for(out, preset, seed))["val_loss"]
+        finished = run_one(preset, seed, out, self.recipe(lr), head, child=self.workers > 1)
+        with self._lock:  # this lr's table; two workers may train at the same lr
+            if out.is_dir():
+                write_results(out, self.recipe(lr), {"table1": (self.suite, self.presets)})
+        return read_run(run_dir_for(out, preset, seed))["val_loss"] if finished else None
 
     def run(self, starts: dict[str, float], search: bool) -> tuple[bool, dict[str, float], dict[str, dict]]:
         """(finished, {suffix: best lr}, {suffix: {lr: seed-0 loss}}): seed 0 of every model (searched or at its
@@ -130,10 +132,7 @@ class Budget:
             return all(list(pool.map(fn, items)))
 
     def write_results(self, best: dict[str, float], tried: dict[str, dict[float, float]]) -> None:
-        """Each lr directory's table, and the budget's: every model at its best lr so far."""
-        for path in sorted(self.dir.glob(f"lr_*/{RECIPE_JSON}")):
-            lr = json.loads(path.read_text())["lr"]
-            write_results(path.parent, self.recipe(lr), {"table1": (self.suite, self.presets)})
+        """The budget's table: every model at its best lr so far (each lr's own table: `train`)."""
         at = {sfx: (lr_dir(self.dir, lr), self.recipe(lr)) for sfx, lr in best.items()}
         search = {sfx: {lr_label(lr): loss for lr, loss in sorted(t.items())} for sfx, t in tried.items()}
         write_results(self.dir, self.base, {"table1": (self.suite, self.presets)}, at=at,
