@@ -14,12 +14,18 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .errors import UserValueError
 from .model.router import RouterOutput
+from .runtime.cpu import current as current_runtime
+from .runtime.rows import cross_entropy
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy in nats; logits (B, S, V), targets (B, S)."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=ignore_index)
+    """Mean next-token cross-entropy in nats; logits (B, S, V), targets (B, S). While a CPU runtime is open its
+    workers run the row-wise work in row blocks (runtime/rows.py: the same bits as F.cross_entropy)."""
+    logits_NV, targets_N = logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    runtime = current_runtime()
+    if runtime is None:
+        return F.cross_entropy(logits_NV, targets_N, ignore_index=ignore_index)
+    return cross_entropy(runtime, logits_NV, targets_N, ignore_index)
 
 
 def _fraction_and_prob(r: RouterOutput, seq_aux: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,10 @@
-"""The CPU runtime's threads: large matmuls in row blocks on the workers, the calling thread's intra-op count."""
+"""The CPU runtime's threads: large matmuls and the cross-entropy in row blocks on the workers (and the calling
+thread), the calling thread's intra-op count."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import pytest
 import torch
@@ -8,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepseekmoe import Transformer
-from deepseekmoe.losses import total_loss
-from deepseekmoe.runtime import for_device
-from deepseekmoe.runtime.cpu import CpuRuntime, intra_op_threads
+from deepseekmoe.losses import lm_loss, total_loss
+from deepseekmoe.runtime import cpu, for_device, rows
+from deepseekmoe.runtime.cpu import CpuRuntime, current, intra_op_threads
 from deepseekmoe.runtime.linear import WorkerLinear, blocks
 
 
@@ -138,3 +142,60 @@ def test_for_device_applies_to_dense_models_too(make_config, two_threads) -> Non
     assert isinstance(runtime, CpuRuntime)
     assert type(model.lm_head) is WorkerLinear
     runtime.close()
+
+
+def test_parts_run_on_the_calling_thread_too_when_it_runs_one_intra_op_thread(two_threads) -> None:
+    """With the caller at one intra-op thread it takes parts as a worker does (and as many threads work as there
+    are workers); with more it only waits, so a part's bits never depend on who ran it."""
+    for caller_threads, caller_works in ((1, True), (2, False)):
+        with CpuRuntime(2, caller_threads=caller_threads) as runtime:
+            seen: list[tuple[str, bool]] = []
+            lock = threading.Lock()
+
+            def part() -> None:
+                time.sleep(0.01)  # long enough that every thread taking parts gets one
+                with lock:
+                    seen.append((threading.current_thread().name, runtime.in_worker()))
+            runtime.run_parts([part] * 8)
+            names = {name for name, _ in seen}
+            assert len(seen) == 8 and all(flag for _, flag in seen)
+            assert (threading.current_thread().name in names) == caller_works
+            assert len(names) == 2  # never more threads at work than workers
+            assert not runtime.in_worker()  # the caller's flag is put back
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_split_cross_entropy_has_the_bits_of_f_cross_entropy(monkeypatch, ignore: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(37, 50, generator=g) * 3
+    targets = torch.randint(0, 50, (37,), generator=g)
+    if ignore:
+        targets[::3] = -100
+    ref_in = logits.clone().requires_grad_()
+    ref = F.cross_entropy(ref_in, targets, ignore_index=-100)
+    ref.backward()
+    monkeypatch.setattr(rows, "MIN_LOSS_ELEMENTS", 0)
+    with CpuRuntime(2, caller_threads=1) as runtime:
+        calls = []
+        monkeypatch.setattr(runtime, "run_parts", lambda parts: calls.append(len(parts)) or
+                            CpuRuntime.run_parts(runtime, parts))
+        got_in = logits.clone().requires_grad_()
+        got = rows.cross_entropy(runtime, got_in, targets)
+        got.backward()
+    assert calls == [8, 8]  # forward and backward, in row blocks
+    assert torch.equal(got, ref) and torch.equal(got_in.grad, ref_in.grad)
+
+
+def test_lm_loss_hands_the_cross_entropy_to_the_open_runtime(monkeypatch) -> None:
+    monkeypatch.setattr(cpu, "_open", [])  # runtimes other tests left open
+    monkeypatch.setattr(rows, "MIN_LOSS_ELEMENTS", 0)
+    logits = torch.randn(2, 5, 11, generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(2))
+    taken = []
+    monkeypatch.setattr(rows._SplitCrossEntropy, "apply", lambda *a: taken.append(a[3]) or torch.tensor(0.0))
+    lm_loss(logits, targets)
+    assert taken == []
+    with CpuRuntime(2) as runtime:
+        assert current() is runtime
+        lm_loss(logits, targets)
+    assert taken == [runtime] and current() is None

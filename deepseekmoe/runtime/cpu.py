@@ -57,7 +57,7 @@ them, and two cores read faster than one; below, the hand-off costs more than it
 QUANTIZED_MIN_WEIGHT_BYTES = 4 << 20
 """A quantized model's expert calls and weight-only matmuls go to the workers from this many weight bytes on
 (its calling thread keeps one intra-op thread: see `CpuRuntime.apply`)."""
-MIN_LINEAR_WORK = 1 << 24
+MIN_LINEAR_WORK = 1 << 26
 """A linear layer's matmul of at least this many multiply-adds (rows x out x in) runs in row blocks on the
 workers (`linear.WorkerLinear`); smaller ones run in the calling thread."""
 CALLER_THREADS = 1
@@ -83,6 +83,7 @@ class CpuRuntime:
         self._in_worker = threading.local()
         self._executor()  # start the workers now, not in a model's forward
         self._lowered = caller_threads is not None
+        _open[:] = [r for r in _open if r() is not None] + [weakref.ref(self)]
         if self._lowered:  # put back by close(), or when the runtime is dropped with its model
             lower_caller_threads(caller_threads)
             self._restore = weakref.finalize(self, restore_caller_threads)
@@ -147,33 +148,48 @@ class CpuRuntime:
         done: dict[int, Commit] = {}
         committed = [0]
         lock = threading.Lock()
-        inference = torch.is_inference_mode_enabled()
 
         def work() -> None:
-            self._in_worker.active = True
-            with torch.inference_mode(inference), torch.no_grad():
-                while (i := next(next_chunk)) < len(chunks):
-                    commit = fn(chunks[i])
-                    with lock:  # commits run one at a time, in chunk order
-                        done[i] = commit
-                        while committed[0] in done:
-                            done.pop(committed[0])()
-                            committed[0] += 1
-        for f in [self._executor().submit(work) for _ in range(min(self.workers, len(chunks)))]:
-            f.result()
+            while (i := next(next_chunk)) < len(chunks):
+                commit = fn(chunks[i])
+                with lock:  # commits run one at a time, in chunk order
+                    done[i] = commit
+                    while committed[0] in done:
+                        done.pop(committed[0])()
+                        committed[0] += 1
+        self._share(work, len(chunks))
 
     def run_parts(self, parts: list[Callable[[], None]]) -> None:
         """Every part on the workers, each taking the next one as it finishes one; returns when all are done."""
         next_part = itertools.count()
-        inference = torch.is_inference_mode_enabled()
 
         def work() -> None:
+            while (i := next(next_part)) < len(parts):
+                parts[i]()
+        self._share(work, len(parts))
+
+    def _share(self, work: Callable[[], None], parts: int) -> None:
+        """work() in as many threads as there are workers (at most `parts`), until it returns in all of them.
+        The calling thread is one of them where it runs one intra-op thread, as a worker does (then a part has
+        the same bits whoever runs it, and one hand-off less is waited for); otherwise only workers run it."""
+        inference = torch.is_inference_mode_enabled()
+        caller_works = torch.get_num_threads() == 1 and not self.in_worker()
+
+        def as_worker() -> None:
+            was = self.in_worker()
             self._in_worker.active = True
-            with torch.inference_mode(inference), torch.no_grad():
-                while (i := next(next_part)) < len(parts):
-                    parts[i]()
-        for f in [self._executor().submit(work) for _ in range(min(self.workers, len(parts)))]:
-            f.result()
+            try:
+                with torch.inference_mode(inference), torch.no_grad():
+                    work()
+            finally:
+                self._in_worker.active = was
+        helpers = [self._executor().submit(as_worker) for _ in range(min(self.workers, parts) - caller_works)]
+        try:
+            if caller_works:
+                as_worker()
+        finally:
+            for f in helpers:
+                f.result()
 
     def in_worker(self) -> bool:
         """Whether this is one of the runtime's worker threads."""
@@ -223,6 +239,7 @@ class CpuRuntime:
 
     def close(self) -> None:
         with self._lock:
+            _open[:] = [r for r in _open if r() not in (self, None)]
             if self._pool is not None:
                 self._pool.shutdown()
                 self._pool = None
@@ -238,6 +255,19 @@ class CpuRuntime:
 
     def __repr__(self) -> str:
         return f"cpu runtime: {self.workers} workers"
+
+
+_open: list[weakref.ref[CpuRuntime]] = []
+"""The runtimes made and not yet closed, oldest first."""
+
+
+def current() -> CpuRuntime | None:
+    """The newest runtime not yet closed (or dropped), if any: the one `losses.lm_loss` hands its row-wise
+    cross-entropy to (rows.py)."""
+    for ref in reversed(_open):
+        if (runtime := ref()) is not None:
+            return runtime
+    return None
 
 
 _caller = {"lowered": 0, "saved": 0}

@@ -71,7 +71,7 @@ def blocks(n: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
-def split_mm(runtime: Runner, n: int, part: Callable[[int, int], None]) -> None:
+def split_rows(runtime: Runner, n: int, part: Callable[[int, int], None]) -> None:
     """part(start, end) over the row blocks of range(n), on the runtime's workers."""
     runtime.run_parts([lambda a=a, b=b: part(a, b) for a, b in blocks(n, runtime.workers * PARTS_PER_WORKER)])
 
@@ -79,7 +79,7 @@ def split_mm(runtime: Runner, n: int, part: Callable[[int, int], None]) -> None:
 def linear_forward(runtime: Runner, x_NI: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
     """x @ W^T, row blocks of x on the workers."""
     y_NO = x_NI.new_empty(x_NI.shape[0], weight_OI.shape[0])
-    split_mm(runtime, x_NI.shape[0], lambda a, b: torch.mm(x_NI[a:b], weight_OI.t(), out=y_NO[a:b]))
+    split_rows(runtime, x_NI.shape[0], lambda a, b: torch.mm(x_NI[a:b], weight_OI.t(), out=y_NO[a:b]))
     return y_NO
 
 
@@ -97,10 +97,10 @@ class _SplitLinear(torch.autograd.Function):
         d_x = d_w = None
         if ctx.needs_input_grad[0]:
             d_x = x_NI.new_empty(x_NI.shape)
-            split_mm(runtime, x_NI.shape[0], lambda a, b: torch.mm(grad_NO[a:b], weight_OI, out=d_x[a:b]))
+            split_rows(runtime, x_NI.shape[0], lambda a, b: torch.mm(grad_NO[a:b], weight_OI, out=d_x[a:b]))
         if ctx.needs_input_grad[1]:
             d_w = weight_OI.new_empty(weight_OI.shape)
-            split_mm(runtime, weight_OI.shape[0], lambda a, b: torch.mm(grad_NO[:, a:b].t(), x_NI, out=d_w[a:b]))
+            split_rows(runtime, weight_OI.shape[0], lambda a, b: torch.mm(grad_NO[:, a:b].t(), x_NI, out=d_w[a:b]))
         return d_x, d_w, None
 
 
