@@ -291,8 +291,8 @@ def test_runner_runs_every_expert_once_and_commits_in_order_while_a_slow_worker_
 
 def test_runner_runs_small_calls_in_the_calling_thread() -> None:
     threads: list[threading.Thread] = []
-    with CpuRuntime(2, expert_bytes=1 << 20) as runtime:  # default thresholds: 50 rows of 1 MB experts, in the caller
-        runtime.run(lambda chunk: threads.append(threading.current_thread()) or (lambda: None), [0, 1], [50, 50])
+    with CpuRuntime(2, expert_bytes=1 << 20) as runtime:  # default thresholds: 10 rows of 1 MB experts, in the caller
+        runtime.run(lambda chunk: threads.append(threading.current_thread()) or (lambda: None), [0, 1], [10, 10])
     assert threads == [threading.main_thread()] * 2  # expert by expert
 
 

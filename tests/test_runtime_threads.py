@@ -13,6 +13,8 @@ from torch import nn
 
 from deepseekmoe import Transformer
 from deepseekmoe.losses import lm_loss, total_loss
+from deepseekmoe.model.attention import Attention
+from deepseekmoe.model.layers import RotaryEmbedding
 from deepseekmoe.runtime import cpu, for_device, rows
 from deepseekmoe.runtime.cpu import CpuRuntime, current, intra_op_threads
 from deepseekmoe.runtime.linear import WorkerLinear, blocks
@@ -199,3 +201,35 @@ def test_lm_loss_hands_the_cross_entropy_to_the_open_runtime(monkeypatch) -> Non
         assert current() is runtime
         lm_loss(logits, targets)
     assert taken == [runtime] and current() is None
+
+
+@pytest.mark.parametrize("batch", [4, 1])  # blocks of sequences; of heads for one sequence
+def test_worker_attention_has_the_bits_of_sdpa_forward_and_backward(make_config, monkeypatch, batch: int) -> None:
+    monkeypatch.setattr(rows, "MIN_ATTENTION_WORK", 0)
+    cfg = make_config()
+    torch.manual_seed(0)
+    plain = Attention(cfg)
+    split = Attention(cfg)
+    split.load_state_dict(plain.state_dict())
+    x = torch.randn(batch, 24, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    cos, sin = RotaryEmbedding(cfg.head_dim, 64, cfg.rope_theta)(torch.arange(24))
+    with CpuRuntime(2, caller_threads=1) as runtime:
+        runtime.attach(split)
+        assert type(split) is rows.WorkerAttention
+        taken, apply = [], rows._SplitAttention.apply
+        monkeypatch.setattr(rows._SplitAttention, "apply", lambda *a: taken.append(a[3]) or apply(*a))
+        results = []
+        for layer in (plain, split):
+            xg = x.clone().requires_grad_()
+            y = layer(xg, cos, sin)
+            y.backward(torch.ones_like(y))
+            results.append((y.detach(), xg.grad, *(p.grad for p in layer.parameters())))
+        assert taken == [0 if batch > 1 else 1]
+        # masked and cached calls take the plain path
+        with torch.no_grad():
+            split(x, cos, sin, key_mask=torch.ones(batch, 24, dtype=torch.bool))
+        assert len(taken) == 1
+    for got, want in zip(results[1], results[0]):
+        assert torch.equal(got, want)
+    CpuRuntime.remove(split)
+    assert type(split) is Attention and not hasattr(split, "runtime")

@@ -91,13 +91,16 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
+        return self.o_proj(self.attend(q, k, v, start_pos, key_mask).transpose(1, 2).reshape(b, s, -1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int | torch.Tensor,
+               key_mask: torch.Tensor | None) -> torch.Tensor:
+        """Scaled dot-product attention of q (B, H, S_q, hd) over k, v (B, Hkv, S_k, hd), causal at start_pos."""
         if isinstance(start_pos, torch.Tensor):
-            out = _per_row_sdpa(q, k, v, start_pos)
-        elif key_mask is None:
-            out = _causal_sdpa(q, k, v, start_pos)
-        else:
-            out = _masked_sdpa(q, k, v, start_pos, key_mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+            return _per_row_sdpa(q, k, v, start_pos)
+        if key_mask is None:
+            return _causal_sdpa(q, k, v, start_pos)
+        return _masked_sdpa(q, k, v, start_pos, key_mask)
 
     def _fused_qkv(self, x: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

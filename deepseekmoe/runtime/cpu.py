@@ -40,17 +40,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserValueError
+from ..model.attention import Attention
 from ..model.experts import INLINE, Commit, RoutedExperts
 from ..model.layers import FeedForward
 from ..model.quantized import ROW_BLOCK, QuantizedLinear, QuantizedWeight, quantized_linear
 from .linear import WEIGHT_MAJOR_MAX_ROWS, WorkerLinear, linear_rows
+from .rows import WorkerAttention
 
-MIN_EXPERT_WORK = 128 << 20
+MIN_EXPERT_WORK = 16 << 20
 """The workers take a call whose experts average at least this much work (rows x weight bytes per expert;
 S1 training, 384 rows of 768 KB experts: 302 MB, 1.08x the dense FFN on the workers against 1.18x in the calling
-thread, 1.26x against 1.74x beside a competing process; the small preset's training: 268 MB). Below it the calling
-thread runs the experts (tiny's training, 228 rows of 129 KB experts: 29 MB, 6% faster there; train-1k: 75 MB, a
-tie): benchmarks/README.md..."""
+thread, 1.26x against 1.74x beside a competing process; the small preset's training: 268 MB; tiny's training,
+228 rows of 129 KB experts: 29 MB, a 1.10x faster step since the calling thread takes chunks too). Below it the
+calling thread runs the experts (a prefill's few rows per expert): benchmarks/README.md..."""
 MIN_WEIGHT_BYTES = 64 << 20
 """... or whose chosen experts' weights are at least this large (decode of large experts is bound by reading
 them, and two cores read faster than one; below, the hand-off costs more than it saves)."""
@@ -118,6 +120,8 @@ class CpuRuntime:
                 m.__class__ = SmallRowsFeedForward
             elif isinstance(m, QuantizedLinear):
                 m.matmul = self.linear
+            elif type(m) is Attention:
+                m.__class__, m.runtime = WorkerAttention, self
             if type(m) is nn.Linear and m.bias is None:
                 m.__class__, m.runtime = WorkerLinear, self
         return self
@@ -133,6 +137,9 @@ class CpuRuntime:
                 m.__class__ = FeedForward
             elif isinstance(m, QuantizedLinear):
                 m.matmul = quantized_linear
+            elif type(m) is WorkerAttention:
+                m.__class__ = Attention
+                del m.runtime
             elif type(m) is WorkerLinear:
                 m.__class__ = nn.Linear
                 del m.runtime

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .linear import Runner, split_rows
+from ..model.attention import Attention
+from .linear import PARTS_PER_WORKER, Runner, blocks, split_rows
 
 MIN_LOSS_ELEMENTS = 1 << 20
 """Logits (rows x vocabulary) from which the cross-entropy runs in row blocks; smaller ones run F.cross_entropy."""
@@ -56,3 +57,63 @@ class _SplitCrossEntropy(torch.autograd.Function):
                                                           out=d_logits[a:b])
         split_rows(ctx.runtime, logp_NV.shape[0], part)
         return d_logits, None, None, None
+
+
+MIN_ATTENTION_WORK = 1 << 26
+"""Causal self-attention of at least this many multiply-adds (B x H x S^2 x hd) runs in blocks on the workers."""
+_FLASH = int(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
+
+
+class WorkerAttention(Attention):
+    """Attention whose causal self-attention over whole fp32 sequences (training, prefill without a cache) runs
+    CPU flash attention, the kernel F.scaled_dot_product_attention picks there, on blocks of sequences (or of
+    heads for one sequence) on the workers: every (sequence, head) is computed on its own by that kernel, forward
+    and backward, so the bits are those of one call over the whole (tests/test_runtime_threads.py)."""
+
+    runtime: Runner
+
+    def attend(self, q, k, v, start_pos, key_mask):  # type: ignore[override]
+        dim = 0 if q.shape[0] > 1 else 1
+        if (isinstance(start_pos, torch.Tensor) or key_mask is not None or q.shape[2] != k.shape[2]
+                or q.shape[1] != k.shape[1] or q.device.type != "cpu" or q.dtype != torch.float32
+                or q.shape[dim] < 2 or q.shape[0] * q.shape[1] * q.shape[2] ** 2 * q.shape[3] < MIN_ATTENTION_WORK
+                or self.runtime.in_worker() or torch._fused_sdp_choice(q, k, v, None, 0.0, True) != _FLASH):
+            return super().attend(q, k, v, start_pos, key_mask)
+        return _SplitAttention.apply(q, k, v, dim, self.runtime)
+
+
+def _like_flash(q: torch.Tensor) -> torch.Tensor:
+    """An empty (B, H, S, hd) tensor laid out as the flash kernel lays out its output: (B, S, H, hd) in memory."""
+    b, h, s, d = q.shape
+    return q.new_empty(b, s, h, d).transpose(1, 2)
+
+
+class _SplitAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, dim, runtime):  # type: ignore[override]
+        out = _like_flash(q)
+        parts = blocks(q.shape[dim], runtime.workers * PARTS_PER_WORKER)
+        lse: list[torch.Tensor | None] = [None] * len(parts)
+
+        def part(i: int, a: int, b: int) -> None:
+            o, lse[i] = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q.narrow(dim, a, b - a), k.narrow(dim, a, b - a), v.narrow(dim, a, b - a), 0.0, True)
+            out.narrow(dim, a, b - a).copy_(o)
+        runtime.run_parts([lambda i=i, a=a, b=b: part(i, a, b) for i, (a, b) in enumerate(parts)])
+        ctx.save_for_backward(q, k, v, out, *lse)
+        ctx.dim, ctx.parts, ctx.runtime = dim, parts, runtime
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        q, k, v, out, *lse = ctx.saved_tensors
+        dim = ctx.dim
+        grads = _like_flash(q), _like_flash(k), _like_flash(v)
+
+        def part(i: int, a: int, b: int) -> None:
+            rows = [t.narrow(dim, a, b - a) for t in (grad, q, k, v, out)]
+            for d, g in zip(grads, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    *rows, lse[i], 0.0, True)):
+                d.narrow(dim, a, b - a).copy_(g)
+        ctx.runtime.run_parts([lambda i=i, a=a, b=b: part(i, a, b) for i, (a, b) in enumerate(ctx.parts)])
+        return *grads, None, None
