@@ -45,26 +45,27 @@ def load_revision(rev: str, into: Path):
     return importlib.import_module(name)
 
 
-def _apply_runtime(pkg, model: "torch.nn.Module") -> None:
-    """The side's own `runtime.for_device` (revisions before the CPU runtime have none)."""
+def _apply_runtime(pkg, model: "torch.nn.Module"):
+    """The side's own `runtime.for_device` (revisions before the CPU runtime have none); the runtime or None."""
     try:
         runtime = importlib.import_module(pkg.__name__ + ".runtime")
     except ImportError:
-        return
-    runtime.for_device(model, "cpu")
+        return None
+    return runtime.for_device(model, "cpu")
 
 
-def _prepare(pkg, preset: str, current: bool) -> "torch.nn.Module":
+def _prepare(pkg, preset: str, current: bool):
     torch.manual_seed(0)
     model = pkg.Transformer(pkg.load_preset(preset))
-    _apply_runtime(pkg, model)
-    return model
+    return model, _apply_runtime(pkg, model)
 
 
 def train_call(pkg, preset: str, current: bool, batch: int = 8, seq: int = 256):
-    model = _prepare(pkg, preset, current)
+    model, runtime = _prepare(pkg, preset, current)
     loss_fn = importlib.import_module(pkg.__name__ + ".losses").total_loss
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if hasattr(runtime, "attach_optimizer"):  # as the side's train does
+        runtime.attach_optimizer(opt)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(1))
 
     def step() -> float:
@@ -78,7 +79,7 @@ def train_call(pkg, preset: str, current: bool, batch: int = 8, seq: int = 256):
 
 
 def decode_call(pkg, preset: str, current: bool, prompt_len: int = 32, new_tokens: int = 64, batch: int = 1):
-    model = _prepare(pkg, preset, current).eval()
+    model = _prepare(pkg, preset, current)[0].eval()
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len),
                            generator=torch.Generator().manual_seed(1))
 

@@ -57,11 +57,14 @@ def build(preset: str, impl: str, seed: int = 0) -> tuple[Transformer, torch.opt
     cfg.experts_impl = "loop" if impl == "loop" else "grouped"
     torch.manual_seed(seed)
     model = Transformer(cfg)
+    runtime = None
     if impl == "grouped":
-        for_device(model, "cpu")
+        runtime = for_device(model, "cpu")
     elif impl == "grouped-workers":
-        CpuRuntime.apply(model, min_expert_work=0)
+        runtime = CpuRuntime.apply(model, min_expert_work=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    if runtime is not None:
+        runtime.attach_optimizer(opt)  # as train does
     return model, opt
 
 

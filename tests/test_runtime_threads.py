@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from deepseekmoe import Transformer
 from deepseekmoe.losses import lm_loss, total_loss
 from deepseekmoe.model.attention import Attention
 from deepseekmoe.model.layers import RotaryEmbedding
-from deepseekmoe.runtime import cpu, for_device, rows
+from deepseekmoe.runtime import cpu, for_device, optim, rows
 from deepseekmoe.runtime.cpu import CpuRuntime, current, intra_op_threads
 from deepseekmoe.runtime.linear import WorkerLinear, blocks
 
@@ -233,3 +234,52 @@ def test_worker_attention_has_the_bits_of_sdpa_forward_and_backward(make_config,
         assert torch.equal(got, want)
     CpuRuntime.remove(split)
     assert type(split) is Attention and not hasattr(split, "runtime")
+
+
+def _optimizer_run(attach: bool, make, steps: int = 3, hook: bool = False):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 300), nn.Linear(300, 40), nn.LayerNorm(40))
+    opt = make([{"params": [model[0].weight, model[1].weight], "weight_decay": 0.1},
+                {"params": [model[0].bias, model[1].bias, *model[2].parameters()], "weight_decay": 0.0}])
+    if hook:
+        opt.register_step_post_hook(lambda *_: None)
+    with CpuRuntime(2, caller_threads=1) as runtime:
+        parted = attach and runtime.attach_optimizer(opt)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+        x = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+            opt.step()
+            sched.step()
+    return parted, [p.detach().clone() for p in model.parameters()], opt.state_dict()
+
+
+@pytest.mark.parametrize("make", [lambda g: torch.optim.AdamW(g, lr=1e-2, betas=(0.9, 0.95)),
+                                  lambda g: torch.optim.SGD(g, lr=1e-2, momentum=0.9)], ids=["adamw", "sgd"])
+def test_an_optimizer_step_in_parts_has_the_bits_of_one_step(monkeypatch, make) -> None:
+    monkeypatch.setattr(optim, "MIN_STEP_ELEMENTS", 0)
+    seen = []
+    monkeypatch.setattr(optim, "_parts", lambda o, n, parts=optim._parts: seen.append(len(r := parts(o, n))) or r)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the scheduler sees the step it wraps called
+        parted, params, state = _optimizer_run(True, make)
+    assert parted and len(seen) == 3 and min(seen) >= 2  # every step in parts
+    _, want_params, want_state = _optimizer_run(False, make)
+    for a, b in zip(params, want_params):
+        assert torch.equal(a, b)
+    assert state["param_groups"] == want_state["param_groups"]
+    for k, s in want_state["state"].items():
+        for name, value in s.items():
+            assert torch.equal(state["state"][k][name], value), name
+
+
+def test_an_optimizer_step_stays_whole_with_hooks_or_off_the_cpu_types(monkeypatch) -> None:
+    monkeypatch.setattr(optim, "MIN_STEP_ELEMENTS", 0)
+    monkeypatch.setattr(optim, "_parts", lambda *a: pytest.fail("cut into parts"))
+    make = lambda g: torch.optim.AdamW(g, lr=1e-2)  # noqa: E731
+    parted, params, _ = _optimizer_run(True, make, hook=True)
+    assert parted
+    for a, b in zip(params, _optimizer_run(False, make)[1]):
+        assert torch.equal(a, b)
+    assert not _optimizer_run(True, lambda g: torch.optim.Adagrad(g, lr=1e-2))[0]

@@ -44,7 +44,8 @@ from ..model.attention import Attention
 from ..model.experts import INLINE, Commit, RoutedExperts
 from ..model.layers import FeedForward
 from ..model.quantized import ROW_BLOCK, QuantizedLinear, QuantizedWeight, quantized_linear
-from .linear import WEIGHT_MAJOR_MAX_ROWS, WorkerLinear, linear_rows
+from .linear import WEIGHT_MAJOR_MAX_ROWS, WorkerLinear, linear_rows, split
+from .optim import install as install_optimizer
 from .rows import WorkerAttention
 
 MIN_EXPERT_WORK = 16 << 20
@@ -125,6 +126,11 @@ class CpuRuntime:
             if type(m) is nn.Linear and m.bias is None:
                 m.__class__, m.runtime = WorkerLinear, self
         return self
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Run `optimizer.step()` in parts on the workers where that keeps its bits (optim.py); call it before a
+        learning-rate scheduler is made. Returns whether it does."""
+        return install_optimizer(self, optimizer)
 
     @staticmethod
     def remove(model: nn.Module) -> None:
@@ -312,19 +318,6 @@ def intra_op_threads() -> int:
     """The process's intra-op thread count as it was before any runtime lowered it."""
     with _caller_lock:
         return _caller["saved"] if _caller["lowered"] else torch.get_num_threads()
-
-
-def split(experts: list[int], rows: list[int], parts: int) -> list[list[int]]:
-    """Contiguous runs of experts with about equal row counts (at most `parts` runs, none empty)."""
-    total = sum(rows)
-    runs: list[list[int]] = [[]]
-    done = 0
-    for e, n in zip(experts, rows):
-        if runs[-1] and done >= total * len(runs) / parts:
-            runs.append([])
-        runs[-1].append(e)
-        done += n
-    return runs
 
 
 def _single_threaded_pool(size: int) -> ThreadPoolExecutor:

@@ -71,6 +71,20 @@ def blocks(n: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
+def split(items: list, weights: list[int], parts: int) -> list[list]:
+    """Contiguous runs of items with about equal total weights (at most `parts` runs, none empty): experts by
+    their rows, parameters by their sizes."""
+    total = sum(weights)
+    runs: list[list] = [[]]
+    done = 0
+    for item, w in zip(items, weights):
+        if runs[-1] and done >= total * len(runs) / parts:
+            runs.append([])
+        runs[-1].append(item)
+        done += w
+    return runs
+
+
 def split_rows(runtime: Runner, n: int, part: Callable[[int, int], None]) -> None:
     """part(start, end) over the row blocks of range(n), on the runtime's workers."""
     runtime.run_parts([lambda a=a, b=b: part(a, b) for a, b in blocks(n, runtime.workers * PARTS_PER_WORKER)])

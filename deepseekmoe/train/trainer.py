@@ -192,6 +192,8 @@ class Trainer:
         self.model, self.module = self.plan.build(self.run.model, model, initialise)
         self.runtime = for_device(self.model, self.device)
         self.optimizer = build_optimizer(self.model, self.cfg)
+        if self.runtime is not None:
+            self.runtime.attach_optimizer(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.cfg)
 
     def _restore(self) -> None:
