@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from deepseekmoe import Transformer, load_preset
+from deepseekmoe.model import experts
 from deepseekmoe.model.experts import experts_grouped, experts_loop
 from deepseekmoe.model.layers import RotaryEmbedding, apply_rotary, apply_rotary_tables
 from deepseekmoe.runtime.cpu import CpuRuntime
@@ -183,7 +184,8 @@ def test_rotary_tables_rotate_with_the_same_bits():
 
 
 @pytest.mark.parametrize("tokens", [1, 8, 18])
-def test_few_rows_experts_match_the_loop(tokens: int):
+def test_few_rows_experts_match_the_loop(tokens: int, monkeypatch):
+    monkeypatch.setattr(experts, "ONE_TOKEN_MAX_BYTES", 0)  # one token too: the few-rows form
     torch.manual_seed(0)
     e, d, f, k = 12, 32, 20, 3
     gate_up, down = torch.randn(e, 2 * f, d) * 0.2, torch.randn(e, d, f) * 0.2
@@ -199,6 +201,29 @@ def test_few_rows_experts_match_the_loop(tokens: int):
     torch.testing.assert_close(inline, expected, atol=1e-6, rtol=1e-5)
     assert torch.equal(inline, plain)  # the same matmuls and sums, fewer ops around them
     assert torch.equal(workers, inline)
+
+
+def test_one_token_experts_match_the_loop(monkeypatch):
+    torch.manual_seed(0)
+    e, d, f, k = 12, 32, 20, 3
+    gate_up, down = torch.randn(e, 2 * f, d) * 0.2, torch.randn(e, d, f) * 0.2
+    x, idx, weight = torch.randn(1, d), torch.randperm(e)[:k][None], torch.rand(1, k)
+    taken = []
+    monkeypatch.setattr(experts, "_one_token_forward", lambda *a, f=experts._one_token_forward: taken.append(1) or f(*a))
+    with torch.inference_mode():
+        got = experts_grouped(x, idx, weight, gate_up, down, "per_expert")
+        plain = experts_grouped(x, idx, weight, gate_up, down, "per_expert", few_rows=False)
+        expected = experts_loop(x, idx, weight, gate_up, down)
+    assert taken == [1]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got, plain, atol=1e-6, rtol=1e-5)
+    with torch.inference_mode():  # two tokens, or weights above the limit: the sorted dispatch
+        experts_grouped(x.expand(2, -1), idx.expand(2, -1), weight.expand(2, -1), gate_up, down, "per_expert")
+        monkeypatch.setattr(experts, "ONE_TOKEN_MAX_BYTES", k * (gate_up[0].nbytes + down[0].nbytes) - 1)
+        experts_grouped(x, idx, weight, gate_up, down, "per_expert")
+    xg = x.clone().requires_grad_()  # and anything with gradients
+    experts_grouped(xg, idx, weight, gate_up, down, "per_expert")
+    assert taken == [1]
 
 
 def test_bf16_model_keeps_its_bits():

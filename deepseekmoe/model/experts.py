@@ -21,7 +21,9 @@ Weights (HF-transformers v5 layout, nn.Linear convention out x in):
                Without gradients, a few fp32 rows (decode: `FEW_ROWS`) take the per-expert kernel's few-rows form:
                each expert's two matmuls write into row buffers shared by all experts, and the SwiGLU, the gate
                weights and the combine run once over all rows instead of once per expert (in bf16 the runner's
-               weight-major `linear` is the faster matmul on the CPU, so bf16 keeps the per-expert form).
+               weight-major `linear` is the faster matmul on the CPU, so bf16 keeps the per-expert form). One
+               token (a batch-1 decode step) whose K experts' weights are small (`ONE_TOKEN_MAX_BYTES`) skips the
+               sort: its experts' weights are gathered and multiplied by two batched matmuls (`_one_token_forward`).
                Backward is hand-written (`_GroupedExperts`): weight gradients are written per expert (autograd
                through `weight[e]` would zero-fill a full (E, 2F, D) tensor per expert), the gates scale h before
                down_proj so d(gate) = <dh, h>, and h = silu(g) * u is recomputed from the saved gate/up projection.
@@ -197,9 +199,15 @@ def experts_grouped(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_T
     `few_rows`: whether a few rows without gradients take the few-rows form."""
     if x_TD.shape[0] == 0:
         return torch.zeros_like(x_TD)
-    order_R, token_R, counts_E = sort_by_expert(topk_idx_TK, gate_up_proj.shape[0])
     device_type, out_dtype = x_TD.device.type, x_TD.dtype
     dtype = compute_dtype(x_TD)
+    if (few_rows and x_TD.shape[0] == 1 and dtype == torch.float32 and gate_up_proj.dtype == torch.float32
+            and isinstance(gate_up_proj, torch.Tensor) and not torch.is_autocast_enabled(device_type)
+            and topk_idx_TK.shape[1] * (gate_up_proj[0].nbytes + down_proj[0].nbytes) <= ONE_TOKEN_MAX_BYTES
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, gate_up_proj, down_proj,
+                                                                                topk_weight_TK)))):
+        return _one_token_forward(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj)
+    order_R, token_R, counts_E = sort_by_expert(topk_idx_TK, gate_up_proj.shape[0])
     x_TD, gate_up_proj, down_proj = x_TD.to(dtype), gate_up_proj.to(dtype), down_proj.to(dtype)
     weight_R = topk_weight_TK.reshape(-1)[order_R].to(dtype)
     segments = counts_E.cumsum(0).to(torch.int32) if kernel == "grouped_mm" else counts_E.tolist()
@@ -369,6 +377,24 @@ def _few_rows_forward(ops: _Rows) -> torch.Tensor:
     else:
         chunk(experts)
     return _combine(y_RD, ops.token_R, ops.x_TD.shape[0])
+
+
+ONE_TOKEN_MAX_BYTES = 4 << 20
+"""Without gradients, one fp32 token whose K experts' weights are at most this large in all takes
+`_one_token_forward` (tiny: 7 x 129 KB); larger ones keep the per-expert kernel, which reads them in place."""
+
+
+def _one_token_forward(x_1D: torch.Tensor, idx_1K: torch.Tensor, weight_1K: torch.Tensor,
+                       gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    """y (1, D) = sum_k w_k SwiGLU_{idx_k}(x) for one token: its K experts' weights gathered into (K, 2F, D) and
+    (K, D, F) copies and two batched matmuls (x @ W^T per expert), a dozen ops in all instead of the sort, the
+    segments and 2K matmuls. The same function as the per-expert form; the sum over k is bmm's and sum's, so the
+    last bits may differ (tests/test_decode_paths.py)."""
+    idx_K = idx_1K[0]
+    k = idx_K.shape[0]
+    gu_K12F = torch.bmm(x_1D.expand(k, -1)[:, None], gate_up_proj.index_select(0, idx_K).transpose(1, 2))
+    h_K1F = _silu_mul(gu_K12F).mul_(weight_1K.view(k, 1, 1))
+    return torch.bmm(h_K1F, down_proj.index_select(0, idx_K).transpose(1, 2)).sum(0)
 
 
 def _nothing() -> None:
