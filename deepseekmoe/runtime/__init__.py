@@ -3,7 +3,8 @@
 `for_device(model, device)` is what the commands call once, after building (and parallelising) a model: on a CPU
 with more than one intra-op thread it applies `cpu.CpuRuntime`: the calling thread keeps one intra-op thread, and
 large matmuls and routed experts run on single-threaded worker threads that take parts as they finish one
-(measured far steadier on a busy machine, benchmarks/README.md); elsewhere it leaves the model as built. `describe(model, device, dtype)` says what runs.
+(measured far steadier on a busy machine, benchmarks/README.md); on any CPU glibc's malloc keeps freed memory for
+reuse (`cpu.keep_freed_memory`); elsewhere it leaves the model as built. `describe(model, device, dtype)` says what runs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 
 from ..errors import UserValueError
 from ..model.experts import RoutedExperts
-from .cpu import CpuRuntime, intra_op_threads
+from .cpu import CpuRuntime, intra_op_threads, keep_freed_memory
 
 
 def parse_device(name: str | None, setting: str) -> torch.device:
@@ -31,8 +32,12 @@ def parse_device(name: str | None, setting: str) -> torch.device:
 
 
 def for_device(model: nn.Module, device: torch.device | str) -> CpuRuntime | None:
-    """Apply the runtime this device gets (see the module docstring); returns it, or None."""
-    if torch.device(device).type != "cpu" or intra_op_threads() < 2:
+    """Apply the runtime this device gets (see the module docstring); returns it, or None. On any CPU, freed
+    memory is kept for reuse (cpu.keep_freed_memory), with one intra-op thread too."""
+    if torch.device(device).type != "cpu":
+        return None
+    keep_freed_memory()
+    if intra_op_threads() < 2:
         return None
     return CpuRuntime.apply(model)
 
