@@ -98,9 +98,11 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train_step(model: torch.nn.Module, side: str, ids: torch.Tensor) -> Callable[[], float]:
+def train_step(model: torch.nn.Module, side: str, ids: torch.Tensor, runtime=None) -> Callable[[], float]:
     """One full training step (module docstring); `step.reset()` drops the gradients, as the step itself does."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    if runtime is not None:
+        runtime.attach_optimizer(opt)  # as train does
     model.train()
 
     def step() -> float:
@@ -216,7 +218,7 @@ def measure_train(cfg: ModelConfig, batch: int, seq: int, rounds: int, interleav
     live = {}
     for side in sides:
         model, runtime = build(cfg, side)
-        step = train_step(model, side, ids)
+        step = train_step(model, side, ids, runtime)
         if side == "hf":
             step = at_default_threads(step)
             row["hf_experts"] = pick_hf_experts(model, lambda: step, batch * seq)

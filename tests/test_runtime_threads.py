@@ -169,6 +169,10 @@ def test_parts_run_on_the_calling_thread_too_when_it_runs_one_intra_op_thread(tw
             assert (threading.current_thread().name in names) == caller_works
             assert len(names) == 2  # never more threads at work than workers
             assert not runtime.in_worker()  # the caller's flag is put back
+            seen.clear()
+            with runtime.in_calling_thread():  # the memory profile's one thread
+                runtime.run_parts([part] * 4)
+            assert {name for name, _ in seen} == {threading.current_thread().name}
 
 
 @pytest.mark.parametrize("ignore", [False, True])

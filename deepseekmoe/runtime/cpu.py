@@ -86,6 +86,7 @@ class CpuRuntime:
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._in_worker = threading.local()
+        self._inline = False  # in_calling_thread
         self._executor()  # start the workers now, not in a model's forward
         self._lowered = caller_threads is not None
         _open[:] = [r for r in _open if r() is not None] + [weakref.ref(self)]
@@ -189,7 +190,7 @@ class CpuRuntime:
         The calling thread is one of them where it runs one intra-op thread, as a worker does (then a part has
         the same bits whoever runs it, and one hand-off less is waited for); otherwise only workers run it."""
         inference = torch.is_inference_mode_enabled()
-        caller_works = torch.get_num_threads() == 1 and not self.in_worker()
+        caller_works = self._inline or (torch.get_num_threads() == 1 and not self.in_worker())
 
         def as_worker() -> None:
             was = self.in_worker()
@@ -199,7 +200,8 @@ class CpuRuntime:
                     work()
             finally:
                 self._in_worker.active = was
-        helpers = [self._executor().submit(as_worker) for _ in range(min(self.workers, parts) - caller_works)]
+        helpers = [] if self._inline else [self._executor().submit(as_worker)
+                                           for _ in range(min(self.workers, parts) - caller_works)]
         try:
             if caller_works:
                 as_worker()
@@ -214,13 +216,14 @@ class CpuRuntime:
     @contextlib.contextmanager
     def in_calling_thread(self) -> Iterator[None]:
         """Every call in the calling thread for the duration (the benchmarks' memory profile, which sees one
-        thread)."""
-        saved = self.min_expert_work, self.min_weight_bytes, self.min_linear_work
+        thread): the thresholds out of reach, and any parts still handed out run there too."""
+        saved = self.min_expert_work, self.min_weight_bytes, self.min_linear_work, self._inline
         self.min_expert_work = self.min_weight_bytes = self.min_linear_work = 1 << 62
+        self._inline = True
         try:
             yield
         finally:
-            self.min_expert_work, self.min_weight_bytes, self.min_linear_work = saved
+            self.min_expert_work, self.min_weight_bytes, self.min_linear_work, self._inline = saved
 
     def parallel(self, rows: list[int]) -> bool:
         """Whether a call with these rows per expert goes to the workers (see MIN_EXPERT_WORK)."""
