@@ -1,4 +1,5 @@
-"""The CPU runtime: worker threads for the routed experts and large matmuls, applied to a built model.
+"""The CPU runtime: worker threads for a step's large work (matmuls, experts, loss, attention, optimizer), applied
+to a built model.
 
     runtime = CpuRuntime.apply(model)   # caller at one intra-op thread; experts, large matmuls on the workers
     ...
@@ -6,9 +7,13 @@
 
 While a runtime is applied the calling thread runs one intra-op thread (`CALLER_THREADS`): on shared cores every
 OpenMP parallel region waits for its slowest, possibly descheduled, thread, and a model runs thousands of small
-regions a step. What needs both cores runs on the single-threaded workers, which take parts as they finish one:
-linear layers' matmuls of at least `MIN_LINEAR_WORK` multiply-adds (`linear.WorkerLinear`: row blocks) and the
-routed experts' calls described next.
+regions a step. What needs both cores is cut into parts that the single-threaded workers take as they finish one
+(the calling thread takes parts too while it runs one intra-op thread, so as many threads work as there are
+workers and one hand-off less is waited for): linear layers' matmuls of at least `MIN_LINEAR_WORK` multiply-adds
+(`linear.WorkerLinear`: row blocks), the LM cross-entropy and causal self-attention over whole sequences
+(`rows.py`: row blocks, blocks of sequences), an attached optimizer's step (`optim.py`: runs of parameters) and the
+routed experts' calls described next. No part sums into another's output, so the result never depends on which
+thread ran what; the cross-entropy's, attention's and optimizer's parts even have the bits of one call over all.
 
 The per-expert kernel (model/experts.py) hands its experts to a runner. Where the experts have much work each
 (`MIN_EXPERT_WORK`: S1-sized training) or many bytes of weights to read (`MIN_WEIGHT_BYTES`: decode of 16B-sized
@@ -22,7 +27,8 @@ Smaller calls run in the calling thread.
 Without gradients, a handful of rows (decode) run `linear_rows` (weight-major in bf16 and fp16), in the routed
 experts and in every FeedForward (dense layers, shared experts).
 
-Nothing happens at import; the pool belongs to the runtime object and is shut down by `close`.
+Applying a runtime also makes glibc's malloc keep freed memory for reuse (`keep_freed_memory`). Nothing happens
+at import; the pool belongs to the runtime object and is shut down by `close`.
 """
 
 from __future__ import annotations
