@@ -295,8 +295,9 @@ def test_an_optimizer_step_stays_whole_with_hooks_or_off_the_cpu_types(monkeypat
 
 _FAULTS = """
 import resource, sys, torch
-from deepseekmoe.runtime.cpu import keep_freed_memory
-kept = keep_freed_memory()
+from deepseekmoe.runtime import cpu
+cpu.KEEP_FREED_MAX_PARAMETER_BYTES = int(sys.argv[1])
+kept = cpu.keep_freed_memory(torch.nn.Linear(16, 16))  # 1,088 bytes of parameters
 torch.empty(1 << 24).fill_(1.0)  # 64 MB, freed at once
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 torch.empty(1 << 24).fill_(1.0)
@@ -307,12 +308,13 @@ print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_freed_memory_is_reused_without_page_faults() -> None:
     """A 64 MB buffer allocated again after being freed: 16,384 first-touch page faults with glibc's defaults,
-    none to speak of once the runtime keeps freed memory (DEEPSEEKMOE_KEEP_FREED_MEMORY=0 keeps the defaults)."""
-    def run(**env: str) -> tuple[str, int]:
-        out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True,
-                             env={**os.environ, **env}).stdout.split()
+    none to speak of once the runtime keeps freed memory; DEEPSEEKMOE_KEEP_FREED_MEMORY=0 and a model above
+    KEEP_FREED_MAX_PARAMETER_BYTES keep the defaults."""
+    def run(limit: int = 1 << 30, **env: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _FAULTS, str(limit)], capture_output=True, text=True,
+                             check=True, env={**os.environ, **env}).stdout.split()
         return out[0], int(out[1])
     kept, faults = run()
-    default, default_faults = run(DEEPSEEKMOE_KEEP_FREED_MEMORY="0")
-    assert (kept, default) == ("True", "False")
-    assert faults < 1000 < 10_000 < default_faults
+    assert kept == "True" and faults < 1000
+    for default, default_faults in (run(DEEPSEEKMOE_KEEP_FREED_MEMORY="0"), run(limit=1000)):
+        assert default == "False" and default_faults > 10_000

@@ -4,7 +4,8 @@
 with more than one intra-op thread it applies `cpu.CpuRuntime`: the calling thread keeps one intra-op thread, and
 large matmuls and routed experts run on single-threaded worker threads that take parts as they finish one
 (measured far steadier on a busy machine, benchmarks/README.md); on any CPU glibc's malloc keeps freed memory for
-reuse (`cpu.keep_freed_memory`); elsewhere it leaves the model as built. `describe(model, device, dtype)` says what runs.
+reuse where the model is small (`cpu.keep_freed_memory`); elsewhere it leaves the model as built.
+`describe(model, device, dtype)` says what runs.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ def parse_device(name: str | None, setting: str) -> torch.device:
 
 
 def for_device(model: nn.Module, device: torch.device | str) -> CpuRuntime | None:
-    """Apply the runtime this device gets (see the module docstring); returns it, or None. On any CPU, freed
-    memory is kept for reuse (cpu.keep_freed_memory), with one intra-op thread too."""
+    """Apply the runtime this device gets (see the module docstring); returns it, or None. On any CPU, with one
+    intra-op thread too, freed memory is kept for reuse where the model is small (cpu.keep_freed_memory)."""
     if torch.device(device).type != "cpu":
         return None
-    keep_freed_memory()
+    keep_freed_memory(model)
     if intra_op_threads() < 2:
         return None
     return CpuRuntime.apply(model)

@@ -27,8 +27,9 @@ Smaller calls run in the calling thread.
 Without gradients, a handful of rows (decode) run `linear_rows` (weight-major in bf16 and fp16), in the routed
 experts and in every FeedForward (dense layers, shared experts).
 
-Applying a runtime also makes glibc's malloc keep freed memory for reuse (`keep_freed_memory`). Nothing happens
-at import; the pool belongs to the runtime object and is shut down by `close`.
+Applying a runtime to a model of at most 1 GB also makes glibc's malloc keep freed memory for reuse
+(`keep_freed_memory`). Nothing happens at import; the pool belongs to the runtime object and is shut down by
+`close`.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class CpuRuntime:
         expert_bytes = max((m.gate_up_proj[0].nbytes + m.down_proj[0].nbytes for m in experts), default=0)
         workers = workers or intra_op_threads()
         thresholds = {"caller_threads": caller_threads_setting(), **thresholds}
-        keep_freed_memory()
+        keep_freed_memory(model)
         if any(isinstance(m, QuantizedLinear) for m in model.modules()):
             thresholds = {"min_weight_bytes": QUANTIZED_MIN_WEIGHT_BYTES, **thresholds}
         return cls(workers, expert_bytes, **thresholds).attach(model)
@@ -303,15 +304,25 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 _kept = {"done": False}
 
 
-def keep_freed_memory() -> bool:
+KEEP_FREED_MAX_PARAMETER_BYTES = 1 << 30
+"""`keep_freed_memory` acts only for models of at most this many parameter bytes: a larger model's step frees and
+allocates buffers as large as the heap's holes, and keeping them made the 16B shape with two layers (2.8 GB of
+fp32 parameters, one 1.5 GB tensor) train 0.9-2.2x slower a step, erratically, at 2.3 GB more RSS, where the
+small preset (470 MB) trained 1.12x faster (benchmarks/README.md)."""
+
+
+def keep_freed_memory(model: nn.Module | None = None) -> bool:
     """Make glibc's malloc keep freed memory for reuse (no block served by mmap, the heap never trimmed), once a
-    process, unless DEEPSEEKMOE_KEEP_FREED_MEMORY=0; returns whether it is in effect. By default every block over
-    32 MB is mapped afresh and unmapped when freed, so a training step's (tokens x vocabulary) logits, their
-    log-probabilities and their gradient (64 MB each at tiny) page-fault on first touch every step, in the calling
-    thread: keeping them made tiny-deepseekmoe's step 1.10x and tiny-dense's 1.19x faster at the same peak RSS
+    process, for a `model` (if given) of at most KEEP_FREED_MAX_PARAMETER_BYTES, unless
+    DEEPSEEKMOE_KEEP_FREED_MEMORY=0; returns whether it is in effect. By default every block over 32 MB is mapped
+    afresh and unmapped when freed, so a small model's training step pays first-touch page faults on its
+    (tokens x vocabulary) logits, their log-probabilities and their gradient (64 MB each at tiny) every step:
+    keeping them made tiny-deepseekmoe's step 1.10x and tiny-dense's 1.19x faster at the same peak RSS
     (benchmarks/README.md). Elsewhere than on glibc nothing changes."""
     if _kept["done"] or os.environ.get("DEEPSEEKMOE_KEEP_FREED_MEMORY", "1") == "0":
         return _kept["done"]
+    if model is not None and sum(p.nbytes for p in model.parameters()) > KEEP_FREED_MAX_PARAMETER_BYTES:
+        return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
