@@ -201,18 +201,19 @@ def experts_grouped(x_TD: torch.Tensor, topk_idx_TK: torch.Tensor, topk_weight_T
         return torch.zeros_like(x_TD)
     device_type, out_dtype = x_TD.device.type, x_TD.dtype
     dtype = compute_dtype(x_TD)
-    if (few_rows and x_TD.shape[0] == 1 and dtype == torch.float32 and gate_up_proj.dtype == torch.float32
-            and isinstance(gate_up_proj, torch.Tensor) and not torch.is_autocast_enabled(device_type)
-            and topk_idx_TK.shape[1] * (gate_up_proj[0].nbytes + down_proj[0].nbytes) <= ONE_TOKEN_MAX_BYTES
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, gate_up_proj, down_proj,
-                                                                                topk_weight_TK)))):
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, gate_up_proj, down_proj,
+                                                                            topk_weight_TK))
+    if (few_rows and not wants_grad and x_TD.shape[0] == 1 and dtype == torch.float32
+            and isinstance(gate_up_proj, torch.Tensor) and gate_up_proj.dtype == torch.float32
+            and not torch.is_autocast_enabled(device_type)
+            and topk_idx_TK.shape[1] * (gate_up_proj[0].nbytes + down_proj[0].nbytes) <= ONE_TOKEN_MAX_BYTES):
         return _one_token_forward(x_TD, topk_idx_TK, topk_weight_TK, gate_up_proj, down_proj)
     order_R, token_R, counts_E = sort_by_expert(topk_idx_TK, gate_up_proj.shape[0])
     x_TD, gate_up_proj, down_proj = x_TD.to(dtype), gate_up_proj.to(dtype), down_proj.to(dtype)
     weight_R = topk_weight_TK.reshape(-1)[order_R].to(dtype)
     segments = counts_E.cumsum(0).to(torch.int32) if kernel == "grouped_mm" else counts_E.tolist()
     with torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext():
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, gate_up_proj, down_proj, weight_R)):
+        if wants_grad:
             y_TD = _GroupedExperts.apply(x_TD, gate_up_proj, down_proj, weight_R, token_R, segments, runner)
         else:  # the same forward without autograd's bookkeeping (decode: fixed costs dominate)
             ops = _Rows(x_TD, gate_up_proj, down_proj, weight_R, token_R, segments, runner)

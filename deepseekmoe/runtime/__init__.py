@@ -37,8 +37,8 @@ def for_device(model: nn.Module, device: torch.device | str) -> CpuRuntime | Non
     intra-op thread too, freed memory is kept for reuse where the model is small (cpu.keep_freed_memory)."""
     if torch.device(device).type != "cpu":
         return None
-    keep_freed_memory(model)
     if intra_op_threads() < 2:
+        keep_freed_memory(model)  # CpuRuntime.apply does it otherwise
         return None
     return CpuRuntime.apply(model)
 

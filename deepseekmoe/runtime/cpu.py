@@ -318,8 +318,9 @@ def keep_freed_memory(model: nn.Module | None = None) -> bool:
     afresh and unmapped when freed, so a small model's training step pays first-touch page faults on its
     (tokens x vocabulary) logits, their log-probabilities and their gradient (64 MB each at tiny) every step;
     kept, the heap's freed blocks serve the next steps' after the first few (aligned blocks need a little more
-    than their size, so the heap grows a few times before it settles): keeping them made tiny-deepseekmoe's step 1.10x and tiny-dense's 1.19x faster at the same peak RSS
-    (benchmarks/README.md). Elsewhere than on glibc nothing changes."""
+    than their size, so the heap grows a few times before it settles): keeping them made tiny-deepseekmoe's step
+    1.10x and tiny-dense's 1.19x faster at the same peak RSS (benchmarks/README.md). Elsewhere than on glibc
+    nothing changes."""
     if _kept["done"] or os.environ.get("DEEPSEEKMOE_KEEP_FREED_MEMORY", "1") == "0":
         return _kept["done"]
     if model is not None and sum(p.nbytes for p in model.parameters()) > KEEP_FREED_MAX_PARAMETER_BYTES:

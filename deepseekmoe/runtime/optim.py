@@ -17,6 +17,7 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
+from torch.optim import optimizer as base
 
 from .linear import PARTS_PER_WORKER, Runner, split
 
@@ -38,7 +39,6 @@ def install(runtime: Runner, optimizer: torch.optim.Optimizer) -> bool:
 
 def _hooked(optimizer: torch.optim.Optimizer) -> bool:
     """Whether step hooks are registered (they would run once a part: such an optimizer steps as it is)."""
-    from torch.optim import optimizer as base
     return bool(optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
                 or getattr(base, "_global_optimizer_pre_hooks", None)
                 or getattr(base, "_global_optimizer_post_hooks", None))

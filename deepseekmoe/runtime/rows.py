@@ -9,6 +9,9 @@ F.cross_entropy). Only the mean, one sum over rows, runs once over the whole, in
 
     forward   logp[rows] = log_softmax(logits[rows]);  loss = nll_loss(logp, targets)
     backward  d_logits[rows] = log_softmax_backward(nll_loss_backward(d_loss, logp[rows], targets[rows]), logp[rows])
+
+Causal self-attention over whole sequences is computed per (sequence, head) by the CPU flash kernel, so blocks of
+sequences (or of heads) run it the same way (`WorkerAttention`).
 """
 
 from __future__ import annotations
