@@ -308,7 +308,7 @@ KEEP_FREED_MAX_PARAMETER_BYTES = 1 << 30
 """`keep_freed_memory` acts only for models of at most this many parameter bytes: a larger model's step frees and
 allocates buffers as large as the heap's holes, and keeping them made the 16B shape with two layers (2.8 GB of
 fp32 parameters, one 1.5 GB tensor) train 0.9-2.2x slower a step, erratically, at 2.3 GB more RSS, where the
-small preset (470 MB) trained 1.12x faster (benchmarks/README.md)."""
+small preset (470 MB) trained 1.10x faster (benchmarks/README.md)."""
 
 
 def keep_freed_memory(model: nn.Module | None = None) -> bool:
@@ -319,7 +319,7 @@ def keep_freed_memory(model: nn.Module | None = None) -> bool:
     (tokens x vocabulary) logits, their log-probabilities and their gradient (64 MB each at tiny) every step;
     kept, the heap's freed blocks serve the next steps' after the first few (aligned blocks need a little more
     than their size, so the heap grows a few times before it settles): keeping them made tiny-deepseekmoe's step
-    1.10x and tiny-dense's 1.19x faster at the same peak RSS (benchmarks/README.md). Elsewhere than on glibc
+    1.09x and tiny-dense's 1.15x faster at 1-10% more peak RSS (benchmarks/README.md). Elsewhere than on glibc
     nothing changes."""
     if _kept["done"] or os.environ.get("DEEPSEEKMOE_KEEP_FREED_MEMORY", "1") == "0":
         return _kept["done"]
