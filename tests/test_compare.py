@@ -234,8 +234,11 @@ def test_the_recorded_scaling_suite_resumes_with_its_recipes(tmp_path, monkeypat
         models = json.loads(results.read_text())["suites"][0]["models"] if results.is_file() else []
         if not models or not all(m["num_seeds"] == 3 for m in models):
             break  # the budget still training when the results were recorded
-        finished, best, _ = budget.run(starts, search=True)
+        finished, best, tried = budget.run(starts, search=True)
         assert finished and best == {m["suffix"]: m["lr"] for m in models}
+        budget.write_results(dict(reversed(best.items())), dict(reversed(tried.items())))  # searches ending in
+        written = json.loads(results.read_text())  # another order (two workers) write the suite's order
+        assert list(written["lr_search"]) == list(written["best_lr"]) == list(presets)
         for sfx, lr in best.items():
             assert all(compare.run_status(compare.run_dir_for(lr_dir(out / name, lr), presets[sfx], s),
                                           recipe["steps"]) == "done" for s in range(3))

@@ -133,7 +133,10 @@ class Budget:
 
     def write_results(self, best: dict[str, float], tried: dict[str, dict[float, float]]) -> None:
         """The budget's table: every model at its best lr so far (each lr's own table: `train`)."""
-        at = {sfx: (lr_dir(self.dir, lr), self.recipe(lr)) for sfx, lr in best.items()}
-        search = {sfx: {lr_label(lr): loss for lr, loss in sorted(t.items())} for sfx, t in tried.items()}
+        order = [sfx for _, sfx in self.suite.models]  # the suite's order, not the order the searches ended in
+        at = {sfx: (lr_dir(self.dir, best[sfx]), self.recipe(best[sfx])) for sfx in order if sfx in best}
+        search = {sfx: {lr_label(lr): loss for lr, loss in sorted(tried[sfx].items())} for sfx in order
+                  if sfx in tried}
         write_results(self.dir, self.base, {"table1": (self.suite, self.presets)}, at=at,
-                      extra={"lr_search": search, "best_lr": {sfx: lr_label(lr) for sfx, lr in best.items()}})
+                      extra={"lr_search": search, "best_lr": {sfx: lr_label(best[sfx]) for sfx in order
+                                                              if sfx in best}})
