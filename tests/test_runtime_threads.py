@@ -263,16 +263,28 @@ def _optimizer_run(attach: bool, make, steps: int = 3, hook: bool = False):
     return parted, [p.detach().clone() for p in model.parameters()], opt.state_dict()
 
 
+@pytest.mark.parametrize("piece", [1 << 18, 64], ids=["whole", "pieces"])
 @pytest.mark.parametrize("make", [lambda g: torch.optim.AdamW(g, lr=1e-2, betas=(0.9, 0.95)),
-                                  lambda g: torch.optim.SGD(g, lr=1e-2, momentum=0.9)], ids=["adamw", "sgd"])
-def test_an_optimizer_step_in_parts_has_the_bits_of_one_step(monkeypatch, make) -> None:
+                                  lambda g: torch.optim.Adam(g, lr=1e-2, amsgrad=True),
+                                  lambda g: torch.optim.SGD(g, lr=1e-2, momentum=0.9)], ids=["adamw", "amsgrad", "sgd"])
+def test_an_optimizer_step_in_parts_has_the_bits_of_one_step(monkeypatch, make, piece) -> None:
+    """Whole parameters a part, or (after the first step) flat pieces of 64 elements: 19,200 and 12,000 elements
+    of weights (the second ending in half a piece) and 300 of a bias; the step count stepped once."""
     monkeypatch.setattr(optim, "MIN_STEP_ELEMENTS", 0)
-    seen = []
-    monkeypatch.setattr(optim, "_parts", lambda o, n, parts=optim._parts: seen.append(len(r := parts(o, n))) or r)
+    monkeypatch.setattr(optim, "PIECE_ELEMENTS", piece)
+    seen, cut = [], []
+
+    def parts(o, n, parts=optim._parts):
+        r = parts(o, n)
+        seen.append(len(r))
+        cut.append(sum(p.end is not None for part in r for p in part))
+        return r
+    monkeypatch.setattr(optim, "_parts", parts)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the scheduler sees the step it wraps called
         parted, params, state = _optimizer_run(True, make)
     assert parted and len(seen) == 3 and min(seen) >= 2  # every step in parts
+    assert cut == ([0, 0, 0] if piece > 20000 else [0, 300 + 188 + 5, 300 + 188 + 5])  # the first step makes the state
     _, want_params, want_state = _optimizer_run(False, make)
     for a, b in zip(params, want_params):
         assert torch.equal(a, b)
