@@ -3,15 +3,22 @@ backward, clipping, AdamW, as `deepseekmoe train` runs it):
 
     python benchmarks/runtime_knobs.py keep-freed [--presets tiny-deepseekmoe,tiny-dense] [--rounds 3] [--steps 5]
                                               [--no-limit]
+    python benchmarks/runtime_knobs.py mkl-cbwr [--presets tiny-deepseekmoe,tiny-dense] [--rounds 3] [--steps 5]
     python benchmarks/runtime_knobs.py thresholds [--presets tiny-deepseekmoe] [--steps 8]
+    python benchmarks/runtime_knobs.py pieces [--presets tiny-deepseekmoe,small-deepseekmoe,16b-2l] [--steps 8]
 
 * keep-freed: `keep_freed_memory` on and off (DEEPSEEKMOE_KEEP_FREED_MEMORY=0). It changes the whole process's
   allocator, so each side runs in a process of its own, alternating (on, off, on, off, ...): median step time over
   --steps steps after two warm-up steps, and the process's peak RSS; the table gives the medians over rounds.
   `16b-2l` is vs_transformers.py's 16B shape with two layers (batch 4 x 512, its training step); --no-limit lifts
   KEEP_FREED_MAX_PARAMETER_BYTES, which keeps such a model out otherwise.
+* mkl-cbwr: MKL's strict conditional numerical reproducibility (MKL_CBWR=AUTO,STRICT, which `import deepseekmoe`
+  sets unless MKL_CBWR is set) against MKL's default (MKL_CBWR empty), a process each, alternating, as keep-freed.
 * thresholds: models with the runtime at different `min_expert_work` / `min_linear_work` in one process, stepping
   in alternating order (the same bits whichever runs where, so each model trains on).
+* pieces: the AdamW step alone (the runtime's, runtime/optim.py) with large parameters cut into pieces of
+  PIECE_ELEMENTS and other sizes, against whole parameters a part (as before the pieces), on one model with random
+  gradients (the update's speed does not depend on their values), alternating; median of --steps steps each.
 """
 
 from __future__ import annotations
@@ -60,12 +67,17 @@ def one_process(preset: str, steps: int, no_limit: bool) -> dict:
             "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def keep_freed(presets: list[str], rounds: int, steps: int, no_limit: bool) -> None:
+ENV_KNOBS = {"keep-freed": ("DEEPSEEKMOE_KEEP_FREED_MEMORY", "1", "0"), "mkl-cbwr": ("MKL_CBWR", "AUTO,STRICT", "")}
+"""knob: (environment variable, its value on, off); each side runs in processes of its own."""
+
+
+def by_env(knob: str, presets: list[str], rounds: int, steps: int, no_limit: bool) -> None:
+    var, on, off = ENV_KNOBS[knob]
     for preset in presets:
         got: dict[str, list[dict]] = {"on": [], "off": []}
         for _ in range(rounds):
             for side in ("on", "off"):
-                env = {**os.environ, "DEEPSEEKMOE_KEEP_FREED_MEMORY": "1" if side == "on" else "0"}
+                env = {**os.environ, var: on if side == "on" else off}
                 out = subprocess.run([sys.executable, __file__, "_one", preset, str(steps), str(int(no_limit))],
                                      env=env, check=True, capture_output=True, text=True).stdout
                 got[side].append(json.loads(out.strip().splitlines()[-1]))
@@ -102,13 +114,43 @@ def thresholds(presets: list[str], steps: int) -> None:
             print(f"{preset:<20} {name:<28} {2048 / statistics.median(ts):8.0f} tokens/s", flush=True)
 
 
+def pieces(presets: list[str], steps: int) -> None:
+    from deepseekmoe.runtime import optim
+    from vs_transformers import preset_config
+
+    sizes = {"whole parameters": 1 << 62, "pieces of 2^16": 1 << 16, "pieces of 2^18": 1 << 18,
+             "pieces of 2^20": 1 << 20}
+    for preset in presets:
+        torch.manual_seed(0)
+        model = Transformer(preset_config(preset))
+        runtime = CpuRuntime.apply(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        runtime.attach_optimizer(opt)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        opt.step()  # the state made
+        times: dict[str, list[float]] = {n: [] for n in sizes}
+        for r in range(steps):
+            for name in (list(sizes) if r % 2 == 0 else list(sizes)[::-1]):
+                optim.PIECE_ELEMENTS = sizes[name]
+                t0 = time.perf_counter()
+                opt.step()
+                times[name].append(time.perf_counter() - t0)
+        n = sum(p.numel() for p in model.parameters())
+        base = statistics.median(times["whole parameters"])
+        for name, ts in times.items():
+            print(f"{preset:<20} {n / 1e6:7.1f}M parameters  {name:<18} {statistics.median(ts) * 1e3:9.1f} ms a step"
+                  f"  time / whole {statistics.median(ts) / base:.3f}", flush=True)
+        del model, opt, runtime
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_one":
         print(json.dumps(one_process(argv[1], int(argv[2]), argv[3] == "1")))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["keep-freed", "thresholds"])
+    p.add_argument("what", choices=[*ENV_KNOBS, "thresholds", "pieces"])
     p.add_argument("--presets", default="tiny-deepseekmoe,tiny-dense")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
@@ -116,10 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     print(" ".join(f"{k}={v}" for k, v in machine().items()), flush=True)
     presets = [s for s in a.presets.split(",") if s]
-    if a.what == "keep-freed":
-        keep_freed(presets, a.rounds, a.steps, a.no_limit)
-    else:
+    if a.what in ENV_KNOBS:
+        by_env(a.what, presets, a.rounds, a.steps, a.no_limit)
+    elif a.what == "thresholds":
         thresholds(presets, a.steps)
+    else:
+        pieces(presets, a.steps)
     return 0
 
 

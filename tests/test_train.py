@@ -407,6 +407,40 @@ def test_main_job_model_is_bit_reproducible_on_two_threads(tmp_path: Path, monke
     assert losses(tmp_path / "resumed") == first
 
 
+_MKL_MODE = """
+import sys, torch
+if sys.argv[1] == "late":
+    torch.ones(4, 4) @ torch.ones(4, 4)  # MKL started before deepseekmoe sets MKL_CBWR
+from deepseekmoe.runtime.cpu import mkl_strict
+torch.ones(4, 4) @ torch.ones(4, 4)
+print(mkl_strict())
+"""
+
+
+def test_mkl_runs_strict_once_deepseekmoe_is_imported_first(data_dir: Path, tmp_path: Path, monkeypatch,
+                                                            capsys) -> None:
+    """`import deepseekmoe` before MKL's first call: strict mode (what keeps the resumed run above bit for bit on
+    an AVX2 machine), unless the user set MKL_CBWR; after it: not, and `train` says so."""
+    import subprocess
+    import sys
+
+    from deepseekmoe.runtime.cpu import mkl_strict
+    from deepseekmoe.train import run as run_module
+
+    if mkl_strict() is None:
+        pytest.skip("torch's BLAS here is not MKL")
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}
+    mode = lambda when, **extra: subprocess.run([sys.executable, "-c", _MKL_MODE, when], env={**env, **extra},  # noqa: E731
+                                                 check=True, capture_output=True, text=True).stdout.strip()
+    assert mode("first") == "True" and mode("late") == "False" and mode("first", MKL_CBWR="") == "False"
+    monkeypatch.setattr(run_module, "mkl_strict", lambda: False)
+    assert train(data_dir, tmp_path / "run", max_steps=1) == 0
+    assert "may not repeat the uninterrupted one bit for bit" in capsys.readouterr().err
+    monkeypatch.setenv("MKL_CBWR", "")  # MKL's default asked for: nothing to say
+    assert train(data_dir, tmp_path / "run2", max_steps=1) == 0
+    assert "bit for bit" not in capsys.readouterr().err
+
+
 def test_a_second_trainer_in_the_same_run_directory_is_refused(data_dir: Path, tmp_path: Path, capsys) -> None:
     """A run directory another trainer holds (train.lock) is refused with one line and left as it was; once the
     holder is gone the run resumes."""

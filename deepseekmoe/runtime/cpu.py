@@ -335,6 +335,23 @@ def keep_freed_memory(model: nn.Module | None = None) -> bool:
     return _kept["done"]
 
 
+_MKL_CBWR_ALL, _MKL_CBWR_STRICT = -1, 0x10000  # mkl_cbwr_get's "every setting" and the strict bit (mkl_cbwr.h)
+
+
+def mkl_strict() -> bool | None:
+    """Whether MKL runs in strict reproducible mode (MKL_CBWR=...,STRICT when it started: `import deepseekmoe`
+    sets it first), the mode in which a matmul's bits do not depend on its operands' memory alignment; None where
+    torch's BLAS is not an MKL that says (ARM, other builds)."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        mode = lib.mkl_serv_cbwr_get(_MKL_CBWR_ALL)
+    except (OSError, AttributeError):
+        return None
+    return bool(mode & _MKL_CBWR_STRICT)
+
+
 def caller_threads_setting() -> int:
     """CALLER_THREADS, or the count DEEPSEEKMOE_CALLER_THREADS gives (a positive integer)."""
     value = os.environ.get("DEEPSEEKMOE_CALLER_THREADS", "")

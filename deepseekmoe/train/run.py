@@ -6,6 +6,8 @@ function (the command passes one that generates text) is called at the end when 
 
 from __future__ import annotations
 
+import os
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -17,6 +19,7 @@ from ..distributed.plan import ParallelPlan, resolve_plan
 from ..distributed.training import NullLogger, main_first
 from ..model import Transformer
 from ..runtime import describe as describe_experts, parse_device
+from ..runtime.cpu import mkl_strict
 from .config import RunConfig, TrainConfig
 from .metrics import MetricsLogger, truncate_metrics
 from .rundir import (bind_to_data, data_directory, option_values, resolve_run, run_lock, split_config_args,
@@ -59,6 +62,9 @@ def _train(trainer: Trainer, run: RunConfig, run_dir: Path, data_dir: Path, resu
               f"{data_dir} -> {run_dir}, {trainer.device}, steps {trainer.progress.step}..{run.train.max_steps}"
               + (f", {plan.describe()}" if plan.describe() else ""), flush=True)
         print(f"routed experts: {describe_experts(trainer.model, trainer.device, trainer.compute_dtype)}", flush=True)
+        if trainer.device.type == "cpu" and mkl_strict() is False and os.environ.get("MKL_CBWR") != "":
+            print("warning: MKL started before deepseekmoe was imported (or with MKL_CBWR without STRICT): a resumed"
+                  " run may not repeat the uninterrupted one bit for bit", file=sys.stderr, flush=True)
     logger = (MetricsLogger(run_dir, run.train.max_steps, trainer.progress.step, run.train.tensorboard)
               if main else NullLogger())
     with logger:
