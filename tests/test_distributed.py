@@ -35,7 +35,7 @@ from deepseekmoe.train.config import RunConfig
 pytestmark = pytest.mark.slow  # one 2-process spawn for the module: ~10-20 s on 2 busy cores
 
 STEPS, BATCH, SEQ = 5, 4, 8
-TOL = dict(rtol=1e-5, atol=1e-6)
+TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 sums split differently (ranks, MKL kernels): cancellation leaves ~1e-6
 UNEVEN = tiny_config(n_routed_experts=7)
 
 
@@ -215,7 +215,7 @@ def test_moe_layer_ep2_matches_single_process(two_ranks, kind):
         # expert weights: each rank holds its block, with gradients from both ranks' tokens;
         # replicated weights (router, shared experts): each rank has its own tokens' share
         full = torch.cat(parts) if name.startswith("experts.") else parts[0] + parts[1]
-        torch.testing.assert_close(full, p.grad, **TOL, msg=name)
+        torch.testing.assert_close(full, p.grad, **TOL, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_device_balance_loss_ep2_equals_two_groups(two_ranks):
