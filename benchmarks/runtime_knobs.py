@@ -16,7 +16,7 @@ backward, clipping, AdamW, as `deepseekmoe train` runs it):
   sets unless MKL_CBWR is set) against MKL's default (MKL_CBWR empty), a process each, alternating, as keep-freed.
 * thresholds: models with the runtime at different `min_expert_work` / `min_linear_work` in one process, stepping
   in alternating order (the same bits whichever runs where, so each model trains on).
-* pieces: the AdamW step alone (the runtime's, runtime/optim.py) with large parameters cut into pieces of
+* pieces: the AdamW step alone (the runtime's, runtime/optim.py) with parameters (over --cut-from) cut into pieces of
   PIECE_ELEMENTS and other sizes, against whole parameters a part (as before the pieces), on one model with random
   gradients (the update's speed does not depend on their values), alternating; median of --steps steps each.
 """
@@ -114,7 +114,8 @@ def thresholds(presets: list[str], steps: int) -> None:
             print(f"{preset:<20} {name:<28} {2048 / statistics.median(ts):8.0f} tokens/s", flush=True)
 
 
-def pieces(presets: list[str], steps: int) -> None:
+def pieces(presets: list[str], steps: int, cut_from: int = 0) -> None:
+    """Every parameter over the piece size cut (cut_from 0), or those over `cut_from` elements."""
     from deepseekmoe.runtime import optim
     from vs_transformers import preset_config
 
@@ -132,7 +133,7 @@ def pieces(presets: list[str], steps: int) -> None:
         times: dict[str, list[float]] = {n: [] for n in sizes}
         for r in range(steps):
             for name in (list(sizes) if r % 2 == 0 else list(sizes)[::-1]):
-                optim.PIECE_ELEMENTS = sizes[name]
+                optim.PIECE_ELEMENTS, optim.CUT_FROM_ELEMENTS = sizes[name], cut_from
                 t0 = time.perf_counter()
                 opt.step()
                 times[name].append(time.perf_counter() - t0)
@@ -154,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default="tiny-deepseekmoe,tiny-dense")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--cut-from", type=int, default=0, help="pieces: cut only parameters over this many elements "
+                   "(default 0: every parameter over the piece size; the runtime's is CUT_FROM_ELEMENTS)")
     p.add_argument("--no-limit", action="store_true", help="keep-freed: lift the 1 GB model limit on the 'on' side")
     a = p.parse_args(argv)
     print(" ".join(f"{k}={v}" for k, v in machine().items()), flush=True)
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.what == "thresholds":
         thresholds(presets, a.steps)
     else:
-        pieces(presets, a.steps)
+        pieces(presets, a.steps, a.cut_from)
     return 0
 
 

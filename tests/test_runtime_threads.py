@@ -272,6 +272,7 @@ def test_an_optimizer_step_in_parts_has_the_bits_of_one_step(monkeypatch, make, 
     of weights (the second ending in half a piece) and 300 of a bias; the step count stepped once."""
     monkeypatch.setattr(optim, "MIN_STEP_ELEMENTS", 0)
     monkeypatch.setattr(optim, "PIECE_ELEMENTS", piece)
+    monkeypatch.setattr(optim, "CUT_FROM_ELEMENTS", 0)
     seen, cut = [], []
 
     def parts(o, n, parts=optim._parts):
