@@ -4,14 +4,15 @@ With the calling thread at one intra-op thread, AdamW's elementwise update of ev
 the parameters and their two moments) would use one core: a tenth of tiny-deepseekmoe's training step. Adam,
 AdamW and SGD update each element of a parameter from that element of the parameter's own tensors (the parameter,
 its gradient, its moments) and from scalars only. So every step after the first (once each parameter has its
-state) cuts a large parameter into flat pieces of `PIECE_ELEMENTS`, views of the parameter, its gradient and its
-same-shaped state, with a copy of its scalar state (the step count) each. The pieces and the small parameters are
-cut into contiguous runs of about equal size, and each run is stepped, on whichever worker takes it, by a shallow
-copy of the optimizer that holds just that run. The default (single-tensor) update runs all its passes over one
-tensor before the next, so a piece's dozen passes stay in the cache instead of streaming a 1.5 GB expert stack
-from memory a dozen times (3x less time a step at 64M elements, benchmarks/README.md). Every element gets the
-update one step over all would give it, bit for bit, whoever ran it (tests/test_runtime_threads.py): pieces start
-at multiples of PIECE_ELEMENTS, so the vectorised loops cover the same elements as over the whole tensor.
+state) cuts a parameter of over `CUT_FROM_ELEMENTS` into flat pieces of `PIECE_ELEMENTS`: views of the parameter,
+its gradient and its same-shaped state, with a copy of its scalar state (the step count) each. The pieces and the
+other parameters are cut into contiguous runs of about equal size, and each run is stepped, on whichever worker
+takes it, by a shallow copy of the optimizer that holds just that run. The default (single-tensor) update runs all
+its passes over one tensor before the next, so a piece's dozen passes stay in the cache instead of streaming a
+1.5 GB expert stack from memory a dozen times (the 16B shape's AdamW step in 0.25x the time, benchmarks/README.md).
+Every element gets the update one step over all would give it, bit for bit, whoever ran it
+(tests/test_runtime_threads.py): pieces start at multiples of PIECE_ELEMENTS, so the vectorised loops cover the
+same elements as over the whole tensor.
 
     install(runtime, optimizer)   # before a learning-rate scheduler wraps optimizer.step
 """
