@@ -12,9 +12,9 @@ from typing import Any
 
 # MKL's strict conditional numerical reproducibility, read at MKL's first call (hence here, before any). Without it
 # MKL is free to take other code paths from one call to the next (by memory alignment, among others): on an AVX2
-# machine a resumed run drifted from the uninterrupted one within three steps, in one process as in two
-# (tests/test_train.py; deepseekmoe.runtime.cpu.mkl_strict). A value the user sets is kept (MKL_CBWR= empty:
-# MKL's default; the cost: benchmarks/README.md).
+# machine a resumed run drifted from the uninterrupted one within three steps (tests/test_train.py;
+# deepseekmoe.runtime.cpu.mkl_strict). A value the user sets is kept (MKL_CBWR= empty: MKL's default; the cost:
+# benchmarks/README.md).
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 from .version import __version__
